@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the demo end to end on this machine: installs what is missing, then
+# `engage demo`, which starts private PostgreSQL and Redis servers, generates load
+# and runs the job. Arguments go to `engage demo` (see `engage demo --help`).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash ./scripts/install-deps.sh
+if ! command -v cargo >/dev/null 2>&1; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/engage/target}"
+
+# The dev profile: the workspace builds dependencies at opt-level 1, which is fast
+# enough to demo and far cheaper to build than a release binary.
+exec cargo run -p engage --bin engage -- demo "$@"

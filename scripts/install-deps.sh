@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Installs what engage needs on a fresh Debian/Ubuntu machine, and nothing that is
+# already there: a C toolchain, the PostgreSQL server binaries (initdb, pg_ctl),
+# Redis, and a Rust toolchain. It never starts a service: the demo and the tests
+# start private servers themselves (job/src/embedded.rs). Safe to run again; prints
+# nothing when everything is present.
+set -euo pipefail
+
+# Runs a privileged command directly as root, through sudo otherwise.
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1; then
+        sudo "$@"
+    else
+        echo "install-deps: need root (or sudo) to run: $*" >&2
+        exit 1
+    fi
+}
+
+apt_updated=no
+apt_install() {
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "install-deps: missing $*, and apt-get is not available: install them with your package manager" >&2
+        exit 1
+    fi
+    echo "install-deps: installing $* with apt-get"
+    # Debian's maintainer scripts start redis-server and a postgresql cluster when an
+    # init system is present; a policy-rc.d answering 101 forbids that for this install.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' | as_root tee /usr/sbin/policy-rc.d >/dev/null
+        as_root chmod 755 /usr/sbin/policy-rc.d
+        trap 'as_root rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
+    if [ "$apt_updated" = no ]; then
+        as_root env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes apt-get update -qq
+        apt_updated=yes
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive DEBCONF_NOWARNINGS=yes \
+        apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+has_postgres_server() {
+    local bin
+    for bin in /usr/lib/postgresql/*/bin; do
+        if [ -x "$bin/initdb" ] && [ -x "$bin/pg_ctl" ]; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+packages=()
+command -v cc >/dev/null 2>&1 || packages+=(build-essential pkg-config)
+has_postgres_server || packages+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+if ! command -v cargo >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo" ]; then
+    command -v curl >/dev/null 2>&1 || packages+=(curl ca-certificates)
+    need_rust=yes
+else
+    need_rust=no
+fi
+
+if [ "${#packages[@]}" -gt 0 ]; then
+    apt_install "${packages[@]}"
+fi
+
+if [ "$need_rust" = yes ]; then
+    echo "install-deps: cargo not found; installing the stable Rust toolchain with rustup"
+    echo "install-deps: (from https://sh.rustup.rs into \$HOME/.cargo and \$HOME/.rustup;" \
+        "minimal profile plus rustfmt and clippy; your shell profile is not modified)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+        sh -s -- -y --quiet --profile minimal --component rustfmt,clippy --no-modify-path
+    echo "install-deps: cargo is in \$HOME/.cargo/bin; add it to PATH to use it from a new shell"
+fi

@@ -1,0 +1,396 @@
+//! [`TableDecoder`]: appends one source table's changes into Arrow builders.
+//!
+//! It owns the mapping from a relation's columns to the job's declared columns
+//! (by name, redone at every Relation message), the unchanged-TOAST
+//! resolution, and the metadata columns. Each row is parsed into a reused
+//! scratch row before anything is appended, so a bad value leaves the builders
+//! as they were and no row allocates.
+
+use std::sync::Arc;
+
+use arrow::array::{
+    ArrayRef, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int16Builder,
+    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    TimestampMillisecondBuilder, TimestampNanosecondBuilder, TimestampSecondBuilder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+use super::text::{parse_date, parse_float, parse_int, parse_timestamp, to_unit};
+use super::{DecodeError, Relation, Tuple, Value};
+use crate::source::{metadata_fields, Position};
+
+/// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01 00:00:00 UTC.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
+
+/// The kind of change, written to `_op` with Debezium's letters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    pub fn letter(self) -> &'static str {
+        match self {
+            Op::Insert => "c",
+            Op::Update => "u",
+            Op::Delete => "d",
+        }
+    }
+}
+
+/// Appends tuples of one source table into Arrow builders whose schema is the
+/// job's declared columns (by name) plus the metadata columns from
+/// [`metadata_fields`].
+pub struct TableDecoder {
+    table: String,
+    declared: SchemaRef,
+    schema: SchemaRef,
+    columns: Vec<ColumnBuilder>,
+    op: StringBuilder,
+    lsn: Int64Builder,
+    seq: Int64Builder,
+    commit_ts: TimestampMicrosecondBuilder,
+    relation: Option<Mapping>,
+    /// One parsed row, reused between rows (see [`recycle`]).
+    scratch: Vec<Cell<'static>>,
+    rows: usize,
+    unresolved_toast: u64,
+}
+
+/// Where each relation column goes.
+struct Mapping {
+    /// `namespace.name`, for errors.
+    name: String,
+    /// Declared column index for each relation column; `None` for ignored columns.
+    targets: Vec<Option<usize>>,
+}
+
+impl TableDecoder {
+    /// `table` is the job table name (for errors); `declared` the declared
+    /// columns only (no metadata).
+    pub fn new(table: &str, declared: SchemaRef) -> Result<Self, DecodeError> {
+        let metadata = metadata_fields();
+        let mut columns = Vec::with_capacity(declared.fields().len());
+        for field in declared.fields() {
+            if metadata.iter().any(|m| m.name() == field.name()) {
+                return Err(DecodeError::ReservedColumn {
+                    table: table.to_owned(),
+                    column: field.name().clone(),
+                });
+            }
+            columns.push(ColumnBuilder::new(field.data_type()).ok_or_else(|| {
+                DecodeError::UnsupportedType {
+                    table: table.to_owned(),
+                    column: field.name().clone(),
+                    data_type: field.data_type().clone(),
+                }
+            })?);
+        }
+        let fields: Vec<Field> = declared
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .chain(metadata)
+            .collect();
+        Ok(TableDecoder {
+            table: table.to_owned(),
+            schema: Arc::new(Schema::new_with_metadata(
+                fields,
+                declared.metadata().clone(),
+            )),
+            declared,
+            columns,
+            op: StringBuilder::new(),
+            lsn: Int64Builder::new(),
+            seq: Int64Builder::new(),
+            commit_ts: TimestampMicrosecondBuilder::new().with_timezone("UTC"),
+            relation: None,
+            scratch: Vec::new(),
+            rows: 0,
+            unresolved_toast: 0,
+        })
+    }
+
+    /// Full output schema: declared columns (all nullable) then metadata columns.
+    pub fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    /// (Re)maps relation columns to declared columns by name (exact, case
+    /// sensitive). Extra relation columns are ignored. On error the previous
+    /// mapping is dropped, so later appends fail instead of using a stale one.
+    pub fn set_relation(&mut self, relation: &Relation) -> Result<(), DecodeError> {
+        self.relation = None;
+        let name = format!("{}.{}", relation.namespace, relation.name);
+        let mut targets = vec![None; relation.columns.len()];
+        for (index, field) in self.declared.fields().iter().enumerate() {
+            let Some(at) = relation
+                .columns
+                .iter()
+                .position(|c| c.name == *field.name())
+            else {
+                return Err(DecodeError::MissingColumn {
+                    table: self.table.clone(),
+                    relation: name,
+                    column: field.name().clone(),
+                });
+            };
+            targets[at] = Some(index);
+        }
+        self.relation = Some(Mapping { name, targets });
+        Ok(())
+    }
+
+    pub fn has_relation(&self) -> bool {
+        self.relation.is_some()
+    }
+
+    /// Appends one change. For Insert/Update `tuple` is the new tuple; for
+    /// Delete the old (key or full) one, whose missing non-key columns arrive as
+    /// Null. A value that is unchanged TOAST in `tuple` is taken from `old`
+    /// when that carries it, else appended as NULL and counted. On error nothing
+    /// is appended. `commit_time_micros` counts from 2000-01-01 (Postgres' epoch).
+    pub fn append(
+        &mut self,
+        op: Op,
+        tuple: &Tuple<'_>,
+        old: Option<&Tuple<'_>>,
+        position: Position,
+        commit_time_micros: i64,
+    ) -> Result<(), DecodeError> {
+        let Some(mapping) = &self.relation else {
+            return Err(DecodeError::NoRelation {
+                table: self.table.clone(),
+            });
+        };
+        for actual in std::iter::once(tuple).chain(old).map(Tuple::len) {
+            if actual != mapping.targets.len() {
+                return Err(DecodeError::WrongColumnCount {
+                    table: self.table.clone(),
+                    relation: mapping.name.clone(),
+                    expected: mapping.targets.len(),
+                    actual,
+                });
+            }
+        }
+
+        let mut row = recycle(std::mem::take(&mut self.scratch));
+        row.resize(self.columns.len(), Cell::Null);
+        let mut old_values = old.map(Tuple::values);
+        let mut toast_misses = 0;
+        for (value, target) in tuple.values().zip(&mapping.targets) {
+            let old_value = match old_values.as_mut() {
+                Some(values) => values.next().transpose()?,
+                None => None,
+            };
+            let Some(index) = *target else { continue };
+            let value = match value? {
+                Value::UnchangedToast => match old_value {
+                    Some(resolved @ (Value::Text(_) | Value::Binary(_))) => resolved,
+                    _ => {
+                        toast_misses += 1;
+                        Value::Null
+                    }
+                },
+                value => value,
+            };
+            let parsed = match value {
+                Value::Null | Value::UnchangedToast => Ok(Cell::Null),
+                Value::Text(text) => self.columns[index].parse(text),
+                Value::Binary(_) => Err("binary-format values are not supported"),
+            };
+            match parsed {
+                Ok(cell) => row[index] = cell,
+                Err(reason) => {
+                    self.scratch = recycle(row);
+                    let field = self.declared.field(index);
+                    return Err(DecodeError::BadValue {
+                        table: self.table.clone(),
+                        column: field.name().clone(),
+                        data_type: field.data_type().clone(),
+                        position,
+                        reason,
+                    });
+                }
+            }
+        }
+
+        for (builder, cell) in self.columns.iter_mut().zip(row.drain(..)) {
+            builder.append(cell);
+        }
+        self.scratch = recycle(row);
+        self.op.append_value(op.letter());
+        self.lsn.append_value(position.lsn as i64);
+        self.seq.append_value(position.seq as i64);
+        self.commit_ts
+            .append_value(commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS));
+        self.unresolved_toast += toast_misses;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Rows appended since the last [`finish`](Self::finish).
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Builds the batch of everything appended since the last finish and
+    /// resets the builders for the next one.
+    pub fn finish(&mut self) -> RecordBatch {
+        let mut arrays: Vec<ArrayRef> =
+            self.columns.iter_mut().map(ColumnBuilder::finish).collect();
+        arrays.push(Arc::new(self.op.finish()));
+        arrays.push(Arc::new(self.lsn.finish()));
+        arrays.push(Arc::new(self.seq.finish()));
+        arrays.push(Arc::new(self.commit_ts.finish()));
+        self.rows = 0;
+        RecordBatch::try_new(self.schema.clone(), arrays)
+            .expect("every builder holds one value per appended row, typed as the schema")
+    }
+
+    /// How many unchanged-TOAST values could not be resolved from an old tuple
+    /// (appended as NULL) since creation.
+    pub fn unresolved_toast(&self) -> u64 {
+        self.unresolved_toast
+    }
+}
+
+/// One parsed value of the scratch row, typed by the builder that parsed it.
+#[derive(Clone, Copy)]
+pub(super) enum Cell<'a> {
+    Null,
+    Int(i64),
+    Float32(f32),
+    Float64(f64),
+    Bool(bool),
+    Text(&'a str),
+}
+
+/// Empties the scratch row and hands its allocation to a new lifetime: the
+/// collect of a `vec::IntoIter` into a same-sized type reuses the buffer.
+pub(super) fn recycle<'b>(mut row: Vec<Cell<'_>>) -> Vec<Cell<'b>> {
+    row.clear();
+    row.into_iter().map(|_| Cell::Null).collect()
+}
+
+/// The builder of one declared column.
+enum ColumnBuilder {
+    Int16(Int16Builder),
+    Int32(Int32Builder),
+    Int64(Int64Builder),
+    Float32(Float32Builder),
+    Float64(Float64Builder),
+    Boolean(BooleanBuilder),
+    Utf8(StringBuilder),
+    Date32(Date32Builder),
+    TimestampSecond(TimestampSecondBuilder),
+    TimestampMillisecond(TimestampMillisecondBuilder),
+    TimestampMicrosecond(TimestampMicrosecondBuilder),
+    TimestampNanosecond(TimestampNanosecondBuilder),
+}
+
+/// Runs `$body` with `$b` bound to whichever builder `$column` holds.
+macro_rules! with_builder {
+    ($column:expr, $b:ident => $body:expr) => {
+        match $column {
+            ColumnBuilder::Int16($b) => $body,
+            ColumnBuilder::Int32($b) => $body,
+            ColumnBuilder::Int64($b) => $body,
+            ColumnBuilder::Float32($b) => $body,
+            ColumnBuilder::Float64($b) => $body,
+            ColumnBuilder::Boolean($b) => $body,
+            ColumnBuilder::Utf8($b) => $body,
+            ColumnBuilder::Date32($b) => $body,
+            ColumnBuilder::TimestampSecond($b) => $body,
+            ColumnBuilder::TimestampMillisecond($b) => $body,
+            ColumnBuilder::TimestampMicrosecond($b) => $body,
+            ColumnBuilder::TimestampNanosecond($b) => $body,
+        }
+    };
+}
+
+impl ColumnBuilder {
+    fn new(data_type: &DataType) -> Option<Self> {
+        Some(match data_type {
+            DataType::Int16 => Self::Int16(Int16Builder::new()),
+            DataType::Int32 => Self::Int32(Int32Builder::new()),
+            DataType::Int64 => Self::Int64(Int64Builder::new()),
+            DataType::Float32 => Self::Float32(Float32Builder::new()),
+            DataType::Float64 => Self::Float64(Float64Builder::new()),
+            DataType::Boolean => Self::Boolean(BooleanBuilder::new()),
+            DataType::Utf8 => Self::Utf8(StringBuilder::new()),
+            DataType::Date32 => Self::Date32(Date32Builder::new()),
+            DataType::Timestamp(unit, tz) => match unit {
+                TimeUnit::Second => Self::TimestampSecond(
+                    TimestampSecondBuilder::new().with_timezone_opt(tz.clone()),
+                ),
+                TimeUnit::Millisecond => Self::TimestampMillisecond(
+                    TimestampMillisecondBuilder::new().with_timezone_opt(tz.clone()),
+                ),
+                TimeUnit::Microsecond => Self::TimestampMicrosecond(
+                    TimestampMicrosecondBuilder::new().with_timezone_opt(tz.clone()),
+                ),
+                TimeUnit::Nanosecond => Self::TimestampNanosecond(
+                    TimestampNanosecondBuilder::new().with_timezone_opt(tz.clone()),
+                ),
+            },
+            _ => return None,
+        })
+    }
+
+    /// Parses a text value into a cell this builder accepts; the error is a
+    /// reason that never quotes the value.
+    fn parse<'a>(&self, text: &'a [u8]) -> Result<Cell<'a>, &'static str> {
+        let timestamp = |unit| parse_timestamp(text).and_then(|(s, n)| to_unit(s, n, unit));
+        Ok(match self {
+            Self::Int16(_) => Cell::Int(parse_int(text, i16::MIN.into(), i16::MAX.into())?),
+            Self::Int32(_) => Cell::Int(parse_int(text, i32::MIN.into(), i32::MAX.into())?),
+            Self::Int64(_) => Cell::Int(parse_int(text, i64::MIN, i64::MAX)?),
+            Self::Float32(_) => Cell::Float32(parse_float(text)?),
+            Self::Float64(_) => Cell::Float64(parse_float(text)?),
+            Self::Boolean(_) => Cell::Bool(match text {
+                b"t" => true,
+                b"f" => false,
+                _ => return Err("not a boolean (expected t or f)"),
+            }),
+            Self::Utf8(_) => Cell::Text(std::str::from_utf8(text).map_err(|_| "not valid utf-8")?),
+            Self::Date32(_) => Cell::Int(parse_date(text)?.into()),
+            Self::TimestampSecond(_) => Cell::Int(timestamp(TimeUnit::Second)?),
+            Self::TimestampMillisecond(_) => Cell::Int(timestamp(TimeUnit::Millisecond)?),
+            Self::TimestampMicrosecond(_) => Cell::Int(timestamp(TimeUnit::Microsecond)?),
+            Self::TimestampNanosecond(_) => Cell::Int(timestamp(TimeUnit::Nanosecond)?),
+        })
+    }
+
+    /// Appends a cell produced by [`parse`](Self::parse) on this builder.
+    fn append(&mut self, cell: Cell<'_>) {
+        // Ranges were checked by `parse`, so the narrowing casts are exact.
+        match (self, cell) {
+            (builder, Cell::Null) => with_builder!(builder, b => b.append_null()),
+            (Self::Int16(b), Cell::Int(v)) => b.append_value(v as i16),
+            (Self::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
+            (Self::Int64(b), Cell::Int(v)) => b.append_value(v),
+            (Self::Float32(b), Cell::Float32(v)) => b.append_value(v),
+            (Self::Float64(b), Cell::Float64(v)) => b.append_value(v),
+            (Self::Boolean(b), Cell::Bool(v)) => b.append_value(v),
+            (Self::Utf8(b), Cell::Text(v)) => b.append_value(v),
+            (Self::Date32(b), Cell::Int(v)) => b.append_value(v as i32),
+            (Self::TimestampSecond(b), Cell::Int(v)) => b.append_value(v),
+            (Self::TimestampMillisecond(b), Cell::Int(v)) => b.append_value(v),
+            (Self::TimestampMicrosecond(b), Cell::Int(v)) => b.append_value(v),
+            (Self::TimestampNanosecond(b), Cell::Int(v)) => b.append_value(v),
+            _ => unreachable!("a cell is appended by the builder that parsed it"),
+        }
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        with_builder!(self, b => Arc::new(b.finish()) as ArrayRef)
+    }
+}

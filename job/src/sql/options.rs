@@ -1,0 +1,383 @@
+//! Connector options of `CREATE TABLE ... WITH (...)`, validated into typed configs.
+//!
+//! Option names follow Arroyo's where Arroyo has the connector (`filesystem`,
+//! `redis`); `postgres-cdc` is ours, named in the same style. An unknown
+//! connector or option is an error that lists the valid ones. Values holding
+//! credentials (`connection`, `address`) are kept in [`Redacted`] so they never
+//! reach logs or `Debug` output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use arrow::datatypes::Field;
+
+/// A string that may hold credentials: `Debug`/`Display` hide the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(String);
+
+impl Redacted {
+    pub fn new(value: impl Into<String>) -> Self {
+        Redacted(value.into())
+    }
+
+    /// The real value, for connecting. Never log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self)
+    }
+}
+
+impl fmt::Display for Redacted {
+    /// `scheme://user:***@host:port/db`: everything but the password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match url::Url::parse(&self.0) {
+            Ok(mut parsed) => {
+                if parsed.password().is_some() {
+                    let _ = parsed.set_password(Some("***"));
+                }
+                write!(f, "{parsed}")
+            }
+            Err(_) => write!(f, "<unparseable connection string>"),
+        }
+    }
+}
+
+/// The connector of a table, with its validated options.
+#[derive(Debug, Clone)]
+pub enum Connector {
+    PostgresCdc(PostgresCdcOptions),
+    Filesystem(FilesystemOptions),
+    Redis(RedisOptions),
+}
+
+pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis"];
+
+#[derive(Debug, Clone)]
+pub struct PostgresCdcOptions {
+    /// `postgres://user:password@host:port/database`.
+    pub connection: Redacted,
+    pub schema: String,
+    pub table: String,
+    /// Replication slot; defaults to `engage_<job>`.
+    pub slot: Option<String>,
+    /// Publication; defaults to `engage_<job>`.
+    pub publication: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParquetCompression {
+    Zstd,
+    Snappy,
+    Uncompressed,
+}
+
+#[derive(Debug, Clone)]
+pub struct FilesystemOptions {
+    /// A local directory or an object store URL (`s3://`, `gs://`, `file://`).
+    pub path: String,
+    pub compression: ParquetCompression,
+    /// strftime pattern of the partition directory, e.g. `event_date=%Y-%m-%d`.
+    pub time_pattern: Option<String>,
+    /// The output column whose time names the partition; defaults to the
+    /// driving table's watermark column.
+    pub time_column: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedisTarget {
+    String,
+    List,
+    Hash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListOperation {
+    Append,
+    Prepend,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://host:port[/db]`.
+    pub address: Redacted,
+    pub target: RedisTarget,
+    pub key_prefix: String,
+    pub key_column: Option<String>,
+    /// Hash target: the column whose value is the hash field.
+    pub field_column: Option<String>,
+    pub ttl_secs: Option<u64>,
+    /// List target: keep at most this many entries.
+    pub max_length: Option<u64>,
+    pub operation: ListOperation,
+}
+
+const POSTGRES_OPTIONS: &[&str] = &[
+    "connector",
+    "connection",
+    "table",
+    "slot",
+    "publication",
+    "type",
+];
+const FILESYSTEM_OPTIONS: &[&str] = &[
+    "connector",
+    "path",
+    "format",
+    "parquet_compression",
+    "partitioning.time_pattern",
+    "partitioning.time_column",
+    "type",
+];
+const REDIS_OPTIONS: &[&str] = &[
+    "connector",
+    "address",
+    "format",
+    "type",
+    "target",
+    "target.key_prefix",
+    "target.key_column",
+    "target.field_column",
+    "target.ttl_secs",
+    "target.max_length",
+    "target.operation",
+];
+
+/// Options still to be consumed; whatever is left at the end is unknown.
+struct Options {
+    values: BTreeMap<String, String>,
+}
+
+impl Options {
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.values.remove(key)
+    }
+
+    fn require(&mut self, key: &str, connector: &str) -> Result<String, String> {
+        self.take(key)
+            .ok_or_else(|| format!("connector `{connector}` needs option `{key}`"))
+    }
+
+    fn number(&mut self, key: &str) -> Result<Option<u64>, String> {
+        self.take(key)
+            .map(|text| {
+                text.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    format!("option `{key}` must be a positive whole number, got `{text}`")
+                })
+            })
+            .transpose()
+    }
+
+    fn finish(self, connector: &str, valid: &[&str]) -> Result<(), String> {
+        match self.values.keys().next() {
+            None => Ok(()),
+            Some(unknown) => Err(format!(
+                "unknown option `{unknown}` for connector `{connector}`; valid options: {}",
+                valid.join(", ")
+            )),
+        }
+    }
+}
+
+fn one_of(
+    key: &str,
+    value: Option<String>,
+    valid: &[&str],
+    default: &str,
+) -> Result<String, String> {
+    let value = value.unwrap_or_else(|| default.to_string());
+    if valid.contains(&value.as_str()) {
+        Ok(value)
+    } else {
+        Err(format!(
+            "option `{key}` must be one of {}, got `{value}`",
+            valid.join(", ")
+        ))
+    }
+}
+
+impl Connector {
+    /// Validates a table's options. `columns` are its declared columns.
+    pub fn from_options(
+        table: &str,
+        columns: &[Field],
+        options: HashMap<String, String>,
+    ) -> Result<Connector, String> {
+        let mut options = Options {
+            values: options.into_iter().collect(),
+        };
+        let Some(connector) = options.take("connector") else {
+            return Err(format!(
+                "table `{table}` needs a `connector` option; valid connectors: {}",
+                CONNECTORS.join(", ")
+            ));
+        };
+        match connector.as_str() {
+            "postgres-cdc" => {
+                one_of("type", options.take("type"), &["source"], "source")?;
+                let connection = Redacted::new(options.require("connection", &connector)?);
+                if url::Url::parse(connection.expose()).map(|u| u.scheme().starts_with("postgres"))
+                    != Ok(true)
+                {
+                    return Err(format!(
+                        "option `connection` must be a postgres:// URL, got `{connection}`"
+                    ));
+                }
+                let full = options.require("table", &connector)?;
+                let (schema, name) = match full.split_once('.') {
+                    Some((schema, name)) => (schema.to_string(), name.to_string()),
+                    None => ("public".to_string(), full.clone()),
+                };
+                let slot = options.take("slot");
+                let publication = options.take("publication");
+                for (key, value) in [("slot", &slot), ("publication", &publication)] {
+                    if let Some(value) = value {
+                        if !is_simple_identifier(value) {
+                            return Err(format!(
+                                "option `{key}` must be lower-case letters, digits and `_`, got `{value}`"
+                            ));
+                        }
+                    }
+                }
+                options.finish(&connector, POSTGRES_OPTIONS)?;
+                Ok(Connector::PostgresCdc(PostgresCdcOptions {
+                    connection,
+                    schema,
+                    table: name,
+                    slot,
+                    publication,
+                }))
+            }
+            "filesystem" => {
+                one_of("type", options.take("type"), &["sink"], "sink")?;
+                one_of("format", options.take("format"), &["parquet"], "parquet")?;
+                let path = options.require("path", &connector)?;
+                let compression = match one_of(
+                    "parquet_compression",
+                    options.take("parquet_compression"),
+                    &["zstd", "snappy", "uncompressed"],
+                    "zstd",
+                )?
+                .as_str()
+                {
+                    "snappy" => ParquetCompression::Snappy,
+                    "uncompressed" => ParquetCompression::Uncompressed,
+                    _ => ParquetCompression::Zstd,
+                };
+                let time_pattern = options.take("partitioning.time_pattern");
+                if let Some(pattern) = &time_pattern {
+                    validate_time_pattern(pattern)?;
+                }
+                let time_column = options.take("partitioning.time_column");
+                options.finish(&connector, FILESYSTEM_OPTIONS)?;
+                if !columns.is_empty() {
+                    return Err("a filesystem sink takes its columns from its INSERT query; declare it without a column list".into());
+                }
+                Ok(Connector::Filesystem(FilesystemOptions {
+                    path,
+                    compression,
+                    time_pattern,
+                    time_column,
+                }))
+            }
+            "redis" => {
+                one_of("type", options.take("type"), &["sink"], "sink")?;
+                one_of("format", options.take("format"), &["json"], "json")?;
+                let address = Redacted::new(options.require("address", &connector)?);
+                if url::Url::parse(address.expose()).map(|u| u.scheme().starts_with("redis"))
+                    != Ok(true)
+                {
+                    return Err(format!(
+                        "option `address` must be a redis:// URL, got `{address}`"
+                    ));
+                }
+                let target = match one_of(
+                    "target",
+                    options.take("target"),
+                    &["string", "list", "hash"],
+                    "",
+                )?
+                .as_str()
+                {
+                    "string" => RedisTarget::String,
+                    "list" => RedisTarget::List,
+                    _ => RedisTarget::Hash,
+                };
+                let key_prefix = options.require("target.key_prefix", &connector)?;
+                let key_column = options.take("target.key_column");
+                let field_column = options.take("target.field_column");
+                let ttl_secs = options.number("target.ttl_secs")?;
+                let max_length = options.number("target.max_length")?;
+                let operation = match one_of(
+                    "target.operation",
+                    options.take("target.operation"),
+                    &["append", "prepend"],
+                    "append",
+                )?
+                .as_str()
+                {
+                    "prepend" => ListOperation::Prepend,
+                    _ => ListOperation::Append,
+                };
+                options.finish(&connector, REDIS_OPTIONS)?;
+                if target == RedisTarget::Hash && field_column.is_none() {
+                    return Err("redis target `hash` needs option `target.field_column`".into());
+                }
+                if target != RedisTarget::Hash && field_column.is_some() {
+                    return Err("option `target.field_column` only applies to target `hash`".into());
+                }
+                if target != RedisTarget::List
+                    && (max_length.is_some() || operation == ListOperation::Prepend)
+                {
+                    return Err("options `target.max_length` and `target.operation` only apply to target `list`".into());
+                }
+                if !columns.is_empty() {
+                    return Err("a redis sink takes its columns from its INSERT query; declare it without a column list".into());
+                }
+                Ok(Connector::Redis(RedisOptions {
+                    address,
+                    target,
+                    key_prefix,
+                    key_column,
+                    field_column,
+                    ttl_secs,
+                    max_length,
+                    operation,
+                }))
+            }
+            other => Err(format!(
+                "unknown connector `{other}`; valid connectors: {}",
+                CONNECTORS.join(", ")
+            )),
+        }
+    }
+}
+
+fn is_simple_identifier(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Rejects strftime patterns chrono cannot format, and path separators that
+/// would escape the table directory.
+fn validate_time_pattern(pattern: &str) -> Result<(), String> {
+    use chrono::format::{Item, StrftimeItems};
+    if StrftimeItems::new(pattern).any(|item| matches!(item, Item::Error)) {
+        return Err(format!(
+            "option `partitioning.time_pattern` is not a valid strftime pattern: `{pattern}`"
+        ));
+    }
+    if pattern.contains("..") || pattern.starts_with('/') {
+        return Err(format!(
+            "option `partitioning.time_pattern` must stay inside the table path: `{pattern}`"
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,527 @@
+//! Planning: a [`JobSpec`] becomes DataFusion logical plans, once per job.
+//!
+//! Each `postgres-cdc` table is registered in the job's DataFusion session as
+//! a [`BatchTable`]: a table whose contents the engine sets right before it
+//! runs a query. Every `INSERT` is planned and optimised once; per micro-batch
+//! only physical planning and execution run.
+//!
+//! # Driving tables and dimensions
+//!
+//! In each query the first table of the `FROM` clause (after expanding views)
+//! *drives* it: the query runs once per batch of that table's changes, over
+//! just those rows. Every other CDC table the query reads is a *dimension*:
+//! it is read as a whole, as it stood when the batch's changes committed (the
+//! engine keeps it in memory, updated in commit order). So
+//! `engagement_events e LEFT JOIN content c` runs per batch of events and
+//! looks each event's content up as of the event's commit. A dimension needs
+//! a `PRIMARY KEY`, since its changes are applied by key.
+//!
+//! Streaming aggregation needs windows and state; until windows exist a query
+//! with `GROUP BY`, aggregates, `ORDER BY`, `LIMIT`, `DISTINCT` or window
+//! functions is refused at plan time rather than computed per batch.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, RwLock};
+
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use async_trait::async_trait;
+use datafusion::catalog::Session;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::datasource::{source_as_provider, TableProvider, TableType};
+use datafusion::error::{DataFusionError, Result as DfResult};
+use datafusion::logical_expr::{Expr, LogicalPlan};
+use datafusion::physical_plan::{collect, ExecutionPlan};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::{Connector, JobSpec, SqlError, TableDef};
+use crate::source::metadata_fields;
+
+/// A table whose contents are set by the engine before each query runs.
+#[derive(Debug)]
+pub struct BatchTable {
+    schema: SchemaRef,
+    batches: RwLock<Vec<RecordBatch>>,
+}
+
+impl BatchTable {
+    pub fn new(schema: SchemaRef) -> Self {
+        BatchTable {
+            schema,
+            batches: RwLock::new(Vec::new()),
+        }
+    }
+
+    /// Replaces the contents seen by the next physical plan.
+    pub fn set(&self, batches: Vec<RecordBatch>) {
+        *self.batches.write().expect("batch table lock poisoned") = batches;
+    }
+}
+
+#[async_trait]
+impl TableProvider for BatchTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let batches = self
+            .batches
+            .read()
+            .expect("batch table lock poisoned")
+            .clone();
+        Ok(MemorySourceConfig::try_new_exec(
+            &[batches],
+            self.schema.clone(),
+            projection.cloned(),
+        )?)
+    }
+}
+
+/// A CDC source table of the job.
+#[derive(Debug)]
+pub struct SourceTable {
+    pub def: TableDef,
+    /// Declared columns only.
+    pub declared: SchemaRef,
+    /// Declared columns then the metadata columns (`_op`, `_lsn`, ...).
+    pub schema: SchemaRef,
+    /// Indexes (in `declared`) of the primary key columns.
+    pub primary_key: Vec<usize>,
+    pub provider: Arc<BatchTable>,
+    /// True when some query reads this table as a dimension.
+    pub is_dimension: bool,
+}
+
+/// A sink table of the job.
+#[derive(Debug, Clone)]
+pub struct SinkTable {
+    pub def: TableDef,
+}
+
+/// One `INSERT INTO sink SELECT ...`, planned.
+#[derive(Debug)]
+pub struct QueryPlan {
+    pub sink: usize,
+    pub driving: usize,
+    pub dimensions: Vec<usize>,
+    pub plan: LogicalPlan,
+    /// What the sink receives: strings as Utf8, timestamps as UTC microseconds, all nullable.
+    pub output_schema: SchemaRef,
+    /// For filesystem sinks: the output column naming the time partition.
+    pub time_column: Option<usize>,
+}
+
+/// Everything the engine needs to execute a job's queries.
+pub struct JobPlan {
+    pub ctx: SessionContext,
+    pub sources: Vec<SourceTable>,
+    pub sinks: Vec<SinkTable>,
+    pub queries: Vec<QueryPlan>,
+}
+
+impl std::fmt::Debug for JobPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobPlan")
+            .field("sources", &self.sources.len())
+            .field("sinks", &self.sinks.len())
+            .field("queries", &self.queries)
+            .finish()
+    }
+}
+
+impl JobPlan {
+    /// Plans every statement of `spec`. No IO: sources and sinks are not contacted.
+    pub async fn new(spec: &JobSpec) -> Result<JobPlan, SqlError> {
+        let config = SessionConfig::new()
+            .with_target_partitions(1)
+            .with_information_schema(false)
+            .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false);
+        let ctx = SessionContext::new_with_config(config);
+        ctx.register_udf(super::functions::engagement_pct_udf());
+
+        let mut sources = Vec::new();
+        let mut sinks = Vec::new();
+        for def in &spec.tables {
+            match &def.connector {
+                Connector::PostgresCdc(_) => {
+                    let source = source_table(def)?;
+                    ctx.register_table(def.name.as_str(), source.provider.clone())
+                        .map_err(|e| plan_error(format!("table `{}`", def.name), e))?;
+                    sources.push(source);
+                }
+                Connector::Filesystem(_) | Connector::Redis(_) => {
+                    sinks.push(SinkTable { def: def.clone() })
+                }
+            }
+        }
+        for view in &spec.views {
+            ctx.sql(&view.sql)
+                .await
+                .map_err(|e| plan_error(format!("view `{}` ({})", view.name, view.location), e))?;
+        }
+        let mut queries = Vec::new();
+        for insert in &spec.inserts {
+            let context = format!("INSERT INTO {} ({})", insert.sink, insert.location);
+            let frame = ctx
+                .sql(&insert.query)
+                .await
+                .map_err(|e| plan_error(context.clone(), e))?;
+            let plan = frame.logical_plan().clone();
+            refuse_unwindowed_state(&plan).map_err(|message| SqlError::Plan {
+                context: context.clone(),
+                message,
+            })?;
+            let driving_name = leftmost_table(&plan).ok_or_else(|| SqlError::Plan {
+                context: context.clone(),
+                message: "the query reads no table".into(),
+            })?;
+            let driving = sources
+                .iter()
+                .position(|s| s.def.name == driving_name)
+                .ok_or_else(|| SqlError::Plan {
+                    context: context.clone(),
+                    message: format!(
+                        "the first table of the query, `{driving_name}`, must be a postgres-cdc table \
+                         (its changes drive the query)"
+                    ),
+                })?;
+            let mut referenced = Vec::new();
+            collect_tables(&plan, &mut referenced);
+            if referenced
+                .iter()
+                .filter(|name| **name == driving_name)
+                .count()
+                > 1
+            {
+                return Err(SqlError::Plan {
+                    context,
+                    message: format!(
+                        "`{driving_name}` drives the query and cannot also be joined to itself"
+                    ),
+                });
+            }
+            let mut dimensions = BTreeSet::new();
+            for name in referenced.iter().filter(|name| **name != driving_name) {
+                if let Some(index) = sources.iter().position(|s| &s.def.name == name) {
+                    if sources[index].primary_key.is_empty() {
+                        return Err(SqlError::Plan {
+                            context,
+                            message: format!(
+                                "`{name}` is joined as a dimension (looked up as of each change's commit) \
+                                 and needs a PRIMARY KEY in its CREATE TABLE"
+                            ),
+                        });
+                    }
+                    dimensions.insert(index);
+                }
+            }
+            let optimized = ctx
+                .state()
+                .optimize(&plan)
+                .map_err(|e| plan_error(context.clone(), e))?;
+            let output_schema = sink_schema(optimized.schema().as_arrow());
+            let sink = sinks
+                .iter()
+                .position(|s| s.def.name == insert.sink)
+                .expect("validated: INSERT targets a sink table");
+            let time_column =
+                check_sink_columns(&sinks[sink].def, &sources[driving].def, &output_schema)
+                    .map_err(|message| SqlError::Plan {
+                        context: context.clone(),
+                        message,
+                    })?;
+            for index in &dimensions {
+                sources[*index].is_dimension = true;
+            }
+            queries.push(QueryPlan {
+                sink,
+                driving,
+                dimensions: dimensions.into_iter().collect(),
+                plan: optimized,
+                output_schema,
+                time_column,
+            });
+        }
+        Ok(JobPlan {
+            ctx,
+            sources,
+            sinks,
+            queries,
+        })
+    }
+
+    /// Runs query `query` over `input` (changes of its driving table). Each
+    /// dimension in `dimensions` (source index, contents) is set first.
+    pub async fn execute(
+        &self,
+        query: usize,
+        input: RecordBatch,
+        dimensions: &[(usize, RecordBatch)],
+    ) -> DfResult<Vec<RecordBatch>> {
+        let query = &self.queries[query];
+        self.sources[query.driving].provider.set(vec![input]);
+        for (index, contents) in dimensions {
+            self.sources[*index].provider.set(vec![contents.clone()]);
+        }
+        let state = self.ctx.state();
+        let physical = state
+            .query_planner()
+            .create_physical_plan(&query.plan, &state)
+            .await?;
+        let batches = collect(physical, state.task_ctx()).await?;
+        // Release the input now rather than at the next batch.
+        self.sources[query.driving].provider.set(Vec::new());
+        batches
+            .into_iter()
+            .filter(|batch| batch.num_rows() > 0)
+            .map(|batch| conform(&batch, &query.output_schema))
+            .collect()
+    }
+}
+
+fn plan_error(context: String, error: DataFusionError) -> SqlError {
+    SqlError::Plan {
+        context,
+        message: error.to_string(),
+    }
+}
+
+fn source_table(def: &TableDef) -> Result<SourceTable, SqlError> {
+    // Every column is nullable in change batches: a delete with the default
+    // replica identity carries only the key columns.
+    let columns: Vec<Field> = def
+        .columns
+        .iter()
+        .map(|f| f.clone().with_nullable(true))
+        .collect();
+    let declared = Arc::new(Schema::new(columns.clone()));
+    let mut fields = columns;
+    for field in metadata_fields() {
+        if declared.field_with_name(field.name()).is_ok() {
+            return Err(SqlError::Table {
+                table: def.name.clone(),
+                location: def.location,
+                message: format!(
+                    "column name `{}` is reserved for change metadata",
+                    field.name()
+                ),
+            });
+        }
+        fields.push(field);
+    }
+    let mut primary_key = Vec::new();
+    for column in &def.primary_key {
+        let index = declared.index_of(column).map_err(|_| SqlError::Table {
+            table: def.name.clone(),
+            location: def.location,
+            message: format!("PRIMARY KEY column `{column}` is not a declared column"),
+        })?;
+        primary_key.push(index);
+    }
+    if let Some(watermark) = &def.watermark {
+        let field = declared
+            .field_with_name(&watermark.column)
+            .map_err(|_| SqlError::Table {
+                table: def.name.clone(),
+                location: def.location,
+                message: format!(
+                    "WATERMARK column `{}` is not a declared column",
+                    watermark.column
+                ),
+            })?;
+        if !matches!(field.data_type(), DataType::Timestamp(_, _)) {
+            return Err(SqlError::Table {
+                table: def.name.clone(),
+                location: def.location,
+                message: format!(
+                    "WATERMARK column `{}` must be a TIMESTAMP",
+                    watermark.column
+                ),
+            });
+        }
+    }
+    let schema = Arc::new(Schema::new(fields));
+    Ok(SourceTable {
+        def: def.clone(),
+        declared,
+        provider: Arc::new(BatchTable::new(schema.clone())),
+        schema,
+        primary_key,
+        is_dimension: false,
+    })
+}
+
+/// The table a plan is driven by: its leftmost scan, looking through views.
+fn leftmost_table(plan: &LogicalPlan) -> Option<String> {
+    match plan {
+        LogicalPlan::TableScan(scan) => {
+            if let Ok(provider) = source_as_provider(&scan.source) {
+                if let Some(view) = provider.get_logical_plan() {
+                    return leftmost_table(&view);
+                }
+            }
+            Some(scan.table_name.table().to_string())
+        }
+        other => other
+            .inputs()
+            .first()
+            .and_then(|input| leftmost_table(input)),
+    }
+}
+
+/// Every table a plan reads, looking through views and subqueries.
+fn collect_tables(plan: &LogicalPlan, out: &mut Vec<String>) {
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            match source_as_provider(&scan.source)
+                .ok()
+                .and_then(|p| p.get_logical_plan().map(|v| v.into_owned()))
+            {
+                Some(view) => collect_tables(&view, out),
+                None => out.push(scan.table_name.table().to_string()),
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+}
+
+/// Refuses operators whose result depends on more than one batch.
+fn refuse_unwindowed_state(plan: &LogicalPlan) -> Result<(), String> {
+    let mut found = None;
+    let mut check = |node: &LogicalPlan| {
+        let what = match node {
+            LogicalPlan::Aggregate(_) => Some("GROUP BY / aggregate functions"),
+            LogicalPlan::Window(_) => Some("window functions (OVER)"),
+            LogicalPlan::Sort(_) => Some("ORDER BY"),
+            LogicalPlan::Limit(_) => Some("LIMIT"),
+            LogicalPlan::Distinct(_) => Some("DISTINCT"),
+            _ => None,
+        };
+        if let Some(what) = what {
+            found.get_or_insert(what);
+            return Ok(TreeNodeRecursion::Stop);
+        }
+        Ok(TreeNodeRecursion::Continue)
+    };
+    let _ = plan.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            if let Some(view) = source_as_provider(&scan.source)
+                .ok()
+                .and_then(|p| p.get_logical_plan().map(|v| v.into_owned()))
+            {
+                let _ = view.apply_with_subqueries(&mut check);
+            }
+        }
+        check(node)
+    });
+    match found {
+        None => Ok(()),
+        Some(what) => Err(format!(
+            "{what} over a stream needs a time window (tumble/hop), which this version does not run yet; \
+             stateless queries (filters, projections, joins with CDC dimension tables) are supported"
+        )),
+    }
+}
+
+/// The schema sinks receive: DataFusion may produce Utf8View strings and
+/// nanosecond or zone-less timestamps; sinks get Utf8 and UTC microseconds.
+fn sink_schema(schema: &Schema) -> SchemaRef {
+    let fields: Vec<Field> = schema
+        .fields()
+        .iter()
+        .map(|field| {
+            let data_type = match field.data_type() {
+                DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+                DataType::Timestamp(_, _) => {
+                    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+                }
+                other => other.clone(),
+            };
+            Field::new(field.name(), data_type, true)
+        })
+        .collect();
+    Arc::new(Schema::new(fields))
+}
+
+/// Casts a batch to the promised sink schema.
+fn conform(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .zip(schema.fields())
+        .map(|(column, field)| {
+            if column.data_type() == field.data_type() {
+                Ok(column.clone())
+            } else {
+                cast(column, field.data_type()).map_err(DataFusionError::from)
+            }
+        })
+        .collect::<DfResult<Vec<_>>>()?;
+    Ok(RecordBatch::try_new(schema.clone(), columns)?)
+}
+
+/// Checks a sink's column options against the query output; returns the
+/// filesystem sink's time column, if it partitions by time.
+fn check_sink_columns(
+    sink: &TableDef,
+    driving: &TableDef,
+    output: &Schema,
+) -> Result<Option<usize>, String> {
+    match &sink.connector {
+        Connector::Filesystem(options) => {
+            let Some(_) = &options.time_pattern else {
+                return Ok(None);
+            };
+            let column = options
+                .time_column
+                .clone()
+                .or_else(|| driving.watermark.as_ref().map(|w| w.column.clone()))
+                .ok_or_else(|| {
+                    "`partitioning.time_pattern` needs a time column: set `partitioning.time_column` \
+                     or declare a WATERMARK on the driving table"
+                        .to_string()
+                })?;
+            let index = output.index_of(&column).map_err(|_| {
+                format!("the partition time column `{column}` is not an output column of the query")
+            })?;
+            if !matches!(output.field(index).data_type(), DataType::Timestamp(_, _)) {
+                return Err(format!(
+                    "the partition time column `{column}` must be a timestamp"
+                ));
+            }
+            Ok(Some(index))
+        }
+        Connector::Redis(options) => {
+            for (option, column) in [
+                ("target.key_column", &options.key_column),
+                ("target.field_column", &options.field_column),
+            ] {
+                if let Some(column) = column {
+                    if output.index_of(column).is_err() {
+                        let names: Vec<_> =
+                            output.fields().iter().map(|f| f.name().as_str()).collect();
+                        return Err(format!(
+                            "`{option}` names `{column}`, which is not an output column; output columns: {}",
+                            names.join(", ")
+                        ));
+                    }
+                }
+            }
+            Ok(None)
+        }
+        Connector::PostgresCdc(_) => Ok(None),
+    }
+}

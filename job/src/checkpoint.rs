@@ -1,0 +1,495 @@
+//! Checkpoints: what a job needs to resume, written atomically.
+//!
+//! Layout under the checkpoint location (a directory or object store URL):
+//!
+//! ```text
+//! <job>/epoch-000000000012/
+//!     dimension-content.arrows        dimension table contents (Arrow IPC, zstd)
+//!     capture-engagement_events.arrows  every source change of this epoch
+//!     manifest.json                   written last: the checkpoint exists iff it does
+//! ```
+//!
+//! # Semantics
+//!
+//! Checkpoint N describes the job after processing every source change up
+//! to `source.resume_lsn`, a transaction boundary: the dimension tables as of
+//! then, each sink's [`SinkState`], and the *capture* of the changes read
+//! during epoch N (between checkpoints N-1 and N). The state files are
+//! written first; the manifest last, with a single `put`, which is atomic on
+//! every object_store backend (local files are written to a temporary name
+//! and renamed). A crash before the manifest leaves stray files that the next
+//! checkpoint of the same epoch overwrites.
+//!
+//! Only after the manifest is durable are sink commits run and the
+//! replication slot confirmed up to `resume_lsn`. So the slot never forgets a
+//! change that the newest checkpoint does not cover.
+//!
+//! The capture log is what makes `engage replay --from-checkpoint N` possible:
+//! a Postgres slot cannot rewind, so the job keeps its own copy of the
+//! changes of the last `keep` epochs and reprocesses them from there.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow::datatypes::SchemaRef;
+use arrow::ipc::reader::StreamReader;
+use arrow::ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow::ipc::CompressionType;
+use arrow::record_batch::RecordBatch;
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use crate::sink::SinkState;
+use crate::source::{format_lsn, Position};
+use crate::storage::{self, Location};
+
+/// Default number of checkpoints kept (with their capture logs).
+pub const DEFAULT_KEEP: usize = 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint location {location}: {message}")]
+    Storage { location: String, message: String },
+    #[error("checkpoint {epoch} of job `{job}` does not exist in {location}; `engage checkpoints` lists them")]
+    NotFound {
+        job: String,
+        epoch: u64,
+        location: String,
+    },
+    #[error("checkpoint {epoch} in {location} is unreadable: {message}")]
+    Corrupt {
+        epoch: u64,
+        location: String,
+        message: String,
+    },
+}
+
+/// The manifest of one checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub job: String,
+    pub epoch: u64,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub source: SourceState,
+    pub sinks: BTreeMap<String, SinkState>,
+    /// Dimension table name -> state file.
+    pub dimensions: BTreeMap<String, StateFile>,
+    /// Source table name -> capture file of this epoch's changes.
+    pub capture_files: BTreeMap<String, StateFile>,
+    /// Order of the captured batches: (table, rows), in stream order.
+    pub capture_order: Vec<(String, u64)>,
+    /// Hash of the job SQL the checkpoint was taken with.
+    pub sql_hash: String,
+}
+
+/// Where the source stood at the checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SourceState {
+    pub slot: String,
+    /// Replication resumes here: the end LSN of the last processed commit.
+    pub resume_lsn: u64,
+    /// Same, in Postgres' text form, for people reading the manifest.
+    pub resume_lsn_text: String,
+    /// Position of the last change processed.
+    pub position: Position,
+}
+
+impl SourceState {
+    pub fn new(slot: &str, resume_lsn: u64, position: Position) -> Self {
+        SourceState {
+            slot: slot.to_string(),
+            resume_lsn,
+            resume_lsn_text: format_lsn(resume_lsn),
+            position,
+        }
+    }
+}
+
+/// A file of a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    pub file: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+impl Manifest {
+    /// Total bytes of the checkpoint's files.
+    pub fn state_bytes(&self) -> u64 {
+        self.dimensions
+            .values()
+            .chain(self.capture_files.values())
+            .map(|f| f.bytes)
+            .sum()
+    }
+
+    pub fn captured_rows(&self) -> u64 {
+        self.capture_order.iter().map(|(_, rows)| rows).sum()
+    }
+}
+
+/// The checkpoints of one job.
+pub struct CheckpointStore {
+    location: Location,
+    job: String,
+}
+
+impl CheckpointStore {
+    /// `dir` is a directory or URL holding checkpoints of many jobs.
+    pub fn open(dir: &str, job: &str) -> Result<CheckpointStore, CheckpointError> {
+        let mut location = storage::resolve(dir).map_err(|message| CheckpointError::Storage {
+            location: dir.to_string(),
+            message,
+        })?;
+        location.prefix = location.child(job);
+        location.display = format!("{}/{job}", dir.trim_end_matches('/'));
+        Ok(CheckpointStore {
+            location,
+            job: job.to_string(),
+        })
+    }
+
+    pub fn display(&self) -> &str {
+        &self.location.display
+    }
+
+    fn epoch_dir(epoch: u64) -> String {
+        format!("epoch-{epoch:012}")
+    }
+
+    fn storage_error(&self, message: String) -> CheckpointError {
+        CheckpointError::Storage {
+            location: self.location.display.clone(),
+            message,
+        }
+    }
+
+    /// Every checkpoint, oldest first.
+    pub async fn list(&self) -> Result<Vec<Manifest>, CheckpointError> {
+        let mut epochs = Vec::new();
+        let listing = self
+            .location
+            .store
+            .list_with_delimiter(Some(&self.location.prefix))
+            .await;
+        let listing = match listing {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.storage_error(format!("failed to list checkpoints: {e}"))),
+        };
+        for dir in listing.common_prefixes {
+            if let Some(epoch) = dir
+                .filename()
+                .and_then(|name| name.strip_prefix("epoch-"))
+                .and_then(|n| n.parse().ok())
+            {
+                epochs.push(epoch);
+            }
+        }
+        epochs.sort_unstable();
+        let mut manifests = Vec::new();
+        for epoch in epochs {
+            match self.load(epoch).await {
+                Ok(manifest) => manifests.push(manifest),
+                // A directory without a manifest is a checkpoint that never completed.
+                Err(CheckpointError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(manifests)
+    }
+
+    pub async fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        Ok(self.list().await?.pop())
+    }
+
+    pub async fn load(&self, epoch: u64) -> Result<Manifest, CheckpointError> {
+        let path = self
+            .location
+            .child(&format!("{}/manifest.json", Self::epoch_dir(epoch)));
+        let bytes = match self.location.store.get(&path).await {
+            Ok(result) => result
+                .bytes()
+                .await
+                .map_err(|e| self.storage_error(e.to_string()))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(CheckpointError::NotFound {
+                    job: self.job.clone(),
+                    epoch,
+                    location: self.location.display.clone(),
+                })
+            }
+            Err(e) => return Err(self.storage_error(format!("failed to read {path}: {e}"))),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+            epoch,
+            location: self.location.display.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Writes a checkpoint: `files` (name, contents) first, the manifest last.
+    pub async fn write(
+        &self,
+        manifest: &Manifest,
+        files: Vec<(String, Bytes)>,
+    ) -> Result<(), CheckpointError> {
+        let dir = Self::epoch_dir(manifest.epoch);
+        for (name, bytes) in files {
+            let path = self.location.child(&format!("{dir}/{name}"));
+            self.location
+                .store
+                .put(&path, PutPayload::from(bytes))
+                .await
+                .map_err(|e| self.storage_error(format!("failed to write {path}: {e}")))?;
+        }
+        let json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+        let path = self.location.child(&format!("{dir}/manifest.json"));
+        self.location
+            .store
+            .put(&path, PutPayload::from(json))
+            .await
+            .map_err(|e| self.storage_error(format!("failed to write {path}: {e}")))?;
+        Ok(())
+    }
+
+    pub async fn read_file(&self, epoch: u64, name: &str) -> Result<Bytes, CheckpointError> {
+        let path = self
+            .location
+            .child(&format!("{}/{name}", Self::epoch_dir(epoch)));
+        let result =
+            self.location
+                .store
+                .get(&path)
+                .await
+                .map_err(|e| CheckpointError::Corrupt {
+                    epoch,
+                    location: self.location.display.clone(),
+                    message: format!("failed to read {name}: {e}"),
+                })?;
+        result
+            .bytes()
+            .await
+            .map_err(|e| self.storage_error(e.to_string()))
+    }
+
+    /// Deletes all but the newest `keep` checkpoints (and incomplete ones older than them).
+    pub async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
+        let manifests = self.list().await?;
+        if manifests.len() <= keep {
+            return Ok(());
+        }
+        let oldest_kept = manifests[manifests.len() - keep].epoch;
+        let store: &Arc<dyn ObjectStore> = &self.location.store;
+        let all: Vec<_> = store
+            .list(Some(&self.location.prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.storage_error(format!("failed to list checkpoints: {e}")))?;
+        for meta in all {
+            let epoch = meta
+                .location
+                .parts()
+                .filter_map(|part| {
+                    part.as_ref()
+                        .strip_prefix("epoch-")
+                        .and_then(|n| n.parse::<u64>().ok())
+                })
+                .next();
+            if matches!(epoch, Some(epoch) if epoch < oldest_kept) {
+                store.delete(&meta.location).await.map_err(|e| {
+                    self.storage_error(format!("failed to delete {}: {e}", meta.location))
+                })?;
+            }
+        }
+        if !self.location.display.contains("://") {
+            for manifest in &manifests[..manifests.len() - keep] {
+                let _ = std::fs::remove_dir_all(
+                    std::path::Path::new(&self.location.display)
+                        .join(Self::epoch_dir(manifest.epoch)),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes batches as an Arrow IPC stream, zstd-compressed.
+pub fn encode_ipc(
+    schema: &SchemaRef,
+    batches: &[RecordBatch],
+) -> Result<Bytes, arrow::error::ArrowError> {
+    let options = IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
+    let mut writer = StreamWriter::try_new_with_options(Vec::new(), schema, options)?;
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    Ok(Bytes::from(writer.into_inner()?))
+}
+
+/// Decodes an Arrow IPC stream.
+pub fn decode_ipc(bytes: Bytes) -> Result<Vec<RecordBatch>, arrow::error::ArrowError> {
+    StreamReader::try_new(std::io::Cursor::new(bytes), None)?.collect()
+}
+
+/// Appends batches of one epoch to an IPC stream per table, in memory.
+#[derive(Default)]
+pub struct CaptureLog {
+    writers: BTreeMap<String, (StreamWriter<Vec<u8>>, u64)>,
+    order: Vec<(String, u64)>,
+}
+
+impl CaptureLog {
+    pub fn append(
+        &mut self,
+        table: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), arrow::error::ArrowError> {
+        if !self.writers.contains_key(table) {
+            let options =
+                IpcWriteOptions::default().try_with_compression(Some(CompressionType::ZSTD))?;
+            let writer = StreamWriter::try_new_with_options(Vec::new(), &batch.schema(), options)?;
+            self.writers.insert(table.to_string(), (writer, 0));
+        }
+        let (writer, rows) = self.writers.get_mut(table).expect("inserted above");
+        writer.write(batch)?;
+        *rows += batch.num_rows() as u64;
+        self.order
+            .push((table.to_string(), batch.num_rows() as u64));
+        Ok(())
+    }
+
+    /// Closes the epoch's capture: files to write, their references and the batch order.
+    #[allow(clippy::type_complexity)]
+    pub fn finish(
+        &mut self,
+    ) -> Result<
+        (
+            Vec<(String, Bytes)>,
+            BTreeMap<String, StateFile>,
+            Vec<(String, u64)>,
+        ),
+        arrow::error::ArrowError,
+    > {
+        let mut files = Vec::new();
+        let mut refs = BTreeMap::new();
+        for (table, (mut writer, rows)) in std::mem::take(&mut self.writers) {
+            writer.finish()?;
+            let bytes = Bytes::from(writer.into_inner()?);
+            let name = format!("capture-{table}.arrows");
+            refs.insert(
+                table,
+                StateFile {
+                    file: name.clone(),
+                    rows,
+                    bytes: bytes.len() as u64,
+                },
+            );
+            files.push((name, bytes));
+        }
+        Ok((files, refs, std::mem::take(&mut self.order)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::Int64Array;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn manifest(job: &str, epoch: u64) -> Manifest {
+        Manifest {
+            job: job.into(),
+            epoch,
+            created_at: "2026-11-21T00:00:00Z".into(),
+            source: SourceState::new("slot", 100 + epoch, Position::new(epoch, 0)),
+            sinks: BTreeMap::new(),
+            dimensions: BTreeMap::new(),
+            capture_files: BTreeMap::new(),
+            capture_order: Vec::new(),
+            sql_hash: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn checkpoints_list_in_epoch_order_and_prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        for epoch in [3, 1, 2, 4] {
+            store
+                .write(
+                    &manifest("job", epoch),
+                    vec![("x.bin".into(), Bytes::from_static(b"x"))],
+                )
+                .await
+                .unwrap();
+        }
+        let epochs: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.epoch)
+            .collect();
+        assert_eq!(epochs, vec![1, 2, 3, 4]);
+        store.prune(2).await.unwrap();
+        let epochs: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.epoch)
+            .collect();
+        assert_eq!(epochs, vec![3, 4]);
+        assert!(!dir.path().join("job/epoch-000000000001").exists());
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_without_manifest_does_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        store.write(&manifest("job", 1), vec![]).await.unwrap();
+        std::fs::create_dir_all(dir.path().join("job/epoch-000000000002")).unwrap();
+        std::fs::write(
+            dir.path().join("job/epoch-000000000002/capture-t.arrows"),
+            b"partial",
+        )
+        .unwrap();
+        assert_eq!(store.latest().await.unwrap().unwrap().epoch, 1);
+        assert!(matches!(
+            store.load(2).await,
+            Err(CheckpointError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn capture_log_round_trips_batches_in_order() {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let batch = |v: i64| {
+            RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(vec![v]))]).unwrap()
+        };
+        let mut log = CaptureLog::default();
+        log.append("a", &batch(1)).unwrap();
+        log.append("b", &batch(2)).unwrap();
+        log.append("a", &batch(3)).unwrap();
+        let (files, refs, order) = log.finish().unwrap();
+        assert_eq!(
+            order,
+            vec![("a".into(), 1), ("b".into(), 1), ("a".into(), 1)]
+        );
+        assert_eq!(refs["a"].rows, 2);
+        let a = decode_ipc(
+            files
+                .into_iter()
+                .find(|(n, _)| n == "capture-a.arrows")
+                .unwrap()
+                .1,
+        )
+        .unwrap();
+        assert_eq!(a, vec![batch(1), batch(3)]);
+    }
+}

@@ -1,0 +1,168 @@
+//! Sinks, and the delivery contract they share.
+//!
+//! # Contract
+//!
+//! Sources deliver **at least once**: after a crash the job restores its last
+//! checkpoint and the slot re-sends everything after it. Each sink turns that
+//! into an exactly-once *effect* with its own notion of durability, expressed
+//! as a [`Position`] (commit LSN, index in transaction) of the source stream:
+//!
+//! - [`Sink::position`] is the position up to which the sink already holds
+//!   the effect of every change. The engine drops input rows at or below it
+//!   before running the sink's query, so replays never apply twice.
+//! - [`Sink::write`] takes the query output for input up to `upto`. Positions
+//!   never move backward: a write whose `upto` is not above the current
+//!   position is refused.
+//! - [`Sink::prepare_checkpoint`] makes everything written so far durable or
+//!   staged and returns the [`SinkState`] the checkpoint manifest records.
+//! - [`Sink::commit`] runs after the manifest is durable: it publishes what
+//!   was staged. It is idempotent, because after a crash between manifest and
+//!   commit the restored job commits the same state again.
+//!
+//! What "durable" means per sink:
+//!
+//! - **Redis** ([`redis`]): each write is one Lua script that applies the rows
+//!   and moves the sink's position key, atomically, only if the key still
+//!   holds the position the sink last wrote (compare-and-set). Applied means
+//!   durable as far as Redis' own persistence goes.
+//! - **Parquet** ([`parquet`]): rows are encoded in memory per partition; at a
+//!   checkpoint each partition becomes a staged file, the manifest lists it,
+//!   and the commit renames it into place. Readers see whole files of whole
+//!   epochs only; a crash before the manifest discards the staged files and
+//!   the epoch is replayed.
+//!
+//! With a closed set of sinks, dispatch is an enum.
+
+pub mod parquet;
+pub mod redis;
+
+use arrow::record_batch::RecordBatch;
+use serde::{Deserialize, Serialize};
+
+use crate::source::Position;
+use crate::sql::plan::QueryPlan;
+use crate::sql::{Connector, TableDef};
+
+/// What a checkpoint records for one sink.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct SinkState {
+    /// Everything at or below this position is in the sink (or staged below).
+    pub position: Position,
+    /// Filesystem sinks: files staged for this checkpoint, published by `commit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub staged: Vec<StagedFile>,
+}
+
+/// A file written under a staging name, to be renamed to its final name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StagedFile {
+    pub staging: String,
+    pub target: String,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Errors at the sink boundary, split by whether retrying can help.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("sink `{sink}`: {message}")]
+    Transient { sink: String, message: String },
+    #[error("sink `{sink}`: {message}")]
+    Permanent { sink: String, message: String },
+}
+
+impl SinkError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+}
+
+/// One sink table of the job (boxed: sink states are a few hundred bytes each).
+pub enum Sink {
+    Parquet(Box<parquet::ParquetSink>),
+    Redis(Box<redis::RedisSink>),
+}
+
+impl Sink {
+    /// Opens the sink for table `table` fed by `query`. `job` names the job
+    /// (Redis keeps the sink position under it); `restored` is the state of the
+    /// checkpoint the job resumes from, if any.
+    pub async fn open(
+        job: &str,
+        table: &TableDef,
+        query: &QueryPlan,
+        restored: Option<&SinkState>,
+    ) -> Result<Sink, SinkError> {
+        match &table.connector {
+            Connector::Filesystem(options) => Ok(Sink::Parquet(Box::new(
+                parquet::ParquetSink::open(&table.name, options, query, restored).await?,
+            ))),
+            Connector::Redis(options) => Ok(Sink::Redis(Box::new(
+                redis::RedisSink::open(job, &table.name, options, query, restored).await?,
+            ))),
+            Connector::PostgresCdc(_) => Err(SinkError::Permanent {
+                sink: table.name.clone(),
+                message: "a postgres-cdc table is not a sink".into(),
+            }),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        match self {
+            Sink::Parquet(sink) => sink.name(),
+            Sink::Redis(sink) => sink.name(),
+        }
+    }
+
+    /// Input at or below this position is already in the sink.
+    pub fn position(&self) -> Position {
+        match self {
+            Sink::Parquet(sink) => sink.position(),
+            Sink::Redis(sink) => sink.position(),
+        }
+    }
+
+    /// Writes the query output for input up to `upto` (which must be above
+    /// [`Sink::position`]). `batches` may be empty: the position still moves.
+    pub async fn write(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        upto: Position,
+    ) -> Result<(), SinkError> {
+        if upto <= self.position() {
+            return Err(SinkError::Permanent {
+                sink: self.name().to_string(),
+                message: format!(
+                    "refusing a write up to {upto}, not above the sink's position {}",
+                    self.position()
+                ),
+            });
+        }
+        match self {
+            Sink::Parquet(sink) => sink.write(batches, upto),
+            Sink::Redis(sink) => sink.write(batches, upto).await,
+        }
+    }
+
+    pub async fn prepare_checkpoint(&mut self, epoch: u64) -> Result<SinkState, SinkError> {
+        match self {
+            Sink::Parquet(sink) => sink.prepare_checkpoint(epoch).await,
+            Sink::Redis(sink) => Ok(sink.state()),
+        }
+    }
+
+    pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
+        match self {
+            Sink::Parquet(sink) => sink.commit(state).await,
+            Sink::Redis(_) => Ok(()),
+        }
+    }
+
+    /// Rows this sink has written since the job started.
+    pub fn rows_written(&self) -> u64 {
+        match self {
+            Sink::Parquet(sink) => sink.rows_written(),
+            Sink::Redis(sink) => sink.rows_written(),
+        }
+    }
+}

@@ -1,0 +1,690 @@
+//! The engine: runs a planned job over the change stream, in epochs.
+//!
+//! # The loop
+//!
+//! Change batches arrive from the source in commit order. For a batch of
+//! table T, the engine (1) runs every query that T drives, with each query's
+//! dimension tables as they stand *now*, and hands the output to the query's
+//! sink; then (2) applies the batch to T's dimension, if T is one. Since the
+//! source cuts batches where the table changes, a `content` update lands
+//! exactly between the events committed before and after it.
+//!
+//! Before a query runs, input rows at or below its sink's position are
+//! dropped: after a restart the source re-sends changes the sink may already
+//! hold, and this is where "nothing twice" is enforced for the live path.
+//!
+//! # Epochs and checkpoints
+//!
+//! Every `checkpoint_interval`, at a transaction boundary, the engine takes a
+//! checkpoint (see [`crate::checkpoint`] for what it holds): sinks prepare
+//! (Parquet stages its files), the manifest is written, sinks commit, and
+//! only then is the replication slot confirmed up to the checkpoint's resume
+//! LSN. A graceful stop takes a final checkpoint.
+//!
+//! # Restore and replay
+//!
+//! A restarted job loads its newest checkpoint: dimensions, sink states, and
+//! the LSN to resume streaming from. `replay --from-checkpoint K` loads the
+//! dimensions of checkpoint K instead and first pushes the captured changes
+//! of the epochs after K through the current SQL; sinks keep the state of
+//! the newest checkpoint, so they skip what they already hold and fill in
+//! what they lack (a sink added to the SQL since, a flushed Redis).
+
+pub mod dimension;
+pub mod stats;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, BooleanArray, Int64Array};
+use arrow::compute::filter_record_batch;
+use arrow::record_batch::RecordBatch;
+
+use crate::checkpoint::{
+    self, CaptureLog, CheckpointError, CheckpointStore, Manifest, SourceState, StateFile,
+};
+use crate::sink::{Sink, SinkError, SinkState};
+use crate::source::replication::{
+    self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceEvent, SourceHandle,
+};
+use crate::source::{format_lsn, snapshot, Position, LSN_COLUMN, SEQ_COLUMN};
+use crate::sql::plan::JobPlan;
+use crate::sql::{JobSpec, SqlError};
+use dimension::Dimension;
+use stats::JobStats;
+
+/// How a job runs.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Directory or URL holding `<job>/epoch-*/` checkpoints.
+    pub checkpoint_dir: String,
+    pub checkpoint_interval: Duration,
+    /// Checkpoints (and capture logs) kept; older ones are deleted.
+    pub keep_checkpoints: usize,
+    /// Replay the captured changes after this checkpoint first.
+    pub replay_from: Option<u64>,
+    /// Stop (with a final checkpoint) once the stream reaches this LSN.
+    pub end_lsn: Option<u64>,
+    pub batching: BatchOptions,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            checkpoint_dir: "checkpoints".into(),
+            checkpoint_interval: Duration::from_secs(10),
+            keep_checkpoints: checkpoint::DEFAULT_KEEP,
+            replay_from: None,
+            end_lsn: None,
+            batching: BatchOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error(transparent)]
+    Sql(#[from] SqlError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error("query feeding sink `{sink}` failed: {message}")]
+    Query { sink: String, message: String },
+    #[error("{0}")]
+    State(String),
+}
+
+/// What a finished run did.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub changes: u64,
+    pub last_checkpoint: Option<u64>,
+    pub replayed_changes: u64,
+}
+
+/// Runs `spec` until `shutdown` resolves, then takes a final checkpoint.
+pub async fn run(
+    spec: &JobSpec,
+    script: &str,
+    options: RunOptions,
+    stats: Arc<JobStats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, JobError> {
+    let plan = JobPlan::new(spec).await?;
+    let store = CheckpointStore::open(&options.checkpoint_dir, &spec.name)?;
+    let latest = store.latest().await?;
+    let restore = match options.replay_from {
+        Some(epoch) => Some(store.load(epoch).await?),
+        None => latest.clone(),
+    };
+    let connection = plan
+        .sources
+        .iter()
+        .find_map(replication::cdc_options)
+        .ok_or_else(|| JobError::State("the job reads no postgres-cdc table".into()))?
+        .connection
+        .clone();
+    let target = PgTarget::parse(connection.expose())?;
+    let control = target.connect().await?;
+    let names = SlotNames::for_job(&spec.name, &plan.sources);
+    replication::preflight(&target, &control, &plan.sources, &names).await?;
+    let slot = replication::slot_status(&target, &control, &names.slot).await?;
+
+    let mut dimensions = Vec::new();
+    for source in &plan.sources {
+        dimensions.push(if source.is_dimension {
+            Some(
+                Dimension::new(source.schema.clone(), source.primary_key.clone())
+                    .map_err(|e| JobError::State(e.to_string()))?,
+            )
+        } else {
+            None
+        });
+    }
+    let mut engine = Engine {
+        job: spec.name.clone(),
+        sql_hash: sql_hash(script),
+        plan,
+        sinks: Vec::new(),
+        dimensions,
+        store,
+        capture: CaptureLog::default(),
+        epoch: 0,
+        resume_lsn: 0,
+        position: Position::ZERO,
+        at_boundary: true,
+        dirty: false,
+        slot: names.slot.clone(),
+        stats,
+        keep: options.keep_checkpoints,
+    };
+
+    let new_slot = match (&latest, &slot) {
+        (None, None) => {
+            let new_slot = NewSlot::create(&target, &names).await?;
+            for (index, source) in engine.plan.sources.iter().enumerate() {
+                if let Some(dimension) = &mut engine.dimensions[index] {
+                    let rows = snapshot::load_table(&target, &control, source, &new_slot.snapshot, new_slot.consistent_lsn).await?;
+                    dimension.apply(&rows).map_err(|e| JobError::State(e.to_string()))?;
+                }
+            }
+            engine.resume_lsn = new_slot.consistent_lsn;
+            Some(new_slot)
+        }
+        (None, Some(_)) => {
+            return Err(JobError::State(format!(
+                "replication slot `{}` exists but job `{}` has no checkpoint in {}: the slot's position cannot be \
+                 trusted. If this job never ran with these checkpoints, drop the slot \
+                 (SELECT pg_drop_replication_slot('{}')) and start again; otherwise restore the checkpoint directory",
+                names.slot,
+                spec.name,
+                engine.store.display(),
+                names.slot
+            )))
+        }
+        (Some(latest), None) => {
+            return Err(JobError::State(format!(
+                "job `{}` has checkpoints (newest: {}) but its replication slot `{}` is gone, so the changes since \
+                 that checkpoint cannot be read again. To start over, move {} away; the sinks will then receive \
+                 only changes committed after the new start",
+                spec.name,
+                latest.epoch,
+                names.slot,
+                engine.store.display()
+            )))
+        }
+        (Some(latest), Some(status)) => {
+            if status.wal_status.as_deref() == Some("lost") {
+                return Err(JobError::State(format!(
+                    "replication slot `{}` was invalidated by postgres (wal_status = lost: it retained more WAL than \
+                     max_slot_wal_keep_size allows), so changes after checkpoint {} are gone. Recover by moving {} \
+                     away and dropping the slot (SELECT pg_drop_replication_slot('{}')), then re-run: the job starts \
+                     from a fresh snapshot",
+                    names.slot,
+                    latest.epoch,
+                    engine.store.display(),
+                    names.slot
+                )));
+            }
+            if status.plugin != "pgoutput" {
+                return Err(JobError::State(format!(
+                    "replication slot `{}` uses plugin `{}`; engage needs pgoutput",
+                    names.slot, status.plugin
+                )));
+            }
+            if let Some(confirmed) = status.confirmed_flush_lsn {
+                if confirmed > latest.source.resume_lsn {
+                    return Err(JobError::State(format!(
+                        "replication slot `{}` is confirmed up to {} but the newest checkpoint ({}) resumes at {}: \
+                         the changes in between were acknowledged without being checkpointed (was the slot used by \
+                         another consumer, or the checkpoints restored from an older copy?)",
+                        names.slot,
+                        format_lsn(confirmed),
+                        latest.epoch,
+                        latest.source.resume_lsn_text
+                    )));
+                }
+            }
+            let restore = restore.as_ref().expect("a latest checkpoint exists");
+            engine.restore_dimensions(restore).await?;
+            engine.epoch = latest.epoch;
+            engine.resume_lsn = latest.source.resume_lsn;
+            engine.position = latest.source.position;
+            None
+        }
+    };
+    engine
+        .stats
+        .confirmed_lsn
+        .store(engine.resume_lsn, Ordering::Relaxed);
+    engine
+        .stats
+        .processed_lsn
+        .store(engine.resume_lsn, Ordering::Relaxed);
+
+    for (index, query) in engine.plan.queries.iter().enumerate() {
+        let table = &engine.plan.sinks[query.sink].def;
+        let restored = latest.as_ref().and_then(|m| m.sinks.get(&table.name));
+        let sink = Sink::open(&spec.name, table, query, restored).await?;
+        tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
+        debug_assert_eq!(engine.sinks.len(), index);
+        engine.sinks.push(sink);
+    }
+
+    let mut summary = RunSummary::default();
+    if latest.is_none() {
+        engine.dirty = true;
+        engine.checkpoint().await?;
+    }
+    if let (Some(from), Some(latest)) = (options.replay_from, &latest) {
+        summary.replayed_changes = engine.replay(from, latest.epoch).await?;
+    }
+
+    let mut source = replication::start(
+        &target,
+        &names,
+        &engine.plan.sources,
+        new_slot,
+        engine.resume_lsn,
+        options.end_lsn,
+        options.batching,
+    )
+    .await?;
+    let outcome = engine
+        .stream(&mut source, &control, options.checkpoint_interval, shutdown)
+        .await;
+    source.stop();
+    outcome?;
+    summary.changes = engine.stats.changes_in.load(Ordering::Relaxed);
+    summary.last_checkpoint = Some(engine.epoch);
+    Ok(summary)
+}
+
+struct Engine {
+    job: String,
+    sql_hash: String,
+    plan: JobPlan,
+    /// One sink per query, same index.
+    sinks: Vec<Sink>,
+    /// By source index: the in-memory table of each dimension source.
+    dimensions: Vec<Option<Dimension>>,
+    store: CheckpointStore,
+    capture: CaptureLog,
+    epoch: u64,
+    /// End LSN of the last processed commit: where streaming resumes.
+    resume_lsn: u64,
+    position: Position,
+    /// No transaction is partly processed.
+    at_boundary: bool,
+    /// Something changed since the last checkpoint.
+    dirty: bool,
+    slot: String,
+    stats: Arc<JobStats>,
+    keep: usize,
+}
+
+impl Engine {
+    async fn stream(
+        &mut self,
+        source: &mut SourceHandle,
+        control: &tokio_postgres::Client,
+        interval: Duration,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), JobError> {
+        tokio::pin!(shutdown);
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lag_probe = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                event = source.events.recv() => {
+                    let event = event.ok_or_else(|| JobError::State("the replication reader stopped".into()))??;
+                    if let SourceEvent::End { lsn } = event {
+                        tracing::info!(lsn = %format_lsn(lsn), "reached the end LSN");
+                        break;
+                    }
+                    self.handle(event).await?;
+                }
+                _ = ticker.tick() => {
+                    if self.at_boundary && self.dirty {
+                        self.checkpoint().await?;
+                        source.confirm(self.resume_lsn);
+                    }
+                }
+            }
+            self.stats.server_wal_end.fetch_max(
+                source.server_wal_end.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            if lag_probe.elapsed() > Duration::from_secs(5) {
+                lag_probe = Instant::now();
+                if let Some(behind) = replication::wal_behind(control, self.resume_lsn).await {
+                    let confirmed = self.stats.confirmed_lsn.load(Ordering::Relaxed);
+                    self.stats
+                        .server_wal_end
+                        .fetch_max(confirmed + behind, Ordering::Relaxed);
+                }
+            }
+        }
+        // A final checkpoint needs a transaction boundary: finish the open one.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.at_boundary && Instant::now() < deadline {
+            match tokio::time::timeout(Duration::from_secs(1), source.events.recv()).await {
+                Ok(Some(Ok(SourceEvent::End { .. }))) => break,
+                Ok(Some(event)) => self.handle(event?).await?,
+                Ok(None) => break,
+                Err(_) => continue,
+            }
+        }
+        if self.at_boundary {
+            if self.dirty {
+                self.checkpoint().await?;
+                source.confirm(self.resume_lsn);
+                // Give the reader a moment to send the confirmation.
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+            }
+        } else {
+            tracing::warn!(
+                epoch = self.epoch,
+                "stopped inside a transaction; the next start resumes from the last checkpoint"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies one source event.
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), JobError> {
+        {
+            match event {
+                SourceEvent::Changes {
+                    source,
+                    batch,
+                    commit_end,
+                } => {
+                    let name = self.plan.sources[source].def.name.clone();
+                    self.capture.append(&name, &batch).map_err(|e| {
+                        JobError::State(format!("failed to capture changes of `{name}`: {e}"))
+                    })?;
+                    self.process(source, batch).await?;
+                    match commit_end {
+                        Some(end) => {
+                            self.resume_lsn = self.resume_lsn.max(end);
+                            self.at_boundary = true;
+                            self.stats.processed_lsn.fetch_max(end, Ordering::Relaxed);
+                        }
+                        None => self.at_boundary = false,
+                    }
+                }
+                SourceEvent::Idle { lsn } => {
+                    if self.at_boundary && lsn > self.resume_lsn {
+                        self.resume_lsn = lsn;
+                        self.dirty = true;
+                        self.stats.processed_lsn.fetch_max(lsn, Ordering::Relaxed);
+                    }
+                }
+                SourceEvent::Truncated { source, .. } => match &mut self.dimensions[source] {
+                    Some(dimension) => {
+                        dimension.clear();
+                        self.dirty = true;
+                    }
+                    None => {
+                        self.stats.truncates_ignored.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            table = %self.plan.sources[source].def.name,
+                            "TRUNCATE has no rows to deliver; sinks keep what they hold"
+                        );
+                    }
+                },
+                SourceEvent::End { .. } => {}
+            }
+            Ok(())
+        }
+    }
+
+    /// Runs the queries driven by `source` over `batch`, then updates its dimension.
+    async fn process(&mut self, source: usize, batch: RecordBatch) -> Result<(), JobError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let last = last_position(&batch);
+        for (index, query) in self.plan.queries.iter().enumerate() {
+            if query.driving != source {
+                continue;
+            }
+            let sink = &mut self.sinks[index];
+            let input =
+                after(&batch, sink.position()).map_err(|e| JobError::State(e.to_string()))?;
+            if input.num_rows() == 0 {
+                continue;
+            }
+            let dimensions: Vec<(usize, RecordBatch)> = query
+                .dimensions
+                .iter()
+                .map(|&d| {
+                    (
+                        d,
+                        self.dimensions[d]
+                            .as_ref()
+                            .expect("planned dimension")
+                            .contents()
+                            .clone(),
+                    )
+                })
+                .collect();
+            let output = self
+                .plan
+                .execute(index, input, &dimensions)
+                .await
+                .map_err(|e| JobError::Query {
+                    sink: sink.name().to_string(),
+                    message: e.to_string(),
+                })?;
+            let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+            sink.write(output, last).await?;
+            self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
+        }
+        if let Some(dimension) = &mut self.dimensions[source] {
+            dimension
+                .apply(&batch)
+                .map_err(|e| JobError::State(e.to_string()))?;
+        }
+        self.position = self.position.max(last);
+        self.dirty = true;
+        self.stats
+            .changes_in
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.
+    async fn checkpoint(&mut self) -> Result<(), JobError> {
+        let epoch = self.epoch + 1;
+        let started = Instant::now();
+        let mut sinks = BTreeMap::new();
+        for sink in &mut self.sinks {
+            sinks.insert(
+                sink.name().to_string(),
+                sink.prepare_checkpoint(epoch).await?,
+            );
+        }
+        let (mut files, capture_files, capture_order) = self
+            .capture
+            .finish()
+            .map_err(|e| JobError::State(format!("failed to close the capture log: {e}")))?;
+        let mut dimensions = BTreeMap::new();
+        for (index, dimension) in self.dimensions.iter().enumerate() {
+            let Some(dimension) = dimension else { continue };
+            let source = &self.plan.sources[index];
+            let bytes =
+                checkpoint::encode_ipc(&source.schema, std::slice::from_ref(dimension.contents()))
+                    .map_err(|e| {
+                        JobError::State(format!(
+                            "failed to encode dimension `{}`: {e}",
+                            source.def.name
+                        ))
+                    })?;
+            let file = format!("dimension-{}.arrows", source.def.name);
+            dimensions.insert(
+                source.def.name.clone(),
+                StateFile {
+                    file: file.clone(),
+                    rows: dimension.len() as u64,
+                    bytes: bytes.len() as u64,
+                },
+            );
+            files.push((file, bytes));
+        }
+        let manifest = Manifest {
+            job: self.job.clone(),
+            epoch,
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            source: SourceState::new(&self.slot, self.resume_lsn, self.position),
+            sinks: sinks.clone(),
+            dimensions,
+            capture_files,
+            capture_order,
+            sql_hash: self.sql_hash.clone(),
+        };
+        self.store.write(&manifest, files).await?;
+        for sink in &mut self.sinks {
+            let state: &SinkState = &sinks[sink.name()];
+            sink.commit(state).await?;
+        }
+        self.epoch = epoch;
+        self.dirty = false;
+        self.stats.checkpoint_epoch.store(epoch, Ordering::Relaxed);
+        self.stats.checkpoint_unix_ms.store(
+            chrono::Utc::now().timestamp_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.stats
+            .confirmed_lsn
+            .store(self.resume_lsn, Ordering::Relaxed);
+        tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+        self.store.prune(self.keep).await?;
+        Ok(())
+    }
+
+    async fn restore_dimensions(&mut self, manifest: &Manifest) -> Result<(), JobError> {
+        for (index, dimension) in self.dimensions.iter_mut().enumerate() {
+            let Some(dimension) = dimension else { continue };
+            let name = &self.plan.sources[index].def.name;
+            let file = manifest.dimensions.get(name).ok_or_else(|| {
+                JobError::State(format!(
+                    "`{name}` is read as a dimension but checkpoint {} holds no copy of it (it was added to the SQL \
+                     later); run the job under a new name to load it from a fresh snapshot",
+                    manifest.epoch
+                ))
+            })?;
+            let bytes = self.store.read_file(manifest.epoch, &file.file).await?;
+            for batch in checkpoint::decode_ipc(bytes)
+                .map_err(|e| JobError::State(format!("dimension `{name}`: {e}")))?
+            {
+                dimension
+                    .apply(&batch)
+                    .map_err(|e| JobError::State(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Pushes the captured changes of epochs `from + 1 ..= to` through the queries.
+    async fn replay(&mut self, from: u64, to: u64) -> Result<u64, JobError> {
+        let mut replayed = 0;
+        for epoch in from + 1..=to {
+            let manifest = match self.store.load(epoch).await {
+                Ok(manifest) => manifest,
+                Err(CheckpointError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut batches: BTreeMap<String, std::vec::IntoIter<RecordBatch>> = BTreeMap::new();
+            for (table, file) in &manifest.capture_files {
+                let bytes = self.store.read_file(epoch, &file.file).await?;
+                let decoded = checkpoint::decode_ipc(bytes)
+                    .map_err(|e| JobError::State(format!("capture of `{table}`: {e}")))?;
+                batches.insert(table.clone(), decoded.into_iter());
+            }
+            for (table, _) in &manifest.capture_order {
+                let Some(batch) = batches.get_mut(table).and_then(|b| b.next()) else {
+                    return Err(JobError::State(format!(
+                        "capture of checkpoint {epoch} is missing batches of `{table}`"
+                    )));
+                };
+                let Some(source) = self.plan.sources.iter().position(|s| &s.def.name == table)
+                else {
+                    continue; // a table the current SQL no longer reads
+                };
+                replayed += batch.num_rows() as u64;
+                self.process(source, batch).await?;
+            }
+            tracing::info!(epoch, "replayed captured changes");
+        }
+        Ok(replayed)
+    }
+}
+
+/// Position of the last row of a change batch.
+fn last_position(batch: &RecordBatch) -> Position {
+    let (lsn, seq) = position_columns(batch);
+    let last = batch.num_rows() - 1;
+    Position::new(lsn.value(last) as u64, seq.value(last) as u64)
+}
+
+fn position_columns(batch: &RecordBatch) -> (&Int64Array, &Int64Array) {
+    let column = |name| {
+        batch
+            .column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
+            .expect("change batches carry _lsn and _seq")
+    };
+    (column(LSN_COLUMN), column(SEQ_COLUMN))
+}
+
+/// The rows of `batch` strictly after `position`.
+fn after(batch: &RecordBatch, position: Position) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let (lsn, seq) = position_columns(batch);
+    let at = |row: usize| Position::new(lsn.value(row) as u64, seq.value(row) as u64);
+    if at(0) > position {
+        return Ok(batch.clone());
+    }
+    if at(batch.num_rows() - 1) <= position {
+        return Ok(batch.slice(0, 0));
+    }
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|row| Some(at(row) > position))
+        .collect();
+    filter_record_batch(batch, &keep)
+}
+
+/// A short stable hash of the job SQL (FNV-1a), recorded in manifests.
+fn sql_hash(script: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in script.bytes() {
+        hash ^= byte as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::datatypes::{DataType, Field, Schema};
+
+    fn changes(positions: &[(i64, i64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new(LSN_COLUMN, DataType::Int64, false),
+            Field::new(SEQ_COLUMN, DataType::Int64, false),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from(
+                    positions.iter().map(|p| p.0).collect::<Vec<_>>(),
+                )),
+                Arc::new(Int64Array::from(
+                    positions.iter().map(|p| p.1).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn input_at_or_below_a_sink_position_is_dropped() {
+        let batch = changes(&[(10, 0), (10, 1), (20, 0), (20, 1)]);
+        assert_eq!(after(&batch, Position::new(10, 1)).unwrap().num_rows(), 2);
+        assert_eq!(after(&batch, Position::new(5, 9)).unwrap().num_rows(), 4);
+        assert_eq!(after(&batch, Position::new(20, 1)).unwrap().num_rows(), 0);
+        assert_eq!(last_position(&batch), Position::new(20, 1));
+    }
+}

@@ -1,0 +1,110 @@
+//! Live figures of a running job, shared with whoever displays them.
+//!
+//! Counters are updated once per batch, never per row. The demo's status line
+//! and `engage run --progress` read them; [`JobStats::prometheus`] renders
+//! them in Prometheus' text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters and gauges of one job.
+#[derive(Debug, Default)]
+pub struct JobStats {
+    /// Source changes read (all tables).
+    pub changes_in: AtomicU64,
+    /// Batches processed.
+    pub batches: AtomicU64,
+    /// Sink table names, in plan order.
+    pub sink_names: Vec<String>,
+    /// Rows written per sink, same order as `sink_names`.
+    pub sink_rows: Vec<AtomicU64>,
+    /// Epoch of the last completed checkpoint.
+    pub checkpoint_epoch: AtomicU64,
+    /// Unix milliseconds of the last completed checkpoint (0: none yet).
+    pub checkpoint_unix_ms: AtomicU64,
+    /// LSN up to which the slot is confirmed.
+    pub confirmed_lsn: AtomicU64,
+    /// End LSN of the last commit the job has processed (not yet checkpointed).
+    pub processed_lsn: AtomicU64,
+    /// The server's WAL end as last reported by the stream.
+    pub server_wal_end: AtomicU64,
+    /// Truncates of driving tables, which have no rows to deliver.
+    pub truncates_ignored: AtomicU64,
+}
+
+impl JobStats {
+    pub fn new(sink_names: Vec<String>) -> JobStats {
+        JobStats {
+            sink_rows: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
+            sink_names,
+            ..JobStats::default()
+        }
+    }
+
+    /// Bytes of WAL the slot still retains beyond the last confirmation.
+    pub fn replication_lag_bytes(&self) -> u64 {
+        self.server_wal_end
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Bytes of WAL the job has yet to process.
+    pub fn processing_lag_bytes(&self) -> u64 {
+        self.server_wal_end
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.processed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Metrics in Prometheus' text exposition format.
+    pub fn prometheus(&self) -> String {
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "engage_source_changes_total",
+            "counter",
+            "Source changes read.",
+            self.changes_in.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_batches_total",
+            "counter",
+            "Change batches processed.",
+            self.batches.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_checkpoint_epoch",
+            "gauge",
+            "Epoch of the last checkpoint.",
+            self.checkpoint_epoch.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_processing_lag_bytes",
+            "gauge",
+            "WAL the job has not processed yet.",
+            self.processing_lag_bytes(),
+        );
+        metric(
+            "engage_replication_lag_bytes",
+            "gauge",
+            "WAL retained by the slot beyond the last confirmed position.",
+            self.replication_lag_bytes(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP engage_sink_rows_total Rows written per sink.\n# TYPE engage_sink_rows_total counter"
+        );
+        for (name, rows) in self.sink_names.iter().zip(&self.sink_rows) {
+            let _ = writeln!(
+                out,
+                "engage_sink_rows_total{{sink=\"{name}\"}} {}",
+                rows.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}

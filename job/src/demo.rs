@@ -1,0 +1,261 @@
+//! `engage demo`: the mission pipeline on an embedded default, one command.
+//!
+//! Uses `ENGAGE_POSTGRES_URL` / `ENGAGE_REDIS_URL` when set; otherwise starts
+//! throwaway servers from the machine's own binaries on free ports (their
+//! data lives in a temporary directory and goes away with them). Then it
+//! creates the source tables, seeds content, starts `sql/engagement.sql`
+//! (embedded in the binary), waits for the job's slot to exist, and starts
+//! the load generator. A status line per second shows what flows; Ctrl-C
+//! stops the generator and the job (which takes a final checkpoint).
+//!
+//! Outputs stay under `./data` (or `ENGAGE_DATA_DIR`) for `engage query`.
+//! With throwaway servers every run is a new world: the previous run's
+//! checkpoints and outputs of this job are cleared first, since they refer
+//! to a database that no longer exists.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use crate::engine::stats::JobStats;
+use crate::engine::{self, RunOptions};
+use crate::generate::{self, GenerateOptions, GenerateProgress};
+use crate::source::replication::PgTarget;
+use crate::sql;
+
+/// The mission's job SQL, embedded so the demo runs from any directory.
+pub const ENGAGEMENT_SQL: &str = include_str!("../../sql/engagement.sql");
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Events per second from the generator.
+    pub rate: u64,
+    /// Stop after this long (None: until Ctrl-C).
+    pub duration: Option<Duration>,
+    pub content_items: usize,
+    pub checkpoint_dir: String,
+    pub data_dir: String,
+}
+
+/// Runs the demo until `shutdown` resolves (or `duration` passes).
+pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let root = tempfile::Builder::new().prefix("engage-demo-").tempdir()?;
+    let mut embedded_postgres = None;
+    let mut embedded_redis = None;
+    let postgres_url = match std::env::var("ENGAGE_POSTGRES_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            eprintln!("starting a throwaway PostgreSQL (wal_level=logical) ...");
+            let server =
+                EmbeddedPostgres::start(&root.path().join("postgres"), PostgresOptions::default())
+                    .await?;
+            let url = server.create_database("engage").await?;
+            embedded_postgres = Some(server);
+            url
+        }
+    };
+    let redis_url = match std::env::var("ENGAGE_REDIS_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            eprintln!("starting a throwaway Redis ...");
+            let server = EmbeddedRedis::start(&root.path().join("redis")).await?;
+            let url = server.url();
+            embedded_redis = Some(server);
+            url
+        }
+    };
+    let fresh_world = embedded_postgres.is_some();
+    let data_dir = std::env::var("ENGAGE_DATA_DIR").unwrap_or(options.data_dir.clone());
+    let env = |name: &str| match name {
+        "ENGAGE_POSTGRES_URL" => Some(postgres_url.clone()),
+        "ENGAGE_REDIS_URL" => Some(redis_url.clone()),
+        "ENGAGE_DATA_DIR" => Some(data_dir.clone()),
+        other => std::env::var(other).ok(),
+    };
+    let spec = sql::parse_job("engagement", ENGAGEMENT_SQL, &env)?;
+    if fresh_world {
+        clear_previous_run(&spec, &options.checkpoint_dir)?;
+    }
+
+    let target = PgTarget::parse(&postgres_url)?;
+    let client = target.connect().await?;
+    generate::ensure_schema(&client).await?;
+    let content = generate::seed_content(&client, options.content_items, 42).await?;
+    eprintln!("{} content items ready; starting the job", content.len());
+
+    let stats = Arc::new(JobStats::new(
+        spec.tables
+            .iter()
+            .filter(|t| !matches!(t.connector, sql::Connector::PostgresCdc(_)))
+            .map(|t| t.name.clone())
+            .collect(),
+    ));
+    let (stop_job, job_stopped) = tokio::sync::oneshot::channel::<()>();
+    let run_options = RunOptions {
+        checkpoint_dir: options.checkpoint_dir.clone(),
+        ..RunOptions::default()
+    };
+    let job_stats = stats.clone();
+    let job_spec = spec.clone();
+    let mut job = tokio::spawn(async move {
+        engine::run(&job_spec, ENGAGEMENT_SQL, run_options, job_stats, async {
+            let _ = job_stopped.await;
+        })
+        .await
+    });
+
+    // Events committed before the slot exists are history: wait for the first checkpoint.
+    let waited = Instant::now();
+    while stats.checkpoint_epoch.load(Ordering::Relaxed) == 0 {
+        if job.is_finished() {
+            return Err(anyhow::anyhow!(
+                "the job stopped during start-up: {}",
+                job_result(&mut job).await
+            ));
+        }
+        if waited.elapsed() > Duration::from_secs(60) {
+            return Err(anyhow::anyhow!(
+                "the job did not take its first checkpoint within 60 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let progress = Arc::new(GenerateProgress::default());
+    let (stop_generator, generator_stopped) = tokio::sync::oneshot::channel::<()>();
+    let generator_options = GenerateOptions {
+        rate: Some(options.rate),
+        content_items: options.content_items,
+        ..GenerateOptions::default()
+    };
+    let generator_progress = progress.clone();
+    let generator_url = postgres_url.clone();
+    let generator = tokio::spawn(async move {
+        generate::run(
+            &generator_url,
+            generator_options,
+            generator_progress,
+            async {
+                let _ = generator_stopped.await;
+            },
+        )
+        .await
+    });
+    eprintln!(
+        "generating {} events/s; Ctrl-C stops the demo\n",
+        options.rate
+    );
+
+    tokio::pin!(shutdown);
+    let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    let mut last = (Instant::now(), 0u64, 0u64);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = ticker.tick() => {
+                if job.is_finished() {
+                    let _ = stop_generator.send(());
+                    return Err(anyhow::anyhow!("the job stopped: {}", job_result(&mut job).await));
+                }
+                last = print_status(&stats, &progress, last);
+            }
+        }
+    }
+    eprintln!("\nstopping the generator and the job (final checkpoint) ...");
+    let _ = stop_generator.send(());
+    let generated = generator.await??;
+    // Let the job catch up with what was committed, so its outputs hold every event.
+    let caught_up = Instant::now();
+    while stats.changes_in.load(Ordering::Relaxed) < generated.events
+        && caught_up.elapsed() < Duration::from_secs(10)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_job.send(());
+    let summary = job.await??;
+    eprintln!(
+        "generated {} events; the job read {} changes; last checkpoint {}",
+        generated.events,
+        summary.changes,
+        summary.last_checkpoint.unwrap_or(0)
+    );
+    drop(embedded_postgres);
+    drop(embedded_redis);
+    let data = PathBuf::from(&data_dir);
+    eprintln!(
+        "outputs are in {}; try:\n  engage query \"SELECT content_type, count(*) AS events, round(avg(engagement_pct), 2) AS avg_pct FROM enriched_events GROUP BY content_type\"",
+        data.display()
+    );
+    Ok(())
+}
+
+async fn job_result(
+    job: &mut tokio::task::JoinHandle<Result<engine::RunSummary, engine::JobError>>,
+) -> String {
+    match job.await {
+        Ok(Ok(_)) => "it finished".into(),
+        Ok(Err(error)) => error.to_string(),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// One status line: events/s in, rows out per sink, lag, last checkpoint.
+fn print_status(
+    stats: &JobStats,
+    progress: &GenerateProgress,
+    last: (Instant, u64, u64),
+) -> (Instant, u64, u64) {
+    let now = Instant::now();
+    let generated = progress.events.load(Ordering::Relaxed);
+    let read = stats.changes_in.load(Ordering::Relaxed);
+    let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
+    let sinks: Vec<String> = stats
+        .sink_names
+        .iter()
+        .zip(&stats.sink_rows)
+        .map(|(name, rows)| format!("{name} {}", rows.load(Ordering::Relaxed)))
+        .collect();
+    let checkpoint_ms = stats.checkpoint_unix_ms.load(Ordering::Relaxed);
+    let age = if checkpoint_ms == 0 {
+        "-".to_string()
+    } else {
+        format!(
+            "{:.0}s ago",
+            (chrono::Utc::now().timestamp_millis() as u64).saturating_sub(checkpoint_ms) as f64
+                / 1000.0
+        )
+    };
+    eprintln!(
+        "in {:>6.0} ev/s (generated {:>6.0}/s) | out: {} | behind {} KiB, slot retains {} KiB | checkpoint {} ({})",
+        (read - last.2) as f64 / seconds,
+        (generated - last.1) as f64 / seconds,
+        sinks.join(", "),
+        stats.processing_lag_bytes() / 1024,
+        stats.replication_lag_bytes() / 1024,
+        stats.checkpoint_epoch.load(Ordering::Relaxed),
+        age
+    );
+    (now, generated, read)
+}
+
+/// Clears the previous demo's checkpoints and outputs of this job.
+fn clear_previous_run(spec: &sql::JobSpec, checkpoint_dir: &str) -> anyhow::Result<()> {
+    let checkpoints = PathBuf::from(checkpoint_dir).join(&spec.name);
+    if checkpoints.exists() {
+        std::fs::remove_dir_all(&checkpoints)?;
+    }
+    for table in &spec.tables {
+        if let sql::Connector::Filesystem(options) = &table.connector {
+            let path = PathBuf::from(&options.path);
+            if !options.path.contains("://") && path.exists() {
+                std::fs::remove_dir_all(&path)?;
+            }
+        }
+    }
+    Ok(())
+}

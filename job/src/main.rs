@@ -1,0 +1,392 @@
+//! The `engage` command line: parses arguments and calls the library.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use engage::checkpoint::CheckpointStore;
+use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use engage::engine::stats::JobStats;
+use engage::engine::{self, RunOptions};
+use engage::generate::{self, GenerateOptions, GenerateProgress};
+use engage::query::{self, OutputFormat};
+use engage::source::format_lsn;
+use engage::{demo, sql};
+
+/// engage: a streaming job from Postgres changes to Redis and Parquet, defined in SQL.
+///
+/// Jobs are written in Arroyo's SQL dialect (CREATE TABLE ... WITH (connector = ...),
+/// CREATE VIEW, INSERT INTO ... SELECT). `${NAME}` in options comes from the environment.
+#[derive(Parser)]
+#[command(name = "engage", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the mission pipeline (sql/engagement.sql) with throwaway Postgres and Redis
+    /// (or ENGAGE_POSTGRES_URL / ENGAGE_REDIS_URL) and a load generator, until Ctrl-C.
+    Demo {
+        /// Events per second to generate.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Content items to seed.
+        #[arg(long, default_value_t = 1000)]
+        content_items: usize,
+        #[arg(long, default_value = "checkpoints")]
+        checkpoint_dir: String,
+        /// Where outputs go (ENGAGE_DATA_DIR wins when set).
+        #[arg(long, default_value = "data")]
+        data_dir: String,
+    },
+    /// Run a job until SIGINT/SIGTERM, which takes a final checkpoint. A restarted
+    /// job resumes from its newest checkpoint.
+    Run {
+        #[command(flatten)]
+        job: JobArgs,
+        #[command(flatten)]
+        running: RunArgs,
+    },
+    /// Reprocess the changes captured after a checkpoint through the job's current SQL,
+    /// then keep running. Sinks skip what they already hold, so nothing counts twice.
+    Replay {
+        #[command(flatten)]
+        job: JobArgs,
+        /// The checkpoint to replay from (see `engage checkpoints`).
+        #[arg(long)]
+        from_checkpoint: u64,
+        #[command(flatten)]
+        running: RunArgs,
+    },
+    /// List a job's checkpoints: id, time, source position, sizes.
+    Checkpoints {
+        #[command(flatten)]
+        job: JobArgs,
+    },
+    /// Run DataFusion SQL over a job's filesystem sinks (each registered under its table name).
+    Query {
+        /// The SQL query, e.g. "SELECT count(*) FROM enriched_events".
+        query: String,
+        /// The job whose outputs to query.
+        #[arg(long, default_value = "sql/engagement.sql")]
+        sql: PathBuf,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        format: OutputFormat,
+    },
+    /// Start throwaway PostgreSQL (wal_level=logical) and Redis servers on free ports,
+    /// print their URLs as shell exports, and keep them until Ctrl-C / SIGTERM.
+    Services {
+        /// Directory for their data and logs (default: a new temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Insert realistic engagement events into Postgres (seeds `content` first).
+    Generate {
+        /// Postgres to write to.
+        #[arg(long, env = "ENGAGE_POSTGRES_URL", hide_env_values = true)]
+        postgres: String,
+        /// Events per second (default: as fast as possible).
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long, default_value_t = 1000)]
+        content_items: usize,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
+}
+
+#[derive(Args)]
+struct JobArgs {
+    /// The job SQL file.
+    sql: PathBuf,
+    /// The job's name (slot, publication and checkpoint folder); defaults to the file's stem.
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory or object store URL of checkpoints.
+    #[arg(long, default_value = "checkpoints")]
+    checkpoint_dir: String,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Seconds between checkpoints.
+    #[arg(long, default_value_t = 10.0)]
+    checkpoint_interval: f64,
+    /// Checkpoints (with their capture logs, which `replay` reads) to keep.
+    #[arg(long, default_value_t = engage::checkpoint::DEFAULT_KEEP)]
+    keep_checkpoints: usize,
+    /// Print a status line every second.
+    #[arg(long)]
+    progress: bool,
+    /// Stop, with a final checkpoint, once the stream reaches this LSN (Postgres' text
+    /// form, e.g. 0/16B3748), like pg_recvlogical --endpos.
+    #[arg(long, value_parser = parse_lsn_arg)]
+    end_lsn: Option<u64>,
+}
+
+fn parse_lsn_arg(text: &str) -> Result<u64, String> {
+    engage::source::parse_lsn(text).ok_or_else(|| format!("`{text}` is not an LSN like 0/16B3748"))
+}
+
+impl JobArgs {
+    fn load(&self) -> anyhow::Result<(String, String)> {
+        let script = std::fs::read_to_string(&self.sql)
+            .with_context(|| format!("failed to read job SQL {}", self.sql.display()))?;
+        let name = match &self.name {
+            Some(name) => name.clone(),
+            None => job_name(&self.sql)?,
+        };
+        Ok((name, script))
+    }
+}
+
+fn job_name(path: &Path) -> anyhow::Result<String> {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default();
+    if stem.is_empty() {
+        bail!("cannot name the job after {}; pass --name", path.display());
+    }
+    Ok(stem.to_string())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,datafusion=warn,tokio_postgres=warn".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo {
+            rate,
+            duration,
+            content_items,
+            checkpoint_dir,
+            data_dir,
+        } => {
+            let options = demo::DemoOptions {
+                rate,
+                duration: duration.map(Duration::from_secs),
+                content_items,
+                checkpoint_dir,
+                data_dir,
+            };
+            demo::run(options, shutdown_signal()).await
+        }
+        Command::Run { job, running } => run_job(job, running, None).await,
+        Command::Replay {
+            job,
+            from_checkpoint,
+            running,
+        } => run_job(job, running, Some(from_checkpoint)).await,
+        Command::Checkpoints { job } => {
+            let (name, _) = job.load()?;
+            let store = CheckpointStore::open(&job.checkpoint_dir, &name)?;
+            let manifests = store.list().await?;
+            if manifests.is_empty() {
+                println!("job `{name}` has no checkpoints in {}", store.display());
+                return Ok(());
+            }
+            println!(
+                "{:>8}  {:<24}  {:>14}  {:>10}  {:>12}  sinks",
+                "id", "time", "resume lsn", "captured", "state bytes"
+            );
+            for m in manifests {
+                let sinks: Vec<String> = m
+                    .sinks
+                    .iter()
+                    .map(|(n, s)| format!("{n}@{}", s.position))
+                    .collect();
+                println!(
+                    "{:>8}  {:<24}  {:>14}  {:>10}  {:>12}  {}",
+                    m.epoch,
+                    m.created_at,
+                    format_lsn(m.source.resume_lsn),
+                    m.captured_rows(),
+                    m.state_bytes(),
+                    sinks.join(" ")
+                );
+            }
+            Ok(())
+        }
+        Command::Query { query, sql, format } => {
+            let script = std::fs::read_to_string(&sql).with_context(|| {
+                format!("failed to read job SQL {} (pass --sql)", sql.display())
+            })?;
+            let spec = query::parse_for_outputs(&job_name(&sql)?, &script)?;
+            print!("{}", query::run(&spec, &query, format).await?);
+            Ok(())
+        }
+        Command::Services { dir } => {
+            let temporary = tempfile::Builder::new()
+                .prefix("engage-services-")
+                .tempdir()?;
+            let root = dir.unwrap_or_else(|| temporary.path().to_path_buf());
+            let mut postgres =
+                EmbeddedPostgres::start(&root.join("postgres"), PostgresOptions::default()).await?;
+            let url = postgres.create_database("engage").await?;
+            let mut redis = EmbeddedRedis::start(&root.join("redis")).await?;
+            println!("export ENGAGE_POSTGRES_URL={url}");
+            println!("export ENGAGE_REDIS_URL={}", redis.url());
+            eprintln!(
+                "postgres log: {}; Ctrl-C stops both",
+                postgres.log_path().display()
+            );
+            shutdown_signal().await;
+            postgres.stop()?;
+            redis.stop()?;
+            Ok(())
+        }
+        Command::Generate {
+            postgres,
+            rate,
+            duration,
+            count,
+            content_items,
+            seed,
+        } => {
+            let options = GenerateOptions {
+                rate,
+                duration: duration.map(Duration::from_secs),
+                count,
+                content_items,
+                seed,
+                ..GenerateOptions::default()
+            };
+            let progress = Arc::new(GenerateProgress::default());
+            let bar = progress_bar(count);
+            let watcher = {
+                let progress = progress.clone();
+                let bar = bar.clone();
+                tokio::spawn(async move {
+                    loop {
+                        bar.set_position(
+                            progress.events.load(std::sync::atomic::Ordering::Relaxed),
+                        );
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                })
+            };
+            let report = generate::run(&postgres, options, progress, shutdown_signal()).await?;
+            watcher.abort();
+            bar.finish_and_clear();
+            println!(
+                "generated {} events in {:.1} s ({:.0} events/s)",
+                report.events, report.elapsed_secs, report.events_per_sec
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> anyhow::Result<()> {
+    let (name, script) = job.load()?;
+    let spec = sql::parse_job(&name, &script, &|k| std::env::var(k).ok())
+        .with_context(|| format!("in {}", job.sql.display()))?;
+    if running.checkpoint_interval.is_nan() || running.checkpoint_interval <= 0.0 {
+        bail!("--checkpoint-interval must be positive");
+    }
+    let options = RunOptions {
+        checkpoint_dir: job.checkpoint_dir.clone(),
+        checkpoint_interval: Duration::from_secs_f64(running.checkpoint_interval),
+        keep_checkpoints: running.keep_checkpoints.max(1),
+        replay_from,
+        end_lsn: running.end_lsn,
+        ..RunOptions::default()
+    };
+    let sinks = spec
+        .tables
+        .iter()
+        .filter(|t| !matches!(t.connector, sql::Connector::PostgresCdc(_)))
+        .map(|t| t.name.clone())
+        .collect();
+    let stats = Arc::new(JobStats::new(sinks));
+    let reporter =
+        running.progress.then(|| {
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                let mut last = 0;
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    let now = stats.changes_in.load(std::sync::atomic::Ordering::Relaxed);
+                    eprintln!(
+                    "{} changes/s | {} total | behind {} KiB | slot retains {} KiB | checkpoint {}",
+                    now - last,
+                    now,
+                    stats.processing_lag_bytes() / 1024,
+                    stats.replication_lag_bytes() / 1024,
+                    stats.checkpoint_epoch.load(std::sync::atomic::Ordering::Relaxed),
+                );
+                    last = now;
+                }
+            })
+        });
+    let summary = engine::run(&spec, &script, options, stats, shutdown_signal()).await?;
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
+    eprintln!(
+        "stopped after {} changes{}; last checkpoint {}",
+        summary.changes,
+        if summary.replayed_changes > 0 {
+            format!(" (and {} replayed)", summary.replayed_changes)
+        } else {
+            String::new()
+        },
+        summary.last_checkpoint.unwrap_or(0)
+    );
+    Ok(())
+}
+
+fn progress_bar(count: Option<u64>) -> indicatif::ProgressBar {
+    match count {
+        Some(total) => indicatif::ProgressBar::new(total).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+            )
+            .expect("valid template"),
+        ),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} events ({per_sec})")
+                .expect("valid template"),
+        ),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

@@ -1,0 +1,436 @@
+//! End-to-end tests of the mission pipeline (`sql/engagement.sql`) against
+//! real PostgreSQL (logical replication) and Redis, with the job running as
+//! the `engage` binary.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engage::embedded::PostgresOptions;
+use engage::generate::{self, GenerateOptions, GenerateProgress};
+use redis::AsyncCommands;
+use support::{wait_for, wait_started, World};
+
+const A: &str = "00000000-0000-0000-0000-00000000000a";
+const B: &str = "00000000-0000-0000-0000-00000000000b";
+
+async fn schema_with_two_items(world: &World) -> tokio_postgres::Client {
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO content (id, slug, title, content_type, length_seconds, publish_ts) VALUES
+               ('{A}', 'a', 'Item A', 'podcast', 100, now()),
+               ('{B}', 'b', 'Item B', 'video', NULL, now())"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+async fn insert_event(
+    client: &tokio_postgres::Client,
+    content: Option<&str>,
+    duration_ms: Option<i32>,
+) -> i64 {
+    let row = client
+        .query_one(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+             VALUES ($1::text::uuid, gen_random_uuid(), 'play', now(), $2, 'ios', '{\"k\": 1}') RETURNING id",
+            &[&content, &duration_ms],
+        )
+        .await
+        .unwrap();
+    row.get(0)
+}
+
+/// (id, _op, content_type, length_seconds, engagement_pct*100) of every change row, in stream order.
+async fn change_rows(
+    world: &World,
+) -> Vec<(i64, String, Option<String>, Option<i64>, Option<i64>)> {
+    let mut out = Vec::new();
+    let batches = world
+        .query(
+            "SELECT id, _op, content_type, CAST(length_seconds AS BIGINT), CAST(round(engagement_pct * 100) AS BIGINT)
+             FROM enriched_events ORDER BY _lsn, _seq",
+        )
+        .await;
+    for batch in batches {
+        let ids =
+            arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Int64).unwrap();
+        let ids = ids
+            .as_any()
+            .downcast_ref::<arrow::array::Int64Array>()
+            .unwrap();
+        let text = |i: usize| {
+            let c =
+                arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Utf8).unwrap();
+            c.as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .unwrap()
+                .clone()
+        };
+        let int = |i: usize| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let (ops, types, lengths, pcts) = (text(1), text(2), int(3), int(4));
+        use arrow::array::Array;
+        for row in 0..batch.num_rows() {
+            out.push((
+                ids.value(row),
+                ops.value(row).to_string(),
+                types.is_valid(row).then(|| types.value(row).to_string()),
+                lengths.is_valid(row).then(|| lengths.value(row)),
+                pcts.is_valid(row).then(|| pcts.value(row)),
+            ));
+        }
+    }
+    out
+}
+
+async fn recent_ids(world: &World, content: &str) -> Vec<i64> {
+    let mut redis = world.redis().await;
+    let entries: Vec<String> = redis
+        .lrange(format!("engage:recent:{content}"), 0, -1)
+        .await
+        .unwrap();
+    entries
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inserts_updates_deletes_and_nulls_reach_parquet_and_redis_joined_point_in_time() {
+    let world = World::start().await;
+    let client = schema_with_two_items(&world).await;
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+
+    let e1 = insert_event(&client, Some(A), Some(50_000)).await; // A is 100 s long: 50 %
+    let e2 = insert_event(&client, Some(B), None).await; // unknown length and duration: NULL
+    let e3 = insert_event(&client, None, Some(1_000)).await; // no content at all
+    client
+        .batch_execute(&format!(
+            "UPDATE content SET length_seconds = 200 WHERE id = '{A}'"
+        ))
+        .await
+        .unwrap();
+    let e4 = insert_event(&client, Some(A), Some(50_000)).await; // A is now 200 s long: 25 %
+    client
+        .batch_execute(&format!(
+            "UPDATE engagement_events SET duration_ms = 10000 WHERE id = {e1}"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!("DELETE FROM engagement_events WHERE id = {e2}"))
+        .await
+        .unwrap();
+
+    let expected = vec![
+        (
+            e1,
+            "c".to_string(),
+            Some("podcast".to_string()),
+            Some(100),
+            Some(5000),
+        ),
+        (e2, "c".to_string(), Some("video".to_string()), None, None),
+        (e3, "c".to_string(), None, None, None),
+        (
+            e4,
+            "c".to_string(),
+            Some("podcast".to_string()),
+            Some(200),
+            Some(2500),
+        ),
+        (
+            e1,
+            "u".to_string(),
+            Some("podcast".to_string()),
+            Some(200),
+            Some(500),
+        ),
+        (e2, "d".to_string(), Some("video".to_string()), None, None),
+    ];
+    wait_for(
+        "all six changes in parquet",
+        Duration::from_secs(30),
+        || async { change_rows(&world).await.len() >= expected.len() },
+    )
+    .await;
+    assert_eq!(change_rows(&world).await, expected, "{}", job.log_tail());
+
+    wait_for("redis recent lists", Duration::from_secs(30), || async {
+        recent_ids(&world, A).await.len() == 2
+    })
+    .await;
+    assert_eq!(
+        recent_ids(&world, A).await,
+        vec![e4, e1],
+        "newest first, inserts only"
+    );
+    assert_eq!(recent_ids(&world, B).await, vec![e2]);
+    let mut redis = world.redis().await;
+    let json: Vec<String> = redis
+        .lrange(format!("engage:recent:{A}"), 0, 0)
+        .await
+        .unwrap();
+    let newest: serde_json::Value = serde_json::from_str(&json[0]).unwrap();
+    assert_eq!(newest["engagement_pct"], serde_json::json!(25.0));
+    assert_eq!(newest["content_type"], "podcast");
+    job.stop();
+}
+
+/// Generates `count` events at `rate` in the background.
+fn generate_in_background(
+    world: &World,
+    count: u64,
+    rate: u64,
+) -> tokio::task::JoinHandle<generate::GenerateReport> {
+    let url = world.postgres_url.clone();
+    tokio::spawn(async move {
+        let options = GenerateOptions {
+            count: Some(count),
+            rate: Some(rate),
+            content_items: 50,
+            ..GenerateOptions::default()
+        };
+        generate::run(
+            &url,
+            options,
+            Arc::new(GenerateProgress::default()),
+            std::future::pending(),
+        )
+        .await
+        .unwrap()
+    })
+}
+
+/// Compares every sink with an oracle read from Postgres: nothing lost, nothing twice.
+async fn assert_sinks_match_postgres(world: &World) {
+    let client = world.sql().await;
+    let rows = client
+        .query(
+            "SELECT id, content_id::text FROM engagement_events ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut by_content: BTreeMap<String, Vec<i64>> = BTreeMap::new();
+    for row in &rows {
+        let content: Option<String> = row.get(1);
+        by_content
+            .entry(content.unwrap())
+            .or_default()
+            .push(row.get(0));
+    }
+    let expected: BTreeSet<i64> = rows.iter().map(|r| r.get(0)).collect();
+
+    let duplicates = world
+        .query_i64("SELECT id, count(*) FROM enriched_events WHERE _op = 'c' GROUP BY id HAVING count(*) > 1")
+        .await;
+    assert!(
+        duplicates.is_empty(),
+        "parquet holds events twice: {duplicates:?}"
+    );
+    let stored: BTreeSet<i64> = world
+        .query_i64("SELECT id FROM enriched_events WHERE _op = 'c'")
+        .await
+        .into_iter()
+        .map(|r| r[0].unwrap())
+        .collect();
+    assert_eq!(stored.len(), expected.len(), "parquet lost events");
+    assert_eq!(stored, expected);
+
+    for (content, ids) in by_content {
+        let newest: Vec<i64> = ids.iter().rev().take(50).copied().collect();
+        assert_eq!(
+            recent_ids(world, &content).await,
+            newest,
+            "recent list of {content}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_then_restart_loses_nothing_and_duplicates_nothing() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    generate::seed_content(&client, 50, 7).await.unwrap();
+    let interval = "1.0";
+    let mut job = world.start_job_with_interval(&["run"], interval);
+    wait_started(&world, &mut job).await;
+
+    let total = 12_000;
+    let generator = generate_in_background(&world, total, 2_000);
+    // Seeded moments: each kill lands somewhere inside an epoch, after the sinks
+    // applied changes that no checkpoint covers yet.
+    let mut seed = 0x5eed_u64;
+    for kill in 0..3 {
+        let epoch = world.latest_checkpoint();
+        wait_for(
+            "a checkpoint before the kill",
+            Duration::from_secs(30),
+            || async { world.latest_checkpoint() > epoch },
+        )
+        .await;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let delay = Duration::from_millis(100 + (seed >> 33) % 800);
+        tokio::time::sleep(delay).await; // fault injection timing, not a wait for a condition
+        job.kill_9();
+        eprintln!(
+            "kill {kill} at checkpoint {} + {delay:?}",
+            world.latest_checkpoint()
+        );
+        job = world.start_job_with_interval(&["run"], interval);
+    }
+    generator.await.unwrap();
+    wait_for(
+        "every event in parquet",
+        Duration::from_secs(60),
+        || async {
+            let rows = world
+                .query_i64("SELECT count(DISTINCT id) FROM enriched_events WHERE _op = 'c'")
+                .await;
+            rows.first().and_then(|r| r[0]) == Some(total as i64)
+        },
+    )
+    .await;
+    job.stop();
+    assert_sinks_match_postgres(&world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flushed_redis() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    generate::seed_content(&client, 20, 3).await.unwrap();
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    let first = world.latest_checkpoint();
+    generate_in_background(&world, 3_000, 5_000).await.unwrap();
+    wait_for("all events in parquet", Duration::from_secs(30), || async {
+        let rows = world
+            .query_i64("SELECT count(*) FROM enriched_events")
+            .await;
+        rows.first().and_then(|r| r[0]) == Some(3_000)
+    })
+    .await;
+    job.stop();
+    assert_sinks_match_postgres(&world).await;
+
+    // Replaying from the first checkpoint re-reads every captured change: the
+    // sinks already hold them all, so nothing changes.
+    let last = world.latest_checkpoint();
+    let mut replay = world.start_job(&["replay", "--from-checkpoint", &first.to_string()]);
+    wait_for(
+        "a checkpoint after the replay",
+        Duration::from_secs(30),
+        || async { world.latest_checkpoint() > last },
+    )
+    .await;
+    replay.assert_running();
+    replay.stop();
+    assert_sinks_match_postgres(&world).await;
+
+    // With Redis emptied, the same replay rebuilds the recent lists exactly.
+    let mut redis = world.redis().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let last = world.latest_checkpoint();
+    let replay = world.start_job(&["replay", "--from-checkpoint", &first.to_string()]);
+    wait_for(
+        "a checkpoint after the second replay",
+        Duration::from_secs(30),
+        || async { world.latest_checkpoint() > last },
+    )
+    .await;
+    replay.stop();
+    assert_sinks_match_postgres(&world).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_command_lists_epochs_with_positions() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    job.stop();
+    let checkpoint_dir = world.checkpoint_dir();
+    let output = world
+        .engage(&[
+            "checkpoints",
+            support::MISSION_SQL,
+            "--checkpoint-dir",
+            support::path_str(&checkpoint_dir),
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("resume lsn"), "{text}");
+    assert!(text.lines().count() >= 2, "{text}");
+}
+
+#[test]
+fn bad_job_sql_fails_with_a_clear_error_and_position() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.sql");
+    std::fs::write(&path, "CREATE TABLE t (\n  id BIGINT\n) WITH (connector = 'postgres-cdc', table = 't');\nINSERT INTO nowhere SELECT * FROM t;")
+        .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args(["run", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("needs option `connection`"), "{stderr}");
+    assert!(stderr.contains("line 1, column 14"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn job_refuses_to_start_when_wal_level_is_not_logical() {
+    let world = World::start_with(PostgresOptions {
+        extra_settings: vec![("wal_level".into(), "replica".into())],
+        ..PostgresOptions::default()
+    })
+    .await;
+    generate::ensure_schema(&world.sql().await).await.unwrap();
+    let checkpoint_dir = world.checkpoint_dir();
+    let output = world
+        .engage(&[
+            "run",
+            support::MISSION_SQL,
+            "--checkpoint-dir",
+            support::path_str(&checkpoint_dir),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("wal_level is `replica`"), "{stderr}");
+    assert!(
+        stderr.contains("ALTER SYSTEM SET wal_level = logical"),
+        "{stderr}"
+    );
+}

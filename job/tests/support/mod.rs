@@ -1,0 +1,284 @@
+//! Test harness: real Postgres and Redis on private ports, and the `engage`
+//! binary run as a child process (so tests can SIGKILL it).
+//!
+//! Every test gets its own servers, database, checkpoint and data
+//! directories. Waits poll a condition with a deadline; they never sleep for
+//! a fixed time and hope.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use engage::query;
+
+pub const MISSION_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/engagement.sql");
+
+/// Servers and directories of one test.
+pub struct World {
+    pub postgres: EmbeddedPostgres,
+    pub redis: EmbeddedRedis,
+    pub postgres_url: String,
+    /// Declared last: fields drop in order, and the servers must stop before
+    /// their directory goes.
+    pub root: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start() -> World {
+        Self::start_with(PostgresOptions::default()).await
+    }
+
+    pub async fn start_with(options: PostgresOptions) -> World {
+        let root = tempfile::Builder::new()
+            .prefix("engage-test-")
+            .tempdir()
+            .unwrap();
+        let postgres = EmbeddedPostgres::start(&root.path().join("pg"), options)
+            .await
+            .expect("postgres starts");
+        let postgres_url = postgres
+            .create_database("app")
+            .await
+            .expect("database created");
+        let redis = EmbeddedRedis::start(&root.path().join("redis"))
+            .await
+            .expect("redis starts");
+        World {
+            root,
+            postgres,
+            redis,
+            postgres_url,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.root.path().join("checkpoints")
+    }
+
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, connection) =
+            tokio_postgres::connect(&self.postgres_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    pub async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.redis.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// An `engage` command with this world's environment.
+    pub fn engage(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_engage"));
+        command
+            .args(args)
+            .env("ENGAGE_POSTGRES_URL", &self.postgres_url)
+            .env("ENGAGE_REDIS_URL", self.redis.url())
+            .env("ENGAGE_DATA_DIR", self.data_dir())
+            .env("RUST_LOG", "info,engage=debug")
+            .current_dir(self.root.path());
+        command
+    }
+
+    /// Starts `engage run` (or another job subcommand) on the mission SQL in the background.
+    pub fn start_job(&self, subcommand: &[&str]) -> Job {
+        self.start_job_with_interval(subcommand, "0.3")
+    }
+
+    /// Like [`World::start_job`] with a checkpoint interval in seconds.
+    pub fn start_job_with_interval(&self, subcommand: &[&str], interval: &str) -> Job {
+        self.start_job_sql(subcommand, MISSION_SQL, interval)
+    }
+
+    /// Starts a job subcommand on any job SQL file.
+    pub fn start_job_sql(&self, subcommand: &[&str], sql: &str, interval: &str) -> Job {
+        let log = self.root.path().join(format!(
+            "job-{}.log",
+            Instant::now().elapsed().as_nanos() ^ rand_suffix()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let checkpoint_dir = self.checkpoint_dir();
+        let mut args: Vec<&str> = subcommand.to_vec();
+        args.extend([
+            sql,
+            "--checkpoint-dir",
+            checkpoint_dir.to_str().unwrap(),
+            "--checkpoint-interval",
+            interval,
+        ]);
+        let child = self
+            .engage(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(file))
+            .spawn()
+            .expect("engage binary runs");
+        Job { child, log }
+    }
+
+    /// Newest checkpoint epoch on disk of the mission job (0: none).
+    pub fn latest_checkpoint(&self) -> u64 {
+        self.latest_checkpoint_of("engagement")
+    }
+
+    /// Newest checkpoint epoch on disk of job `job` (0: none).
+    pub fn latest_checkpoint_of(&self, job: &str) -> u64 {
+        let dir = self.checkpoint_dir().join(job);
+        std::fs::read_dir(&dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter(|e| e.path().join("manifest.json").exists())
+                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("epoch-")?.parse().ok())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0)
+    }
+
+    /// Runs DataFusion SQL over the job's filesystem sinks.
+    pub async fn query(&self, sql: &str) -> Vec<arrow::record_batch::RecordBatch> {
+        std::env::set_var("ENGAGE_DATA_DIR", self.data_dir());
+        let script = std::fs::read_to_string(MISSION_SQL).unwrap();
+        let spec = query::parse_for_outputs("engagement", &script).unwrap();
+        let (ctx, _) = query::session_for(&spec).await;
+        match ctx.sql(sql).await {
+            Ok(frame) => frame.collect().await.unwrap_or_default(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Rows of `SELECT count(*) ...` style queries, as i64.
+    pub async fn query_i64(&self, sql: &str) -> Vec<Vec<Option<i64>>> {
+        let mut rows = Vec::new();
+        for batch in self.query(sql).await {
+            for row in 0..batch.num_rows() {
+                rows.push(
+                    batch
+                        .columns()
+                        .iter()
+                        .map(|c| {
+                            let c = arrow::compute::cast(c, &arrow::datatypes::DataType::Int64)
+                                .unwrap();
+                            let c = c
+                                .as_any()
+                                .downcast_ref::<arrow::array::Int64Array>()
+                                .unwrap()
+                                .clone();
+                            arrow::array::Array::is_valid(&c, row).then(|| c.value(row))
+                        })
+                        .collect(),
+                );
+            }
+        }
+        rows
+    }
+}
+
+fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// A running `engage` process.
+pub struct Job {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Job {
+    /// SIGKILL: no final checkpoint, no cleanup.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit (final checkpoint).
+    pub fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "engage exited with {status}\n{}",
+                    self.log_tail()
+                );
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engage did not stop within 60 s\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!("engage exited early with {status}\n{}", self.log_tail());
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<_> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes (then panics with `what`).
+pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the job has written its first checkpoint (its slot exists).
+pub async fn wait_started(world: &World, job: &mut Job) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while world.latest_checkpoint() == 0 {
+        job.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "job did not start\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().unwrap()
+}

@@ -19,17 +19,25 @@
 //!   was staged. It is idempotent, because after a crash between manifest and
 //!   commit the restored job commits the same state again.
 //!
+//! Windowed queries emit, as event-time windows close, the full result of the
+//! latest closed window. Those go through [`Sink::write_window`], guarded by
+//! the window's end instead of the input position: a window ending at or
+//! before [`Sink::window_end`] was already applied and is skipped (Redis), and
+//! `upto` only moves the position forward, never refusing a write.
+//!
 //! What "durable" means per sink:
 //!
 //! - **Redis** ([`redis`]): each write is one Lua script that applies the rows
 //!   and moves the sink's position key, atomically, only if the key still
 //!   holds the position the sink last wrote (compare-and-set). Applied means
-//!   durable as far as Redis' own persistence goes.
+//!   durable as far as Redis' own persistence goes. A windowed write replaces
+//!   every key of the sink with the window's rows in one script, guarded by
+//!   the window end stored in Redis.
 //! - **Parquet** ([`parquet`]): rows are encoded in memory per partition; at a
 //!   checkpoint each partition becomes a staged file, the manifest lists it,
 //!   and the commit renames it into place. Readers see whole files of whole
 //!   epochs only; a crash before the manifest discards the staged files and
-//!   the epoch is replayed.
+//!   the epoch is replayed. Windowed output is appended like any other rows.
 //!
 //! With a closed set of sinks, dispatch is an enum.
 
@@ -141,6 +149,35 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.write(batches, upto),
             Sink::Redis(sink) => sink.write(batches, upto).await,
+        }
+    }
+
+    /// Writes the full result of the window ending at `window_end_micros`
+    /// (Unix µs), computed from input up to `upto`. Redis replaces every key
+    /// the sink writes with it, or skips it if a window ending at or after it
+    /// was already applied; Parquet appends the rows. Not refused when `upto`
+    /// is not above [`Sink::position`]: the position only moves forward.
+    pub async fn write_window(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        window_end_micros: i64,
+        upto: Position,
+    ) -> Result<(), SinkError> {
+        match self {
+            Sink::Parquet(sink) => {
+                let upto = upto.max(sink.position());
+                sink.write(batches, upto)
+            }
+            Sink::Redis(sink) => sink.write_window(batches, window_end_micros, upto).await,
+        }
+    }
+
+    /// End (Unix µs) of the last window the sink applied, when the sink keeps
+    /// it (Redis, read at open); `None` otherwise or if it never wrote one.
+    pub fn window_end(&self) -> Option<i64> {
+        match self {
+            Sink::Parquet(_) => None,
+            Sink::Redis(sink) => sink.window_end(),
         }
     }
 

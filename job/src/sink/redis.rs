@@ -1,22 +1,51 @@
-//! The `redis` sink: Arroyo's `string`, `list` and `hash` targets, exactly once.
+//! The `redis` sink: Arroyo's `string`, `list` and `hash` targets, and `sorted_set`, exactly once.
 //!
-//! Every write is a single `EVALSHA` of [`APPLY_SCRIPT`]: it checks that the
-//! sink's position key still holds the position this sink last wrote, applies
-//! all rows of the batch, and stores the new position — atomically, since
-//! Redis runs a script without interleaving other commands. A replayed batch
-//! never reaches Redis (the engine filters input at or below the position),
-//! and a retried write whose first attempt did land is recognised by the
-//! position already being the new one.
+//! Every write is a single `EVALSHA` of [`APPLY_SCRIPT`], so Redis applies it
+//! whole, without interleaving other commands. The script has two modes.
 //!
-//! Rows are encoded as JSON from Arrow arrays (one buffer per batch); keys are
-//! `target.key_prefix` followed by the key column's value. A row whose key
-//! column is NULL has no key to go to: it is counted and logged, not written.
+//! # Change streams: guarded by the position
+//!
+//! [`RedisSink::write`] applies rows on top of what the keys hold. The script
+//! checks that the sink's position key (`engage:job:<job>:position:<sink>`)
+//! still holds the position this sink last wrote, applies all rows of the
+//! batch, and stores the new position. A replayed batch never reaches Redis
+//! (the engine filters input at or below the position), and a retried write
+//! whose first attempt did land is recognised by the position already being
+//! the new one.
+//!
+//! # Closed windows: guarded by the window end
+//!
+//! [`RedisSink::write_window`] takes the full result of the latest closed
+//! window and makes every key the sink writes hold exactly that: each key is
+//! deleted and rewritten, keys the previous window wrote that get no rows now
+//! are deleted, and readers see either the old window or the new one, never a
+//! mix. The hash `engage:job:<job>:window_end` (field: the sink) holds the end
+//! of the applied window; a window ending at or before it is skipped, so a
+//! replay can neither move a key backwards nor apply a window twice. The set
+//! `engage:job:<job>:window_keys:<sink>` remembers the keys of the applied
+//! window. The position key moves up to the write's input position, for
+//! monitoring; it does not guard windowed writes.
+//!
+//! The script finds the previous window's keys in that set, so they are not
+//! declared in `KEYS`: on Redis Cluster a windowed sink's keys must share a
+//! hash slot (a `{tag}` in `target.key_prefix`).
+//!
+//! # Encoding
+//!
+//! Keys are `target.key_prefix` followed by the key column's value (the prefix
+//! alone without a key column). Values are encoded from Arrow arrays into the
+//! command buffer, reusing scratch buffers between writes: rows as JSON
+//! (string, list, hash without `target.value_column`), column text (hash
+//! fields), scores as Float64 text. A row whose key, member, score (or NaN
+//! score) or value is NULL has nowhere to go: it is counted, not written.
 
+use std::collections::HashMap;
+use std::io::Write as _;
 use std::time::Duration;
 
-use arrow::array::{Array, StringArray};
-use arrow::compute::cast;
-use arrow::datatypes::DataType;
+use arrow::array::{Array, Float64Array, StringArray};
+use arrow::compute::{can_cast_types, cast};
+use arrow::datatypes::{DataType, Schema};
 use arrow::json::WriterBuilder;
 use arrow::record_batch::RecordBatch;
 use rand::Rng;
@@ -24,58 +53,92 @@ use redis::aio::ConnectionManager;
 
 use super::{SinkError, SinkState};
 use crate::source::Position;
-use crate::sql::options::{ListOperation, RedisOptions, RedisTarget};
+use crate::sql::options::{target_name, ListOperation, RedisOptions, RedisTarget};
 use crate::sql::plan::QueryPlan;
 
-/// Applies one batch and moves the position, only if the position is still
-/// the expected one. KEYS: position key, then one key per row. ARGV: expected
-/// position, new position, target, ttl, max length, operation, then per row
-/// the value (hash: field and value).
+/// Applies the rows of one write. KEYS: position key, window end hash, window
+/// keys set, then the keys rows go to. ARGV: mode (`cas` or `window`), guard
+/// (expected position, or window end), new position, target, ttl, max length,
+/// list operation, sink name, then per row: the index of its key among the
+/// data keys, the number of values, the values (list and string: the value;
+/// hash: fields and values; sorted set: score and member).
+///
+/// The guard is checked before anything is written, and no command after it
+/// can fail on well-formed input (window mode deletes each key before writing
+/// it, so a key of the wrong type cannot stop it halfway).
 pub const APPLY_SCRIPT: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if current == false then current = '' end
-if current ~= ARGV[1] then return {0, current} end
-local target = ARGV[3]
-local ttl = tonumber(ARGV[4])
-local maxlen = tonumber(ARGV[5])
-local prepend = ARGV[6] == 'prepend'
-local touched = {}
-for i = 1, #KEYS - 1 do
-  local key = KEYS[i + 1]
-  if target == 'string' then
-    if ttl > 0 then
-      redis.call('SET', key, ARGV[6 + i], 'EX', ttl)
-    else
-      redis.call('SET', key, ARGV[6 + i])
-    end
+local window = ARGV[1] == 'window'
+if window then
+  local applied = redis.call('HGET', KEYS[2], ARGV[8])
+  if applied and tonumber(applied) and tonumber(ARGV[2]) <= tonumber(applied) then
+    return {0, applied}
+  end
+else
+  local current = redis.call('GET', KEYS[1])
+  if current == false then current = '' end
+  if current ~= ARGV[2] then return {0, current} end
+end
+local target = ARGV[4]
+local ttl = tonumber(ARGV[5])
+local maxlen = tonumber(ARGV[6])
+local prepend = ARGV[7] == 'prepend'
+local written = {}
+local i = 9
+local count = #ARGV
+while i <= count do
+  local key = KEYS[3 + tonumber(ARGV[i])]
+  local n = tonumber(ARGV[i + 1])
+  if window and not written[key] then redis.call('DEL', key) end
+  written[key] = true
+  if target == 'sorted_set' then
+    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
+  elseif target == 'hash' then
+    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n))
   elseif target == 'list' then
     if prepend then
-      redis.call('LPUSH', key, ARGV[6 + i])
+      redis.call('LPUSH', key, ARGV[i + 2])
     else
-      redis.call('RPUSH', key, ARGV[6 + i])
+      redis.call('RPUSH', key, ARGV[i + 2])
     end
-    touched[key] = true
   else
-    redis.call('HSET', key, ARGV[5 + 2 * i], ARGV[6 + 2 * i])
-    touched[key] = true
+    redis.call('SET', key, ARGV[i + 2])
   end
+  i = i + 2 + n
 end
-for key in pairs(touched) do
+for key in pairs(written) do
   if maxlen > 0 then
-    if prepend then
-      redis.call('LTRIM', key, 0, maxlen - 1)
-    else
-      redis.call('LTRIM', key, -maxlen, -1)
+    if target == 'list' then
+      if prepend then
+        redis.call('LTRIM', key, 0, maxlen - 1)
+      else
+        redis.call('LTRIM', key, -maxlen, -1)
+      end
+    elseif target == 'sorted_set' then
+      redis.call('ZREMRANGEBYRANK', key, 0, -(maxlen + 1))
     end
   end
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
-redis.call('SET', KEYS[1], ARGV[2])
+if not window then
+  redis.call('SET', KEYS[1], ARGV[3])
+  return {1, ARGV[3]}
+end
+for _, key in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if not written[key] then redis.call('DEL', key) end
+end
+redis.call('DEL', KEYS[3])
+for key in pairs(written) do redis.call('SADD', KEYS[3], key) end
+redis.call('HSET', KEYS[2], ARGV[8], ARGV[2])
+local position = redis.call('GET', KEYS[1])
+if position == false or position < ARGV[3] then redis.call('SET', KEYS[1], ARGV[3]) end
 return {1, ARGV[2]}
 "#;
 
 /// How long a write keeps retrying transient failures before giving up.
 const RETRY_BUDGET: Duration = Duration::from_secs(60);
+
+/// Marks a row that is not written in [`Encoder::row_keys`].
+const SKIPPED: u32 = u32::MAX;
 
 pub struct RedisSink {
     name: String,
@@ -83,14 +146,12 @@ pub struct RedisSink {
     connection: ConnectionManager,
     script_sha: String,
     position_key: String,
+    window_end_key: String,
+    window_keys_key: String,
     position: Position,
-    key_column: Option<usize>,
-    field_column: Option<usize>,
+    window_end: Option<i64>,
     rows_written: u64,
-    null_keys: u64,
-    /// Reused between writes: JSON of one batch, and one key.
-    json: Vec<u8>,
-    key: Vec<u8>,
+    encoder: Encoder,
 }
 
 impl RedisSink {
@@ -101,10 +162,23 @@ impl RedisSink {
         query: &QueryPlan,
         restored: Option<&SinkState>,
     ) -> Result<RedisSink, SinkError> {
+        Self::open_for_schema(job, name, options, &query.output_schema, restored).await
+    }
+
+    /// [`RedisSink::open`] for rows of `schema`, without a query plan (tests, tools).
+    #[doc(hidden)]
+    pub async fn open_for_schema(
+        job: &str,
+        name: &str,
+        options: &RedisOptions,
+        schema: &Schema,
+        restored: Option<&SinkState>,
+    ) -> Result<RedisSink, SinkError> {
         let permanent = |message: String| SinkError::Permanent {
             sink: name.to_string(),
             message,
         };
+        check_columns(options, schema).map_err(permanent)?;
         let client = redis::Client::open(options.address.expose())
             .map_err(|e| permanent(format!("invalid redis address {}: {e}", options.address)))?;
         let mut connection =
@@ -146,22 +220,33 @@ impl RedisSink {
                 );
             }
         }
-        let schema = &query.output_schema;
-        let column =
-            |option: &Option<String>| option.as_ref().and_then(|c| schema.index_of(c).ok());
+        let window_end_key = format!("engage:job:{job}:window_end");
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(&window_end_key)
+            .arg(name)
+            .query_async(&mut connection)
+            .await
+            .map_err(|e| permanent(format!("failed to read {window_end_key}: {e}")))?;
+        let window_end = match &stored {
+            None => None,
+            Some(text) => Some(text.parse::<i64>().map_err(|_| {
+                permanent(format!(
+                    "{window_end_key} holds `{text}` for this sink, which is not a window end"
+                ))
+            })?),
+        };
         Ok(RedisSink {
             name: name.to_string(),
-            key_column: column(&options.key_column),
-            field_column: column(&options.field_column),
+            encoder: Encoder::new(options, schema),
             options: options.clone(),
             connection,
             script_sha,
             position_key,
+            window_keys_key: format!("engage:job:{job}:window_keys:{name}"),
+            window_end_key,
             position,
+            window_end,
             rows_written: 0,
-            null_keys: 0,
-            json: Vec::new(),
-            key: Vec::new(),
         })
     }
 
@@ -171,6 +256,12 @@ impl RedisSink {
 
     pub fn position(&self) -> Position {
         self.position
+    }
+
+    /// End (Unix µs) of the last window applied, as read at open and moved by
+    /// [`RedisSink::write_window`]; `None` if this sink never wrote a window.
+    pub fn window_end(&self) -> Option<i64> {
+        self.window_end
     }
 
     pub fn state(&self) -> SinkState {
@@ -186,47 +277,167 @@ impl RedisSink {
 
     /// Rows not written because their key column was NULL.
     pub fn null_keys(&self) -> u64 {
-        self.null_keys
+        self.encoder.null_keys
     }
 
+    /// Rows not written because their member, score (or a NaN score) or value
+    /// column was NULL, or, for a row written as a hash, every column was.
+    pub fn null_values(&self) -> u64 {
+        self.encoder.null_values
+    }
+
+    /// Applies `batches` on top of what the keys hold and moves the position
+    /// to `upto`, if the position key still holds this sink's position.
     pub async fn write(
         &mut self,
         batches: Vec<RecordBatch>,
         upto: Position,
     ) -> Result<(), SinkError> {
+        let expected = if self.position == Position::ZERO {
+            String::new()
+        } else {
+            self.position.to_sortable()
+        };
+        let upto_text = upto.to_sortable();
         let mut command = redis::cmd("EVALSHA");
-        let rows = self.encode(&batches, upto, &mut command)?;
+        let rows = self.encode(&batches, &mut command, ["cas", &expected, &upto_text])?;
+        let reply = self.run(&command).await?;
+        // A refusal that finds the new position means an earlier attempt landed.
+        if !reply.applied && reply.found != upto_text {
+            return Err(self.permanent(format!(
+                "{} holds `{}` but this sink last wrote {}: another process is writing \
+                 this job's sink (stop it, or give this job another name)",
+                self.position_key,
+                reply.found,
+                self.position.to_sortable()
+            )));
+        }
+        self.position = upto;
+        self.rows_written += rows;
+        Ok(())
+    }
+
+    /// Replaces, atomically, every key this sink writes with the rows of the
+    /// window ending at `window_end_micros` (Unix µs). Skips (Ok, no effect)
+    /// if a window ending at or after it was already applied. Keys written for
+    /// the previous window that get no rows now are deleted, so stale members
+    /// leave the rankings. `upto` is the input position (recorded, not guarded).
+    pub async fn write_window(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        window_end_micros: i64,
+        upto: Position,
+    ) -> Result<(), SinkError> {
+        if let Some(applied) = self.window_end.filter(|end| window_end_micros <= *end) {
+            tracing::debug!(sink = %self.name, window_end = window_end_micros, applied, "window already applied; skipped");
+            return Ok(());
+        }
+        let end_text = window_end_micros.to_string();
+        let upto_text = upto.to_sortable();
+        let mut command = redis::cmd("EVALSHA");
+        let rows = self.encode(&batches, &mut command, ["window", &end_text, &upto_text])?;
+        let reply = self.run(&command).await?;
+        // After a retry, finding this very window applied means an earlier attempt landed.
+        if reply.applied || (reply.retried && reply.found == end_text) {
+            self.window_end = Some(window_end_micros);
+            self.position = self.position.max(upto);
+            self.rows_written += rows;
+        } else {
+            // Another process applied this window or a later one.
+            let found = reply.found.parse::<i64>().ok();
+            tracing::debug!(sink = %self.name, window_end = window_end_micros, applied = ?found, "window already applied; skipped");
+            self.window_end = self.window_end.max(found);
+        }
+        Ok(())
+    }
+
+    /// Builds the EVALSHA command for `batches` with the mode, guard and new
+    /// position in `head`; returns the number of rows in it.
+    fn encode(
+        &mut self,
+        batches: &[RecordBatch],
+        command: &mut redis::Cmd,
+        head: [&str; 3],
+    ) -> Result<u64, SinkError> {
+        let (null_keys, null_values) = (self.encoder.null_keys, self.encoder.null_values);
+        let columns = self
+            .encoder
+            .resolve_keys(batches)
+            .map_err(|message| self.permanent(message))?;
+        command
+            .arg(&self.script_sha)
+            .arg(3 + self.encoder.key_index.len())
+            .arg(&self.position_key)
+            .arg(&self.window_end_key)
+            .arg(&self.window_keys_key);
+        self.encoder.write_keys(command);
+        let operation = match self.options.operation {
+            ListOperation::Append => "append",
+            ListOperation::Prepend => "prepend",
+        };
+        command
+            .arg(head[0])
+            .arg(head[1])
+            .arg(head[2])
+            .arg(target_name(self.options.target))
+            .arg(self.options.ttl_secs.unwrap_or(0))
+            .arg(self.options.max_length.unwrap_or(0))
+            .arg(operation)
+            .arg(&self.name);
+        let rows = self
+            .encoder
+            .write_rows(batches, &columns, command)
+            .map_err(|message| self.permanent(message))?;
+        let (null_keys, null_values) = (
+            self.encoder.null_keys - null_keys,
+            self.encoder.null_values - null_values,
+        );
+        if null_keys > 0 {
+            tracing::warn!(sink = %self.name, rows = null_keys, "rows with a NULL key column not written (filter NULL keys in the query)");
+        }
+        if null_values > 0 {
+            tracing::warn!(sink = %self.name, rows = null_values, "rows with a NULL member, score or value not written (filter them in the query)");
+        }
+        Ok(rows)
+    }
+
+    /// Runs one script call, retrying transient failures for [`RETRY_BUDGET`].
+    async fn run(&mut self, command: &redis::Cmd) -> Result<Reply, SinkError> {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
+        let mut retried = false;
         loop {
-            match command.query_async::<(i64, String)>(&mut self.connection).await {
-                Ok((1, _)) => break,
-                Ok((_, found)) if found == upto.to_sortable() => break, // an earlier attempt landed
-                Ok((_, found)) => {
-                    return Err(SinkError::Permanent {
-                        sink: self.name.clone(),
-                        message: format!(
-                            "{} holds `{found}` but this sink last wrote {}: another process is writing \
-                             this job's sink (stop it, or give this job another name)",
-                            self.position_key,
-                            self.position.to_sortable()
-                        ),
+            match command
+                .query_async::<(i64, String)>(&mut self.connection)
+                .await
+            {
+                Ok((applied, found)) => {
+                    return Ok(Reply {
+                        applied: applied == 1,
+                        found,
+                        retried,
                     })
                 }
                 Err(error) if is_transient(&error) && started.elapsed() < RETRY_BUDGET => {
+                    retried = true;
                     let jitter = rand::rng().random_range(0..=delay.as_millis() as u64 / 2);
                     tracing::warn!(sink = %self.name, error = %error, retry_in_ms = delay.as_millis() as u64, "redis write failed; retrying");
                     tokio::time::sleep(delay + Duration::from_millis(jitter)).await;
                     delay = (delay * 2).min(Duration::from_secs(5));
                 }
-                Err(error) if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                Err(error)
+                    if error.kind()
+                        == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
                     // Redis restarted and lost its script cache: load it again and retry.
                     redis::cmd("SCRIPT")
                         .arg("LOAD")
                         .arg(APPLY_SCRIPT)
                         .query_async::<String>(&mut self.connection)
                         .await
-                        .map_err(|e| self.transient(format!("failed to reload the apply script: {e}")))?;
+                        .map_err(|e| {
+                            self.transient(format!("failed to reload the apply script: {e}"))
+                        })?;
                 }
                 Err(error) => {
                     return Err(self.transient(format!(
@@ -236,9 +447,6 @@ impl RedisSink {
                 }
             }
         }
-        self.position = upto;
-        self.rows_written += rows;
-        Ok(())
     }
 
     fn transient(&self, message: String) -> SinkError {
@@ -248,127 +456,339 @@ impl RedisSink {
         }
     }
 
-    /// Builds the EVALSHA command for `batches`; returns the number of rows in it.
-    fn encode(
-        &mut self,
-        batches: &[RecordBatch],
-        upto: Position,
-        command: &mut redis::Cmd,
-    ) -> Result<u64, SinkError> {
-        let mut keys: Vec<Option<StringArray>> = Vec::with_capacity(batches.len());
-        let mut fields: Vec<Option<StringArray>> = Vec::with_capacity(batches.len());
-        let mut key_count = 0usize;
-        for batch in batches {
-            let key = self.string_column(batch, self.key_column)?;
-            let field = self.string_column(batch, self.field_column)?;
-            key_count += (0..batch.num_rows())
-                .filter(|&row| key.as_ref().is_none_or(|k| k.is_valid(row)))
-                .count();
-            keys.push(key);
-            fields.push(field);
+    fn permanent(&self, message: String) -> SinkError {
+        SinkError::Permanent {
+            sink: self.name.clone(),
+            message,
         }
-        command
-            .arg(&self.script_sha)
-            .arg(key_count + 1)
-            .arg(&self.position_key);
-        for (batch, key) in batches.iter().zip(&keys) {
-            for row in 0..batch.num_rows() {
-                match key {
-                    Some(key) if key.is_null(row) => continue,
-                    Some(key) => {
-                        self.key.clear();
-                        self.key
-                            .extend_from_slice(self.options.key_prefix.as_bytes());
-                        self.key.extend_from_slice(key.value(row).as_bytes());
-                        command.arg(&self.key[..]);
-                    }
-                    None => {
-                        command.arg(self.options.key_prefix.as_bytes());
-                    }
-                }
+    }
+}
+
+/// What the script answered.
+struct Reply {
+    /// Whether the guard let the write through.
+    applied: bool,
+    /// Applied: the new position or window end. Refused: what the guard found.
+    found: String,
+    /// Whether an earlier attempt failed in a way that may have applied it.
+    retried: bool,
+}
+
+/// Checks the sink's column options against the query's output: every named
+/// column must be an output column that can be written as text, and the score
+/// column must be numeric.
+pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), String> {
+    for (option, column) in [
+        ("target.key_column", &options.key_column),
+        ("target.field_column", &options.field_column),
+        ("target.value_column", &options.value_column),
+        ("target.member_column", &options.member_column),
+        ("target.score_column", &options.score_column),
+    ] {
+        let Some(column) = column else { continue };
+        let Ok(index) = schema.index_of(column) else {
+            let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            return Err(format!(
+                "`{option}` names `{column}`, which is not an output column; output columns: {}",
+                names.join(", ")
+            ));
+        };
+        let data_type = schema.field(index).data_type();
+        if option == "target.score_column" {
+            if !data_type.is_numeric() {
+                return Err(format!(
+                    "`target.score_column` names `{column}`, of type {data_type}; a score must be \
+                     numeric (an integer, float or decimal column)"
+                ));
             }
+        } else if !can_cast_types(data_type, &DataType::Utf8) {
+            return Err(format!(
+                "`{option}` names `{column}`, of type {data_type}, which cannot be written as text"
+            ));
         }
-        let target = match self.options.target {
-            RedisTarget::String => "string",
-            RedisTarget::List => "list",
-            RedisTarget::Hash => "hash",
-        };
-        let operation = match self.options.operation {
-            ListOperation::Append => "append",
-            ListOperation::Prepend => "prepend",
-        };
-        let expected = if self.position == Position::ZERO {
-            String::new()
-        } else {
-            self.position.to_sortable()
-        };
-        command
-            .arg(expected)
-            .arg(upto.to_sortable())
-            .arg(target)
-            .arg(self.options.ttl_secs.unwrap_or(0))
-            .arg(self.options.max_length.unwrap_or(0))
-            .arg(operation);
-        let mut rows = 0u64;
-        for ((batch, key), field) in batches.iter().zip(&keys).zip(&fields) {
-            self.json.clear();
-            let mut writer = WriterBuilder::new()
-                .with_explicit_nulls(true)
-                .build::<_, arrow::json::writer::LineDelimited>(&mut self.json);
-            writer.write(batch).map_err(|e| SinkError::Permanent {
-                sink: self.name.clone(),
-                message: format!("failed to encode rows as JSON: {e}"),
-            })?;
-            writer.finish().map_err(|e| SinkError::Permanent {
-                sink: self.name.clone(),
-                message: format!("failed to encode rows as JSON: {e}"),
-            })?;
-            drop(writer);
-            // JSON escapes newlines inside strings, so each line is one row.
-            for (row, line) in self
-                .json
-                .split(|b| *b == b'\n')
-                .take(batch.num_rows())
-                .enumerate()
-            {
-                if key.as_ref().is_some_and(|k| k.is_null(row)) {
+    }
+    if options.target == RedisTarget::Hash && options.field_column.is_none() {
+        if let Some(field) = schema
+            .fields()
+            .iter()
+            .find(|f| !can_cast_types(f.data_type(), &DataType::Utf8))
+        {
+            return Err(format!(
+                "a redis `hash` without `target.field_column` writes every column as a field, \
+                 but `{}` (of type {}) cannot be written as text",
+                field.name(),
+                field.data_type()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Turns batches into the keys and row values of one script call. Buffers are
+/// kept between calls, so encoding allocates per batch and per distinct key,
+/// never per row.
+struct Encoder {
+    target: RedisTarget,
+    key_prefix: String,
+    key_column: Option<usize>,
+    field_column: Option<usize>,
+    value_column: Option<usize>,
+    member_column: Option<usize>,
+    score_column: Option<usize>,
+    /// The output columns' names: the fields of a row written as a hash.
+    column_names: Vec<String>,
+    null_keys: u64,
+    null_values: u64,
+    /// The call's distinct keys and their index (0-based) among its data keys.
+    key_index: HashMap<Vec<u8>, u32>,
+    /// Per row of the call, its key's index, or [`SKIPPED`].
+    row_keys: Vec<u32>,
+    json: Vec<u8>,
+    key: Vec<u8>,
+    number: Vec<u8>,
+}
+
+/// The columns of one batch that the target reads, as text (scores as Float64).
+struct BatchColumns {
+    key: Option<StringArray>,
+    field: Option<StringArray>,
+    value: Option<StringArray>,
+    member: Option<StringArray>,
+    score: Option<Float64Array>,
+    /// A row written as a hash: every column.
+    all: Vec<StringArray>,
+}
+
+impl Encoder {
+    fn new(options: &RedisOptions, schema: &Schema) -> Encoder {
+        let column =
+            |option: &Option<String>| option.as_ref().and_then(|c| schema.index_of(c).ok());
+        Encoder {
+            target: options.target,
+            key_prefix: options.key_prefix.clone(),
+            key_column: column(&options.key_column),
+            field_column: column(&options.field_column),
+            value_column: column(&options.value_column),
+            member_column: column(&options.member_column),
+            score_column: column(&options.score_column),
+            column_names: schema.fields().iter().map(|f| f.name().clone()).collect(),
+            null_keys: 0,
+            null_values: 0,
+            key_index: HashMap::new(),
+            row_keys: Vec::new(),
+            json: Vec::new(),
+            key: Vec::new(),
+            number: Vec::new(),
+        }
+    }
+
+    /// Whether rows are written as hashes with one field per column.
+    fn row_as_fields(&self) -> bool {
+        self.target == RedisTarget::Hash && self.field_column.is_none()
+    }
+
+    /// Whether the value written is the row as JSON.
+    fn writes_json(&self) -> bool {
+        match self.target {
+            RedisTarget::String | RedisTarget::List => true,
+            RedisTarget::Hash => self.field_column.is_some() && self.value_column.is_none(),
+            RedisTarget::SortedSet => false,
+        }
+    }
+
+    /// First pass: decides which rows are written and gives each its key;
+    /// counts the rows that are not.
+    fn resolve_keys(&mut self, batches: &[RecordBatch]) -> Result<Vec<BatchColumns>, String> {
+        self.key_index.clear();
+        self.row_keys.clear();
+        let mut all_columns = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let columns = self.columns(batch)?;
+            for row in 0..batch.num_rows() {
+                if columns.key.as_ref().is_some_and(|k| k.is_null(row)) {
                     self.null_keys += 1;
-                    tracing::warn!(sink = %self.name, "row with a NULL key column not written (filter NULL keys in the query)");
+                    self.row_keys.push(SKIPPED);
                     continue;
                 }
-                if let Some(field) = field {
-                    command.arg(if field.is_null(row) {
-                        ""
-                    } else {
-                        field.value(row)
-                    });
+                let has_value = match self.target {
+                    RedisTarget::SortedSet => {
+                        columns.member.as_ref().is_some_and(|m| m.is_valid(row))
+                            && columns
+                                .score
+                                .as_ref()
+                                .is_some_and(|s| s.is_valid(row) && !s.value(row).is_nan())
+                    }
+                    RedisTarget::Hash if self.row_as_fields() => {
+                        columns.all.iter().any(|c| c.is_valid(row))
+                    }
+                    _ => columns.value.as_ref().is_none_or(|v| v.is_valid(row)),
+                };
+                if !has_value {
+                    self.null_values += 1;
+                    self.row_keys.push(SKIPPED);
+                    continue;
                 }
-                command.arg(line);
+                self.key.clear();
+                self.key.extend_from_slice(self.key_prefix.as_bytes());
+                if let Some(key) = &columns.key {
+                    self.key.extend_from_slice(key.value(row).as_bytes());
+                }
+                let index = match self.key_index.get(&self.key[..]) {
+                    Some(index) => *index,
+                    None => {
+                        let index = self.key_index.len() as u32;
+                        self.key_index.insert(self.key.clone(), index);
+                        index
+                    }
+                };
+                self.row_keys.push(index);
+            }
+            all_columns.push(columns);
+        }
+        Ok(all_columns)
+    }
+
+    /// Appends the call's distinct keys, in index order.
+    fn write_keys(&self, command: &mut redis::Cmd) {
+        let mut ordered: Vec<&[u8]> = vec![&[]; self.key_index.len()];
+        for (key, index) in &self.key_index {
+            ordered[*index as usize] = key;
+        }
+        for key in ordered {
+            command.arg(key);
+        }
+    }
+
+    /// Second pass: appends each written row's key index and values; returns
+    /// the number of rows written.
+    fn write_rows(
+        &mut self,
+        batches: &[RecordBatch],
+        columns: &[BatchColumns],
+        command: &mut redis::Cmd,
+    ) -> Result<u64, String> {
+        let json = self.writes_json();
+        let row_as_fields = self.row_as_fields();
+        let Encoder {
+            target,
+            column_names,
+            row_keys,
+            json: buffer,
+            number,
+            ..
+        } = self;
+        let mut rows = 0u64;
+        let mut next = 0usize;
+        for (batch, columns) in batches.iter().zip(columns) {
+            let row_keys = &row_keys[next..next + batch.num_rows()];
+            next += batch.num_rows();
+            buffer.clear();
+            if json {
+                let mut writer = WriterBuilder::new()
+                    .with_explicit_nulls(true)
+                    .build::<_, arrow::json::writer::LineDelimited>(&mut *buffer);
+                writer
+                    .write(batch)
+                    .and_then(|()| writer.finish())
+                    .map_err(|e| format!("failed to encode rows as JSON: {e}"))?;
+            }
+            // JSON escapes newlines inside strings, so each line is one row.
+            let mut lines = buffer.split(|b| *b == b'\n');
+            for (row, &index) in row_keys.iter().enumerate() {
+                let line = if json { lines.next() } else { None };
+                if index == SKIPPED {
+                    continue;
+                }
+                command.arg(index + 1);
+                match target {
+                    RedisTarget::SortedSet => {
+                        let score = columns.score.as_ref().expect("sorted set has a score");
+                        let member = columns.member.as_ref().expect("sorted set has a member");
+                        number.clear();
+                        write!(number, "{}", score.value(row)).expect("write to a Vec");
+                        command.arg(2).arg(&number[..]).arg(member.value(row));
+                    }
+                    RedisTarget::Hash if row_as_fields => {
+                        let fields = columns.all.iter().filter(|c| c.is_valid(row)).count();
+                        command.arg(2 * fields);
+                        for (name, column) in column_names.iter().zip(&columns.all) {
+                            if column.is_valid(row) {
+                                command.arg(name).arg(column.value(row));
+                            }
+                        }
+                    }
+                    RedisTarget::Hash => {
+                        let field = columns.field.as_ref().expect("hash has a field column");
+                        command.arg(2).arg(if field.is_null(row) {
+                            ""
+                        } else {
+                            field.value(row)
+                        });
+                        match &columns.value {
+                            Some(value) => command.arg(value.value(row)),
+                            None => command.arg(line.unwrap_or_default()),
+                        };
+                    }
+                    RedisTarget::String | RedisTarget::List => {
+                        command.arg(1).arg(line.unwrap_or_default());
+                    }
+                }
                 rows += 1;
             }
         }
         Ok(rows)
     }
 
-    fn string_column(
-        &self,
-        batch: &RecordBatch,
-        index: Option<usize>,
-    ) -> Result<Option<StringArray>, SinkError> {
-        let Some(index) = index else { return Ok(None) };
-        let column =
-            cast(batch.column(index), &DataType::Utf8).map_err(|e| SinkError::Permanent {
-                sink: self.name.clone(),
-                message: format!("key column cannot be used as text: {e}"),
-            })?;
-        Ok(Some(
-            column
-                .as_any()
-                .downcast_ref::<StringArray>()
-                .expect("cast to Utf8")
-                .clone(),
-        ))
+    /// The columns `batch` contributes, cast to what the script writes.
+    fn columns(&self, batch: &RecordBatch) -> Result<BatchColumns, String> {
+        let text = |index: Option<usize>| index.map(|i| text_column(batch, i)).transpose();
+        Ok(BatchColumns {
+            key: text(self.key_column)?,
+            field: text(self.field_column)?,
+            value: text(self.value_column)?,
+            member: text(self.member_column)?,
+            score: self
+                .score_column
+                .map(|index| {
+                    let column = cast(batch.column(index), &DataType::Float64).map_err(|e| {
+                        format!(
+                            "score column `{}` cannot be used as a number: {e}",
+                            batch.schema().field(index).name()
+                        )
+                    })?;
+                    Ok::<_, String>(
+                        column
+                            .as_any()
+                            .downcast_ref::<Float64Array>()
+                            .expect("cast to Float64")
+                            .clone(),
+                    )
+                })
+                .transpose()?,
+            all: if self.row_as_fields() {
+                (0..batch.num_columns())
+                    .map(|i| text_column(batch, i))
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            },
+        })
     }
+}
+
+/// Column `index` of `batch` as text.
+fn text_column(batch: &RecordBatch, index: usize) -> Result<StringArray, String> {
+    let column = cast(batch.column(index), &DataType::Utf8).map_err(|e| {
+        format!(
+            "column `{}` cannot be used as text: {e}",
+            batch.schema().field(index).name()
+        )
+    })?;
+    Ok(column
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("cast to Utf8")
+        .clone())
 }
 
 fn is_transient(error: &redis::RedisError) -> bool {

@@ -93,6 +93,8 @@ pub enum RedisTarget {
     String,
     List,
     Hash,
+    /// A ranking: one member per row, scored by a numeric column.
+    SortedSet,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,10 +110,19 @@ pub struct RedisOptions {
     pub target: RedisTarget,
     pub key_prefix: String,
     pub key_column: Option<String>,
-    /// Hash target: the column whose value is the hash field.
+    /// Hash target: the column whose value is the hash field. Without it,
+    /// every column of the row is a field (column name -> value as text).
     pub field_column: Option<String>,
+    /// Hash target with a field column: the column whose text is the field's
+    /// value (default: the row as JSON).
+    pub value_column: Option<String>,
+    /// Sorted set target: the column whose text is the member.
+    pub member_column: Option<String>,
+    /// Sorted set target: the numeric column that scores the member.
+    pub score_column: Option<String>,
     pub ttl_secs: Option<u64>,
-    /// List target: keep at most this many entries.
+    /// List target: keep at most this many entries; sorted set target: keep
+    /// only this many members, those with the highest scores.
     pub max_length: Option<u64>,
     pub operation: ListOperation,
 }
@@ -142,6 +153,9 @@ const REDIS_OPTIONS: &[&str] = &[
     "target.key_prefix",
     "target.key_column",
     "target.field_column",
+    "target.value_column",
+    "target.member_column",
+    "target.score_column",
     "target.ttl_secs",
     "target.max_length",
     "target.operation",
@@ -298,18 +312,22 @@ impl Connector {
                 let target = match one_of(
                     "target",
                     options.take("target"),
-                    &["string", "list", "hash"],
+                    &["string", "list", "hash", "sorted_set"],
                     "",
                 )?
                 .as_str()
                 {
                     "string" => RedisTarget::String,
                     "list" => RedisTarget::List,
-                    _ => RedisTarget::Hash,
+                    "hash" => RedisTarget::Hash,
+                    _ => RedisTarget::SortedSet,
                 };
                 let key_prefix = options.require("target.key_prefix", &connector)?;
                 let key_column = options.take("target.key_column");
                 let field_column = options.take("target.field_column");
+                let value_column = options.take("target.value_column");
+                let member_column = options.take("target.member_column");
+                let score_column = options.take("target.score_column");
                 let ttl_secs = options.number("target.ttl_secs")?;
                 let max_length = options.number("target.max_length")?;
                 let operation = match one_of(
@@ -324,16 +342,46 @@ impl Connector {
                     _ => ListOperation::Append,
                 };
                 options.finish(&connector, REDIS_OPTIONS)?;
-                if target == RedisTarget::Hash && field_column.is_none() {
-                    return Err("redis target `hash` needs option `target.field_column`".into());
-                }
-                if target != RedisTarget::Hash && field_column.is_some() {
-                    return Err("option `target.field_column` only applies to target `hash`".into());
-                }
-                if target != RedisTarget::List
-                    && (max_length.is_some() || operation == ListOperation::Prepend)
+                let prepend = operation == ListOperation::Prepend;
                 {
-                    return Err("options `target.max_length` and `target.operation` only apply to target `list`".into());
+                    use RedisTarget::{Hash, List, SortedSet};
+                    for (option, applies_to, given) in [
+                        ("target.field_column", Hash, field_column.is_some()),
+                        ("target.value_column", Hash, value_column.is_some()),
+                        ("target.member_column", SortedSet, member_column.is_some()),
+                        ("target.score_column", SortedSet, score_column.is_some()),
+                        ("target.operation", List, prepend),
+                    ] {
+                        if given && target != applies_to {
+                            return Err(format!(
+                                "option `{option}` only applies to target `{}`",
+                                target_name(applies_to)
+                            ));
+                        }
+                    }
+                }
+                if max_length.is_some()
+                    && !matches!(target, RedisTarget::List | RedisTarget::SortedSet)
+                {
+                    return Err(
+                        "option `target.max_length` only applies to targets `list` and `sorted_set`"
+                            .into(),
+                    );
+                }
+                if value_column.is_some() && field_column.is_none() {
+                    return Err("option `target.value_column` needs `target.field_column` (without it every column is a field)".into());
+                }
+                if target == RedisTarget::SortedSet {
+                    for (option, value) in [
+                        ("target.member_column", &member_column),
+                        ("target.score_column", &score_column),
+                    ] {
+                        if value.is_none() {
+                            return Err(format!(
+                                "redis target `sorted_set` needs option `{option}`"
+                            ));
+                        }
+                    }
                 }
                 if !columns.is_empty() {
                     return Err("a redis sink takes its columns from its INSERT query; declare it without a column list".into());
@@ -344,6 +392,9 @@ impl Connector {
                     key_prefix,
                     key_column,
                     field_column,
+                    value_column,
+                    member_column,
+                    score_column,
                     ttl_secs,
                     max_length,
                     operation,
@@ -354,6 +405,16 @@ impl Connector {
                 CONNECTORS.join(", ")
             )),
         }
+    }
+}
+
+/// The name of a target in `target = '...'`.
+pub fn target_name(target: RedisTarget) -> &'static str {
+    match target {
+        RedisTarget::String => "string",
+        RedisTarget::List => "list",
+        RedisTarget::Hash => "hash",
+        RedisTarget::SortedSet => "sorted_set",
     }
 }
 

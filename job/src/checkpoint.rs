@@ -83,6 +83,16 @@ pub struct Manifest {
     pub capture_order: Vec<(String, u64)>,
     /// Hash of the job SQL the checkpoint was taken with.
     pub sql_hash: String,
+    /// Window state per `<sink>/<aggregate index>`.
+    #[serde(default)]
+    pub windows: BTreeMap<String, WindowCheckpoint>,
+}
+
+/// The state of one windowed aggregate in a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowCheckpoint {
+    pub state: StateFile,
+    pub meta: crate::engine::window::WindowMeta,
 }
 
 /// Where the source stood at the checkpoint.
@@ -122,6 +132,7 @@ impl Manifest {
         self.dimensions
             .values()
             .chain(self.capture_files.values())
+            .chain(self.windows.values().map(|w| &w.state))
             .map(|f| f.bytes)
             .sum()
     }
@@ -412,6 +423,7 @@ mod tests {
             capture_files: BTreeMap::new(),
             capture_order: Vec::new(),
             sql_hash: String::new(),
+            windows: BTreeMap::new(),
         }
     }
 

@@ -32,6 +32,8 @@
 
 pub mod dimension;
 pub mod stats;
+pub mod window;
+mod windowed;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -163,7 +165,12 @@ pub async fn run(
         slot: names.slot.clone(),
         stats,
         keep: options.keep_checkpoints,
+        windows: Vec::new(),
+        window_guards: Vec::new(),
+        last_change: Instant::now(),
     };
+    engine.windows = windowed::states_for(&engine.plan)?;
+    engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
 
     let new_slot = match (&latest, &slot) {
         (None, None) => {
@@ -233,6 +240,7 @@ pub async fn run(
             }
             let restore = restore.as_ref().expect("a latest checkpoint exists");
             engine.restore_dimensions(restore).await?;
+            engine.restore_windows(restore, latest).await?;
             engine.epoch = latest.epoch;
             engine.resume_lsn = latest.source.resume_lsn;
             engine.position = latest.source.position;
@@ -307,6 +315,12 @@ struct Engine {
     slot: String,
     stats: Arc<JobStats>,
     keep: usize,
+    /// Per query, the state of each windowed aggregate.
+    windows: Vec<Vec<window::WindowState>>,
+    /// Per query and aggregate: windows ending at or before this are already in the sink.
+    window_guards: Vec<Vec<Option<i64>>>,
+    /// When the last change batch arrived (idle sources advance watermarks by the clock).
+    last_change: Instant,
 }
 
 impl Engine {
@@ -321,6 +335,9 @@ impl Engine {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lag_probe = Instant::now();
+        let has_windows = self.plan.queries.iter().any(|q| q.is_windowed());
+        let mut window_ticker = tokio::time::interval(Duration::from_millis(100));
+        window_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 biased;
@@ -339,6 +356,7 @@ impl Engine {
                         source.confirm(self.resume_lsn);
                     }
                 }
+                _ = window_ticker.tick(), if has_windows => self.tick_windows().await?,
             }
             self.stats.server_wal_end.fetch_max(
                 source.server_wal_end.load(Ordering::Relaxed),
@@ -387,13 +405,20 @@ impl Engine {
                 SourceEvent::Changes {
                     source,
                     batch,
+                    before,
                     commit_end,
                 } => {
                     let name = self.plan.sources[source].def.name.clone();
-                    self.capture.append(&name, &batch).map_err(|e| {
-                        JobError::State(format!("failed to capture changes of `{name}`: {e}"))
-                    })?;
-                    self.process(source, batch).await?;
+                    let capture_error =
+                        |e| JobError::State(format!("failed to capture changes of `{name}`: {e}"));
+                    // Old images first: replay pairs them with the batch that follows.
+                    if let Some(before) = &before {
+                        self.capture
+                            .append(&format!("{name}{BEFORE_SUFFIX}"), before)
+                            .map_err(capture_error)?;
+                    }
+                    self.capture.append(&name, &batch).map_err(capture_error)?;
+                    self.process(source, batch, before).await?;
                     match commit_end {
                         Some(end) => {
                             self.resume_lsn = self.resume_lsn.max(end);
@@ -430,13 +455,18 @@ impl Engine {
     }
 
     /// Runs the queries driven by `source` over `batch`, then updates its dimension.
-    async fn process(&mut self, source: usize, batch: RecordBatch) -> Result<(), JobError> {
+    async fn process(
+        &mut self,
+        source: usize,
+        batch: RecordBatch,
+        before: Option<RecordBatch>,
+    ) -> Result<(), JobError> {
         if batch.num_rows() == 0 {
             return Ok(());
         }
         let last = last_position(&batch);
         for (index, query) in self.plan.queries.iter().enumerate() {
-            if query.driving != source {
+            if query.driving != source || query.is_windowed() {
                 continue;
             }
             let sink = &mut self.sinks[index];
@@ -471,6 +501,9 @@ impl Engine {
             sink.write(output, last).await?;
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
         }
+        self.position = self.position.max(last);
+        self.process_windowed(source, &batch, before.as_ref())
+            .await?;
         if let Some(dimension) = &mut self.dimensions[source] {
             dimension
                 .apply(&batch)
@@ -523,6 +556,7 @@ impl Engine {
             );
             files.push((file, bytes));
         }
+        let windows = self.snapshot_windows(&mut files)?;
         let manifest = Manifest {
             job: self.job.clone(),
             epoch,
@@ -533,6 +567,7 @@ impl Engine {
             capture_files,
             capture_order,
             sql_hash: self.sql_hash.clone(),
+            windows,
         };
         self.store.write(&manifest, files).await?;
         for sink in &mut self.sinks {
@@ -593,24 +628,33 @@ impl Engine {
                     .map_err(|e| JobError::State(format!("capture of `{table}`: {e}")))?;
                 batches.insert(table.clone(), decoded.into_iter());
             }
+            let mut before = None;
             for (table, _) in &manifest.capture_order {
                 let Some(batch) = batches.get_mut(table).and_then(|b| b.next()) else {
                     return Err(JobError::State(format!(
                         "capture of checkpoint {epoch} is missing batches of `{table}`"
                     )));
                 };
+                if table.ends_with(BEFORE_SUFFIX) {
+                    before = Some(batch);
+                    continue;
+                }
                 let Some(source) = self.plan.sources.iter().position(|s| &s.def.name == table)
                 else {
+                    before = None;
                     continue; // a table the current SQL no longer reads
                 };
                 replayed += batch.num_rows() as u64;
-                self.process(source, batch).await?;
+                self.process(source, batch, before.take()).await?;
             }
             tracing::info!(epoch, "replayed captured changes");
         }
         Ok(replayed)
     }
 }
+
+/// Capture log entries of update old images are named `<table>` + this.
+const BEFORE_SUFFIX: &str = "#before";
 
 /// Position of the last row of a change batch.
 fn last_position(batch: &RecordBatch) -> Position {

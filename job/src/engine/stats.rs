@@ -30,6 +30,10 @@ pub struct JobStats {
     pub server_wal_end: AtomicU64,
     /// Truncates of driving tables, which have no rows to deliver.
     pub truncates_ignored: AtomicU64,
+    /// Inserts older than the watermark, not aggregated by windows.
+    pub late_events: AtomicU64,
+    /// Retractions whose windows had all closed.
+    pub expired_retractions: AtomicU64,
 }
 
 impl JobStats {
@@ -75,6 +79,12 @@ impl JobStats {
             "counter",
             "Change batches processed.",
             self.batches.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_late_events_total",
+            "counter",
+            "Inserts older than the watermark, not aggregated by windows.",
+            self.late_events.load(Ordering::Relaxed),
         );
         metric(
             "engage_checkpoint_epoch",

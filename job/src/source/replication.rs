@@ -70,6 +70,9 @@ pub enum SourceEvent {
     Changes {
         source: usize,
         batch: RecordBatch,
+        /// Old images of the batch's updates (tables with `REPLICA IDENTITY
+        /// FULL`), with the updates' positions: windows retract them.
+        before: Option<RecordBatch>,
         commit_end: Option<u64>,
     },
     /// No transaction is open and every commit before `lsn` has been delivered.
@@ -568,7 +571,16 @@ pub async fn start(
             message: format!("START_REPLICATION on slot {} was refused: {e}", names.slot),
         })?;
     let mut decoders = Vec::new();
+    let mut before_decoders = Vec::new();
     for source in sources {
+        before_decoders.push(
+            TableDecoder::new(&source.def.name, source.declared.clone()).map_err(|e| {
+                SourceError::Decode {
+                    table: source.def.name.clone(),
+                    message: e.to_string(),
+                }
+            })?,
+        );
         decoders.push(
             TableDecoder::new(&source.def.name, source.declared.clone()).map_err(|e| {
                 SourceError::Decode {
@@ -593,6 +605,7 @@ pub async fn start(
             })
             .collect(),
         decoders,
+        before_decoders,
         relations: HashMap::new(),
         batching,
         confirmed: confirmed.clone(),
@@ -627,6 +640,8 @@ struct Reader {
     /// (schema, table) of each source, by source index.
     tables: Vec<(String, String)>,
     decoders: Vec<TableDecoder>,
+    /// Old images of updates, per source (see [`SourceEvent::Changes`]).
+    before_decoders: Vec<TableDecoder>,
     /// Relation id -> source index.
     relations: HashMap<u32, usize>,
     batching: BatchOptions,
@@ -761,12 +776,14 @@ impl Reader {
                     if self.pending == Some(index) {
                         self.flush().await?;
                     }
-                    self.decoders[index].set_relation(relation).map_err(|e| {
-                        SourceError::Decode {
-                            table: format!("{}.{}", relation.namespace, relation.name),
-                            message: format!("schema change: {e}"),
-                        }
-                    })?;
+                    for decoder in [&mut self.decoders[index], &mut self.before_decoders[index]] {
+                        decoder
+                            .set_relation(relation)
+                            .map_err(|e| SourceError::Decode {
+                                table: format!("{}.{}", relation.namespace, relation.name),
+                                message: format!("schema change: {e}"),
+                            })?;
+                    }
                     self.relations.insert(relation.id, index);
                 }
                 return Ok(Next::Continue);
@@ -800,20 +817,27 @@ impl Reader {
         }
         let position = Position::new(self.commit_lsn, self.seq);
         self.seq += 1;
-        let decoder = &mut self.decoders[source];
         let result = match &message {
             Message::Insert { new, .. } => {
-                decoder.append(op, new, None, position, self.commit_time)
+                self.decoders[source].append(op, new, None, position, self.commit_time)
             }
             Message::Update { old, new, .. } => {
+                if let Some(OldTuple::Full(before)) = old {
+                    self.before_decoders[source]
+                        .append(op, before, None, position, self.commit_time)
+                        .map_err(|e| SourceError::Decode {
+                            table: self.tables[source].1.clone(),
+                            message: e.to_string(),
+                        })?;
+                }
                 let old = old.as_ref().map(|o| match o {
                     OldTuple::Key(t) | OldTuple::Full(t) => t,
                 });
-                decoder.append(op, new, old, position, self.commit_time)
+                self.decoders[source].append(op, new, old, position, self.commit_time)
             }
             Message::Delete { old, .. } => {
                 let (OldTuple::Key(tuple) | OldTuple::Full(tuple)) = old;
-                decoder.append(op, tuple, None, position, self.commit_time)
+                self.decoders[source].append(op, tuple, None, position, self.commit_time)
             }
             _ => unreachable!("handled above"),
         };
@@ -849,9 +873,12 @@ impl Reader {
         let commit_end = self.pending_complete.then_some(self.last_commit_end);
         self.pending_complete = false;
         let batch = self.decoders[source].finish();
+        let before = (!self.before_decoders[source].is_empty())
+            .then(|| self.before_decoders[source].finish());
         self.send(SourceEvent::Changes {
             source,
             batch,
+            before,
             commit_end,
         })
         .await

@@ -36,6 +36,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
 use super::{Connector, JobSpec, SqlError, TableDef};
 use crate::source::metadata_fields;
 
@@ -117,11 +118,23 @@ pub struct QueryPlan {
     pub sink: usize,
     pub driving: usize,
     pub dimensions: Vec<usize>,
+    /// Stateless queries: the whole query. Windowed queries: the post-plan,
+    /// run over the rows of each closing window.
     pub plan: LogicalPlan,
+    /// The windowed aggregates of the query (empty for stateless queries).
+    pub windows: Vec<WindowedAggregate>,
+    /// How far the watermark trails the newest event time (microseconds).
+    pub watermark_delay: i64,
     /// What the sink receives: strings as Utf8, timestamps as UTC microseconds, all nullable.
     pub output_schema: SchemaRef,
     /// For filesystem sinks: the output column naming the time partition.
     pub time_column: Option<usize>,
+}
+
+impl QueryPlan {
+    pub fn is_windowed(&self) -> bool {
+        !self.windows.is_empty()
+    }
 }
 
 /// Everything the engine needs to execute a job's queries.
@@ -151,6 +164,9 @@ impl JobPlan {
             .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false);
         let ctx = SessionContext::new_with_config(config);
         ctx.register_udf(super::functions::engagement_pct_udf());
+        for udf in super::window::window_udfs() {
+            ctx.register_udf(udf);
+        }
 
         let mut sources = Vec::new();
         let mut sinks = Vec::new();
@@ -179,11 +195,8 @@ impl JobPlan {
                 .sql(&insert.query)
                 .await
                 .map_err(|e| plan_error(context.clone(), e))?;
-            let plan = frame.logical_plan().clone();
-            refuse_unwindowed_state(&plan).map_err(|message| SqlError::Plan {
-                context: context.clone(),
-                message,
-            })?;
+            let plan = inline_views(frame.logical_plan().clone())
+                .map_err(|e| plan_error(context.clone(), e))?;
             let driving_name = leftmost_table(&plan).ok_or_else(|| SqlError::Plan {
                 context: context.clone(),
                 message: "the query reads no table".into(),
@@ -200,19 +213,6 @@ impl JobPlan {
                 })?;
             let mut referenced = Vec::new();
             collect_tables(&plan, &mut referenced);
-            if referenced
-                .iter()
-                .filter(|name| **name == driving_name)
-                .count()
-                > 1
-            {
-                return Err(SqlError::Plan {
-                    context,
-                    message: format!(
-                        "`{driving_name}` drives the query and cannot also be joined to itself"
-                    ),
-                });
-            }
             let mut dimensions = BTreeSet::new();
             for name in referenced.iter().filter(|name| **name != driving_name) {
                 if let Some(index) = sources.iter().position(|s| &s.def.name == name) {
@@ -228,10 +228,78 @@ impl JobPlan {
                     dimensions.insert(index);
                 }
             }
-            let optimized = ctx
-                .state()
-                .optimize(&plan)
-                .map_err(|e| plan_error(context.clone(), e))?;
+            let plan_error_here = |message: String| SqlError::Plan {
+                context: context.clone(),
+                message,
+            };
+            let watermark = sources[driving].def.watermark.as_ref();
+            let watermark_delay = match watermark {
+                Some(w) => watermark_delay(&w.column, &w.expression).map_err(plan_error_here)?,
+                None => 0,
+            };
+            let (mut windows, post) =
+                split_windows(plan.clone(), watermark.map(|w| w.column.as_str()))
+                    .map_err(plan_error_here)?;
+            let self_join = |plan: &LogicalPlan| {
+                let mut tables = Vec::new();
+                collect_tables(plan, &mut tables);
+                if tables.iter().filter(|name| **name == driving_name).count() > 1 {
+                    return Err(plan_error_here(format!(
+                        "`{driving_name}` drives the query and cannot also be joined to itself"
+                    )));
+                }
+                Ok(())
+            };
+            let optimized = if windows.is_empty() {
+                self_join(&plan)?;
+                refuse_unwindowed_state(&plan).map_err(plan_error_here)?;
+                ctx.state()
+                    .optimize(&plan)
+                    .map_err(|e| plan_error(context.clone(), e))?
+            } else {
+                if let Some(table) = reads_sources(&post) {
+                    return Err(plan_error_here(format!(
+                        "`{table}` is read outside the windowed aggregation; a query with windows must \
+                         aggregate all of its input over windows"
+                    )));
+                }
+                for window in &mut windows {
+                    self_join(&window.pre_plan)?;
+                    refuse_unwindowed_state(&window.pre_plan).map_err(plan_error_here)?;
+                    if leftmost_table(&window.pre_plan).as_deref() != Some(driving_name.as_str()) {
+                        return Err(plan_error_here(format!(
+                            "every windowed aggregate of the query must be driven by `{driving_name}`"
+                        )));
+                    }
+                    window.pre_plan = ctx
+                        .state()
+                        .optimize(&window.pre_plan)
+                        .map_err(|e| plan_error(context.clone(), e))?;
+                    for aggregate in &window.aggregates {
+                        if !aggregate.kind.retracts() {
+                            tracing::warn!(
+                                query = %context,
+                                "min/max cannot take back deleted or updated events: they keep counting them"
+                            );
+                        }
+                    }
+                }
+                if matches!(
+                    sinks
+                        .iter()
+                        .find(|s| s.def.name == insert.sink)
+                        .map(|s| &s.def.connector),
+                    Some(Connector::Redis(_))
+                ) && windows.len() > 1
+                {
+                    return Err(plan_error_here(
+                        "a redis sink takes one windowed aggregate per query (each key holds one window)".into(),
+                    ));
+                }
+                ctx.state()
+                    .optimize(&post)
+                    .map_err(|e| plan_error(context.clone(), e))?
+            };
             let output_schema = sink_schema(optimized.schema().as_arrow());
             let sink = sinks
                 .iter()
@@ -251,6 +319,8 @@ impl JobPlan {
                 driving,
                 dimensions: dimensions.into_iter().collect(),
                 plan: optimized,
+                windows,
+                watermark_delay,
                 output_schema,
                 time_column,
             });
@@ -272,9 +342,49 @@ impl JobPlan {
         dimensions: &[(usize, RecordBatch)],
     ) -> DfResult<Vec<RecordBatch>> {
         let query = &self.queries[query];
-        self.sources[query.driving].provider.set(vec![input]);
-        for (index, contents) in dimensions {
-            self.sources[*index].provider.set(vec![contents.clone()]);
+        let batches = self
+            .run(&query.plan, query.driving, input, dimensions)
+            .await?;
+        batches
+            .into_iter()
+            .filter(|batch| batch.num_rows() > 0)
+            .map(|batch| conform(&batch, &query.output_schema))
+            .collect()
+    }
+
+    /// Runs the pre-plan of windowed aggregate `window` of `query` over `input`.
+    pub async fn execute_pre(
+        &self,
+        query: usize,
+        window: usize,
+        input: RecordBatch,
+        dimensions: &[(usize, RecordBatch)],
+    ) -> DfResult<Vec<RecordBatch>> {
+        let query = &self.queries[query];
+        self.run(
+            &query.windows[window].pre_plan,
+            query.driving,
+            input,
+            dimensions,
+        )
+        .await
+    }
+
+    /// Runs the post-plan of `query` over the rows of one closing window of
+    /// aggregate `window` (the other window tables are empty).
+    pub async fn execute_post(
+        &self,
+        query: usize,
+        window: usize,
+        rows: RecordBatch,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let query = &self.queries[query];
+        for (i, aggregate) in query.windows.iter().enumerate() {
+            aggregate.table.set(if i == window {
+                vec![rows.clone()]
+            } else {
+                Vec::new()
+            });
         }
         let state = self.ctx.state();
         let physical = state
@@ -282,14 +392,75 @@ impl JobPlan {
             .create_physical_plan(&query.plan, &state)
             .await?;
         let batches = collect(physical, state.task_ctx()).await?;
-        // Release the input now rather than at the next batch.
-        self.sources[query.driving].provider.set(Vec::new());
+        query.windows[window].table.set(Vec::new());
         batches
             .into_iter()
             .filter(|batch| batch.num_rows() > 0)
             .map(|batch| conform(&batch, &query.output_schema))
             .collect()
     }
+
+    async fn run(
+        &self,
+        plan: &LogicalPlan,
+        driving: usize,
+        input: RecordBatch,
+        dimensions: &[(usize, RecordBatch)],
+    ) -> DfResult<Vec<RecordBatch>> {
+        self.sources[driving].provider.set(vec![input]);
+        for (index, contents) in dimensions {
+            self.sources[*index].provider.set(vec![contents.clone()]);
+        }
+        let state = self.ctx.state();
+        let physical = state
+            .query_planner()
+            .create_physical_plan(plan, &state)
+            .await?;
+        let batches = collect(physical, state.task_ctx()).await;
+        // Release the input now rather than at the next batch.
+        self.sources[driving].provider.set(Vec::new());
+        batches
+    }
+}
+
+/// The delay of `WATERMARK FOR col AS col - INTERVAL '...'`, in microseconds.
+pub fn watermark_delay(column: &str, expression: &str) -> Result<i64, String> {
+    let text = expression.trim();
+    if text == column {
+        return Ok(0);
+    }
+    let bad = || {
+        format!(
+            "unsupported watermark `{expression}`: write `WATERMARK FOR {column} AS {column} - INTERVAL '200 milliseconds'` \
+             (or just `{column}`)"
+        )
+    };
+    let rest = text.strip_prefix(column).ok_or_else(bad)?.trim_start();
+    let rest = rest.strip_prefix('-').ok_or_else(bad)?.trim_start();
+    let upper = rest.to_ascii_uppercase();
+    if !upper.starts_with("INTERVAL") {
+        return Err(bad());
+    }
+    let quoted = rest["INTERVAL".len()..].trim();
+    let inner = quoted
+        .strip_prefix('\'')
+        .and_then(|q| q.strip_suffix('\''))
+        .ok_or_else(bad)?;
+    let mut parts = inner.split_whitespace();
+    let amount: f64 = parts.next().and_then(|n| n.parse().ok()).ok_or_else(bad)?;
+    let unit = parts.next().unwrap_or("seconds").to_ascii_lowercase();
+    let micros = match unit.as_str() {
+        "us" | "microsecond" | "microseconds" => 1.0,
+        "ms" | "millisecond" | "milliseconds" => 1_000.0,
+        "s" | "sec" | "second" | "seconds" => 1_000_000.0,
+        "min" | "minute" | "minutes" => 60_000_000.0,
+        "h" | "hour" | "hours" => 3_600_000_000.0,
+        _ => return Err(bad()),
+    };
+    if parts.next().is_some() || amount < 0.0 {
+        return Err(bad());
+    }
+    Ok((amount * micros) as i64)
 }
 
 fn plan_error(context: String, error: DataFusionError) -> SqlError {
@@ -505,21 +676,7 @@ fn check_sink_columns(
             Ok(Some(index))
         }
         Connector::Redis(options) => {
-            for (option, column) in [
-                ("target.key_column", &options.key_column),
-                ("target.field_column", &options.field_column),
-            ] {
-                if let Some(column) = column {
-                    if output.index_of(column).is_err() {
-                        let names: Vec<_> =
-                            output.fields().iter().map(|f| f.name().as_str()).collect();
-                        return Err(format!(
-                            "`{option}` names `{column}`, which is not an output column; output columns: {}",
-                            names.join(", ")
-                        ));
-                    }
-                }
-            }
+            crate::sink::redis::check_columns(options, output)?;
             Ok(None)
         }
         Connector::PostgresCdc(_) => Ok(None),

@@ -15,7 +15,7 @@ const MISSION: &str = include_str!("../../../sql/engagement.sql");
 #[test]
 fn mission_pipeline_parses_with_watermark_key_and_options() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
-    assert_eq!(spec.tables.len(), 4);
+    assert_eq!(spec.tables.len(), 12);
     let events = &spec.tables[0];
     assert_eq!(events.name, "engagement_events");
     assert_eq!(events.primary_key, vec!["id"]);
@@ -34,7 +34,7 @@ fn mission_pipeline_parses_with_watermark_key_and_options() {
         panic!("redis expected")
     };
     assert_eq!(redis.max_length, Some(50));
-    assert_eq!(spec.inserts.len(), 2);
+    assert_eq!(spec.inserts.len(), 10);
 }
 
 #[test]
@@ -111,6 +111,8 @@ async fn mission_plan_drives_by_events_and_looks_up_content() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
     let plan = plan::JobPlan::new(&spec).await.unwrap();
     assert_eq!(plan.sources.len(), 2);
+    let windowed: Vec<usize> = plan.queries.iter().map(|q| q.windows.len()).collect();
+    assert_eq!(windowed, vec![0, 0, 1, 1, 1, 4, 1, 1, 1, 1]);
     for query in &plan.queries {
         assert_eq!(plan.sources[query.driving].def.name, "engagement_events");
         assert_eq!(query.dimensions, vec![1]);
@@ -170,4 +172,146 @@ async fn dimension_without_primary_key_is_refused() {
     let spec = parse_job("engagement", &sql, &env).unwrap();
     let error = plan::JobPlan::new(&spec).await.unwrap_err().to_string();
     assert!(error.contains("needs a PRIMARY KEY"), "{error}");
+}
+
+/// The options of a redis sink declared with `options` (`key = 'value'`
+/// pairs, comma-separated), or the error.
+fn redis_sink(options: &str) -> Result<RedisOptions, String> {
+    let mut map: HashMap<String, String> = options
+        .split(',')
+        .map(|pair| {
+            let (key, value) = pair.split_once('=').expect("key = value");
+            let unquote = |s: &str| s.trim().trim_matches('\'').to_string();
+            (unquote(key), unquote(value))
+        })
+        .collect();
+    map.insert("connector".into(), "redis".into());
+    map.insert("address".into(), "redis://127.0.0.1:6379".into());
+    match Connector::from_options("t", &[], map)? {
+        Connector::Redis(options) => Ok(options),
+        other => panic!("redis expected, got {other:?}"),
+    }
+}
+
+#[test]
+fn sorted_set_target_takes_member_score_and_max_length() {
+    let options = redis_sink(
+        "target = 'sorted_set', 'target.key_prefix' = 'engage:top_content:10m', \
+         'target.member_column' = 'content_id', 'target.score_column' = 'score', \
+         'target.max_length' = '100', 'target.ttl_secs' = '900'",
+    )
+    .unwrap();
+    assert_eq!(options.target, RedisTarget::SortedSet);
+    assert_eq!(options.key_column, None);
+    assert_eq!(options.member_column.as_deref(), Some("content_id"));
+    assert_eq!(options.score_column.as_deref(), Some("score"));
+    assert_eq!(options.max_length, Some(100));
+    assert_eq!(options.ttl_secs, Some(900));
+}
+
+#[test]
+fn sorted_set_target_needs_member_and_score_columns() {
+    let error = redis_sink(
+        "target = 'sorted_set', 'target.key_prefix' = 'top', 'target.score_column' = 'score'",
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("redis target `sorted_set` needs option `target.member_column`"),
+        "{error}"
+    );
+    let error = redis_sink(
+        "target = 'sorted_set', 'target.key_prefix' = 'top', 'target.member_column' = 'id'",
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("needs option `target.score_column`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn member_and_score_columns_only_apply_to_sorted_set() {
+    for option in ["target.member_column", "target.score_column"] {
+        let error = redis_sink(&format!(
+            "target = 'list', 'target.key_prefix' = 'l:', '{option}' = 'x'"
+        ))
+        .unwrap_err();
+        assert!(
+            error.contains(&format!(
+                "option `{option}` only applies to target `sorted_set`"
+            )),
+            "{error}"
+        );
+    }
+}
+
+#[test]
+fn max_length_applies_to_list_and_sorted_set_only() {
+    let error =
+        redis_sink("target = 'hash', 'target.key_prefix' = 'h:', 'target.max_length' = '5'")
+            .unwrap_err();
+    assert!(
+        error
+            .contains("option `target.max_length` only applies to targets `list` and `sorted_set`"),
+        "{error}"
+    );
+    let error = redis_sink(
+        "target = 'sorted_set', 'target.key_prefix' = 'top', 'target.member_column' = 'id', \
+         'target.score_column' = 'n', 'target.operation' = 'prepend'",
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("option `target.operation` only applies to target `list`"),
+        "{error}"
+    );
+    let list = redis_sink("target = 'list', 'target.key_prefix' = 'l:', 'target.max_length' = '5'");
+    assert_eq!(list.unwrap().max_length, Some(5));
+}
+
+#[test]
+fn hash_target_takes_a_value_column_or_writes_rows_as_fields() {
+    let row = redis_sink(
+        "target = 'hash', 'target.key_prefix' = 'engage:kpi:', 'target.key_column' = 'timeframe'",
+    )
+    .unwrap();
+    assert_eq!((row.field_column, row.value_column), (None, None));
+    let valued = redis_sink(
+        "target = 'hash', 'target.key_prefix' = 'd:', 'target.field_column' = 'device', \
+         'target.value_column' = 'events'",
+    )
+    .unwrap();
+    assert_eq!(valued.value_column.as_deref(), Some("events"));
+
+    let error =
+        redis_sink("target = 'hash', 'target.key_prefix' = 'd:', 'target.value_column' = 'events'")
+            .unwrap_err();
+    assert!(
+        error.contains("option `target.value_column` needs `target.field_column`"),
+        "{error}"
+    );
+    let error = redis_sink(
+        "target = 'string', 'target.key_prefix' = 's:', 'target.value_column' = 'events'",
+    )
+    .unwrap_err();
+    assert!(
+        error.contains("option `target.value_column` only applies to target `hash`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_redis_option_lists_the_new_ones() {
+    let error =
+        redis_sink("target = 'sorted_set', 'target.key_prefix' = 'top', 'target.rank' = 'x'")
+            .unwrap_err();
+    assert!(error.contains("unknown option `target.rank`"), "{error}");
+    for option in [
+        "target.member_column",
+        "target.score_column",
+        "target.value_column",
+    ] {
+        assert!(error.contains(option), "{option} missing from: {error}");
+    }
+    let error = redis_sink("target = 'set', 'target.key_prefix' = 'top'").unwrap_err();
+    assert!(error.contains("string, list, hash, sorted_set"), "{error}");
 }

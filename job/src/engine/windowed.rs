@@ -1,0 +1,299 @@
+//! The engine's side of windowed queries: feeding window state, closing
+//! windows as the watermark passes them, and checkpointing the state.
+//!
+//! # Signs
+//!
+//! A change batch is split by operation before the pre-plans run: inserts
+//! (`+1`, and late if below the watermark), new images of updates (`+1`),
+//! and deletes plus old images of updates (`-1`, retractions). Retractions are
+//! computed with the dimension tables as they stand at the retracting change.
+//!
+//! # Watermark
+//!
+//! Per query: the newest event time seen minus the `WATERMARK` delay. When no
+//! change has arrived for [`IDLE_AFTER`], the wall clock stands in for event
+//! time (minus the delay and [`IDLE_AFTER`]), so windows keep closing and stale
+//! content leaves the rankings.
+//!
+//! # Exactly once
+//!
+//! Window state is restored from the checkpoint the job resumes from, and
+//! input is never filtered by sink position for windowed queries. A window is
+//! written to a sink only if it ends after the last window that sink holds:
+//! Redis keeps that end itself, and for other sinks the engine takes it from
+//! the newest checkpoint (which matters for `replay`, which restores older
+//! window state).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, BooleanArray, StringArray};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::record_batch::RecordBatch;
+
+use super::window::WindowState;
+use super::{Engine, JobError};
+use crate::checkpoint::{self, Manifest, StateFile, WindowCheckpoint};
+use crate::source::OP_COLUMN;
+use crate::sql::plan::JobPlan;
+
+/// No change for this long makes the wall clock drive the watermark.
+pub const IDLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Empty window state for every windowed aggregate, per query.
+pub fn states_for(plan: &JobPlan) -> Result<Vec<Vec<WindowState>>, JobError> {
+    plan.queries
+        .iter()
+        .map(|query| {
+            query
+                .windows
+                .iter()
+                .map(|window| {
+                    WindowState::new(window, window.pre_plan.schema().as_arrow())
+                        .map_err(|e| JobError::State(format!("window state: {e}")))
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn window_key(sink: &str, index: usize) -> String {
+    format!("{sink}/{index}")
+}
+
+/// The rows of `batch` whose `_op` is one of `ops`.
+fn with_ops(batch: &RecordBatch, ops: &[&str]) -> Result<RecordBatch, JobError> {
+    let column = batch
+        .column_by_name(OP_COLUMN)
+        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+        .ok_or_else(|| JobError::State("change batch without `_op`".into()))?;
+    let keep: BooleanArray = (0..batch.num_rows())
+        .map(|i| Some(column.is_valid(i) && ops.contains(&column.value(i))))
+        .collect();
+    filter_record_batch(batch, &keep).map_err(|e| JobError::State(e.to_string()))
+}
+
+impl Engine {
+    /// Feeds a change batch of `source` (and its updates' old images) to the
+    /// windowed queries it drives, then closes the windows the watermark passed.
+    pub(super) async fn process_windowed(
+        &mut self,
+        source: usize,
+        batch: &RecordBatch,
+        before: Option<&RecordBatch>,
+    ) -> Result<(), JobError> {
+        let driven: Vec<usize> = (0..self.plan.queries.len())
+            .filter(|&q| {
+                self.plan.queries[q].driving == source && self.plan.queries[q].is_windowed()
+            })
+            .collect();
+        if driven.is_empty() {
+            return Ok(());
+        }
+        self.last_change = Instant::now();
+        let inserts = with_ops(batch, &["c"])?;
+        let updates = with_ops(batch, &["u"])?;
+        let mut retractions = with_ops(batch, &["d"])?;
+        if let Some(before) = before {
+            retractions = concat_batches(&batch.schema(), [&retractions, before])
+                .map_err(|e| JobError::State(e.to_string()))?;
+        }
+        for q in driven {
+            let query = &self.plan.queries[q];
+            let dimensions: Vec<(usize, RecordBatch)> = query
+                .dimensions
+                .iter()
+                .map(|&d| {
+                    (
+                        d,
+                        self.dimensions[d]
+                            .as_ref()
+                            .expect("planned dimension")
+                            .contents()
+                            .clone(),
+                    )
+                })
+                .collect();
+            let watermark = self.watermark(q);
+            for w in 0..query.windows.len() {
+                for (part, sign, late_check) in [
+                    (&inserts, 1, true),
+                    (&updates, 1, false),
+                    (&retractions, -1, false),
+                ] {
+                    if part.num_rows() == 0 {
+                        continue;
+                    }
+                    let rows = self
+                        .plan
+                        .execute_pre(q, w, part.clone(), &dimensions)
+                        .await
+                        .map_err(|e| self.query_error(q, e))?;
+                    for rows in rows {
+                        let done = self.windows[q][w]
+                            .accumulate(&rows, sign, if late_check { watermark } else { None })
+                            .map_err(|e| JobError::State(e.to_string()))?;
+                        if done.late > 0 {
+                            self.stats
+                                .late_events
+                                .fetch_add(done.late, Ordering::Relaxed);
+                            tracing::warn!(
+                                sink = %self.plan.sinks[query.sink].def.name,
+                                late = done.late,
+                                "events older than the watermark were not aggregated"
+                            );
+                        }
+                        self.stats
+                            .expired_retractions
+                            .fetch_add(done.expired, Ordering::Relaxed);
+                    }
+                }
+            }
+            self.close_windows(q).await?;
+        }
+        Ok(())
+    }
+
+    /// The watermark of query `q`: newest event time minus the delay, or the
+    /// wall clock when the source has been idle.
+    fn watermark(&self, q: usize) -> Option<i64> {
+        let delay = self.plan.queries[q].watermark_delay;
+        let event_time = self.windows[q]
+            .iter()
+            .filter_map(WindowState::max_event_time)
+            .max();
+        let from_events = event_time.map(|t| t - delay);
+        let idle = (self.last_change.elapsed() >= IDLE_AFTER)
+            .then(|| chrono::Utc::now().timestamp_micros() - delay - IDLE_AFTER.as_micros() as i64);
+        match (from_events, idle) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Emits every window of query `q` that the watermark has passed.
+    pub(super) async fn close_windows(&mut self, q: usize) -> Result<(), JobError> {
+        let Some(watermark) = self.watermark(q) else {
+            return Ok(());
+        };
+        let mut closed = Vec::new();
+        for (w, state) in self.windows[q].iter_mut().enumerate() {
+            for (end, rows) in state
+                .emit_until(watermark)
+                .map_err(|e| JobError::State(e.to_string()))?
+            {
+                closed.push((end, w, rows));
+            }
+        }
+        closed.sort_by_key(|(end, w, _)| (*end, *w));
+        if let Some((end, _, rows)) = closed.last() {
+            tracing::debug!(
+                query = q,
+                watermark,
+                windows = closed.len(),
+                last_end = end,
+                rows = rows.num_rows(),
+                "windows closed"
+            );
+        }
+        for (end, w, rows) in closed {
+            if self.window_guards[q][w].is_some_and(|guard| end <= guard) {
+                continue; // the sink already holds this window (replay)
+            }
+            let output = self
+                .plan
+                .execute_post(q, w, rows)
+                .await
+                .map_err(|e| self.query_error(q, e))?;
+            let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+            let position = self.position;
+            self.sinks[q].write_window(output, end, position).await?;
+            self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Closes windows of every windowed query (called on a timer).
+    pub(super) async fn tick_windows(&mut self) -> Result<(), JobError> {
+        for q in 0..self.plan.queries.len() {
+            if self.plan.queries[q].is_windowed() {
+                self.close_windows(q).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn query_error(&self, q: usize, error: datafusion::error::DataFusionError) -> JobError {
+        JobError::Query {
+            sink: self.plan.sinks[self.plan.queries[q].sink].def.name.clone(),
+            message: error.to_string(),
+        }
+    }
+
+    /// Serialises window state into checkpoint files.
+    pub(super) fn snapshot_windows(
+        &self,
+        files: &mut Vec<(String, bytes::Bytes)>,
+    ) -> Result<std::collections::BTreeMap<String, WindowCheckpoint>, JobError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (q, states) in self.windows.iter().enumerate() {
+            let sink = &self.plan.sinks[self.plan.queries[q].sink].def.name;
+            for (w, state) in states.iter().enumerate() {
+                let (batch, meta) = state
+                    .snapshot()
+                    .map_err(|e| JobError::State(e.to_string()))?;
+                let bytes = checkpoint::encode_ipc(&batch.schema(), std::slice::from_ref(&batch))
+                    .map_err(|e| JobError::State(e.to_string()))?;
+                let file = format!("window-{sink}-{w}.arrows");
+                out.insert(
+                    window_key(sink, w),
+                    WindowCheckpoint {
+                        state: StateFile {
+                            file: file.clone(),
+                            rows: batch.num_rows() as u64,
+                            bytes: bytes.len() as u64,
+                        },
+                        meta,
+                    },
+                );
+                files.push((file, bytes));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores window state from `restore`, and write guards from `latest`.
+    pub(super) async fn restore_windows(
+        &mut self,
+        restore: &Manifest,
+        latest: &Manifest,
+    ) -> Result<(), JobError> {
+        for q in 0..self.windows.len() {
+            let sink = self.plan.sinks[self.plan.queries[q].sink].def.name.clone();
+            for w in 0..self.windows[q].len() {
+                let key = window_key(&sink, w);
+                if let Some(saved) = restore.windows.get(&key) {
+                    let bytes = self
+                        .store
+                        .read_file(restore.epoch, &saved.state.file)
+                        .await?;
+                    let batches = checkpoint::decode_ipc(bytes)
+                        .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                    self.windows[q][w]
+                        .restore(&batches, &saved.meta)
+                        .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                }
+                self.window_guards[q][w] = latest
+                    .windows
+                    .get(&key)
+                    .and_then(|c: &WindowCheckpoint| c.meta.last_end);
+                if restore.epoch == latest.epoch {
+                    // The state and the sink agree: nothing to guard against.
+                    self.window_guards[q][w] = None;
+                }
+            }
+        }
+        Ok(())
+    }
+}

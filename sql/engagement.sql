@@ -282,3 +282,12 @@ CREATE TABLE kpi_24h_latest WITH (
 );
 
 INSERT INTO kpi_24h_latest SELECT * FROM kpi_24h;
+
+-- Inserts that arrive behind a windowed query's watermark are not aggregated;
+-- the job writes them here (the query they missed, the watermark, their source
+-- position and the original row as JSON) instead of dropping them.
+CREATE TABLE late_events WITH (
+    connector = 'filesystem',
+    path      = '${ENGAGE_DATA_DIR}/late_events',
+    format    = 'parquet'
+);

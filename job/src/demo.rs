@@ -149,6 +149,14 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         options.rate
     );
 
+    let titles: std::collections::HashMap<String, (String, String)> = content
+        .iter()
+        .map(|c| (c.id.clone(), (c.title.clone(), c.content_type.clone())))
+        .collect();
+    let mut redis = redis::Client::open(redis_url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut seconds = 0u64;
     tokio::pin!(shutdown);
     let deadline = options.duration.map(|d| tokio::time::Instant::now() + d);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -163,6 +171,10 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
                     return Err(anyhow::anyhow!("the job stopped: {}", job_result(&mut job).await));
                 }
                 last = print_status(&stats, &progress, last);
+                seconds += 1;
+                if seconds.is_multiple_of(5) {
+                    print_top_content(&mut redis, &titles).await;
+                }
             }
         }
     }
@@ -214,12 +226,18 @@ fn print_status(
     let generated = progress.events.load(Ordering::Relaxed);
     let read = stats.changes_in.load(Ordering::Relaxed);
     let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
-    let sinks: Vec<String> = stats
-        .sink_names
-        .iter()
-        .zip(&stats.sink_rows)
-        .map(|(name, rows)| format!("{name} {}", rows.load(Ordering::Relaxed)))
-        .collect();
+    // The two row sinks by name; windowed sinks summed (rows of closed windows).
+    let mut sinks = Vec::new();
+    let mut window_rows = 0;
+    for (name, rows) in stats.sink_names.iter().zip(&stats.sink_rows) {
+        let rows = rows.load(Ordering::Relaxed);
+        if name == "enriched_events" || name == "recent_events" {
+            sinks.push(format!("{name} {rows}"));
+        } else {
+            window_rows += rows;
+        }
+    }
+    sinks.push(format!("window rows {window_rows}"));
     let checkpoint_ms = stats.checkpoint_unix_ms.load(Ordering::Relaxed);
     let age = if checkpoint_ms == 0 {
         "-".to_string()
@@ -241,6 +259,38 @@ fn print_status(
         age
     );
     (now, generated, read)
+}
+
+/// The live top 10 of `engage:top_content:10m`, with titles and types.
+async fn print_top_content(
+    redis: &mut redis::aio::MultiplexedConnection,
+    titles: &std::collections::HashMap<String, (String, String)>,
+) {
+    let top: Vec<(String, f64)> = match redis::cmd("ZRANGE")
+        .arg("engage:top_content:10m")
+        .arg(0)
+        .arg(9)
+        .arg("REV")
+        .arg("WITHSCORES")
+        .query_async(redis)
+        .await
+    {
+        Ok(top) => top,
+        Err(error) => {
+            eprintln!("(top content unavailable: {error})");
+            return;
+        }
+    };
+    eprintln!("\n  most engaged content, last 10 minutes (engage:top_content:10m)");
+    for (rank, (id, score)) in top.iter().enumerate() {
+        let (title, kind) = titles
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| (id.clone(), String::new()));
+        let title: String = title.chars().take(44).collect();
+        eprintln!("  {:>2}. {title:<44} {kind:<10} {score:>10.1} s", rank + 1);
+    }
+    eprintln!();
 }
 
 /// Clears the previous demo's checkpoints and outputs of this job.

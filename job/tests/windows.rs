@@ -195,8 +195,19 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
         .unwrap();
     wait_for_ranking(&world, &client, &job).await;
 
-    // A late event (an hour old) changes nothing.
+    // A late event (an hour old) changes nothing, and is kept in late_events.
     insert_events(&client, &items[..1], 1, "now() - interval '1 hour'").await;
+    wait_for(
+        "the late event in late_events",
+        Duration::from_secs(30),
+        || async {
+            world
+                .query_i64("SELECT count(*) FROM late_events WHERE \"table\" = 'engagement_events'")
+                .await
+                == vec![vec![Some(1)]]
+        },
+    )
+    .await;
     client
         .batch_execute(
             "DELETE FROM engagement_events WHERE event_ts < now() - interval '30 minutes'",

@@ -31,6 +31,7 @@
 //! what they lack (a sink added to the SQL since, a flushed Redis).
 
 pub mod dimension;
+pub mod late;
 pub mod stats;
 pub mod window;
 mod windowed;
@@ -168,6 +169,7 @@ pub async fn run(
         windows: Vec::new(),
         window_guards: Vec::new(),
         last_change: Instant::now(),
+        late_sink: None,
     };
     engine.windows = windowed::states_for(&engine.plan)?;
     engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
@@ -265,6 +267,14 @@ pub async fn run(
         engine.sinks.push(sink);
     }
 
+    engine.late_sink = late::open(
+        spec,
+        latest
+            .as_ref()
+            .and_then(|m| m.sinks.get(late::LATE_EVENTS_TABLE)),
+    )
+    .await?;
+
     let mut summary = RunSummary::default();
     if latest.is_none() {
         engine.dirty = true;
@@ -321,6 +331,8 @@ struct Engine {
     window_guards: Vec<Vec<Option<i64>>>,
     /// When the last change batch arrived (idle sources advance watermarks by the clock).
     last_change: Instant,
+    /// Where late events go, if the job declares a `late_events` table.
+    late_sink: Option<Sink>,
 }
 
 impl Engine {
@@ -523,7 +535,7 @@ impl Engine {
         let epoch = self.epoch + 1;
         let started = Instant::now();
         let mut sinks = BTreeMap::new();
-        for sink in &mut self.sinks {
+        for sink in self.sinks.iter_mut().chain(self.late_sink.as_mut()) {
             sinks.insert(
                 sink.name().to_string(),
                 sink.prepare_checkpoint(epoch).await?,
@@ -570,7 +582,7 @@ impl Engine {
             windows,
         };
         self.store.write(&manifest, files).await?;
-        for sink in &mut self.sinks {
+        for sink in self.sinks.iter_mut().chain(self.late_sink.as_mut()) {
             let state: &SinkState = &sinks[sink.name()];
             sink.commit(state).await?;
         }

@@ -98,6 +98,7 @@ impl Engine {
             retractions = concat_batches(&batch.schema(), [&retractions, before])
                 .map_err(|e| JobError::State(e.to_string()))?;
         }
+        let inserts = self.split_late(source, &driven, &inserts).await?;
         for q in driven {
             let query = &self.plan.queries[q];
             let dimensions: Vec<(usize, RecordBatch)> = query
@@ -114,13 +115,8 @@ impl Engine {
                     )
                 })
                 .collect();
-            let watermark = self.watermark(q);
             for w in 0..query.windows.len() {
-                for (part, sign, late_check) in [
-                    (&inserts, 1, true),
-                    (&updates, 1, false),
-                    (&retractions, -1, false),
-                ] {
+                for (part, sign) in [(&inserts, 1), (&updates, 1), (&retractions, -1)] {
                     if part.num_rows() == 0 {
                         continue;
                     }
@@ -131,7 +127,7 @@ impl Engine {
                         .map_err(|e| self.query_error(q, e))?;
                     for rows in rows {
                         let done = self.windows[q][w]
-                            .accumulate(&rows, sign, if late_check { watermark } else { None })
+                            .accumulate(&rows, sign, None)
                             .map_err(|e| JobError::State(e.to_string()))?;
                         if done.late > 0 {
                             self.stats
@@ -152,6 +148,70 @@ impl Engine {
             self.close_windows(q).await?;
         }
         Ok(())
+    }
+
+    /// Takes the inserts older than the source's watermark (the newest of its
+    /// windowed queries') out of `inserts`: they are counted and written to
+    /// the late-events output, once each.
+    async fn split_late(
+        &mut self,
+        source: usize,
+        driven: &[usize],
+        inserts: &RecordBatch,
+    ) -> Result<RecordBatch, JobError> {
+        let watermark = driven.iter().filter_map(|&q| self.watermark(q)).max();
+        let (Some(watermark), Some(column)) =
+            (watermark, self.plan.sources[source].def.watermark.clone())
+        else {
+            return Ok(inserts.clone());
+        };
+        let times = inserts
+            .column_by_name(&column.column)
+            .ok_or_else(|| JobError::State(format!("change batch without `{}`", column.column)))?;
+        let times = arrow::compute::cast(
+            times,
+            &arrow::datatypes::DataType::Timestamp(
+                arrow::datatypes::TimeUnit::Microsecond,
+                Some("UTC".into()),
+            ),
+        )
+        .map_err(|e| JobError::State(e.to_string()))?;
+        let times = times
+            .as_any()
+            .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
+            .expect("cast to timestamps");
+        let late: BooleanArray = (0..times.len())
+            .map(|i| Some(times.is_null(i) || times.value(i) < watermark))
+            .collect();
+        if late.true_count() == 0 {
+            return Ok(inserts.clone());
+        }
+        let late_rows =
+            filter_record_batch(inserts, &late).map_err(|e| JobError::State(e.to_string()))?;
+        let on_time = filter_record_batch(
+            inserts,
+            &arrow::compute::not(&late).map_err(|e| JobError::State(e.to_string()))?,
+        )
+        .map_err(|e| JobError::State(e.to_string()))?;
+        let table = self.plan.sources[source].def.name.clone();
+        self.stats
+            .late_events
+            .fetch_add(late_rows.num_rows() as u64, Ordering::Relaxed);
+        match &mut self.late_sink {
+            Some(late_sink) => {
+                let rows = super::late::rows(&table, watermark, &column.column, &late_rows)
+                    .map_err(|e| JobError::State(format!("late events: {e}")))?;
+                late_sink.write_window(vec![rows], 0, self.position).await?;
+                self.dirty = true;
+            }
+            None => tracing::warn!(
+                table = %table,
+                late = late_rows.num_rows(),
+                "events older than the watermark were not aggregated; declare a filesystem table `late_events` \
+                 to keep them"
+            ),
+        }
+        Ok(on_time)
     }
 
     /// The watermark of query `q`: newest event time minus the delay, or the

@@ -58,6 +58,25 @@ impl ParquetSink {
         query: &QueryPlan,
         restored: Option<&SinkState>,
     ) -> Result<ParquetSink, SinkError> {
+        Self::open_for_schema(
+            name,
+            options,
+            query.output_schema.clone(),
+            query.time_column,
+            restored,
+        )
+        .await
+    }
+
+    /// Opens a sink for rows of `schema`, partitioned by column `time_column`
+    /// when the options have a time pattern.
+    pub async fn open_for_schema(
+        name: &str,
+        options: &FilesystemOptions,
+        schema: arrow::datatypes::SchemaRef,
+        time_column: Option<usize>,
+        restored: Option<&SinkState>,
+    ) -> Result<ParquetSink, SinkError> {
         let location = storage::resolve(&options.path).map_err(|message| SinkError::Permanent {
             sink: name.to_string(),
             message,
@@ -73,14 +92,14 @@ impl ParquetSink {
             .set_compression(compression)
             .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
             .build();
-        let partitioner = match (&options.time_pattern, query.time_column) {
+        let partitioner = match (&options.time_pattern, time_column) {
             (Some(pattern), Some(column)) => Some(Partitioner::new(pattern, column)),
             _ => None,
         };
         let mut sink = ParquetSink {
             name: name.to_string(),
             location,
-            schema: query.output_schema.clone(),
+            schema,
             properties,
             partitioner,
             writers: BTreeMap::new(),

@@ -15,7 +15,7 @@ const MISSION: &str = include_str!("../../../sql/engagement.sql");
 #[test]
 fn mission_pipeline_parses_with_watermark_key_and_options() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
-    assert_eq!(spec.tables.len(), 12);
+    assert_eq!(spec.tables.len(), 13);
     let events = &spec.tables[0];
     assert_eq!(events.name, "engagement_events");
     assert_eq!(events.primary_key, vec!["id"]);

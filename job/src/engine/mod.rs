@@ -71,6 +71,8 @@ pub struct RunOptions {
     pub replay_from: Option<u64>,
     /// Stop (with a final checkpoint) once the stream reaches this LSN.
     pub end_lsn: Option<u64>,
+    /// Warn when the slot retains more WAL than this (bytes).
+    pub warn_retained_wal_bytes: u64,
     pub batching: BatchOptions,
 }
 
@@ -82,6 +84,7 @@ impl Default for RunOptions {
             keep_checkpoints: checkpoint::DEFAULT_KEEP,
             replay_from: None,
             end_lsn: None,
+            warn_retained_wal_bytes: 1 << 30,
             batching: BatchOptions::default(),
         }
     }
@@ -170,6 +173,7 @@ pub async fn run(
         window_guards: Vec::new(),
         last_change: Instant::now(),
         late_sink: None,
+        warn_retained_wal_bytes: options.warn_retained_wal_bytes,
     };
     engine.windows = windowed::states_for(&engine.plan)?;
     engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
@@ -333,6 +337,8 @@ struct Engine {
     last_change: Instant,
     /// Where late events go, if the job declares a `late_events` table.
     late_sink: Option<Sink>,
+    /// Warn when the slot retains more WAL than this.
+    warn_retained_wal_bytes: u64,
 }
 
 impl Engine {
@@ -347,6 +353,9 @@ impl Engine {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lag_probe = Instant::now();
+        let mut last_warning = Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now);
         let has_windows = self.plan.queries.iter().any(|q| q.is_windowed());
         let mut window_ticker = tokio::time::interval(Duration::from_millis(100));
         window_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -381,6 +390,18 @@ impl Engine {
                     self.stats
                         .server_wal_end
                         .fetch_max(confirmed + behind, Ordering::Relaxed);
+                }
+                let retained = self.stats.replication_lag_bytes();
+                if retained > self.warn_retained_wal_bytes
+                    && last_warning.elapsed() > Duration::from_secs(60)
+                {
+                    last_warning = Instant::now();
+                    tracing::warn!(
+                        retained_mib = retained >> 20,
+                        threshold_mib = self.warn_retained_wal_bytes >> 20,
+                        "the replication slot retains more WAL than the warning threshold: the job is behind, or \
+                         checkpoints cannot complete; Postgres keeps this WAL until the job confirms it"
+                    );
                 }
             }
         }

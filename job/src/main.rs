@@ -13,7 +13,7 @@ use engage::engine::{self, RunOptions};
 use engage::generate::{self, GenerateOptions, GenerateProgress};
 use engage::query::{self, OutputFormat};
 use engage::source::format_lsn;
-use engage::{demo, sql};
+use engage::{bench, demo, sql};
 
 /// engage: a streaming job from Postgres changes to Redis and Parquet, defined in SQL.
 ///
@@ -87,6 +87,10 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure the mission pipeline on throwaway Postgres and Redis: freshness at
+    /// steady rates, drain throughput beside pg_recvlogical, memory, CPU and state.
+    /// Prints one line per figure and writes them all as JSON.
+    Bench(bench::BenchOptions),
     /// Insert realistic engagement events into Postgres (seeds `content` first).
     Generate {
         /// Postgres to write to.
@@ -135,6 +139,9 @@ struct RunArgs {
     /// form, e.g. 0/16B3748), like pg_recvlogical --endpos.
     #[arg(long, value_parser = parse_lsn_arg)]
     end_lsn: Option<u64>,
+    /// Warn when the replication slot retains more WAL than this many MiB.
+    #[arg(long, default_value_t = 1024)]
+    warn_retained_wal_mib: u64,
 }
 
 fn parse_lsn_arg(text: &str) -> Result<u64, String> {
@@ -265,6 +272,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             redis.stop()?;
             Ok(())
         }
+        Command::Bench(options) => {
+            bench::run(options, shutdown_signal()).await?;
+            Ok(())
+        }
         Command::Generate {
             postgres,
             rate,
@@ -320,6 +331,7 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
         keep_checkpoints: running.keep_checkpoints.max(1),
         replay_from,
         end_lsn: running.end_lsn,
+        warn_retained_wal_bytes: running.warn_retained_wal_mib << 20,
         ..RunOptions::default()
     };
     let sinks = spec

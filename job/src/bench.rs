@@ -1,0 +1,743 @@
+//! `engage bench`: the figures of the mission pipeline, measured in one run.
+//!
+//! The bench starts its own Postgres (fsync off, `synchronous_commit` on) and
+//! Redis in a temporary directory, seeds [`CONTENT_ITEMS`] content items, and
+//! runs the job SQL with the job as a *child process* (this binary's `run`), so
+//! that memory (`VmHWM`, `VmRSS` of `/proc/<pid>/status`) and CPU (`utime +
+//! stime` of `/proc/<pid>/stat`) are the job's alone. It prints figures and
+//! asserts nothing.
+//!
+//! # Method
+//!
+//! 1. **Freshness** at each steady rate of `--rates`, for `--phase-secs` each.
+//!    The load generator ([`generate::run`]) runs in-process at that rate, and
+//!    beside it, every [`MARKER_INTERVAL`] until [`MARKER_MARGIN`] before the
+//!    end, a *marker* event is committed (one autocommitted `INSERT ...
+//!    RETURNING`, `event_ts = now()`, a content item drawn uniformly, so its
+//!    list moves slowly). A watcher polls Redis every [`POLL_INTERVAL`] with
+//!    one pipeline and resolves markers:
+//!    - `engage:top_content:10m` once the applied window end (hash
+//!      `engage:job:<job>:window_end`, field `top_content`) reaches the end of
+//!      the first hop window holding the event time `t`,
+//!      `E = floor(t / 500 ms) * 500 ms + 500 ms`;
+//!    - `engage:recent:{content_id}` once the list's 50 entries hold the id.
+//!
+//!    Freshness = the poll reply that showed the effect minus the return of the
+//!    `INSERT`. Per phase also: events generated and processed per second (the
+//!    job's `--progress` counter, between its first and last line of the phase)
+//!    and the job's CPU.
+//! 2. **Burst**. The job is stopped (SIGTERM, final checkpoint); a
+//!    `pg_recvlogical` slot is created; `--burst-events` events are generated as
+//!    fast as Postgres takes them; `END = pg_current_wal_lsn()`; one more
+//!    transaction commits past END. `pg_recvlogical` (pgoutput, the job's
+//!    publication) drains to END, the physical limit of logical decoding here;
+//!    then `engage run --end-lsn END` drains the same WAL through every sink,
+//!    start-up and final checkpoint included.
+//! 3. **Resources and state**: peak RSS and CPU of both job processes; from the
+//!    newest checkpoint manifest, window, dimension and capture sizes and the
+//!    distinct content ids in the `top_content` window state.
+//!
+//! # Limits
+//!
+//! - Bench, generator, job, Postgres and Redis share the machine: on two cores
+//!   the generator and watcher take CPU the job would otherwise have, so the
+//!   highest rates measure the machine as much as the job.
+//! - An effect is timed to within a poll interval plus a Redis round trip; the
+//!   commit instant is when the `INSERT` returned (late by under a local round
+//!   trip). Markers are one-row transactions between the generator's COPY
+//!   batches and wait in the same queue as its events.
+//! - Top-content freshness includes, by design, waiting for event time to pass
+//!   the window end plus the 200 ms watermark delay: ~450 ms on average.
+//! - Memory is read every 10 ms while a job exits, so a peak in its last
+//!   milliseconds can be missed; CPU is read exactly, from the exited process
+//!   before it is reaped.
+//! - `E` assumes the 500 ms slide and the keys of `sql/engagement.sql`; with a
+//!   `--sql` that differs, markers stay unresolved and are counted as such.
+
+use std::collections::HashSet;
+use std::future::{pending, Future};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, BinaryArray};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+use crate::checkpoint::{self, CheckpointError, CheckpointStore};
+use crate::embedded::{EmbeddedError, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use crate::generate::{self, GenerateError, GenerateOptions, GenerateProgress};
+
+mod process;
+mod report;
+
+use process::JobProcess;
+pub use report::{BenchReport, BurstReport, Percentiles, PhaseReport, StateReport, Usage};
+
+/// Content items seeded, so Zipf traffic keeps thousands of them active.
+pub const CONTENT_ITEMS: usize = 10_000;
+const SEED: u64 = 42;
+/// Slide of the `top_content` hop window in `sql/engagement.sql`.
+const HOP_SLIDE_MICROS: i64 = 500_000;
+const TOP_CONTENT_SINK: &str = "top_content";
+const RECENT_KEY_PREFIX: &str = "engage:recent:";
+const RECENT_LENGTH: isize = 50;
+/// 20 markers per second: the generator's batch rate.
+const MARKER_INTERVAL: Duration = Duration::from_millis(50);
+/// Markers stop this long before the generator: a marker's window closes only
+/// once events 700 ms younger arrive (slide + watermark delay), and without
+/// them the job waits a second to call the source idle.
+const MARKER_MARGIN: Duration = Duration::from_secs(1);
+const POLL_INTERVAL: Duration = Duration::from_millis(3);
+/// How long after its phase a marker may still resolve.
+const RESOLVE_GRACE: Duration = Duration::from_secs(30);
+const START_TIMEOUT: Duration = Duration::from_secs(180);
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
+const BUILD: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+/// One commit after the burst's end LSN, so both readers see the stream reach it.
+const PAST_END_SQL: &str =
+    "UPDATE content SET title = title WHERE id = (SELECT id FROM content LIMIT 1)";
+/// The job's slot and publication: the only ones in the bench's database.
+const SLOT_SQL: &str = "SELECT s.slot_name::text, p.pubname::text \
+     FROM pg_replication_slots s, pg_publication p WHERE s.slot_type = 'logical' LIMIT 1";
+const END_SQL: &str = "SELECT pg_current_wal_lsn()::text, \
+     pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+     FROM pg_replication_slots WHERE slot_name = $1";
+const RECV_SLOT: &str = "engage_bench_recv";
+const MARKER_SQL: &str = "INSERT INTO engagement_events \
+     (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload) \
+     VALUES ($1::text::uuid, NULL, 'play', now(), 1000, 'web-chrome', '{\"bench\":1}') \
+     RETURNING id, (extract(epoch FROM event_ts) * 1000000)::int8";
+
+/// Why the bench could not produce its figures.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Embedded(#[from] EmbeddedError),
+    #[error(transparent)]
+    Generate(#[from] GenerateError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// A Postgres, Redis, file or process operation failed; `what` names it.
+    #[error("{what}")]
+    Context {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error("interrupted")]
+    Interrupted,
+    #[error("the bench failed (its logs and data are kept in {})", dir.display())]
+    Kept {
+        dir: PathBuf,
+        #[source]
+        error: Box<BenchError>,
+    },
+}
+
+fn context<E>(what: impl Into<String>) -> impl FnOnce(E) -> BenchError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let what = what.into();
+    move |source| BenchError::Context {
+        what,
+        source: Box::new(source),
+    }
+}
+
+/// What `engage bench` measures; `--quick` shortens the defaults.
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct BenchOptions {
+    /// 5 s phases and a burst of 100,000 events: a smoke run.
+    #[arg(long)]
+    pub quick: bool,
+    /// Seconds per steady-rate phase [default: 20, 5 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..))]
+    pub phase_secs: Option<u64>,
+    /// Events in the backlog [default: 1000000, 100000 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub burst_events: Option<u64>,
+    /// Steady rates, events per second.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub rates: Vec<u64>,
+    /// Where to write the JSON report.
+    #[arg(long, default_value = "bench-report.json")]
+    pub report: PathBuf,
+    /// The job SQL [default: the embedded sql/engagement.sql].
+    #[arg(long)]
+    pub sql: Option<PathBuf>,
+}
+
+impl BenchOptions {
+    /// The options with every default filled in.
+    fn resolved(mut self) -> BenchOptions {
+        let quick = self.quick;
+        self.phase_secs.get_or_insert(if quick { 5 } else { 20 });
+        self.burst_events
+            .get_or_insert(if quick { 100_000 } else { 1_000_000 });
+        self
+    }
+}
+
+/// Runs the bench, writes the JSON report and prints one line per figure.
+/// When `shutdown` resolves first, the job is killed and the servers stopped.
+pub async fn run(
+    options: BenchOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<BenchReport, BenchError> {
+    let options = options.resolved();
+    let root = tempfile::Builder::new().prefix("engage-bench-").tempdir();
+    let root = root.map_err(context("failed to create a temporary directory"))?;
+    let outcome = tokio::select! {
+        outcome = measure(&options, root.path()) => outcome,
+        () = shutdown => Err(BenchError::Interrupted),
+    };
+    let report = outcome.map_err(|error| BenchError::Kept {
+        error: Box::new(error),
+        dir: root.keep(),
+    })?;
+    let json = serde_json::to_string_pretty(&report).expect("report serialises") + "\n";
+    let path = &options.report;
+    std::fs::write(path, json).map_err(context(format!("failed to write {}", path.display())))?;
+    report::print_figures(&report);
+    println!("report: {}", path.display());
+    Ok(report)
+}
+
+fn step(message: &str) {
+    eprintln!("[bench] {message}");
+}
+
+/// Paths, URLs and names the steps share.
+struct World {
+    root: PathBuf,
+    sql: PathBuf,
+    job: String,
+    postgres_url: String,
+    redis_url: String,
+}
+
+async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, BenchError> {
+    step("starting postgres and redis");
+    // Walsenders send only flushed WAL: with `synchronous_commit = off` (what
+    // `fsync: false` implies) a commit would wait up to `wal_writer_delay`
+    // (200 ms) before any reader sees it. On, as on production servers.
+    let settings = PostgresOptions {
+        fsync: false,
+        extra_settings: vec![("synchronous_commit".into(), "on".into())],
+        ..PostgresOptions::default()
+    };
+    let mut postgres = EmbeddedPostgres::start(&root.join("postgres"), settings).await?;
+    let postgres_url = postgres.create_database("engage").await?;
+    let mut redis = EmbeddedRedis::start(&root.join("redis")).await?;
+    let sql = match &options.sql {
+        Some(path) => path.clone(),
+        None => {
+            let path = root.join("engagement.sql");
+            let written = std::fs::write(&path, crate::demo::ENGAGEMENT_SQL);
+            written.map_err(context(format!("failed to write {}", path.display())))?;
+            path
+        }
+    };
+    let job = sql
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("engagement");
+    let world = World {
+        root: root.to_path_buf(),
+        job: job.to_owned(),
+        sql,
+        postgres_url,
+        redis_url: redis.url(),
+    };
+    let report = world.measure(options).await;
+    postgres.stop()?;
+    redis.stop()?;
+    report
+}
+
+impl World {
+    async fn measure(&self, options: &BenchOptions) -> Result<BenchReport, BenchError> {
+        let db = connect(&self.postgres_url).await?;
+        generate::ensure_schema(&db).await?;
+        let content = generate::seed_content(&db, CONTENT_ITEMS, SEED).await?;
+        let content: Vec<String> = content.into_iter().map(|item| item.id).collect();
+        let client = redis::Client::open(self.redis_url.as_str());
+        let client = client.map_err(context("invalid redis url"))?;
+        let redis = client.get_multiplexed_async_connection().await;
+        let redis = redis.map_err(context("failed to connect to redis"))?;
+        step("starting the job");
+        let mut job = JobProcess::spawn(self, None, "job-live.log")?;
+        self.await_checkpoint(&mut job).await?;
+        let mut phases = Vec::new();
+        for (index, &rate) in options.rates.iter().enumerate() {
+            let secs = options.phase_secs.unwrap_or(20);
+            step(&format!("{rate} events/s for {secs} s"));
+            let seed = SEED + 1 + index as u64;
+            let phase = Phase {
+                rate,
+                length: Duration::from_secs(secs),
+                seed,
+            };
+            phases.push(self.phase(&db, &redis, &content, &mut job, phase).await?);
+        }
+        step("stopping the job (final checkpoint)");
+        let live_job = job.terminate(STOP_TIMEOUT).await?;
+        let burst = self
+            .burst(&db, options.burst_events.unwrap_or(1_000_000))
+            .await?;
+        Ok(BenchReport {
+            options: options.clone(),
+            build: BUILD,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            content_items: content.len(),
+            phases,
+            job_overall: Usage {
+                peak_rss_kb: live_job.peak_rss_kb.max(burst.job.peak_rss_kb),
+                rss_kb: burst.job.rss_kb,
+                cpu_secs: ((live_job.cpu_secs + burst.job.cpu_secs) * 100.0).round() / 100.0,
+            },
+            live_job,
+            burst,
+            state: self.state().await?,
+        })
+    }
+
+    /// Waits for the job's first checkpoint: its slot exists, and every commit
+    /// from then on streams (earlier events are history to it).
+    async fn await_checkpoint(&self, job: &mut JobProcess) -> Result<(), BenchError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let dir = self.root.join("checkpoints");
+        let store = CheckpointStore::open(&dir.to_string_lossy(), &self.job)?;
+        while store.latest().await?.is_none() {
+            job.check_running()?;
+            if Instant::now() > deadline {
+                return Err(job.failure("took no first checkpoint in time"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    async fn phase(
+        &self,
+        db: &Client,
+        redis: &MultiplexedConnection,
+        content: &[String],
+        job: &mut JobProcess,
+        phase: Phase,
+    ) -> Result<PhaseReport, BenchError> {
+        let watch = Watch::start(redis, &self.job);
+        let usage_before = job.sample_usage();
+        let start = Instant::now();
+        let options = GenerateOptions {
+            rate: Some(phase.rate),
+            duration: Some(phase.length),
+            content_items: CONTENT_ITEMS,
+            seed: phase.seed,
+            ..GenerateOptions::default()
+        };
+        let progress = Arc::new(GenerateProgress::default());
+        let generator = generate::run(&self.postgres_url, options, progress, pending());
+        let markers = mark(db, content, &watch, start + phase.length - MARKER_MARGIN);
+        let (generated, markers) = tokio::join!(generator, markers);
+        let (generated, markers) = (generated?, markers?);
+        let seconds = start.elapsed().as_secs_f64();
+        let usage = job.sample_usage();
+        let processed_per_sec = job.processed_per_sec(start);
+        let samples = watch.settle(job, RESOLVE_GRACE).await?;
+        Ok(PhaseReport {
+            rate: phase.rate,
+            seconds,
+            generated_per_sec: (generated.events + markers) as f64 / seconds,
+            processed_per_sec,
+            job_cpu_cores: (usage.cpu_secs - usage_before.cpu_secs) / seconds,
+            job_rss_kb: usage.rss_kb,
+            top_content: Percentiles::of(samples.iter().map(|s| s.top)),
+            recent: Percentiles::of(samples.iter().map(|s| s.recent)),
+        })
+    }
+
+    async fn burst(&self, db: &Client, events: u64) -> Result<BurstReport, BenchError> {
+        let row = db.query_one(SLOT_SQL, &[]).await;
+        let row = row.map_err(context("failed to find the job's slot"))?;
+        let (slot, publication): (String, String) = (row.get(0), row.get(1));
+        let url = self.postgres_url.as_str();
+        let recvlogical = pg_recvlogical_path();
+        let slot_args = ["-d", url, "--slot", RECV_SLOT];
+        step("burst: creating a slot for pg_recvlogical");
+        let mut create = Command::new(&recvlogical);
+        create
+            .args(slot_args)
+            .args(["--create-slot", "-P", "pgoutput"]);
+        run_tool(&mut create).await?;
+
+        step(&format!("burst: generating {events} events"));
+        let options = GenerateOptions {
+            count: Some(events),
+            content_items: CONTENT_ITEMS,
+            seed: SEED + 100,
+            ..GenerateOptions::default()
+        };
+        let progress = Arc::new(GenerateProgress::default());
+        let start = Instant::now();
+        let events = generate::run(url, options, progress, pending())
+            .await?
+            .events;
+        let generate_secs = start.elapsed().as_secs_f64();
+        let row = db.query_one(END_SQL, &[&slot]).await;
+        let row = row.map_err(context("failed to read the wal position"))?;
+        let (end_lsn, wal_bytes): (String, i64) = (row.get(0), row.get(1));
+        let past_end = db.execute(PAST_END_SQL, &[]).await;
+        past_end.map_err(context("failed to commit past the end lsn"))?;
+
+        step(&format!("burst: pg_recvlogical drains to {end_lsn}"));
+        let mut drain = Command::new(&recvlogical);
+        drain
+            .args(slot_args)
+            .args(["--start", "--no-loop", "-f", "/dev/null"]);
+        drain.args(["-o", "proto_version=1", "-o"]);
+        drain.arg(format!("publication_names={publication}"));
+        drain.arg(format!("--endpos={end_lsn}"));
+        let start = Instant::now();
+        run_tool(&mut drain).await?;
+        let recv_secs = start.elapsed().as_secs_f64();
+
+        step(&format!("burst: engage run --end-lsn {end_lsn}"));
+        let start = Instant::now();
+        let mut job = JobProcess::spawn(self, Some(&end_lsn), "job-burst.log")?;
+        let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
+        let engage_secs = start.elapsed().as_secs_f64();
+        Ok(BurstReport {
+            events,
+            generate_secs,
+            wal_bytes,
+            end_lsn,
+            pg_recvlogical_secs: recv_secs,
+            pg_recvlogical_per_sec: events as f64 / recv_secs,
+            engage_secs,
+            engage_per_sec: events as f64 / engage_secs,
+            ratio: recv_secs / engage_secs,
+            job: usage,
+        })
+    }
+
+    /// Sizes from the job's newest checkpoint.
+    async fn state(&self) -> Result<StateReport, BenchError> {
+        let dir = self.root.join("checkpoints");
+        let store = CheckpointStore::open(&dir.to_string_lossy(), &self.job)?;
+        let Some(manifest) = store.latest().await? else {
+            return Err(BenchError::Failed("the job left no checkpoint".into()));
+        };
+        let mut report = StateReport {
+            epoch: manifest.epoch,
+            checkpoint_bytes: manifest.state_bytes(),
+            ..StateReport::default()
+        };
+        for (name, window) in &manifest.windows {
+            report.window_rows += window.state.rows;
+            report.window_bytes += window.state.bytes;
+            if name.split('/').next() == Some(TOP_CONTENT_SINK) {
+                let bytes = store.read_file(manifest.epoch, &window.state.file).await?;
+                report.top_content_distinct_content += distinct_keys(bytes)?;
+            }
+        }
+        for file in manifest.dimensions.values() {
+            report.dimension_rows += file.rows;
+            report.dimension_bytes += file.bytes;
+        }
+        for file in manifest.capture_files.values() {
+            report.capture_rows += file.rows;
+            report.capture_bytes += file.bytes;
+        }
+        Ok(report)
+    }
+}
+
+/// One steady-rate phase to run.
+struct Phase {
+    rate: u64,
+    length: Duration,
+    seed: u64,
+}
+
+/// Distinct values of the `key` column (group keys) of a window state file.
+fn distinct_keys(state: bytes::Bytes) -> Result<usize, BenchError> {
+    let batches = checkpoint::decode_ipc(state);
+    let batches = batches.map_err(context("a window state file is unreadable"))?;
+    let mut keys = HashSet::new();
+    for batch in &batches {
+        let column = batch.column_by_name("key").map(|c| c.as_any());
+        if let Some(column) = column.and_then(|c| c.downcast_ref::<BinaryArray>()) {
+            keys.extend(column.iter().flatten());
+        }
+    }
+    Ok(keys.len())
+}
+
+async fn connect(url: &str) -> Result<Client, BenchError> {
+    let connected = tokio_postgres::connect(url, NoTls).await;
+    let (client, connection) = connected.map_err(context("failed to connect to postgres"))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(error = %error, "bench connection to postgres closed");
+        }
+    });
+    Ok(client)
+}
+
+/// The newest installed `pg_recvlogical` (Debian keeps it out of `PATH`).
+fn pg_recvlogical_path() -> PathBuf {
+    let versions = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten();
+    let mut found: Vec<(u32, PathBuf)> = versions
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let path = entry.path().join("bin/pg_recvlogical");
+            path.is_file().then_some((version, path))
+        })
+        .collect();
+    found.sort();
+    let newest = found.pop().map(|(_, path)| path);
+    newest.unwrap_or_else(|| PathBuf::from("pg_recvlogical"))
+}
+
+/// Runs a tool to completion; a failure carries its stderr.
+async fn run_tool(command: &mut Command) -> Result<(), BenchError> {
+    let name = format!("{:?}", command.as_std().get_program());
+    let output = command.stdin(Stdio::null()).output().await;
+    let output = output.map_err(context(format!("failed to run {name}")))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let message = format!("{name} failed ({}): {}", output.status, stderr.trim());
+        return Err(BenchError::Failed(message));
+    }
+    Ok(())
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One marker event and when its effects were seen.
+struct Sample {
+    id: i64,
+    /// `engage:recent:{content_id}`.
+    key: String,
+    committed: Instant,
+    /// End (Unix µs) of the first hop window that holds the event.
+    window_end: i64,
+    top: Option<Duration>,
+    recent: Option<Duration>,
+}
+
+impl Sample {
+    fn resolved(&self) -> bool {
+        self.top.is_some() && self.recent.is_some()
+    }
+
+    /// Whether an entry of `engage:recent:*` (a JSON row) is this event.
+    fn is_in(&self, entry: &[u8]) -> bool {
+        let needle = format!("\"id\":{},", self.id);
+        entry.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+}
+
+/// End of the first window of slide [`HOP_SLIDE_MICROS`] holding event time `t`.
+fn first_window_end(t: i64) -> i64 {
+    t.div_euclid(HOP_SLIDE_MICROS) * HOP_SLIDE_MICROS + HOP_SLIDE_MICROS
+}
+
+async fn insert_marker(db: &Client, content_id: &str) -> Result<Sample, BenchError> {
+    let row = db.query_one(MARKER_SQL, &[&content_id]).await;
+    let row = row.map_err(context("failed to insert a marker event"))?;
+    Ok(Sample {
+        committed: Instant::now(),
+        id: row.get(0),
+        key: format!("{RECENT_KEY_PREFIX}{content_id}"),
+        window_end: first_window_end(row.get(1)),
+        top: None,
+        recent: None,
+    })
+}
+
+/// Commits a marker every [`MARKER_INTERVAL`] until `until`; returns how many.
+async fn mark(
+    db: &Client,
+    content: &[String],
+    watch: &Watch,
+    until: Instant,
+) -> Result<u64, BenchError> {
+    let mut rng = StdRng::seed_from_u64(SEED);
+    let mut tick = tokio::time::interval(MARKER_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut count = 0;
+    loop {
+        tick.tick().await;
+        if Instant::now() >= until {
+            return Ok(count);
+        }
+        let content_id = &content[rng.random_range(0..content.len())];
+        watch.push(insert_marker(db, content_id).await?);
+        count += 1;
+    }
+}
+
+/// The markers of one phase and the task that polls Redis for their effects.
+struct Watch {
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    task: JoinHandle<Result<(), BenchError>>,
+}
+
+impl Watch {
+    fn start(redis: &MultiplexedConnection, job: &str) -> Watch {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let window_end_key = format!("engage:job:{job}:window_end");
+        let polling = poll(redis.clone(), window_end_key, samples.clone(), stop.clone());
+        Watch {
+            samples,
+            stop,
+            task: tokio::spawn(polling),
+        }
+    }
+
+    fn push(&self, sample: Sample) {
+        lock(&self.samples).push(sample);
+    }
+
+    /// Waits (at most `grace`) until every marker is resolved, stops polling
+    /// and returns the markers; fails if the job exits meanwhile.
+    async fn settle(
+        self,
+        job: &mut JobProcess,
+        grace: Duration,
+    ) -> Result<Vec<Sample>, BenchError> {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !self.task.is_finished() {
+            if lock(&self.samples).iter().all(Sample::resolved) {
+                break;
+            }
+            job.check_running()?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop.store(true, Ordering::Relaxed);
+        let polled = self.task.await;
+        polled.map_err(|e| BenchError::Failed(format!("the redis watcher failed: {e}")))??;
+        Ok(std::mem::take(&mut *lock(&self.samples)))
+    }
+}
+
+/// Polls Redis (one pipeline: the window end, then the list of every marker
+/// not seen there yet) every [`POLL_INTERVAL`] until `stop`.
+async fn poll(
+    mut redis: MultiplexedConnection,
+    window_end_key: String,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BenchError> {
+    while !stop.load(Ordering::Relaxed) {
+        let (known, pending): (usize, Vec<(usize, String)>) = {
+            let samples = lock(&samples);
+            let pending = samples
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.recent.is_none());
+            let pending = pending.map(|(i, s)| (i, s.key.clone())).collect();
+            (samples.len(), pending)
+        };
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGET").arg(&window_end_key).arg(TOP_CONTENT_SINK);
+        for (_, key) in &pending {
+            pipe.cmd("LRANGE").arg(key).arg(0).arg(RECENT_LENGTH - 1);
+        }
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut redis)
+            .await
+            .map_err(context("failed to poll redis for marker events"))?;
+        let seen = Instant::now();
+        let mut replies = replies.into_iter();
+        let window_end = replies
+            .next()
+            .and_then(|v| redis::from_redis_value::<Option<String>>(v).ok().flatten())
+            .and_then(|text| text.parse::<i64>().ok());
+        resolve(
+            &mut lock(&samples)[..known],
+            window_end,
+            &pending,
+            replies,
+            seen,
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    Ok(())
+}
+
+/// Marks the markers whose effects one poll, answered at `seen`, showed.
+fn resolve(
+    samples: &mut [Sample],
+    window_end: Option<i64>,
+    pending: &[(usize, String)],
+    lists: impl Iterator<Item = redis::Value>,
+    seen: Instant,
+) {
+    for sample in samples.iter_mut() {
+        if sample.top.is_none() && window_end.is_some_and(|end| end >= sample.window_end) {
+            sample.top = Some(seen - sample.committed);
+        }
+    }
+    for ((i, _), reply) in pending.iter().zip(lists) {
+        let list: Vec<Vec<u8>> = redis::from_redis_value(reply).unwrap_or_default();
+        let sample = &mut samples[*i];
+        if list.iter().any(|entry| sample.is_in(entry)) {
+            sample.recent = Some(seen - sample.committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_window_end_is_the_next_slide_boundary() {
+        assert_eq!(first_window_end(0), 500_000);
+        assert_eq!(first_window_end(499_999), 500_000);
+        assert_eq!(first_window_end(500_000), 1_000_000);
+        let t = 1_700_000_000_123_456;
+        assert_eq!(first_window_end(t), 1_700_000_000_500_000);
+    }
+
+    #[test]
+    fn markers_match_whole_ids_in_json_rows() {
+        let sample = Sample {
+            id: 12,
+            key: String::new(),
+            committed: Instant::now(),
+            window_end: 0,
+            top: None,
+            recent: None,
+        };
+        assert!(sample.is_in(br#"{"id":12,"content_id":"x"}"#));
+        assert!(!sample.is_in(br#"{"id":123,"content_id":"x"}"#));
+    }
+}

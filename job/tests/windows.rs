@@ -228,3 +228,71 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
     wait_for_ranking(&world, &client, &job).await;
     job.stop();
 }
+
+const TOP_TWO_SQL: &str = r#"
+CREATE TABLE engagement_events (
+    id BIGINT, content_id TEXT, event_ts TIMESTAMP, duration_ms INT,
+    PRIMARY KEY (id),
+    WATERMARK FOR event_ts AS event_ts - INTERVAL '100 milliseconds'
+) WITH (connector = 'postgres-cdc', connection = '${ENGAGE_POSTGRES_URL}', table = 'public.engagement_events');
+
+CREATE TABLE top_two WITH (
+    connector = 'redis', address = '${ENGAGE_REDIS_URL}', target = 'sorted_set',
+    'target.key_prefix' = 'ties:top_two', 'target.member_column' = 'content_id', 'target.score_column' = 'events'
+);
+INSERT INTO top_two
+SELECT content_id, events FROM (
+    SELECT content_id, events, ROW_NUMBER() OVER (PARTITION BY window ORDER BY events DESC, content_id) AS rank
+    FROM (
+        SELECT hop(INTERVAL '500 milliseconds', INTERVAL '1 minute') AS window, content_id, count(*) AS events
+        FROM engagement_events WHERE content_id IS NOT NULL
+        GROUP BY window, content_id
+    )
+) WHERE rank <= 2;
+"#;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_n_breaks_ties_by_the_order_by_columns() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    let mut items: Vec<String> = generate::seed_content(&client, 4, 9)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    let sql = world.root.path().join("ties.sql");
+    std::fs::write(&sql, TOP_TWO_SQL).unwrap();
+    let mut job = world.start_job_sql(&["run"], sql.to_str().unwrap(), "0.3");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while world.latest_checkpoint_of("ties") == 0 {
+        job.assert_running();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job did not start\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Three items tie with 2 events each; the fourth has 1.
+    insert_events(&client, &items[..3], 2, "now()").await;
+    insert_events(&client, &items[3..], 1, "now()").await;
+    items[..3].sort();
+    let expected: BTreeMap<String, f64> = items[..2].iter().map(|id| (id.clone(), 2.0)).collect();
+    let mut last = BTreeMap::new();
+    while std::time::Instant::now() < deadline {
+        last = sorted_set(&world, "ties:top_two").await;
+        if close(&last, &expected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        last,
+        expected,
+        "ties go to the smallest content ids\n{}",
+        job.log_tail()
+    );
+    job.stop();
+}

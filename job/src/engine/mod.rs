@@ -350,6 +350,9 @@ impl Engine {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), JobError> {
         tokio::pin!(shutdown);
+        // Checked after every event too: under a backlog the source branch is
+        // always ready and would starve a timer, letting one epoch grow unbounded.
+        let mut next_checkpoint = Instant::now() + interval;
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut lag_probe = Instant::now();
@@ -371,13 +374,13 @@ impl Engine {
                     }
                     self.handle(event).await?;
                 }
-                _ = ticker.tick() => {
-                    if self.at_boundary && self.dirty {
-                        self.checkpoint().await?;
-                        source.confirm(self.resume_lsn);
-                    }
-                }
+                _ = ticker.tick() => {}
                 _ = window_ticker.tick(), if has_windows => self.tick_windows().await?,
+            }
+            if Instant::now() >= next_checkpoint && self.at_boundary && self.dirty {
+                self.checkpoint().await?;
+                source.confirm(self.resume_lsn);
+                next_checkpoint = Instant::now() + interval;
             }
             self.stats.server_wal_end.fetch_max(
                 source.server_wal_end.load(Ordering::Relaxed),
@@ -498,13 +501,25 @@ impl Engine {
             return Ok(());
         }
         let last = last_position(&batch);
+        let views = self.compute_views(source, &batch, before.as_ref()).await?;
         for (index, query) in self.plan.queries.iter().enumerate() {
             if query.driving != source || query.is_windowed() {
                 continue;
             }
+            let full = match query.view {
+                Some(v) => {
+                    &views[v]
+                        .as_ref()
+                        .expect("computed for its driving source")
+                        .0
+                }
+                None => &batch,
+            };
+            if full.num_rows() == 0 {
+                continue;
+            }
             let sink = &mut self.sinks[index];
-            let input =
-                after(&batch, sink.position()).map_err(|e| JobError::State(e.to_string()))?;
+            let input = after(full, sink.position()).map_err(|e| JobError::State(e.to_string()))?;
             if input.num_rows() == 0 {
                 continue;
             }
@@ -535,7 +550,7 @@ impl Engine {
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
         }
         self.position = self.position.max(last);
-        self.process_windowed(source, &batch, before.as_ref())
+        self.process_windowed(source, &batch, before.as_ref(), &views)
             .await?;
         if let Some(dimension) = &mut self.dimensions[source] {
             dimension
@@ -549,6 +564,57 @@ impl Engine {
             .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Computes the shared views driven by `source` over `batch` (and over the
+    /// old images in `before`), by view index.
+    async fn compute_views(
+        &mut self,
+        source: usize,
+        batch: &RecordBatch,
+        before: Option<&RecordBatch>,
+    ) -> Result<ViewOutputs, JobError> {
+        let mut outputs = vec![None; self.plan.views.len()];
+        for (v, view) in self.plan.views.iter().enumerate() {
+            let used = self.plan.queries.iter().any(|q| q.view == Some(v));
+            if view.driving != source || !used {
+                continue;
+            }
+            let dimensions: Vec<(usize, RecordBatch)> = view
+                .dimensions
+                .iter()
+                .map(|&d| {
+                    (
+                        d,
+                        self.dimensions[d]
+                            .as_ref()
+                            .expect("view dimension")
+                            .contents()
+                            .clone(),
+                    )
+                })
+                .collect();
+            let error = |e: datafusion::error::DataFusionError| JobError::Query {
+                sink: format!("view {}", view.name),
+                message: e.to_string(),
+            };
+            let rows = self
+                .plan
+                .execute_view(v, batch.clone(), &dimensions)
+                .await
+                .map_err(error)?;
+            let old = match before {
+                Some(before) => Some(
+                    self.plan
+                        .execute_view(v, before.clone(), &dimensions)
+                        .await
+                        .map_err(error)?,
+                ),
+                None => None,
+            };
+            outputs[v] = Some((rows, old));
+        }
+        Ok(outputs)
     }
 
     /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.
@@ -685,6 +751,9 @@ impl Engine {
         Ok(replayed)
     }
 }
+
+/// Per shared view: its rows for the current batch, and for the batch's old images.
+type ViewOutputs = Vec<Option<(RecordBatch, Option<RecordBatch>)>>;
 
 /// Capture log entries of update old images are named `<table>` + this.
 const BEFORE_SUFFIX: &str = "#before";

@@ -81,6 +81,7 @@ impl Engine {
         source: usize,
         batch: &RecordBatch,
         before: Option<&RecordBatch>,
+        views: &super::ViewOutputs,
     ) -> Result<(), JobError> {
         let driven: Vec<usize> = (0..self.plan.queries.len())
             .filter(|&q| {
@@ -91,15 +92,46 @@ impl Engine {
             return Ok(());
         }
         self.last_change = Instant::now();
-        let inserts = with_ops(batch, &["c"])?;
-        let updates = with_ops(batch, &["u"])?;
-        let mut retractions = with_ops(batch, &["d"])?;
-        if let Some(before) = before {
-            retractions = concat_batches(&batch.schema(), [&retractions, before])
-                .map_err(|e| JobError::State(e.to_string()))?;
+        // Queries grouped by their input: the source batch, or a shared view's rows.
+        let mut inputs: Vec<(Option<usize>, Vec<usize>)> = Vec::new();
+        for &q in &driven {
+            let view = self.plan.queries[q].view;
+            match inputs.iter_mut().find(|(v, _)| *v == view) {
+                Some((_, queries)) => queries.push(q),
+                None => inputs.push((view, vec![q])),
+            }
         }
-        let inserts = self.split_late(source, &driven, &inserts).await?;
-        for q in driven {
+        for (view, queries) in inputs {
+            let (rows, old) = match view {
+                Some(v) => {
+                    let (rows, old) = views[v].as_ref().expect("computed for its driving source");
+                    (rows, old.as_ref())
+                }
+                None => (batch, before),
+            };
+            let inserts = with_ops(rows, &["c"])?;
+            let updates = with_ops(rows, &["u"])?;
+            let mut retractions = with_ops(rows, &["d"])?;
+            if let Some(old) = old {
+                retractions = concat_batches(&rows.schema(), [&retractions, old])
+                    .map_err(|e| JobError::State(e.to_string()))?;
+            }
+            let inserts = self.split_late(source, &queries, &inserts).await?;
+            self.feed_windows(&queries, [&inserts, &updates, &retractions])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Runs the pre-plans of `queries` over inserts (+1), new images of
+    /// updates (+1) and retractions (-1), then closes the windows they passed.
+    async fn feed_windows(
+        &mut self,
+        queries: &[usize],
+        parts: [&RecordBatch; 3],
+    ) -> Result<(), JobError> {
+        let [inserts, updates, retractions] = parts;
+        for &q in queries {
             let query = &self.plan.queries[q];
             let dimensions: Vec<(usize, RecordBatch)> = query
                 .dimensions
@@ -116,7 +148,7 @@ impl Engine {
                 })
                 .collect();
             for w in 0..query.windows.len() {
-                for (part, sign) in [(&inserts, 1), (&updates, 1), (&retractions, -1)] {
+                for (part, sign) in [(inserts, 1), (updates, 1), (retractions, -1)] {
                     if part.num_rows() == 0 {
                         continue;
                     }
@@ -165,9 +197,10 @@ impl Engine {
         else {
             return Ok(inserts.clone());
         };
-        let times = inserts
-            .column_by_name(&column.column)
-            .ok_or_else(|| JobError::State(format!("change batch without `{}`", column.column)))?;
+        let Some(times) = inserts.column_by_name(&column.column) else {
+            // The input does not carry the event time: windows count late rows themselves.
+            return Ok(inserts.clone());
+        };
         let times = arrow::compute::cast(
             times,
             &arrow::datatypes::DataType::Timestamp(

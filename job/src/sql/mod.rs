@@ -21,6 +21,7 @@
 pub mod functions;
 pub mod options;
 pub mod plan;
+pub mod view;
 pub mod window;
 
 use std::collections::HashMap;

@@ -36,6 +36,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use super::view::{materialize, MaterializedView};
 use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
 use super::{Connector, JobSpec, SqlError, TableDef};
 use crate::source::metadata_fields;
@@ -121,6 +122,9 @@ pub struct QueryPlan {
     /// Stateless queries: the whole query. Windowed queries: the post-plan,
     /// run over the rows of each closing window.
     pub plan: LogicalPlan,
+    /// The shared view the query reads as its input, if any (its rows, not
+    /// the driving table's, are the query's input).
+    pub view: Option<usize>,
     /// The windowed aggregates of the query (empty for stateless queries).
     pub windows: Vec<WindowedAggregate>,
     /// How far the watermark trails the newest event time (microseconds).
@@ -143,6 +147,8 @@ pub struct JobPlan {
     pub sources: Vec<SourceTable>,
     pub sinks: Vec<SinkTable>,
     pub queries: Vec<QueryPlan>,
+    /// Views computed once per batch and shared by the queries reading them.
+    pub views: Vec<MaterializedView>,
 }
 
 impl std::fmt::Debug for JobPlan {
@@ -183,10 +189,21 @@ impl JobPlan {
                 }
             }
         }
+        let mut views = Vec::new();
         for view in &spec.views {
+            let context = format!("view `{}` ({})", view.name, view.location);
             ctx.sql(&view.sql)
                 .await
-                .map_err(|e| plan_error(format!("view `{}` ({})", view.name, view.location), e))?;
+                .map_err(|e| plan_error(context.clone(), e))?;
+            if let Some(materialized) = materialize(&ctx, &view.name, &sources)
+                .await
+                .map_err(|e| plan_error(context, e))?
+            {
+                for &d in &materialized.dimensions {
+                    sources[d].is_dimension = true;
+                }
+                views.push(materialized);
+            }
         }
         let mut queries = Vec::new();
         for insert in &spec.inserts {
@@ -201,9 +218,11 @@ impl JobPlan {
                 context: context.clone(),
                 message: "the query reads no table".into(),
             })?;
+            let view = views.iter().position(|v| v.name == driving_name);
             let driving = sources
                 .iter()
                 .position(|s| s.def.name == driving_name)
+                .or_else(|| view.map(|v| views[v].driving))
                 .ok_or_else(|| SqlError::Plan {
                     context: context.clone(),
                     message: format!(
@@ -319,6 +338,7 @@ impl JobPlan {
                 driving,
                 dimensions: dimensions.into_iter().collect(),
                 plan: optimized,
+                view,
                 windows,
                 watermark_delay,
                 output_schema,
@@ -330,6 +350,7 @@ impl JobPlan {
             sources,
             sinks,
             queries,
+            views,
         })
     }
 
@@ -343,7 +364,7 @@ impl JobPlan {
     ) -> DfResult<Vec<RecordBatch>> {
         let query = &self.queries[query];
         let batches = self
-            .run(&query.plan, query.driving, input, dimensions)
+            .run(&query.plan, self.input_table(query), input, dimensions)
             .await?;
         batches
             .into_iter()
@@ -363,7 +384,7 @@ impl JobPlan {
         let query = &self.queries[query];
         self.run(
             &query.windows[window].pre_plan,
-            query.driving,
+            self.input_table(query),
             input,
             dimensions,
         )
@@ -403,11 +424,11 @@ impl JobPlan {
     async fn run(
         &self,
         plan: &LogicalPlan,
-        driving: usize,
+        input_table: &BatchTable,
         input: RecordBatch,
         dimensions: &[(usize, RecordBatch)],
     ) -> DfResult<Vec<RecordBatch>> {
-        self.sources[driving].provider.set(vec![input]);
+        input_table.set(vec![input]);
         for (index, contents) in dimensions {
             self.sources[*index].provider.set(vec![contents.clone()]);
         }
@@ -418,8 +439,39 @@ impl JobPlan {
             .await?;
         let batches = collect(physical, state.task_ctx()).await;
         // Release the input now rather than at the next batch.
-        self.sources[driving].provider.set(Vec::new());
+        input_table.set(Vec::new());
         batches
+    }
+
+    /// The table a query reads its input from: its shared view, or its driving source.
+    fn input_table(&self, query: &QueryPlan) -> &BatchTable {
+        match query.view {
+            Some(v) => &self.views[v].table,
+            None => &self.sources[query.driving].provider,
+        }
+    }
+
+    /// Computes shared view `view` over `input` (changes of its driving table).
+    pub async fn execute_view(
+        &self,
+        view: usize,
+        input: RecordBatch,
+        dimensions: &[(usize, RecordBatch)],
+    ) -> DfResult<RecordBatch> {
+        let view = &self.views[view];
+        let batches = self
+            .run(
+                &view.plan,
+                &self.sources[view.driving].provider,
+                input,
+                dimensions,
+            )
+            .await?;
+        let batches = batches
+            .iter()
+            .map(|b| conform(b, &view.schema))
+            .collect::<DfResult<Vec<_>>>()?;
+        Ok(arrow::compute::concat_batches(&view.schema, &batches)?)
     }
 }
 
@@ -536,7 +588,7 @@ fn source_table(def: &TableDef) -> Result<SourceTable, SqlError> {
 }
 
 /// The table a plan is driven by: its leftmost scan, looking through views.
-fn leftmost_table(plan: &LogicalPlan) -> Option<String> {
+pub(crate) fn leftmost_table(plan: &LogicalPlan) -> Option<String> {
     match plan {
         LogicalPlan::TableScan(scan) => {
             if let Ok(provider) = source_as_provider(&scan.source) {
@@ -554,7 +606,7 @@ fn leftmost_table(plan: &LogicalPlan) -> Option<String> {
 }
 
 /// Every table a plan reads, looking through views and subqueries.
-fn collect_tables(plan: &LogicalPlan, out: &mut Vec<String>) {
+pub(crate) fn collect_tables(plan: &LogicalPlan, out: &mut Vec<String>) {
     let _ = plan.apply_with_subqueries(|node| {
         if let LogicalPlan::TableScan(scan) = node {
             match source_as_provider(&scan.source)
@@ -570,7 +622,7 @@ fn collect_tables(plan: &LogicalPlan, out: &mut Vec<String>) {
 }
 
 /// Refuses operators whose result depends on more than one batch.
-fn refuse_unwindowed_state(plan: &LogicalPlan) -> Result<(), String> {
+pub(crate) fn refuse_unwindowed_state(plan: &LogicalPlan) -> Result<(), String> {
     let mut found = None;
     let mut check = |node: &LogicalPlan| {
         let what = match node {

@@ -113,9 +113,14 @@ async fn mission_plan_drives_by_events_and_looks_up_content() {
     assert_eq!(plan.sources.len(), 2);
     let windowed: Vec<usize> = plan.queries.iter().map(|q| q.windows.len()).collect();
     assert_eq!(windowed, vec![0, 0, 1, 1, 1, 4, 1, 1, 1, 1]);
+    // `enriched` is computed once per batch and shared: the join with
+    // `content` (a dimension) lives in the view, and every query reads it.
+    assert_eq!(plan.views.len(), 1);
+    assert_eq!(plan.views[0].name, "enriched");
+    assert_eq!(plan.views[0].dimensions, vec![1]);
     for query in &plan.queries {
         assert_eq!(plan.sources[query.driving].def.name, "engagement_events");
-        assert_eq!(query.dimensions, vec![1]);
+        assert_eq!(query.view, Some(0));
     }
     assert!(plan.sources[1].is_dimension);
     let warehouse = &plan.queries[0];

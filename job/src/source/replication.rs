@@ -730,7 +730,10 @@ impl Reader {
                 let due = self
                     .pending_since
                     .is_some_and(|since| since.elapsed() >= self.batching.linger);
-                let full = self.pending_rows() >= self.batching.max_batch_rows;
+                // Cut at a commit once half a batch is pending, so batches end
+                // on transaction boundaries (where checkpoints can happen) even
+                // under a backlog; only one huge transaction is cut inside.
+                let full = self.pending_rows() >= self.batching.max_batch_rows / 2;
                 if self.end_lsn.is_some_and(|end| end_lsn.0 >= end) {
                     return self.end(end_lsn.0).await;
                 }

@@ -22,6 +22,7 @@ ENGAGE="$CARGO_TARGET_DIR/release/engage"
 PGBIN="$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)"
 
 WORK="$(mktemp -d /tmp/engage-bench-XXXXXX)"
+chmod 755 "$WORK" # initdb runs as the postgres user, which must reach its directory
 "$ENGAGE" services --dir "$WORK/services" >"$WORK/env" 2>"$WORK/services.log" &
 SERVICES=$!
 cleanup() { kill "$SERVICES" 2>/dev/null || true; wait "$SERVICES" 2>/dev/null || true; }
@@ -45,7 +46,8 @@ echo "== backlog: $EVENTS events"
 start=$(now)
 "$ENGAGE" generate --count "$EVENTS" --content-items 10000 >/dev/null
 generate_secs=$(awk -v a="$start" -v b="$(now)" 'BEGIN { print b - a }')
-END_LSN=$(psql -c 'SELECT pg_current_wal_lsn()')
+# The insert position: with synchronous_commit off the write position can trail the last commit.
+END_LSN=$(psql -c 'SELECT pg_current_wal_insert_lsn()')
 WAL_BYTES=$(psql -c "SELECT pg_wal_lsn_diff('$END_LSN', confirmed_flush_lsn) FROM pg_replication_slots WHERE slot_name = '$SLOT'")
 # A transaction after the end, so both readers see a commit at or past it.
 psql -c "UPDATE content SET title = title WHERE id = (SELECT id FROM content LIMIT 1)"

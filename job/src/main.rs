@@ -249,7 +249,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 format!("failed to read job SQL {} (pass --sql)", sql.display())
             })?;
             let spec = query::parse_for_outputs(&job_name(&sql)?, &script)?;
-            print!("{}", query::run(&spec, &query, format).await?);
+            let output = query::run(&spec, &query, format).await?;
+            if output.ends_with('\n') {
+                print!("{output}");
+            } else {
+                println!("{output}");
+            }
             Ok(())
         }
         Command::Services { dir } => {

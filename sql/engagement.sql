@@ -15,7 +15,15 @@ CREATE TABLE engagement_events (
     device      TEXT,
     raw_payload TEXT,
     PRIMARY KEY (id),
-    WATERMARK FOR event_ts AS event_ts - INTERVAL '200 milliseconds'
+    WATERMARK FOR event_ts AS event_ts - INTERVAL '200 milliseconds',
+    -- Bad input: a row failing one of these goes to `dead_letter` (reason =
+    -- the constraint's name) and the job goes on. As in SQL, NULL passes.
+    CONSTRAINT content_missing    CHECK (content_id IS NOT NULL),
+    CONSTRAINT unknown_event_type CHECK (event_type IN ('play', 'pause', 'finish', 'click')),
+    CONSTRAINT bad_duration       CHECK (duration_ms BETWEEN 0 AND 86400000),
+    CONSTRAINT payload_not_object CHECK (raw_payload IS NULL OR starts_with(ltrim(raw_payload), '{')),
+    CONSTRAINT payload_too_large  CHECK (raw_payload IS NULL OR octet_length(raw_payload) <= 1048576),
+    CONSTRAINT unknown_content    CHECK (content_id IN (SELECT id FROM content))
 ) WITH (
     connector  = 'postgres-cdc',
     connection = '${ENGAGE_POSTGRES_URL}',
@@ -289,5 +297,12 @@ INSERT INTO kpi_24h_latest SELECT * FROM kpi_24h;
 CREATE TABLE late_events WITH (
     connector = 'filesystem',
     path      = '${ENGAGE_DATA_DIR}/late_events',
+    format    = 'parquet'
+);
+
+-- Change rows that fail a CHECK above, with the reason, position and original row.
+CREATE TABLE dead_letter WITH (
+    connector = 'filesystem',
+    path      = '${ENGAGE_DATA_DIR}/dead_letter',
     format    = 'parquet'
 );

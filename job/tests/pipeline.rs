@@ -120,7 +120,7 @@ async fn inserts_updates_deletes_and_nulls_reach_parquet_and_redis_joined_point_
 
     let e1 = insert_event(&client, Some(A), Some(50_000)).await; // A is 100 s long: 50 %
     let e2 = insert_event(&client, Some(B), None).await; // unknown length and duration: NULL
-    let e3 = insert_event(&client, None, Some(1_000)).await; // no content at all
+    let e3 = insert_event(&client, None, Some(1_000)).await; // no content: bad input, dead-lettered
     client
         .batch_execute(&format!(
             "UPDATE content SET length_seconds = 200 WHERE id = '{A}'"
@@ -148,7 +148,6 @@ async fn inserts_updates_deletes_and_nulls_reach_parquet_and_redis_joined_point_
             Some(5000),
         ),
         (e2, "c".to_string(), Some("video".to_string()), None, None),
-        (e3, "c".to_string(), None, None, None),
         (
             e4,
             "c".to_string(),
@@ -166,12 +165,21 @@ async fn inserts_updates_deletes_and_nulls_reach_parquet_and_redis_joined_point_
         (e2, "d".to_string(), Some("video".to_string()), None, None),
     ];
     wait_for(
-        "all six changes in parquet",
+        "all five good changes in parquet",
         Duration::from_secs(30),
         || async { change_rows(&world).await.len() >= expected.len() },
     )
     .await;
     assert_eq!(change_rows(&world).await, expected, "{}", job.log_tail());
+    let dead_letter = format!(
+        "SELECT _lsn FROM dead_letter WHERE reason = 'content_missing' AND \"row\" LIKE '%\"id\":{e3},%'"
+    );
+    wait_for(
+        "the event without content in dead_letter",
+        Duration::from_secs(30),
+        || async { world.query_i64(&dead_letter).await.len() == 1 },
+    )
+    .await;
 
     wait_for("redis recent lists", Duration::from_secs(30), || async {
         recent_ids(&world, A).await.len() == 2

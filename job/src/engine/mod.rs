@@ -30,6 +30,7 @@
 //! the newest checkpoint, so they skip what they already hold and fill in
 //! what they lack (a sink added to the SQL since, a flushed Redis).
 
+pub mod dead_letter;
 pub mod dimension;
 pub mod late;
 pub mod stats;
@@ -173,6 +174,7 @@ pub async fn run(
         window_guards: Vec::new(),
         last_change: Instant::now(),
         late_sink: None,
+        dead_letter_sink: None,
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
     };
     engine.windows = windowed::states_for(&engine.plan)?;
@@ -279,6 +281,14 @@ pub async fn run(
     )
     .await?;
 
+    engine.dead_letter_sink = dead_letter::open(
+        spec,
+        latest
+            .as_ref()
+            .and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
+    )
+    .await?;
+
     let mut summary = RunSummary::default();
     if latest.is_none() {
         engine.dirty = true;
@@ -337,6 +347,8 @@ struct Engine {
     last_change: Instant,
     /// Where late events go, if the job declares a `late_events` table.
     late_sink: Option<Sink>,
+    /// Where rows failing a CHECK go, if the job declares a `dead_letter` table.
+    dead_letter_sink: Option<Sink>,
     /// Warn when the slot retains more WAL than this.
     warn_retained_wal_bytes: u64,
 }
@@ -501,6 +513,7 @@ impl Engine {
             return Ok(());
         }
         let last = last_position(&batch);
+        let (batch, before) = self.divert_bad_rows(source, batch, before).await?;
         let views = self.compute_views(source, &batch, before.as_ref()).await?;
         for (index, query) in self.plan.queries.iter().enumerate() {
             if query.driving != source || query.is_windowed() {
@@ -566,6 +579,96 @@ impl Engine {
         Ok(())
     }
 
+    /// Sends the rows of `batch` that fail a CHECK of `source` to the
+    /// dead-letter output and returns the rest (old images of updates that
+    /// fail are dropped too: their rows were never counted).
+    async fn divert_bad_rows(
+        &mut self,
+        source: usize,
+        batch: RecordBatch,
+        before: Option<RecordBatch>,
+    ) -> Result<(RecordBatch, Option<RecordBatch>), JobError> {
+        let Some(check) = &self.plan.checks[source] else {
+            return Ok((batch, before));
+        };
+        let dimensions: Vec<(usize, RecordBatch)> = check
+            .dimensions
+            .iter()
+            .map(|&d| {
+                (
+                    d,
+                    self.dimensions[d]
+                        .as_ref()
+                        .expect("check dimension")
+                        .contents()
+                        .clone(),
+                )
+            })
+            .collect();
+        let table = self.plan.sources[source].def.name.clone();
+        let error = |e: datafusion::error::DataFusionError| JobError::Query {
+            sink: format!("CHECK constraints of {table}"),
+            message: e.to_string(),
+        };
+        let Some(failed) = self
+            .plan
+            .failing_checks(source, &batch, &dimensions)
+            .await
+            .map_err(error)?
+        else {
+            return Ok((batch, before));
+        };
+        let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
+        let bad_mask = arrow::compute::not(&keep).map_err(|e| JobError::State(e.to_string()))?;
+        let bad =
+            filter_record_batch(&batch, &bad_mask).map_err(|e| JobError::State(e.to_string()))?;
+        let reasons: Vec<&str> = failed
+            .iter()
+            .flatten()
+            .map(|&i| check.names[i].as_str())
+            .collect();
+        match &mut self.dead_letter_sink {
+            Some(sink) => {
+                let rows = dead_letter::rows(&table, &reasons, &bad)
+                    .map_err(|e| JobError::State(e.to_string()))?;
+                sink.write_window(vec![rows], 0, self.position).await?;
+                self.stats
+                    .dead_lettered
+                    .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);
+            }
+            None => {
+                let position = last_position(&bad);
+                return Err(JobError::State(format!(
+                    "a change of `{table}` at {position} fails CHECK `{}`; declare a filesystem table `{}` to divert \
+                     such rows there instead of stopping",
+                    reasons[0],
+                    dead_letter::DEAD_LETTER_TABLE
+                )));
+            }
+        }
+        let good =
+            filter_record_batch(&batch, &keep).map_err(|e| JobError::State(e.to_string()))?;
+        let before = match before {
+            Some(before) => match self
+                .plan
+                .failing_checks(source, &before, &dimensions)
+                .await
+                .map_err(error)?
+            {
+                Some(failed) => {
+                    let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
+                    Some(
+                        filter_record_batch(&before, &keep)
+                            .map_err(|e| JobError::State(e.to_string()))?,
+                    )
+                }
+                None => Some(before),
+            },
+            None => None,
+        };
+        Ok((good, before))
+    }
+
     /// Computes the shared views driven by `source` over `batch` (and over the
     /// old images in `before`), by view index.
     async fn compute_views(
@@ -622,7 +725,12 @@ impl Engine {
         let epoch = self.epoch + 1;
         let started = Instant::now();
         let mut sinks = BTreeMap::new();
-        for sink in self.sinks.iter_mut().chain(self.late_sink.as_mut()) {
+        for sink in self
+            .sinks
+            .iter_mut()
+            .chain(self.late_sink.as_mut())
+            .chain(self.dead_letter_sink.as_mut())
+        {
             sinks.insert(
                 sink.name().to_string(),
                 sink.prepare_checkpoint(epoch).await?,
@@ -669,7 +777,12 @@ impl Engine {
             windows,
         };
         self.store.write(&manifest, files).await?;
-        for sink in self.sinks.iter_mut().chain(self.late_sink.as_mut()) {
+        for sink in self
+            .sinks
+            .iter_mut()
+            .chain(self.late_sink.as_mut())
+            .chain(self.dead_letter_sink.as_mut())
+        {
             let state: &SinkState = &sinks[sink.name()];
             sink.commit(state).await?;
         }

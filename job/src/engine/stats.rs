@@ -34,6 +34,8 @@ pub struct JobStats {
     pub late_events: AtomicU64,
     /// Retractions whose windows had all closed.
     pub expired_retractions: AtomicU64,
+    /// Change rows that failed a CHECK and went to the dead-letter output.
+    pub dead_lettered: AtomicU64,
 }
 
 impl JobStats {
@@ -79,6 +81,12 @@ impl JobStats {
             "counter",
             "Change batches processed.",
             self.batches.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_dead_lettered_total",
+            "counter",
+            "Change rows that failed a CHECK and went to the dead-letter output.",
+            self.dead_lettered.load(Ordering::Relaxed),
         );
         metric(
             "engage_late_events_total",

@@ -18,6 +18,7 @@
 //! environment here (a missing variable is an error naming it);
 //! `ENGAGE_DATA_DIR` defaults to `./data`.
 
+pub mod check;
 pub mod functions;
 pub mod options;
 pub mod plan;
@@ -50,8 +51,20 @@ pub struct TableDef {
     pub columns: Vec<Field>,
     pub primary_key: Vec<String>,
     pub watermark: Option<WatermarkDef>,
+    /// `CONSTRAINT name CHECK (expr)`: rows failing one go to the dead-letter output.
+    pub checks: Vec<CheckDef>,
     pub connector: Connector,
     pub location: SqlLocation,
+}
+
+/// `CONSTRAINT name CHECK (expression)` on a source table. As in SQL, a check
+/// passes when its expression is true or NULL.
+#[derive(Debug, Clone)]
+pub struct CheckDef {
+    /// The reason code written with dead-lettered rows.
+    pub name: String,
+    /// DataFusion SQL over the table's columns (subqueries allowed).
+    pub expression: String,
 }
 
 /// `WATERMARK FOR column AS expression`.
@@ -256,6 +269,7 @@ fn parse_create_table(
     let mut columns = Vec::new();
     let mut primary_key = Vec::new();
     let mut watermark = None;
+    let mut checks = Vec::new();
     if cursor.eat(&Token::LParen) {
         loop {
             if cursor.eat(&Token::RParen) {
@@ -263,6 +277,18 @@ fn parse_create_table(
             }
             if cursor.eat_keyword("WATERMARK") {
                 watermark = Some(parse_watermark(cursor, script, lines)?);
+            } else if cursor.eat_keyword("CONSTRAINT") {
+                let name = cursor.identifier("a constraint name")?;
+                cursor.expect_keyword("CHECK")?;
+                checks.push(CheckDef {
+                    name,
+                    expression: parse_parenthesised(cursor, script, lines)?,
+                });
+            } else if cursor.eat_keyword("CHECK") {
+                checks.push(CheckDef {
+                    name: format!("check_{}", checks.len() + 1),
+                    expression: parse_parenthesised(cursor, script, lines)?,
+                });
             } else if cursor.eat_keyword("PRIMARY") {
                 cursor.expect_keyword("KEY")?;
                 cursor.expect(&Token::LParen, "`(`")?;
@@ -336,11 +362,19 @@ fn parse_create_table(
                 message,
             }
         })?;
+    if !checks.is_empty() && !matches!(connector, Connector::PostgresCdc(_)) {
+        return Err(SqlError::Table {
+            table: name,
+            location,
+            message: "CHECK constraints apply to postgres-cdc source tables only".into(),
+        });
+    }
     Ok(TableDef {
         name,
         columns,
         primary_key,
         watermark,
+        checks,
         connector,
         location,
     })
@@ -376,6 +410,41 @@ fn parse_watermark(
         .trim()
         .to_string();
     Ok(WatermarkDef { column, expression })
+}
+
+/// `( expression )`: the text between balanced parentheses, padded to its position.
+fn parse_parenthesised(
+    cursor: &mut Cursor<'_>,
+    script: &str,
+    lines: &LineIndex,
+) -> Result<String, SqlError> {
+    cursor.expect(&Token::LParen, "`(` after CHECK")?;
+    let start = cursor.at;
+    let mut depth = 0;
+    loop {
+        let Some(token) = cursor.tokens.get(cursor.at) else {
+            return Err(SqlError::syntax(
+                cursor.peek_token(),
+                "unclosed `(` in CHECK",
+            ));
+        };
+        match token.token {
+            Token::LParen => depth += 1,
+            Token::RParen if depth == 0 => break,
+            Token::RParen => depth -= 1,
+            _ => {}
+        }
+        cursor.at += 1;
+    }
+    if start == cursor.at {
+        return Err(SqlError::syntax(
+            cursor.peek_token(),
+            "empty CHECK expression",
+        ));
+    }
+    let text = padded_text(script, lines, &cursor.tokens[start..cursor.at]);
+    cursor.at += 1; // the closing parenthesis
+    Ok(text)
 }
 
 /// A column definition: `name TYPE [NOT NULL | NULL] [PRIMARY KEY]`.

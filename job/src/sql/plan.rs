@@ -36,6 +36,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use super::check::{plan_checks, CheckPlan};
 use super::view::{materialize, MaterializedView};
 use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
 use super::{Connector, JobSpec, SqlError, TableDef};
@@ -149,6 +150,8 @@ pub struct JobPlan {
     pub queries: Vec<QueryPlan>,
     /// Views computed once per batch and shared by the queries reading them.
     pub views: Vec<MaterializedView>,
+    /// Per source: its CHECK constraints, planned.
+    pub checks: Vec<Option<CheckPlan>>,
 }
 
 impl std::fmt::Debug for JobPlan {
@@ -189,6 +192,7 @@ impl JobPlan {
                 }
             }
         }
+        let checks = plan_checks(&ctx, &mut sources).await?;
         let mut views = Vec::new();
         for view in &spec.views {
             let context = format!("view `{}` ({})", view.name, view.location);
@@ -351,6 +355,7 @@ impl JobPlan {
             sinks,
             queries,
             views,
+            checks,
         })
     }
 

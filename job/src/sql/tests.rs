@@ -15,7 +15,7 @@ const MISSION: &str = include_str!("../../../sql/engagement.sql");
 #[test]
 fn mission_pipeline_parses_with_watermark_key_and_options() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
-    assert_eq!(spec.tables.len(), 13);
+    assert_eq!(spec.tables.len(), 14);
     let events = &spec.tables[0];
     assert_eq!(events.name, "engagement_events");
     assert_eq!(events.primary_key, vec!["id"]);
@@ -319,4 +319,32 @@ fn unknown_redis_option_lists_the_new_ones() {
     }
     let error = redis_sink("target = 'set', 'target.key_prefix' = 'top'").unwrap_err();
     assert!(error.contains("string, list, hash, sorted_set"), "{error}");
+}
+
+#[test]
+fn check_constraints_keep_their_names_and_expressions() {
+    let spec = parse_job("engagement", MISSION, &env).unwrap();
+    let checks = &spec.tables[0].checks;
+    let names: Vec<_> = checks.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "content_missing",
+            "unknown_event_type",
+            "bad_duration",
+            "payload_not_object",
+            "payload_too_large",
+            "unknown_content"
+        ]
+    );
+    assert_eq!(
+        checks[5].expression.trim(),
+        "content_id IN (SELECT id FROM content)"
+    );
+    let sql = "CREATE TABLE t (id BIGINT, CHECK (id > 0)) WITH (connector = 'filesystem', path = '/tmp/x');";
+    let error = parse_job("j", sql, &env).unwrap_err().to_string();
+    assert!(
+        error.contains("CHECK constraints apply to postgres-cdc source tables only"),
+        "{error}"
+    );
 }

@@ -354,6 +354,13 @@ fn parse_create_table(
             });
         }
     }
+    if !checks.is_empty() && resolved.get("connector").map(String::as_str) != Some("postgres-cdc") {
+        return Err(SqlError::Table {
+            table: name,
+            location,
+            message: "CHECK constraints apply to postgres-cdc source tables only".into(),
+        });
+    }
     let connector =
         options::Connector::from_options(&name, &columns, resolved).map_err(|message| {
             SqlError::Table {
@@ -362,13 +369,6 @@ fn parse_create_table(
                 message,
             }
         })?;
-    if !checks.is_empty() && !matches!(connector, Connector::PostgresCdc(_)) {
-        return Err(SqlError::Table {
-            table: name,
-            location,
-            message: "CHECK constraints apply to postgres-cdc source tables only".into(),
-        });
-    }
     Ok(TableDef {
         name,
         columns,

@@ -98,11 +98,23 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
     let mut job = world.start_job(&["run"]);
     wait_started(&world, &mut job).await;
 
-    // Three minutes ago, in one whole minute: the 1-minute KPI window closes
-    // as soon as the source is idle (the wall clock drives the watermark).
-    let minute = "date_trunc('minute', now()) - interval '3 minutes' + interval '10 seconds'";
-    insert_events(&client, &items, 5, minute).await;
-    insert_events(&client, &items[..3], 4, "now()").await;
+    // Two bursts in two whole past minutes (M-3 and M-2): their 1-minute KPI
+    // windows close as soon as the source is idle (the wall clock drives the
+    // watermark), and no window of the present minute can close during the
+    // checks. Pinned once: `now()` in an oracle query could be a minute later.
+    let row = client
+        .query_one(
+            "SELECT (date_trunc('minute', now()) - interval '3 minutes' + interval '10 seconds')::text,
+                    (date_trunc('minute', now()) - interval '2 minutes' + interval '10 seconds')::text",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (first, second): (String, String) = (row.get(0), row.get(1));
+    let earlier = &format!("'{first}'::timestamptz");
+    let minute = &format!("'{second}'::timestamptz");
+    insert_events(&client, &items, 5, earlier).await;
+    insert_events(&client, &items[..3], 4, minute).await;
     wait_for_ranking(&world, &client, &job).await;
 
     // Devices and content types agree with Postgres too.
@@ -116,10 +128,14 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(close(
-        &sorted_set(&world, "engage:top_devices:10m").await,
-        &devices
-    ));
+    // Each query writes its own window: wait for this one too.
+    wait_for("the device ranking", Duration::from_secs(30), || async {
+        close(
+            &sorted_set(&world, "engage:top_devices:10m").await,
+            &devices,
+        )
+    })
+    .await;
     let types: BTreeMap<String, f64> = client
         .query(
             "SELECT coalesce(c.content_type, 'unknown'), coalesce(sum(e.duration_ms), 0)::float8 / 1000.0
@@ -132,14 +148,22 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let mut redis = world.redis().await;
-    let hash: BTreeMap<String, String> = redis.hgetall("engage:content_type:10m").await.unwrap();
-    let hash: BTreeMap<String, f64> = hash
-        .into_iter()
-        .map(|(k, v)| (k, v.parse().unwrap()))
-        .collect();
-    assert!(close(&hash, &types), "content types {hash:?} != {types:?}");
+    wait_for("the content-type hash", Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        let types = types.clone();
+        async move {
+            let hash: BTreeMap<String, String> =
+                redis.hgetall("engage:content_type:10m").await.unwrap();
+            let hash: BTreeMap<String, f64> = hash
+                .into_iter()
+                .map(|(k, v)| (k, v.parse().unwrap()))
+                .collect();
+            close(&hash, &types)
+        }
+    })
+    .await;
 
-    // The 1-minute KPI window of three minutes ago, in Redis and in Parquet.
+    // The latest closed 1-minute KPI window (M-2) in Redis; both in Parquet.
     let row = client
         .query_one(
             &format!(
@@ -177,9 +201,9 @@ async fn windows_match_the_oracle_with_retractions_late_events_and_a_restore() {
         Duration::from_secs(30),
         || async {
             world
-                .query_i64("SELECT events FROM kpi WHERE timeframe = '1m'")
+                .query_i64("SELECT events FROM kpi WHERE timeframe = '1m' ORDER BY window_start")
                 .await
-                == vec![vec![Some(events)]]
+                == vec![vec![Some(5 * items.len() as i64)], vec![Some(events)]]
         },
     )
     .await;

@@ -15,14 +15,12 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::json::writer::LineDelimited;
-use arrow::json::WriterBuilder;
 use arrow::record_batch::RecordBatch;
 
-use crate::sink::parquet::ParquetSink;
+use super::side_output;
 use crate::sink::{Sink, SinkState};
 use crate::source::{COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
-use crate::sql::{Connector, JobSpec};
+use crate::sql::JobSpec;
 
 /// The table name that receives dead letters.
 pub const DEAD_LETTER_TABLE: &str = "dead_letter";
@@ -45,20 +43,8 @@ pub async fn open(
     spec: &JobSpec,
     restored: Option<&SinkState>,
 ) -> Result<Option<Sink>, crate::sink::SinkError> {
-    let Some(table) = spec.tables.iter().find(|t| t.name == DEAD_LETTER_TABLE) else {
-        return Ok(None);
-    };
-    if spec.inserts.iter().any(|i| i.sink == DEAD_LETTER_TABLE) {
-        return Ok(None);
-    }
-    let Connector::Filesystem(options) = &table.connector else {
-        return Ok(None);
-    };
-    let time_column = options.time_pattern.as_ref().map(|_| 4); // partition by commit time
-    let sink =
-        ParquetSink::open_for_schema(DEAD_LETTER_TABLE, options, schema(), time_column, restored)
-            .await?;
-    Ok(Some(Sink::Parquet(Box::new(sink))))
+    // Partitioned by commit time, when the table has a time pattern.
+    side_output::open(spec, DEAD_LETTER_TABLE, schema(), 4, restored).await
 }
 
 /// Dead-letter rows for `bad` (rows of `table`), each with its reason.
@@ -68,24 +54,8 @@ pub fn rows(
     bad: &RecordBatch,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let n = bad.num_rows();
-    let mut json = Vec::new();
-    {
-        let mut writer = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, LineDelimited>(&mut json);
-        writer.write(bad)?;
-        writer.finish()?;
-    }
-    let lines: Vec<&str> = std::str::from_utf8(&json)
-        .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?
-        .lines()
-        .collect();
-    let column = |name: &str, data_type: &DataType| -> Result<ArrayRef, arrow::error::ArrowError> {
-        match bad.column_by_name(name) {
-            Some(c) => arrow::compute::cast(c, data_type),
-            None => Ok(arrow::array::new_null_array(data_type, n)),
-        }
-    };
+    let column =
+        |name: &str, data_type: &DataType| side_output::column_or_null(bad, name, data_type);
     let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![table; n])),
@@ -93,7 +63,7 @@ pub fn rows(
         column(LSN_COLUMN, &DataType::Int64)?,
         column(SEQ_COLUMN, &DataType::Int64)?,
         column(COMMIT_TS_COLUMN, &time)?,
-        Arc::new(StringArray::from(lines)),
+        side_output::json_rows(bad)?,
     ];
     RecordBatch::try_new(schema(), columns)
 }

@@ -13,14 +13,12 @@ use std::sync::Arc;
 
 use arrow::array::{ArrayRef, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::json::writer::LineDelimited;
-use arrow::json::WriterBuilder;
 use arrow::record_batch::RecordBatch;
 
-use crate::sink::parquet::ParquetSink;
+use super::side_output;
 use crate::sink::{Sink, SinkState};
 use crate::source::{COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
-use crate::sql::{Connector, JobSpec};
+use crate::sql::JobSpec;
 
 /// The table name that receives late events.
 pub const LATE_EVENTS_TABLE: &str = "late_events";
@@ -44,20 +42,8 @@ pub async fn open(
     spec: &JobSpec,
     restored: Option<&SinkState>,
 ) -> Result<Option<Sink>, crate::sink::SinkError> {
-    let Some(table) = spec.tables.iter().find(|t| t.name == LATE_EVENTS_TABLE) else {
-        return Ok(None);
-    };
-    if spec.inserts.iter().any(|i| i.sink == LATE_EVENTS_TABLE) {
-        return Ok(None);
-    }
-    let Connector::Filesystem(options) = &table.connector else {
-        return Ok(None);
-    };
-    let time_column = options.time_pattern.as_ref().map(|_| 2); // partition by the watermark missed
-    let sink =
-        ParquetSink::open_for_schema(LATE_EVENTS_TABLE, options, schema(), time_column, restored)
-            .await?;
-    Ok(Some(Sink::Parquet(Box::new(sink))))
+    // Partitioned by the watermark missed, when the table has a time pattern.
+    side_output::open(spec, LATE_EVENTS_TABLE, schema(), 2, restored).await
 }
 
 /// Builds late-event rows from late change rows of `table`.
@@ -68,24 +54,8 @@ pub fn rows(
     late: &RecordBatch,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
     let n = late.num_rows();
-    let mut json = Vec::new();
-    {
-        let mut writer = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, LineDelimited>(&mut json);
-        writer.write(late)?;
-        writer.finish()?;
-    }
-    let lines: Vec<&str> = std::str::from_utf8(&json)
-        .map_err(|e| arrow::error::ArrowError::ExternalError(Box::new(e)))?
-        .lines()
-        .collect();
-    let column = |name: &str, data_type: &DataType| -> Result<ArrayRef, arrow::error::ArrowError> {
-        match late.column_by_name(name) {
-            Some(c) => arrow::compute::cast(c, data_type),
-            None => Ok(arrow::array::new_null_array(data_type, n)),
-        }
-    };
+    let column =
+        |name: &str, data_type: &DataType| side_output::column_or_null(late, name, data_type);
     let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![table; n])),
@@ -94,7 +64,7 @@ pub fn rows(
         column(LSN_COLUMN, &DataType::Int64)?,
         column(SEQ_COLUMN, &DataType::Int64)?,
         column(COMMIT_TS_COLUMN, &time)?,
-        Arc::new(StringArray::from(lines)),
+        side_output::json_rows(late)?,
     ];
     RecordBatch::try_new(schema(), columns)
 }

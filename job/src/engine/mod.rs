@@ -33,6 +33,7 @@
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
+pub mod side_output;
 pub mod stats;
 pub mod window;
 mod windowed;
@@ -531,25 +532,12 @@ impl Engine {
             if full.num_rows() == 0 {
                 continue;
             }
+            let dimensions = self.dimension_contents(&query.dimensions);
             let sink = &mut self.sinks[index];
             let input = after(full, sink.position()).map_err(|e| JobError::State(e.to_string()))?;
             if input.num_rows() == 0 {
                 continue;
             }
-            let dimensions: Vec<(usize, RecordBatch)> = query
-                .dimensions
-                .iter()
-                .map(|&d| {
-                    (
-                        d,
-                        self.dimensions[d]
-                            .as_ref()
-                            .expect("planned dimension")
-                            .contents()
-                            .clone(),
-                    )
-                })
-                .collect();
             let output = self
                 .plan
                 .execute(index, input, &dimensions)
@@ -579,6 +567,23 @@ impl Engine {
         Ok(())
     }
 
+    /// The current contents of the dimension sources `indexes`, for a query.
+    fn dimension_contents(&self, indexes: &[usize]) -> Vec<(usize, RecordBatch)> {
+        indexes
+            .iter()
+            .map(|&d| {
+                (
+                    d,
+                    self.dimensions[d]
+                        .as_ref()
+                        .expect("planned dimension")
+                        .contents()
+                        .clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Sends the rows of `batch` that fail a CHECK of `source` to the
     /// dead-letter output and returns the rest (old images of updates that
     /// fail are dropped too: their rows were never counted).
@@ -591,20 +596,7 @@ impl Engine {
         let Some(check) = &self.plan.checks[source] else {
             return Ok((batch, before));
         };
-        let dimensions: Vec<(usize, RecordBatch)> = check
-            .dimensions
-            .iter()
-            .map(|&d| {
-                (
-                    d,
-                    self.dimensions[d]
-                        .as_ref()
-                        .expect("check dimension")
-                        .contents()
-                        .clone(),
-                )
-            })
-            .collect();
+        let dimensions = self.dimension_contents(&check.dimensions);
         let table = self.plan.sources[source].def.name.clone();
         let error = |e: datafusion::error::DataFusionError| JobError::Query {
             sink: format!("CHECK constraints of {table}"),
@@ -683,20 +675,7 @@ impl Engine {
             if view.driving != source || !used {
                 continue;
             }
-            let dimensions: Vec<(usize, RecordBatch)> = view
-                .dimensions
-                .iter()
-                .map(|&d| {
-                    (
-                        d,
-                        self.dimensions[d]
-                            .as_ref()
-                            .expect("view dimension")
-                            .contents()
-                            .clone(),
-                    )
-                })
-                .collect();
+            let dimensions = self.dimension_contents(&view.dimensions);
             let error = |e: datafusion::error::DataFusionError| JobError::Query {
                 sink: format!("view {}", view.name),
                 message: e.to_string(),

@@ -133,20 +133,7 @@ impl Engine {
         let [inserts, updates, retractions] = parts;
         for &q in queries {
             let query = &self.plan.queries[q];
-            let dimensions: Vec<(usize, RecordBatch)> = query
-                .dimensions
-                .iter()
-                .map(|&d| {
-                    (
-                        d,
-                        self.dimensions[d]
-                            .as_ref()
-                            .expect("planned dimension")
-                            .contents()
-                            .clone(),
-                    )
-                })
-                .collect();
+            let dimensions = self.dimension_contents(&query.dimensions);
             for w in 0..query.windows.len() {
                 for (part, sign) in [(inserts, 1), (updates, 1), (retractions, -1)] {
                     if part.num_rows() == 0 {

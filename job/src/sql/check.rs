@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use arrow::array::{Array, BooleanArray, Int64Array};
 use arrow::record_batch::RecordBatch;
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::physical_plan::collect;
 use datafusion::prelude::SessionContext;
 
 use super::plan::{collect_tables, JobPlan, SourceTable};
@@ -142,9 +141,6 @@ impl JobPlan {
             return Ok(None);
         };
         let table = &self.sources[source].provider;
-        for (index, contents) in dimensions {
-            self.sources[*index].provider.set(vec![contents.clone()]);
-        }
         // (lsn, seq) -> the first check (in declaration order) the row fails.
         let mut failed: HashMap<(i64, i64), usize> = HashMap::new();
         let mut note = |result: &RecordBatch, check_of: &dyn Fn(usize) -> Option<usize>| {
@@ -167,16 +163,8 @@ impl JobPlan {
                 }
             }
         };
-        let state = self.ctx.state();
         if let Some((plan, indexes)) = &check.projection {
-            table.set(vec![batch.clone()]);
-            let physical = state
-                .query_planner()
-                .create_physical_plan(plan, &state)
-                .await?;
-            let results = collect(physical, state.task_ctx()).await;
-            table.set(Vec::new());
-            for result in &results? {
+            for result in &self.run(plan, table, batch.clone(), dimensions).await? {
                 let columns: Vec<&BooleanArray> = result.columns()[2..]
                     .iter()
                     .map(|c| {
@@ -197,14 +185,7 @@ impl JobPlan {
             }
         }
         for (index, plan) in &check.filters {
-            table.set(vec![batch.clone()]);
-            let physical = state
-                .query_planner()
-                .create_physical_plan(plan, &state)
-                .await?;
-            let results = collect(physical, state.task_ctx()).await;
-            table.set(Vec::new());
-            for result in &results? {
+            for result in &self.run(plan, table, batch.clone(), dimensions).await? {
                 note(result, &|_| Some(*index));
             }
         }

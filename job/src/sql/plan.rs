@@ -426,7 +426,7 @@ impl JobPlan {
             .collect()
     }
 
-    async fn run(
+    pub(crate) async fn run(
         &self,
         plan: &LogicalPlan,
         input_table: &BatchTable,

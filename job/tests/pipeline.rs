@@ -424,16 +424,7 @@ async fn job_refuses_to_start_when_wal_level_is_not_logical() {
     })
     .await;
     generate::ensure_schema(&world.sql().await).await.unwrap();
-    let checkpoint_dir = world.checkpoint_dir();
-    let output = world
-        .engage(&[
-            "run",
-            support::MISSION_SQL,
-            "--checkpoint-dir",
-            support::path_str(&checkpoint_dir),
-        ])
-        .output()
-        .unwrap();
+    let output = world.run_mission_once();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("wal_level is `replica`"), "{stderr}");

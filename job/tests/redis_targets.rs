@@ -36,16 +36,7 @@ async fn string_and_hash_targets_keep_the_latest_row_per_key_and_field() {
     let sql = world.root.path().join("targets.sql");
     std::fs::write(&sql, JOB_SQL).unwrap();
     let mut job = world.start_job_sql(&["run"], sql.to_str().unwrap(), "0.3");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while world.latest_checkpoint_of("targets") == 0 {
-        job.assert_running();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job did not start\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_started_as(&world, &mut job, "targets").await;
 
     let a = &content[0].id;
     let mut ids = Vec::new();

@@ -66,16 +66,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_job_with_a_recov
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    let checkpoint_dir = world.checkpoint_dir();
-    let output = world
-        .engage(&[
-            "run",
-            support::MISSION_SQL,
-            "--checkpoint-dir",
-            support::path_str(&checkpoint_dir),
-        ])
-        .output()
-        .unwrap();
+    let output = world.run_mission_once();
     assert!(!output.status.success());
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(

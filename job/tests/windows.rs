@@ -289,22 +289,14 @@ async fn top_n_breaks_ties_by_the_order_by_columns() {
     let sql = world.root.path().join("ties.sql");
     std::fs::write(&sql, TOP_TWO_SQL).unwrap();
     let mut job = world.start_job_sql(&["run"], sql.to_str().unwrap(), "0.3");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while world.latest_checkpoint_of("ties") == 0 {
-        job.assert_running();
-        assert!(
-            std::time::Instant::now() < deadline,
-            "job did not start\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait_started_as(&world, &mut job, "ties").await;
     // Three items tie with 2 events each; the fourth has 1.
     insert_events(&client, &items[..3], 2, "now()").await;
     insert_events(&client, &items[3..], 1, "now()").await;
     items[..3].sort();
     let expected: BTreeMap<String, f64> = items[..2].iter().map(|id| (id.clone(), 2.0)).collect();
     let mut last = BTreeMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         last = sorted_set(&world, "ties:top_two").await;
         if close(&last, &expected) {

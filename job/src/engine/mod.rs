@@ -558,7 +558,6 @@ impl Engine {
                 .apply(&batch)
                 .map_err(|e| JobError::State(e.to_string()))?;
         }
-        self.position = self.position.max(last);
         self.dirty = true;
         self.stats
             .changes_in

@@ -127,6 +127,19 @@ impl World {
         Job { child, log }
     }
 
+    /// Runs `engage run` on the mission SQL to its exit (for start-up errors).
+    pub fn run_mission_once(&self) -> std::process::Output {
+        let checkpoint_dir = self.checkpoint_dir();
+        self.engage(&[
+            "run",
+            MISSION_SQL,
+            "--checkpoint-dir",
+            path_str(&checkpoint_dir),
+        ])
+        .output()
+        .unwrap()
+    }
+
     /// Newest checkpoint epoch on disk of the mission job (0: none).
     pub fn latest_checkpoint(&self) -> u64 {
         self.latest_checkpoint_of("engagement")
@@ -267,8 +280,13 @@ where
 
 /// Waits until the job has written its first checkpoint (its slot exists).
 pub async fn wait_started(world: &World, job: &mut Job) {
+    wait_started_as(world, job, "engagement").await;
+}
+
+/// Waits until job `name` has written its first checkpoint.
+pub async fn wait_started_as(world: &World, job: &mut Job, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    while world.latest_checkpoint() == 0 {
+    while world.latest_checkpoint_of(name) == 0 {
         job.assert_running();
         assert!(
             Instant::now() < deadline,

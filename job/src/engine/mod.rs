@@ -514,6 +514,7 @@ impl Engine {
             return Ok(());
         }
         let last = last_position(&batch);
+        let read = batch.num_rows() as u64;
         let (batch, before) = self.divert_bad_rows(source, batch, before).await?;
         let views = self.compute_views(source, &batch, before.as_ref()).await?;
         for (index, query) in self.plan.queries.iter().enumerate() {
@@ -559,9 +560,7 @@ impl Engine {
                 .map_err(|e| JobError::State(e.to_string()))?;
         }
         self.dirty = true;
-        self.stats
-            .changes_in
-            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+        self.stats.changes_in.fetch_add(read, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

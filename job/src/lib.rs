@@ -34,6 +34,7 @@ pub mod checkpoint;
 pub mod demo;
 pub mod embedded;
 pub mod engine;
+pub mod failpoint;
 pub mod generate;
 pub mod query;
 pub mod sink;

@@ -33,8 +33,10 @@
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
+mod replay;
 pub mod side_output;
 pub mod stats;
+pub mod supervise;
 pub mod window;
 mod windowed;
 
@@ -114,10 +116,28 @@ pub struct RunSummary {
     pub changes: u64,
     pub last_checkpoint: Option<u64>,
     pub replayed_changes: u64,
+    /// In-process restarts after curable failures (see [`supervise`]).
+    pub restarts: u64,
 }
 
 /// Runs `spec` until `shutdown` resolves, then takes a final checkpoint.
+/// A failure that a restart can cure ([`supervise::is_restartable`]) restarts
+/// the run from the newest checkpoint instead of ending it.
 pub async fn run(
+    spec: &JobSpec,
+    script: &str,
+    options: RunOptions,
+    stats: Arc<JobStats>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunSummary, JobError> {
+    supervise::supervise(&stats, shutdown, |stop| {
+        run_once(spec, script, options.clone(), stats.clone(), stop)
+    })
+    .await
+}
+
+/// One run, from the newest checkpoint (or a fresh snapshot) until `shutdown`.
+async fn run_once(
     spec: &JobSpec,
     script: &str,
     options: RunOptions,
@@ -177,6 +197,8 @@ pub async fn run(
         late_sink: None,
         dead_letter_sink: None,
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
+        applied_upto: Position::ZERO,
+        rebuilding: None,
     };
     engine.windows = windowed::states_for(&engine.plan)?;
     engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
@@ -290,10 +312,21 @@ pub async fn run(
     )
     .await?;
 
+    // Re-sent changes up to here are already in some sink (counted as suppressed).
+    engine.applied_upto = engine
+        .sinks
+        .iter()
+        .map(Sink::position)
+        .max()
+        .unwrap_or(Position::ZERO)
+        .max(engine.position);
     let mut summary = RunSummary::default();
-    if latest.is_none() {
-        engine.dirty = true;
-        engine.checkpoint().await?;
+    match &latest {
+        None => {
+            engine.dirty = true;
+            engine.checkpoint().await?;
+        }
+        Some(latest) => engine.rebuild_lost_sinks(latest).await?,
     }
     if let (Some(from), Some(latest)) = (options.replay_from, &latest) {
         summary.replayed_changes = engine.replay(from, latest.epoch).await?;
@@ -309,6 +342,7 @@ pub async fn run(
         options.batching,
     )
     .await?;
+    engine.last_change = Instant::now();
     let outcome = engine
         .stream(&mut source, &control, options.checkpoint_interval, shutdown)
         .await;
@@ -352,6 +386,12 @@ struct Engine {
     dead_letter_sink: Option<Sink>,
     /// Warn when the slot retains more WAL than this.
     warn_retained_wal_bytes: u64,
+    /// The highest position any sink held at start: re-sent changes up to it
+    /// are counted in [`JobStats::resent_suppressed`].
+    applied_upto: Position,
+    /// While lost sinks are rebuilt: their query indexes. Only they are fed;
+    /// windows, side outputs and every other sink are left alone.
+    rebuilding: Option<Vec<usize>>,
 }
 
 impl Engine {
@@ -380,7 +420,10 @@ impl Engine {
                 biased;
                 _ = &mut shutdown => break,
                 event = source.events.recv() => {
-                    let event = event.ok_or_else(|| JobError::State("the replication reader stopped".into()))??;
+                    let event = event.ok_or_else(|| SourceError::Stream {
+                        target: "postgres".into(),
+                        message: "the replication reader stopped".into(),
+                    })??;
                     if let SourceEvent::End { lsn } = event {
                         tracing::info!(lsn = %format_lsn(lsn), "reached the end LSN");
                         break;
@@ -392,6 +435,7 @@ impl Engine {
             }
             if Instant::now() >= next_checkpoint && self.at_boundary && self.dirty {
                 self.checkpoint().await?;
+                crate::failpoint::hit("before_slot_confirm");
                 source.confirm(self.resume_lsn);
                 next_checkpoint = Instant::now() + interval;
             }
@@ -457,6 +501,7 @@ impl Engine {
                     before,
                     commit_end,
                 } => {
+                    let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
                     let capture_error =
                         |e| JobError::State(format!("failed to capture changes of `{name}`: {e}"));
@@ -468,6 +513,7 @@ impl Engine {
                     }
                     self.capture.append(&name, &batch).map_err(capture_error)?;
                     self.process(source, batch, before).await?;
+                    self.last_change = Instant::now();
                     match commit_end {
                         Some(end) => {
                             self.resume_lsn = self.resume_lsn.max(end);
@@ -521,6 +567,9 @@ impl Engine {
             if query.driving != source || query.is_windowed() {
                 continue;
             }
+            if self.rebuilding.as_ref().is_some_and(|r| !r.contains(&index)) {
+                continue;
+            }
             let full = match query.view {
                 Some(v) => {
                     &views[v]
@@ -549,7 +598,16 @@ impl Engine {
                 })?;
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last).await?;
+            crate::failpoint::hit("after_sink_write");
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
+        }
+        if self.rebuilding.is_some() {
+            if let Some(dimension) = &mut self.dimensions[source] {
+                dimension
+                    .apply(&batch)
+                    .map_err(|e| JobError::State(e.to_string()))?;
+            }
+            return Ok(());
         }
         self.position = self.position.max(last);
         self.process_windowed(source, &batch, before.as_ref(), &views)
@@ -618,6 +676,8 @@ impl Engine {
             .map(|&i| check.names[i].as_str())
             .collect();
         match &mut self.dead_letter_sink {
+            // A rebuild re-reads changes the dead-letter output already holds.
+            Some(_) if self.rebuilding.is_some() => {}
             Some(sink) => {
                 let rows = dead_letter::rows(&table, &reasons, &bad)
                     .map_err(|e| JobError::State(e.to_string()))?;
@@ -754,6 +814,7 @@ impl Engine {
             windows,
         };
         self.store.write(&manifest, files).await?;
+        crate::failpoint::hit("before_sink_commit");
         for sink in self
             .sinks
             .iter_mut()
@@ -799,46 +860,6 @@ impl Engine {
             }
         }
         Ok(())
-    }
-
-    /// Pushes the captured changes of epochs `from + 1 ..= to` through the queries.
-    async fn replay(&mut self, from: u64, to: u64) -> Result<u64, JobError> {
-        let mut replayed = 0;
-        for epoch in from + 1..=to {
-            let manifest = match self.store.load(epoch).await {
-                Ok(manifest) => manifest,
-                Err(CheckpointError::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let mut batches: BTreeMap<String, std::vec::IntoIter<RecordBatch>> = BTreeMap::new();
-            for (table, file) in &manifest.capture_files {
-                let bytes = self.store.read_file(epoch, &file.file).await?;
-                let decoded = checkpoint::decode_ipc(bytes)
-                    .map_err(|e| JobError::State(format!("capture of `{table}`: {e}")))?;
-                batches.insert(table.clone(), decoded.into_iter());
-            }
-            let mut before = None;
-            for (table, _) in &manifest.capture_order {
-                let Some(batch) = batches.get_mut(table).and_then(|b| b.next()) else {
-                    return Err(JobError::State(format!(
-                        "capture of checkpoint {epoch} is missing batches of `{table}`"
-                    )));
-                };
-                if table.ends_with(BEFORE_SUFFIX) {
-                    before = Some(batch);
-                    continue;
-                }
-                let Some(source) = self.plan.sources.iter().position(|s| &s.def.name == table)
-                else {
-                    before = None;
-                    continue; // a table the current SQL no longer reads
-                };
-                replayed += batch.num_rows() as u64;
-                self.process(source, batch, before.take()).await?;
-            }
-            tracing::info!(epoch, "replayed captured changes");
-        }
-        Ok(replayed)
     }
 }
 

@@ -36,6 +36,11 @@ pub struct JobStats {
     pub expired_retractions: AtomicU64,
     /// Change rows that failed a CHECK and went to the dead-letter output.
     pub dead_lettered: AtomicU64,
+    /// Changes the source sent again after a restart that a sink (or the
+    /// whole engine) already held, and that were therefore not applied again.
+    pub resent_suppressed: AtomicU64,
+    /// In-process restarts from the newest checkpoint (see `engine::supervise`).
+    pub restarts: AtomicU64,
 }
 
 impl JobStats {
@@ -87,6 +92,18 @@ impl JobStats {
             "counter",
             "Change rows that failed a CHECK and went to the dead-letter output.",
             self.dead_lettered.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_resent_suppressed_total",
+            "counter",
+            "Changes re-sent after a restart that were already applied, and skipped.",
+            self.resent_suppressed.load(Ordering::Relaxed),
+        );
+        metric(
+            "engage_restarts_total",
+            "counter",
+            "In-process restarts from the newest checkpoint after a curable failure.",
+            self.restarts.load(Ordering::Relaxed),
         );
         metric(
             "engage_late_events_total",

@@ -77,6 +77,10 @@ pub enum SinkError {
     Transient { sink: String, message: String },
     #[error("sink `{sink}`: {message}")]
     Permanent { sink: String, message: String },
+    /// The sink's store lost what the job had applied (a Redis restarted
+    /// without its data): the job must rebuild the sink from its checkpoints.
+    #[error("sink `{sink}`: {message}")]
+    Lost { sink: String, message: String },
 }
 
 impl SinkError {
@@ -119,6 +123,15 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.name(),
             Sink::Redis(sink) => sink.name(),
+        }
+    }
+
+    /// Whether the sink's store held less than the restored checkpoint
+    /// recorded when the sink opened (see [`SinkError::Lost`]).
+    pub fn lost(&self) -> bool {
+        match self {
+            Sink::Parquet(_) => false,
+            Sink::Redis(sink) => sink.lost(),
         }
     }
 

@@ -213,7 +213,7 @@ impl ParquetSink {
             let from = self.location.child(&file.staging);
             let to = self.location.child(&file.target);
             match self.location.store.rename(&from, &to).await {
-                Ok(()) => {}
+                Ok(()) => crate::failpoint::hit("parquet_commit"),
                 Err(object_store::Error::NotFound { .. }) => {
                     if self.location.store.head(&to).await.is_err() {
                         return Err(SinkError::Permanent {

@@ -151,6 +151,8 @@ pub struct RedisSink {
     position: Position,
     window_end: Option<i64>,
     rows_written: u64,
+    /// Redis held less than the checkpoint recorded at open.
+    lost: bool,
     encoder: Encoder,
 }
 
@@ -209,16 +211,15 @@ impl RedisSink {
                 ))
             })?,
         };
-        if let Some(restored) = restored {
-            if restored.position > position {
-                tracing::warn!(
-                    sink = name,
-                    redis_position = %position,
-                    checkpoint_position = %restored.position,
-                    "redis holds less than the checkpoint recorded (was redis flushed or restored?); \
-                     changes replayed from the checkpoint are applied again, older ones are not"
-                );
-            }
+        let lost = restored.is_some_and(|restored| restored.position > position);
+        if lost {
+            tracing::warn!(
+                sink = name,
+                redis_position = %position,
+                checkpoint_position = %restored.map(|r| r.position).unwrap_or_default(),
+                "redis holds less than the checkpoint recorded (it restarted without its data, or was flushed \
+                 or restored from an older copy); the job rebuilds this sink from its checkpoints"
+            );
         }
         let window_end_key = format!("engage:job:{job}:window_end");
         let stored: Option<String> = redis::cmd("HGET")
@@ -247,11 +248,17 @@ impl RedisSink {
             position,
             window_end,
             rows_written: 0,
+            lost,
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether Redis held less than the checkpoint recorded when the sink opened.
+    pub fn lost(&self) -> bool {
+        self.lost
     }
 
     pub fn position(&self) -> Position {
@@ -302,6 +309,18 @@ impl RedisSink {
         let mut command = redis::cmd("EVALSHA");
         let rows = self.encode(&batches, &mut command, ["cas", &expected, &upto_text])?;
         let reply = self.run(&command).await?;
+        // A refusal that finds no position at all: Redis lost the keys.
+        if !reply.applied && reply.found.is_empty() {
+            return Err(SinkError::Lost {
+                sink: self.name.clone(),
+                message: format!(
+                    "redis at {} no longer holds {} (this sink last wrote {}): it restarted without its data                      or was flushed, so the sink's keys hold less than the job applied",
+                    self.options.address,
+                    self.position_key,
+                    self.position.to_sortable()
+                ),
+            });
+        }
         // A refusal that finds the new position means an earlier attempt landed.
         if !reply.applied && reply.found != upto_text {
             return Err(self.permanent(format!(
@@ -406,6 +425,14 @@ impl RedisSink {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
         let mut retried = false;
+        if crate::failpoint::is_due("redis_in_flight") {
+            // Send the write, give it time to reach Redis, then die unanswered.
+            let mut connection = self.connection.clone();
+            let command = command.clone();
+            tokio::spawn(async move { command.query_async::<(i64, String)>(&mut connection).await });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            crate::failpoint::hit("redis_in_flight");
+        }
         loop {
             match command
                 .query_async::<(i64, String)>(&mut self.connection)

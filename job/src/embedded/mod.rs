@@ -2,7 +2,7 @@
 //!
 //! [`EmbeddedPostgres`] initialises a private cluster under a directory the caller owns
 //! (`wal_level=logical`, trust authentication, superuser `postgres`) and starts it on a free
-//! loopback port; [`EmbeddedRedis`] starts a Redis server that keeps nothing on disk. Both run
+//! loopback port; [`EmbeddedRedis`] starts a Redis server (in `redis.rs`). Both run
 //! the machine's own binaries (`scripts/install-deps.sh` installs them; our machines have no
 //! containers) and both stop their server when dropped, so a failing test leaves nothing
 //! running. A missing binary is an error naming the package to install, never a skip: CI
@@ -33,6 +33,10 @@
 //! `start` and `create_database` are async. `stop`, `restart_immediate` and `Drop` are
 //! blocking: they run `pg_ctl` or `redis-cli`, which take a fraction of a second.
 
+mod redis;
+
+pub use redis::{EmbeddedRedis, RedisOptions};
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io;
@@ -43,7 +47,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a server may take to accept connections once started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,8 +64,6 @@ const SETTINGS_FILE: &str = "engage.conf";
 
 const POSTGRES_BINARIES: &str = "postgresql server binaries (initdb, pg_ctl)";
 const POSTGRES_INSTALL_HINT: &str = "install them with `sudo apt-get install -y postgresql`";
-const REDIS_BINARY: &str = "redis-server";
-const REDIS_INSTALL_HINT: &str = "install it with `sudo apt-get install -y redis-server`";
 
 /// Why a throwaway server could not be started or stopped. None of these are retryable:
 /// they mean the machine lacks something, or the server itself failed (see its log).
@@ -526,153 +527,6 @@ fn write_settings(
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).map_err(io_error("chmod", &path))
 }
 
-/// A private Redis server that keeps nothing on disk, stopped on drop.
-///
-/// Its pid file and log are `root/redis.pid` and `root/redis.log`: one server per root.
-#[derive(Debug)]
-pub struct EmbeddedRedis {
-    port: u16,
-    pid_path: PathBuf,
-    log_path: PathBuf,
-    /// Whether we started the server and have not stopped it since.
-    running: bool,
-    /// The server process, once it answered.
-    process: Option<ServerProcess>,
-}
-
-impl EmbeddedRedis {
-    /// Starts a server under `root` and waits until it answers `PING`.
-    pub async fn start(root: &Path) -> Result<Self, EmbeddedError> {
-        let server = find_on_path(REDIS_BINARY).ok_or(EmbeddedError::MissingBinary {
-            what: REDIS_BINARY,
-            install_hint: REDIS_INSTALL_HINT,
-        })?;
-        let root = prepare_root(root)?;
-        let mut redis = Self {
-            port: 0,
-            pid_path: root.join("redis.pid"),
-            log_path: root.join("redis.log"),
-            running: false,
-            process: None,
-        };
-        let mut attempts_left = 2;
-        loop {
-            attempts_left -= 1;
-            redis.port = free_port()?;
-            let log_offset = file_len(&redis.log_path);
-            // A pid file left by an earlier server must not be taken for this one's.
-            let _ = fs::remove_file(&redis.pid_path);
-            let mut command = Command::new(&server);
-            command
-                .arg("--port")
-                .arg(redis.port.to_string())
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .args(["--daemonize", "yes", "--pidfile"])
-                .arg(&redis.pid_path)
-                .arg("--logfile")
-                .arg(&redis.log_path)
-                .arg("--dir")
-                .arg(&root)
-                .current_dir(&root);
-            run(command).await?;
-            redis.running = true;
-            let ready = redis.wait_ready(log_offset).await;
-            let pid = fs::read_to_string(&redis.pid_path).unwrap_or_default();
-            redis.process = pid
-                .trim()
-                .parse()
-                .ok()
-                .map(|pid| ServerProcess::track(pid, "redis-server", "TERM"));
-            let Err(reason) = ready else {
-                return Ok(redis);
-            };
-            let _ = redis.stop();
-            let log = read_from(&redis.log_path, log_offset);
-            if attempts_left > 0 && log.contains("Address already in use") {
-                continue;
-            }
-            return Err(EmbeddedError::StartFailed {
-                server: "redis",
-                port: redis.port,
-                reason,
-                log: redis.log_path.clone(),
-                log_tail: tail(&log),
-            });
-        }
-    }
-
-    /// The port the server listens on, on 127.0.0.1.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The server's URL, `redis://127.0.0.1:<port>`.
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// The server log.
-    pub fn log_path(&self) -> PathBuf {
-        self.log_path.clone()
-    }
-
-    /// Shuts the server down without saving (`redis-cli shutdown nosave`, else SIGTERM)
-    /// and waits until it has exited. Idempotent.
-    pub fn stop(&mut self) -> Result<(), EmbeddedError> {
-        if !self.running {
-            return Ok(());
-        }
-        let mut shutdown = Command::new("redis-cli");
-        shutdown
-            .arg("-p")
-            .arg(self.port.to_string())
-            .args(["shutdown", "nosave"]);
-        let asked = run_blocking(shutdown).is_ok();
-        let stopped = match &self.process {
-            Some(process) => (asked && process.wait_gone()) || process.signal_and_wait("TERM"),
-            None => asked,
-        };
-        if !stopped {
-            return Err(EmbeddedError::StillRunning {
-                server: "redis",
-                port: self.port,
-            });
-        }
-        self.running = false;
-        self.process = None;
-        Ok(())
-    }
-
-    /// Polls `PING` until it answers, the log shows that the server gave up, or
-    /// [`READY_TIMEOUT`] passes; the error is the reason.
-    async fn wait_ready(&self, log_offset: u64) -> Result<(), String> {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if answers_ping(self.port).await {
-                return Ok(());
-            }
-            let log = read_from(&self.log_path, log_offset);
-            if log.contains("aborting") || log.contains("Fatal") {
-                return Err("the server exited".into());
-            }
-            if Instant::now() > deadline {
-                return Err(format!("no answer to PING within {READY_TIMEOUT:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
-
-impl Drop for EmbeddedRedis {
-    fn drop(&mut self) {
-        if let Err(error) = self.stop() {
-            tracing::warn!(error = %error, port = self.port, "failed to stop embedded redis");
-            // Its watchdog stops the server when this process exits.
-            std::mem::forget(self.process.take());
-        }
-    }
-}
-
 /// A server process we started, and a watchdog that signals it if this process dies
 /// without stopping it (a test killed at its timeout, Ctrl-C, a panic that aborts): the
 /// servers daemonise, so nothing else would ever stop them.
@@ -761,21 +615,6 @@ impl Drop for Watchdog {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-/// Whether a Redis server on `port` answers `PING` with `PONG`.
-async fn answers_ping(port: u16) -> bool {
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(b"PING\r\n").await?;
-        let mut reply = [0u8; 16];
-        let read = stream.read(&mut reply).await?;
-        io::Result::Ok(reply[..read].starts_with(b"+PONG"))
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), exchange).await,
-        Ok(Ok(true))
-    )
 }
 
 /// Creates `root` if needed and returns its absolute path.

@@ -1,0 +1,166 @@
+//! Changes that come again: captured changes replayed from checkpoints
+//! (`engage replay`, and the rebuild of a sink whose store lost its data), and
+//! changes the source re-sends after a restart.
+//!
+//! # Rebuilding a lost Redis sink
+//!
+//! A Redis that restarts without its data (no persistence, a lost disk, a
+//! `FLUSHALL`) no longer holds the sink's position key, or holds an older one
+//! than the checkpoint recorded. Streaming on would serve an undercount, so at
+//! start the engine refills such a sink first: it takes the newest retained
+//! checkpoint at or below what Redis still holds, loads that checkpoint's
+//! dimension tables, and pushes the captured changes of every later epoch
+//! through the sink's query alone (windows, side outputs and other sinks are
+//! untouched). Streaming then resumes as usual. If no retained checkpoint is
+//! old enough (they were pruned), the job stops and says how to recover
+//! rather than serve partial keys.
+//!
+//! Windowed Redis sinks need no refill: every window they write replaces all
+//! their keys, so the next closed window rebuilds them from window state.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+
+use arrow::record_batch::RecordBatch;
+
+use super::{after, Engine, JobError, BEFORE_SUFFIX};
+use crate::checkpoint::{self, CheckpointError, Manifest};
+use crate::source::Position;
+
+impl Engine {
+    /// Pushes the captured changes of epochs `from + 1 ..= to` through the queries.
+    pub(super) async fn replay(&mut self, from: u64, to: u64) -> Result<u64, JobError> {
+        let mut replayed = 0;
+        for epoch in from + 1..=to {
+            let manifest = match self.store.load(epoch).await {
+                Ok(manifest) => manifest,
+                Err(CheckpointError::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let mut batches: BTreeMap<String, std::vec::IntoIter<RecordBatch>> = BTreeMap::new();
+            for (table, file) in &manifest.capture_files {
+                let bytes = self.store.read_file(epoch, &file.file).await?;
+                let decoded = checkpoint::decode_ipc(bytes)
+                    .map_err(|e| JobError::State(format!("capture of `{table}`: {e}")))?;
+                batches.insert(table.clone(), decoded.into_iter());
+            }
+            let mut before = None;
+            for (table, _) in &manifest.capture_order {
+                let Some(batch) = batches.get_mut(table).and_then(|b| b.next()) else {
+                    return Err(JobError::State(format!(
+                        "capture of checkpoint {epoch} is missing batches of `{table}`"
+                    )));
+                };
+                if table.ends_with(BEFORE_SUFFIX) {
+                    before = Some(batch);
+                    continue;
+                }
+                let Some(source) = self.plan.sources.iter().position(|s| &s.def.name == table)
+                else {
+                    before = None;
+                    continue; // a table the current SQL no longer reads
+                };
+                replayed += batch.num_rows() as u64;
+                self.process(source, batch, before.take()).await?;
+            }
+            tracing::info!(epoch, "replayed captured changes");
+        }
+        Ok(replayed)
+    }
+
+    /// Refills every non-windowed sink that found its store holding less than
+    /// the checkpoint `latest` recorded (see the module docs).
+    pub(super) async fn rebuild_lost_sinks(&mut self, latest: &Manifest) -> Result<(), JobError> {
+        let mut lost = Vec::new();
+        for (index, sink) in self.sinks.iter().enumerate() {
+            if !sink.lost() {
+                continue;
+            }
+            if self.plan.queries[index].is_windowed() {
+                tracing::warn!(sink = %sink.name(), "windowed sink lost its keys; the next closed window rewrites them");
+                continue;
+            }
+            lost.push(index);
+        }
+        let Some(floor) = lost.iter().map(|&i| self.sinks[i].position()).min() else {
+            return Ok(());
+        };
+        let names: Vec<&str> = lost.iter().map(|&i| self.sinks[i].name()).collect();
+        let names = names.join(", ");
+        let retained = self.store.list().await?;
+        let Some(base) = retained.iter().rev().find(|m| m.source.position <= floor) else {
+            let oldest = retained.first().map(|m| m.epoch).unwrap_or(latest.epoch);
+            return Err(JobError::State(format!(
+                "redis lost what sink(s) {names} had applied (it holds position {floor}), and the oldest retained \
+                 checkpoint ({oldest}) is newer than that, so the keys cannot be rebuilt exactly. To refill them \
+                 with the changes still captured, run `engage replay --from-checkpoint {oldest}`; keep more \
+                 checkpoints (--keep-checkpoints) to make this automatic"
+            )));
+        };
+        tracing::warn!(sinks = %names, from_checkpoint = base.epoch, to_checkpoint = latest.epoch, "rebuilding sinks whose redis lost its data");
+        for dimension in self.dimensions.iter_mut().flatten() {
+            dimension.clear();
+        }
+        self.restore_dimensions(base).await?;
+        self.rebuilding = Some(lost);
+        let outcome = self.replay(base.epoch, latest.epoch).await;
+        self.rebuilding = None;
+        for dimension in self.dimensions.iter_mut().flatten() {
+            dimension.clear();
+        }
+        self.restore_dimensions(latest).await?;
+        let replayed = outcome?;
+        tracing::info!(sinks = %names, changes = replayed, "sinks rebuilt from checkpoints");
+        Ok(())
+    }
+
+    /// Drops the changes of a batch the engine has fully processed already (a
+    /// transaction the source sends again after a reconnect), and counts the
+    /// changes some sink already held.
+    pub(super) fn drop_resent(
+        &mut self,
+        batch: RecordBatch,
+        before: Option<RecordBatch>,
+    ) -> Result<(RecordBatch, Option<RecordBatch>), JobError> {
+        if batch.num_rows() == 0 || self.applied_upto == Position::ZERO {
+            return Ok((batch, before));
+        }
+        let resent = count_at_or_below(&batch, self.applied_upto);
+        if resent == 0 {
+            return Ok((batch, before));
+        }
+        self.stats
+            .resent_suppressed
+            .fetch_add(resent, Ordering::Relaxed);
+        if resent < batch.num_rows() as u64 || super::last_position(&batch) == self.applied_upto {
+            tracing::info!(
+                upto = %self.applied_upto,
+                suppressed = self.stats.resent_suppressed.load(Ordering::Relaxed),
+                "caught up with what the sinks held before the restart"
+            );
+        }
+        let error = |e: arrow::error::ArrowError| JobError::State(e.to_string());
+        let batch = after(&batch, self.position).map_err(error)?;
+        let before = match before {
+            Some(before) if before.num_rows() > 0 => Some(after(&before, self.position).map_err(error)?),
+            other => other,
+        };
+        Ok((batch, before))
+    }
+}
+
+/// Rows of a change batch at or below `position` (batches are in position order).
+fn count_at_or_below(batch: &RecordBatch, position: Position) -> u64 {
+    let (lsn, seq) = super::position_columns(batch);
+    let at = |row: usize| Position::new(lsn.value(row) as u64, seq.value(row) as u64);
+    let (mut low, mut high) = (0, batch.num_rows());
+    while low < high {
+        let mid = (low + high) / 2;
+        if at(mid) <= position {
+            low = mid + 1;
+        } else {
+            high = mid;
+        }
+    }
+    low as u64
+}

@@ -1,0 +1,146 @@
+//! Restarting the job in-process after a failure a restart can cure.
+//!
+//! Some failures end a run but not the job: Postgres restarted (the
+//! replication connection dropped, or the server refuses connections while it
+//! recovers), Redis stayed down longer than a sink's retry budget, or Redis
+//! came back without the data the job had applied ([`SinkError::Lost`]). For
+//! those the engine does what an operator would: it starts the run again from
+//! the newest checkpoint, exactly as after `kill -9`, with a capped
+//! exponential backoff and jitter between attempts. Every sink then skips
+//! what it already holds, a Redis sink that lost its keys is rebuilt from the
+//! checkpoints, and windows are restored from the checkpoint.
+//!
+//! Anything else (bad SQL, a failed pre-flight check, an invalidated slot, a
+//! permanent sink error) stops the job at once with its error. So does a run of
+//! restarts that makes no progress (no new checkpoint) for [`GIVE_UP_AFTER`].
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::FutureExt;
+use rand::Rng;
+
+use super::{JobError, RunSummary};
+use crate::engine::stats::JobStats;
+use crate::sink::SinkError;
+use crate::source::replication::SourceError;
+
+/// Restarts without a new checkpoint in between stop after this long.
+pub const GIVE_UP_AFTER: Duration = Duration::from_secs(300);
+const FIRST_DELAY: Duration = Duration::from_millis(250);
+const MAX_DELAY: Duration = Duration::from_secs(10);
+
+/// Whether a fresh run from the newest checkpoint can cure `error`.
+pub fn is_restartable(error: &JobError) -> bool {
+    match error {
+        JobError::Source(SourceError::Connect { .. } | SourceError::Stream { .. }) => true,
+        JobError::Sink(SinkError::Transient { .. } | SinkError::Lost { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Runs `attempt` until it succeeds, fails for good, or `shutdown` resolves.
+/// Each attempt gets its own copy of the shutdown signal.
+pub(super) async fn supervise<A, F>(
+    stats: &JobStats,
+    shutdown: impl Future<Output = ()>,
+    mut attempt: A,
+) -> Result<RunSummary, JobError>
+where
+    A: FnMut(futures::future::Shared<futures::future::BoxFuture<'static, ()>>) -> F,
+    F: Future<Output = Result<RunSummary, JobError>>,
+{
+    // The caller's signal, turned into one that every attempt can wait on.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop = async move {
+        let mut stop_rx = stop_rx;
+        let _ = stop_rx.wait_for(|stopped| *stopped).await;
+    }
+    .boxed()
+    .shared();
+    let watcher = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+        std::future::pending::<()>().await;
+    };
+    tokio::pin!(watcher);
+
+    let mut delay = FIRST_DELAY;
+    let mut failing_since: Option<(Instant, u64)> = None;
+    let mut restarts = 0u64;
+    loop {
+        let outcome = tokio::select! {
+            outcome = attempt(stop.clone()) => outcome,
+            _ = &mut watcher => unreachable!("the watcher never finishes"),
+        };
+        let error = match outcome {
+            Ok(mut summary) => {
+                summary.restarts = restarts;
+                return Ok(summary);
+            }
+            Err(error) if is_restartable(&error) => error,
+            Err(error) => return Err(error),
+        };
+        if stop.clone().now_or_never().is_some() {
+            return Err(error);
+        }
+        let epoch = stats.checkpoint_epoch.load(Ordering::Relaxed);
+        match failing_since {
+            Some((_, at_epoch)) if at_epoch != epoch => {
+                failing_since = Some((Instant::now(), epoch));
+                delay = FIRST_DELAY;
+            }
+            Some((since, _)) if since.elapsed() > GIVE_UP_AFTER => {
+                tracing::error!(error = %error, "giving up: restarts made no progress for {GIVE_UP_AFTER:?}");
+                return Err(error);
+            }
+            Some(_) => {}
+            None => failing_since = Some((Instant::now(), epoch)),
+        }
+        let jitter = rand::rng().random_range(0..=delay.as_millis() as u64 / 2);
+        let wait = delay + Duration::from_millis(jitter);
+        restarts += 1;
+        stats.restarts.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            error = %error,
+            restart_in_ms = wait.as_millis() as u64,
+            "the run failed in a way a restart can cure; restarting from the newest checkpoint"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.clone() => return Err(error),
+        }
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_and_lost_sink_failures_restart_others_stop() {
+        let connect = JobError::Source(SourceError::Connect {
+            target: "pg".into(),
+            message: "refused".into(),
+        });
+        let lost = JobError::Sink(SinkError::Lost {
+            sink: "recent".into(),
+            message: "gone".into(),
+        });
+        let check = JobError::Source(SourceError::Check {
+            target: "pg".into(),
+            message: "wal_level".into(),
+        });
+        let permanent = JobError::Sink(SinkError::Permanent {
+            sink: "recent".into(),
+            message: "another writer".into(),
+        });
+        assert!(is_restartable(&connect));
+        assert!(is_restartable(&lost));
+        assert!(!is_restartable(&check));
+        assert!(!is_restartable(&permanent));
+        assert!(!is_restartable(&JobError::State("bad".into())));
+    }
+}

@@ -58,27 +58,32 @@ fn parse(value: &str) -> Option<(String, u64)> {
     POINTS.contains(&name).then(|| (name.to_string(), n))
 }
 
-/// Whether reaching `name` now would kill the process (for points that must
-/// set something up first, such as sending a request).
-pub fn is_due(name: &str) -> bool {
-    armed().is_some_and(|(armed, n)| armed == name && HITS.load(Ordering::Relaxed) + 1 == *n)
-}
-
 /// Reaches failpoint `name`: kills the process if it is armed for this hit.
 pub fn hit(name: &str) {
-    let Some((armed, n)) = armed() else { return };
-    if armed != name {
-        return;
+    if reached(name) {
+        die(name);
     }
-    if HITS.fetch_add(1, Ordering::Relaxed) + 1 == *n {
-        eprintln!("failpoint {name} reached (hit {n}): killing the job with SIGKILL");
-        // SAFETY: kill(2) with our own pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-        // SIGKILL cannot be caught; this is never reached.
-        std::process::abort();
+}
+
+/// Reaches failpoint `name` and tells whether this is the armed hit, without
+/// dying yet: for points that must set something up first (send a request),
+/// then call [`die`].
+pub fn reached(name: &str) -> bool {
+    match armed() {
+        Some((armed, n)) if armed == name => HITS.fetch_add(1, Ordering::Relaxed) + 1 == *n,
+        _ => false,
     }
+}
+
+/// Kills the process with SIGKILL.
+pub fn die(name: &str) {
+    eprintln!("failpoint {name} reached: killing the job with SIGKILL");
+    // SAFETY: kill(2) with our own pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+    // SIGKILL cannot be caught; this is never reached.
+    std::process::abort();
 }
 
 #[cfg(test)]
@@ -87,7 +92,10 @@ mod tests {
 
     #[test]
     fn only_known_points_with_a_positive_count_arm() {
-        assert_eq!(parse("parquet_commit:3"), Some(("parquet_commit".into(), 3)));
+        assert_eq!(
+            parse("parquet_commit:3"),
+            Some(("parquet_commit".into(), 3))
+        );
         assert_eq!(parse("parquet_commit:0"), None);
         assert_eq!(parse("nowhere:1"), None);
         assert_eq!(parse("after_sink_write"), None);

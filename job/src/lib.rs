@@ -26,10 +26,12 @@
 //! - [`sink`] holds one file per sink and the delivery contract they share.
 //! - [`checkpoint`] writes and reads checkpoint manifests atomically, and the
 //!   capture log that `engage replay` reprocesses.
-//! - [`embedded`] starts throwaway Postgres and Redis servers (demo, tests, [`bench`]);
+//! - [`embedded`] starts throwaway Postgres and Redis servers (demo, tests, [`bench`],
+//!   and [`chaos`], the fault suite that proves exactly-once effects);
 //!   [`generate`] is the load generator; [`query`] runs DataFusion SQL over outputs.
 
 pub mod bench;
+pub mod chaos;
 pub mod checkpoint;
 pub mod demo;
 pub mod embedded;

@@ -91,6 +91,12 @@ enum Command {
     /// steady rates, drain throughput beside pg_recvlogical, memory, CPU and state.
     /// Prints one line per figure and writes them all as JSON.
     Bench(bench::BenchOptions),
+    /// The fault suite: a seeded workload through sql/engagement.sql on private
+    /// Postgres and Redis, with kill -9 storms, crashes at every checkpoint
+    /// boundary, Postgres immediate restarts, a Redis outage and data loss, and
+    /// bad input; every sink is then compared with an oracle. Prints one line
+    /// per scenario, writes a JSON report, and exits non-zero if any failed.
+    Chaos(engage::chaos::ChaosOptions),
     /// Insert realistic engagement events into Postgres (seeds `content` first).
     Generate {
         /// Postgres to write to.
@@ -277,6 +283,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             redis.stop()?;
             Ok(())
         }
+        Command::Chaos(options) => {
+            tokio::select! {
+                outcome = engage::chaos::run(options) => { outcome?; }
+                () = shutdown_signal() => bail!("interrupted"),
+            }
+            Ok(())
+        }
         Command::Bench(options) => {
             bench::run(options, shutdown_signal()).await?;
             Ok(())
@@ -366,19 +379,23 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
                 }
             })
         });
-    let summary = engine::run(&spec, &script, options, stats, shutdown_signal()).await?;
+    let summary = engine::run(&spec, &script, options, stats.clone(), shutdown_signal()).await?;
     if let Some(reporter) = reporter {
         reporter.abort();
     }
     eprintln!(
-        "stopped after {} changes{}; last checkpoint {}",
+        "stopped after {} changes{}; last checkpoint {}; {} restarts; {} re-sent changes suppressed",
         summary.changes,
         if summary.replayed_changes > 0 {
             format!(" (and {} replayed)", summary.replayed_changes)
         } else {
             String::new()
         },
-        summary.last_checkpoint.unwrap_or(0)
+        summary.last_checkpoint.unwrap_or(0),
+        summary.restarts,
+        stats
+            .resent_suppressed
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     Ok(())
 }

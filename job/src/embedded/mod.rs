@@ -47,7 +47,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-
 /// How long a server may take to accept connections once started.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a server may take to exit once asked to stop.
@@ -798,9 +797,9 @@ mod tests {
         let mut redis = EmbeddedRedis::start(dir.path()).await.unwrap();
         assert_eq!(redis.url(), format!("redis://127.0.0.1:{}", redis.port()));
 
-        let client = redis::Client::open(redis.url()).unwrap();
+        let client = ::redis::Client::open(redis.url()).unwrap();
         let mut connection = client.get_multiplexed_async_connection().await.unwrap();
-        let pong: String = redis::cmd("PING")
+        let pong: String = ::redis::cmd("PING")
             .query_async(&mut connection)
             .await
             .unwrap();

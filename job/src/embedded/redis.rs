@@ -96,10 +96,12 @@ impl EmbeddedRedis {
         // A pid file left by an earlier server must not be taken for this one's.
         let _ = fs::remove_file(&self.pid_path);
         let mut command = Command::new(&self.server);
-        command
-            .arg("--port")
-            .arg(self.port.to_string())
-            .args(["--bind", "127.0.0.1", "--save", ""]);
+        command.arg("--port").arg(self.port.to_string()).args([
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
         if self.options.durable {
             command.args(["--appendonly", "yes", "--appendfsync", "always"]);
         } else {
@@ -243,4 +245,3 @@ async fn answers_ping(port: u16) -> bool {
         Ok(Ok(true))
     )
 }
-

@@ -501,6 +501,7 @@ impl Engine {
                     before,
                     commit_end,
                 } => {
+                    tracing::trace!(source, rows = batch.num_rows(), commit_end = ?commit_end.map(format_lsn), "changes");
                     let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
                     let capture_error =
@@ -524,6 +525,7 @@ impl Engine {
                     }
                 }
                 SourceEvent::Idle { lsn } => {
+                    tracing::trace!(lsn = %format_lsn(lsn), at_boundary = self.at_boundary, "idle");
                     if self.at_boundary && lsn > self.resume_lsn {
                         self.resume_lsn = lsn;
                         self.dirty = true;
@@ -567,7 +569,11 @@ impl Engine {
             if query.driving != source || query.is_windowed() {
                 continue;
             }
-            if self.rebuilding.as_ref().is_some_and(|r| !r.contains(&index)) {
+            if self
+                .rebuilding
+                .as_ref()
+                .is_some_and(|r| !r.contains(&index))
+            {
                 continue;
             }
             let full = match query.view {

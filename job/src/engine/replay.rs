@@ -142,7 +142,9 @@ impl Engine {
         let error = |e: arrow::error::ArrowError| JobError::State(e.to_string());
         let batch = after(&batch, self.position).map_err(error)?;
         let before = match before {
-            Some(before) if before.num_rows() > 0 => Some(after(&before, self.position).map_err(error)?),
+            Some(before) if before.num_rows() > 0 => {
+                Some(after(&before, self.position).map_err(error)?)
+            }
             other => other,
         };
         Ok((batch, before))

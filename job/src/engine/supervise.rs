@@ -33,11 +33,11 @@ const MAX_DELAY: Duration = Duration::from_secs(10);
 
 /// Whether a fresh run from the newest checkpoint can cure `error`.
 pub fn is_restartable(error: &JobError) -> bool {
-    match error {
-        JobError::Source(SourceError::Connect { .. } | SourceError::Stream { .. }) => true,
-        JobError::Sink(SinkError::Transient { .. } | SinkError::Lost { .. }) => true,
-        _ => false,
-    }
+    matches!(
+        error,
+        JobError::Source(SourceError::Connect { .. } | SourceError::Stream { .. })
+            | JobError::Sink(SinkError::Transient { .. } | SinkError::Lost { .. })
+    )
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or `shutdown` resolves.

@@ -425,13 +425,15 @@ impl RedisSink {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
         let mut retried = false;
-        if crate::failpoint::is_due("redis_in_flight") {
+        if crate::failpoint::reached("redis_in_flight") {
             // Send the write, give it time to reach Redis, then die unanswered.
             let mut connection = self.connection.clone();
             let command = command.clone();
-            tokio::spawn(async move { command.query_async::<(i64, String)>(&mut connection).await });
+            tokio::spawn(
+                async move { command.query_async::<(i64, String)>(&mut connection).await },
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
-            crate::failpoint::hit("redis_in_flight");
+            crate::failpoint::die("redis_in_flight");
         }
         loop {
             match command

@@ -1,0 +1,360 @@
+//! One scenario's world: private Postgres and durable Redis, the job as a
+//! child process, a resilient load generator, and the end-of-scenario drain.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls};
+
+use super::{context, ChaosError, Settings};
+use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions};
+use crate::generate::{self, GenerateOptions, GenerateProgress};
+
+/// Content items seeded: enough for long-tail rankings, small enough that
+/// the oracle reads every recent list.
+pub const CONTENT_ITEMS: usize = 1_000;
+pub const JOB: &str = "engagement";
+/// Position key of the `recent_events` sink: moves with every applied batch.
+pub const RECENT_POSITION_KEY: &str = "engage:job:engagement:position:recent_events";
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1800);
+/// One commit after END, so the stream is seen to pass it.
+const PAST_END_SQL: &str =
+    "UPDATE content SET title = title WHERE id = (SELECT id FROM content ORDER BY id LIMIT 1)";
+
+pub struct World {
+    pub root: PathBuf,
+    sql: PathBuf,
+    pub postgres: EmbeddedPostgres,
+    pub redis: EmbeddedRedis,
+    pub postgres_url: String,
+    /// Every job process of the scenario appends its stderr here.
+    pub log: PathBuf,
+    /// Kept alive for the world's life; deleted on drop unless kept.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl World {
+    pub async fn start(scenario: &str, settings: &Settings) -> Result<World, ChaosError> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("engage-chaos-{scenario}-"))
+            .tempdir()
+            .map_err(context("failed to create a temporary directory"))?;
+        let root = dir.path().to_path_buf();
+        let postgres = EmbeddedPostgres::start(&root.join("postgres"), PostgresOptions::default())
+            .await
+            .map_err(context("failed to start postgres"))?;
+        let postgres_url = postgres
+            .create_database("app")
+            .await
+            .map_err(context("failed to create the database"))?;
+        let redis = EmbeddedRedis::start_with(&root.join("redis"), RedisOptions { durable: true })
+            .await
+            .map_err(context("failed to start redis"))?;
+        let sql = root.join("engagement.sql");
+        std::fs::write(&sql, crate::demo::ENGAGEMENT_SQL)
+            .map_err(context(format!("failed to write {}", sql.display())))?;
+        let world = World {
+            log: root.join("job.log"),
+            sql,
+            postgres,
+            redis,
+            postgres_url,
+            _dir: if settings.keep {
+                let _ = dir.keep();
+                None
+            } else {
+                Some(dir)
+            },
+            root,
+        };
+        let db = world.db().await?;
+        generate::ensure_schema(&db)
+            .await
+            .map_err(context("failed to create the source tables"))?;
+        generate::seed_content(&db, CONTENT_ITEMS, settings.seed)
+            .await
+            .map_err(context("failed to seed content"))?;
+        Ok(world)
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+
+    pub async fn db(&self) -> Result<Client, ChaosError> {
+        let (client, connection) = tokio_postgres::connect(&self.postgres_url, NoTls)
+            .await
+            .map_err(context("failed to connect to postgres"))?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+
+    pub async fn redis(&self) -> Result<redis::aio::MultiplexedConnection, ChaosError> {
+        redis::Client::open(self.redis.url())
+            .map_err(context("bad redis url"))?
+            .get_multiplexed_async_connection()
+            .await
+            .map_err(context("failed to connect to redis"))
+    }
+
+    /// Starts `engage run` on the mission SQL; `failpoint` arms a crash point.
+    pub fn spawn_job(
+        &self,
+        failpoint: Option<&str>,
+        end_lsn: Option<&str>,
+    ) -> Result<JobChild, ChaosError> {
+        let exe = std::env::current_exe().map_err(context("failed to locate this binary"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(context(format!("failed to open {}", self.log.display())))?;
+        let mut command = Command::new(exe);
+        command
+            .arg("run")
+            .arg(&self.sql)
+            .arg("--checkpoint-dir")
+            .arg(self.root.join("checkpoints"))
+            .args([
+                "--checkpoint-interval",
+                "1",
+                "--keep-checkpoints",
+                "1000000",
+            ]);
+        if let Some(lsn) = end_lsn {
+            command.args(["--end-lsn", lsn]);
+        }
+        command.env_remove(crate::failpoint::FAILPOINT_ENV);
+        if let Some(point) = failpoint {
+            command.env(crate::failpoint::FAILPOINT_ENV, point);
+        }
+        let child = command
+            .env("ENGAGE_POSTGRES_URL", &self.postgres_url)
+            .env("ENGAGE_REDIS_URL", self.redis.url())
+            .env("ENGAGE_DATA_DIR", self.data_dir())
+            .env(
+                "RUST_LOG",
+                std::env::var("ENGAGE_CHAOS_JOB_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(context("failed to start the job (engage run)"))?;
+        Ok(JobChild {
+            child,
+            log: self.log.clone(),
+        })
+    }
+
+    /// Starts the generator: `count` events (or until stopped) at `rate`,
+    /// reconnecting after Postgres restarts.
+    pub fn generator(&self, count: Option<u64>, rate: u64, seed: u64) -> Generator {
+        let progress = Arc::new(GenerateProgress::default());
+        let (stop, stopped) = watch::channel(false);
+        let url = self.postgres_url.clone();
+        let task = tokio::spawn(generate_resilient(
+            url,
+            count,
+            rate,
+            seed,
+            progress.clone(),
+            stopped,
+        ));
+        Generator { stop, task }
+    }
+
+    /// Ends a scenario: stops `job` (SIGTERM), then drains the stream up to
+    /// the WAL position after the last event with `engage run --end-lsn`.
+    /// Returns the stopped job's summary line, if it printed one.
+    pub async fn drain(&self, job: Option<JobChild>) -> Result<Option<String>, ChaosError> {
+        let db = self.db().await?;
+        let end: String = db
+            // The insert position: with `synchronous_commit = off` the last
+            // commits may not be written yet, and pg_current_wal_lsn() is
+            // where WAL is written up to.
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(context("failed to read the WAL position"))?
+            .get(0);
+        db.batch_execute(PAST_END_SQL)
+            .await
+            .map_err(context("failed to commit past the end"))?;
+        let summary = match job {
+            Some(job) => Some(job.terminate().await?),
+            None => None,
+        };
+        let drain = self.spawn_job(None, Some(&end))?;
+        drain.wait_success(DRAIN_TIMEOUT).await?;
+        Ok(summary.flatten())
+    }
+}
+
+/// The job child process.
+pub struct JobChild {
+    child: Child,
+    log: PathBuf,
+}
+
+impl JobChild {
+    /// SIGKILL, and reap.
+    pub async fn kill_9(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status, or
+    /// `None` if it still runs.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .ok()
+            .and_then(Result::ok)
+    }
+
+    /// SIGTERM (final checkpoint), then waits for a successful exit; returns
+    /// the job's last `stopped after ...` line.
+    pub async fn terminate(self) -> Result<Option<String>, ChaosError> {
+        if let Some(pid) = self.child.id() {
+            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        let log = self.log.clone();
+        self.wait_success(STOP_TIMEOUT).await?;
+        Ok(last_summary(&log))
+    }
+
+    async fn wait_success(mut self, timeout: Duration) -> Result<(), ChaosError> {
+        match self.wait_exit(timeout).await {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => Err(ChaosError::Failed(format!(
+                "the job failed ({status}); the end of {}:\n{}",
+                self.log.display(),
+                log_tail(&self.log)
+            ))),
+            None => Err(ChaosError::Failed(format!(
+                "the job did not exit within {timeout:?}; the end of {}:\n{}",
+                self.log.display(),
+                log_tail(&self.log)
+            ))),
+        }
+    }
+}
+
+/// The last lines of a job log.
+pub fn log_tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+fn last_summary(log: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines()
+        .rev()
+        .find(|l| l.starts_with("stopped after "))
+        .map(str::to_string)
+}
+
+/// A figure `N <label>` from a job's summary line, e.g. `re-sent changes suppressed`.
+pub fn summary_figure(summary: &str, label: &str) -> Option<u64> {
+    let at = summary.find(label)?;
+    summary[..at].split_whitespace().last()?.parse().ok()
+}
+
+/// The load generator of a scenario.
+pub struct Generator {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Generator {
+    /// Waits until the generator has made `count` events or stopped.
+    pub async fn wait_done(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops it and waits for its last batch.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        self.wait_done().await;
+    }
+}
+
+async fn generate_resilient(
+    url: String,
+    count: Option<u64>,
+    rate: u64,
+    seed: u64,
+    progress: Arc<GenerateProgress>,
+    stopped: watch::Receiver<bool>,
+) {
+    let mut round = 0;
+    loop {
+        if *stopped.borrow() {
+            return;
+        }
+        let done = progress.events.load(Ordering::Relaxed);
+        let remaining = count.map(|c| c.saturating_sub(done));
+        if remaining == Some(0) {
+            return;
+        }
+        let options = GenerateOptions {
+            rate: Some(rate),
+            count: remaining,
+            content_items: CONTENT_ITEMS,
+            seed: seed.wrapping_add(round),
+            ..GenerateOptions::default()
+        };
+        let mut stop = stopped.clone();
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        match generate::run(&url, options, progress.clone(), shutdown).await {
+            Ok(_) if count.is_none() => return,
+            Ok(_) => {}
+            Err(error) => {
+                eprintln!("[chaos] generator: {error}; reconnecting");
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+        round += 1;
+    }
+}
+
+/// Polls `key` in Redis every 5 ms until it differs from `from`; the wait.
+pub async fn time_until_changed(
+    redis: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    from: Option<String>,
+    started: Instant,
+    timeout: Duration,
+) -> Option<Duration> {
+    while started.elapsed() < timeout {
+        let now: Option<String> = redis::cmd("GET").arg(key).query_async(redis).await.ok()?;
+        if now != from {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}

@@ -41,10 +41,17 @@ fn every_scenario_loses_nothing_and_duplicates_nothing() {
             assert_eq!(sink["lost"], 0, "{sink:#}");
             assert_eq!(sink["duplicated"], 0, "{sink:#}");
         }
-        assert!(scenario["events"].as_u64().unwrap() >= 10_000, "{scenario:#}");
+        assert!(
+            scenario["events"].as_u64().unwrap() >= 10_000,
+            "{scenario:#}"
+        );
     }
     // Each scenario printed its line of figures.
-    assert_eq!(stdout.lines().filter(|l| l.contains(" PASS ")).count(), 5, "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(" PASS ")).count(),
+        5,
+        "{stdout}"
+    );
     let bad = &scenarios[4];
     let dead = bad["sinks"]
         .as_array()

@@ -70,6 +70,16 @@ async fn verify(
     let verdict = oracle::check(world, injected).await?;
     report.events = verdict.events;
     report.figure("late", verdict.late as f64);
+    if !injected.is_empty() {
+        report.figure("dead_lettered", verdict.dead_letter.len() as f64);
+        if let Some(good) = verdict.sinks.iter().find(|s| s.sink == "enriched_events") {
+            let applied = good.expected.saturating_sub(good.lost) as f64;
+            report.figure(
+                "good_applied_pct",
+                100.0 * applied / good.expected.max(1) as f64,
+            );
+        }
+    }
     for sink in &verdict.sinks {
         if !sink.ok() {
             report.problems.push(format!(
@@ -102,6 +112,25 @@ async fn start_job(world: &World, failpoint: Option<&str>) -> Result<JobChild, C
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(job)
+}
+
+/// Fails unless `job` still runs (`after` says what it went through).
+fn ensure_running(world: &World, job: &mut JobChild, after: &str) -> Result<(), ChaosError> {
+    if job.running() {
+        return Ok(());
+    }
+    Err(ChaosError::Failed(format!(
+        "the job stopped {after}; the end of its log:\n{}",
+        log_tail(&world.log)
+    )))
+}
+
+/// Records the figures of a stopped job's summary line.
+fn record_summary(report: &mut ScenarioReport, summary: &str) {
+    report.figure(
+        "job_restarts",
+        summary_figure(summary, "restarts").unwrap_or(0) as f64,
+    );
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -263,22 +292,14 @@ async fn postgres_restart(
             .map_err(super::context("failed to restart postgres"))?;
     }
     generator.wait_done().await;
-    if !job.running() {
-        return Err(ChaosError::Failed(format!(
-            "the job stopped after a postgres restart; the end of its log:\n{}",
-            log_tail(&world.log)
-        )));
-    }
+    ensure_running(world, &mut job, "after a postgres restart")?;
     report.faults = format!("{} immediate restarts", settings.postgres_restarts);
     let summary = world.drain(Some(job)).await?.unwrap_or_default();
     report.figure(
         "resent_suppressed",
         summary_figure(&summary, "re-sent changes suppressed").unwrap_or(0) as f64,
     );
-    report.figure(
-        "job_restarts",
-        summary_figure(&summary, "restarts").unwrap_or(0) as f64,
-    );
+    record_summary(report, &summary);
     Ok(Injected::new())
 }
 
@@ -392,21 +413,13 @@ async fn redis_outage(
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     generator.stop().await;
-    if !job.running() {
-        return Err(ChaosError::Failed(format!(
-            "the job stopped during the redis faults; the end of its log:\n{}",
-            log_tail(&world.log)
-        )));
-    }
+    ensure_running(world, &mut job, "during the redis faults")?;
     report.faults = format!(
         "{} s outage + restart without data",
         settings.outage.as_secs()
     );
     let summary = world.drain(Some(job)).await?.unwrap_or_default();
-    report.figure(
-        "job_restarts",
-        summary_figure(&summary, "restarts").unwrap_or(0) as f64,
-    );
+    record_summary(report, &summary);
     Ok(Injected::new())
 }
 
@@ -506,18 +519,11 @@ async fn bad_input(
     }
     let mut generator = generator;
     generator.wait_done().await;
-    if !job.running() {
-        return Err(ChaosError::Failed(format!(
-            "the job stopped on bad input; the end of its log:\n{}",
-            log_tail(&world.log)
-        )));
-    }
-    report.faults = format!("{} bad events ({} kinds)", injected.len(), 7);
+    ensure_running(world, &mut job, "on bad input")?;
+    let reasons: std::collections::BTreeSet<&String> = injected.values().collect();
+    report.faults = format!("{} bad events, {} reasons", injected.len(), reasons.len());
     report.figure("injected", injected.len() as f64);
     let summary = world.drain(Some(job)).await?.unwrap_or_default();
-    report.figure(
-        "job_restarts",
-        summary_figure(&summary, "restarts").unwrap_or(0) as f64,
-    );
+    record_summary(report, &summary);
     Ok(injected)
 }

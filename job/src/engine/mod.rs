@@ -342,6 +342,11 @@ async fn run_once(
         options.batching,
     )
     .await?;
+    // Streaming: from here on a curable failure restarts the run (supervise.rs).
+    engine
+        .stats
+        .checkpoint_epoch
+        .fetch_max(engine.epoch, Ordering::Relaxed);
     engine.last_change = Instant::now();
     let outcome = engine
         .stream(&mut source, &control, options.checkpoint_interval, shutdown)

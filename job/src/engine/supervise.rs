@@ -11,8 +11,10 @@
 //! checkpoints, and windows are restored from the checkpoint.
 //!
 //! Anything else (bad SQL, a failed pre-flight check, an invalidated slot, a
-//! permanent sink error) stops the job at once with its error. So does a run of
-//! restarts that makes no progress (no new checkpoint) for [`GIVE_UP_AFTER`].
+//! permanent sink error) stops the job at once with its error. So does any
+//! failure before the process first streamed (a wrong address, a server down
+//! at start-up), and a run of restarts that makes no progress (no new
+//! checkpoint) for [`GIVE_UP_AFTER`].
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -79,7 +81,14 @@ where
                 summary.restarts = restarts;
                 return Ok(summary);
             }
-            Err(error) if is_restartable(&error) => error,
+            // A failure before this process ever streamed (the checkpoint
+            // epoch is set once streaming starts) is reported at once: a wrong
+            // address or a server down at start-up is the operator's to see.
+            Err(error)
+                if is_restartable(&error) && stats.checkpoint_epoch.load(Ordering::Relaxed) > 0 =>
+            {
+                error
+            }
             Err(error) => return Err(error),
         };
         if stop.clone().now_or_never().is_some() {

@@ -1,6 +1,6 @@
 //! Replication-slot safety against a real Postgres: an invalidated slot stops
 //! the job with an error saying what happened and how to recover — never a
-//! silent new slot.
+//! silent new slot; so does a slot confirmed past the newest checkpoint (a gap).
 
 mod support;
 
@@ -127,4 +127,53 @@ async fn an_idle_job_still_advances_its_slot_past_unrelated_wal() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     job.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slot_confirmed_past_the_newest_checkpoint_stops_the_job_naming_the_gap() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    generate::ensure_schema(&client).await.unwrap();
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    job.stop();
+
+    // Another consumer acknowledges changes the job never checkpointed.
+    generate::run(
+        &world.postgres_url,
+        GenerateOptions {
+            count: Some(1_000),
+            content_items: 20,
+            ..GenerateOptions::default()
+        },
+        Default::default(),
+        std::future::pending(),
+    )
+    .await
+    .unwrap();
+    client
+        .batch_execute(
+            "SELECT pg_replication_slot_advance('engage_engagement', pg_current_wal_insert_lsn())",
+        )
+        .await
+        .unwrap();
+
+    let output = world.run_mission_once();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("the changes in between were acknowledged without being checkpointed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pg_drop_replication_slot('engage_engagement')"),
+        "{stderr}"
+    );
+    // The slot is left as it was: no new slot, no silent restart.
+    let slots: i64 = client
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 1);
 }

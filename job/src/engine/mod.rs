@@ -261,11 +261,15 @@ async fn run_once(
                     return Err(JobError::State(format!(
                         "replication slot `{}` is confirmed up to {} but the newest checkpoint ({}) resumes at {}: \
                          the changes in between were acknowledged without being checkpointed (was the slot used by \
-                         another consumer, or the checkpoints restored from an older copy?)",
+                         another consumer, or the checkpoints restored from an older copy?), so the sinks would miss \
+                         them. Restore the checkpoint directory that matches the slot, or start over from a fresh \
+                         snapshot: move {} away and drop the slot (SELECT pg_drop_replication_slot('{}'))",
                         names.slot,
                         format_lsn(confirmed),
                         latest.epoch,
-                        latest.source.resume_lsn_text
+                        latest.source.resume_lsn_text,
+                        engine.store.display(),
+                        names.slot
                     )));
                 }
             }
@@ -611,6 +615,7 @@ impl Engine {
             sink.write(output, last).await?;
             crate::failpoint::hit("after_sink_write");
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
+            self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
         }
         if self.rebuilding.is_some() {
             if let Some(dimension) = &mut self.dimensions[source] {

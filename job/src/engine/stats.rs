@@ -18,6 +18,9 @@ pub struct JobStats {
     pub sink_names: Vec<String>,
     /// Rows written per sink, same order as `sink_names`.
     pub sink_rows: Vec<AtomicU64>,
+    /// Commit LSN of the last change each sink has received (0: none yet),
+    /// same order as `sink_names`. Parquet makes it visible at the next checkpoint.
+    pub sink_lsn: Vec<AtomicU64>,
     /// Epoch of the last completed checkpoint.
     pub checkpoint_epoch: AtomicU64,
     /// Unix milliseconds of the last completed checkpoint (0: none yet).
@@ -47,6 +50,7 @@ impl JobStats {
     pub fn new(sink_names: Vec<String>) -> JobStats {
         JobStats {
             sink_rows: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
+            sink_lsn: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
             sink_names,
             ..JobStats::default()
         }
@@ -57,6 +61,17 @@ impl JobStats {
         self.server_wal_end
             .load(Ordering::Relaxed)
             .saturating_sub(self.confirmed_lsn.load(Ordering::Relaxed))
+    }
+
+    /// Per sink (same order as `sink_names`): bytes of WAL between the
+    /// server's end and the last change the sink received.
+    pub fn sink_lag_bytes(&self) -> Vec<u64> {
+        let end = self.server_wal_end.load(Ordering::Relaxed);
+        let start = self.confirmed_lsn.load(Ordering::Relaxed);
+        self.sink_lsn
+            .iter()
+            .map(|lsn| end.saturating_sub(lsn.load(Ordering::Relaxed).max(start)))
+            .collect()
     }
 
     /// Bytes of WAL the job has yet to process.
@@ -140,6 +155,37 @@ impl JobStats {
                 rows.load(Ordering::Relaxed)
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP engage_sink_lag_bytes WAL between the server's end and the last change a sink received.\n\
+             # TYPE engage_sink_lag_bytes gauge"
+        );
+        for (name, lag) in self.sink_names.iter().zip(self.sink_lag_bytes()) {
+            let _ = writeln!(out, "engage_sink_lag_bytes{{sink=\"{name}\"}} {lag}");
+        }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sink_lag_counts_from_the_last_change_received_or_the_confirmed_position() {
+        let stats = JobStats::new(vec!["recent".into(), "quiet".into()]);
+        stats.server_wal_end.store(1_000, Ordering::Relaxed);
+        stats.confirmed_lsn.store(100, Ordering::Relaxed);
+        stats.sink_lsn[0].store(900, Ordering::Relaxed);
+        assert_eq!(stats.sink_lag_bytes(), vec![100, 900]);
+        let text = stats.prometheus();
+        assert!(
+            text.contains("engage_sink_lag_bytes{sink=\"recent\"} 100"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE engage_sink_lag_bytes gauge"),
+            "{text}"
+        );
     }
 }

@@ -289,6 +289,7 @@ impl Engine {
             let position = self.position;
             self.sinks[q].write_window(output, end, position).await?;
             self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
+            self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
             self.dirty = true;
         }
         Ok(())

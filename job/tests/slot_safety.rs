@@ -151,16 +151,32 @@ async fn a_slot_confirmed_past_the_newest_checkpoint_stops_the_job_naming_the_ga
     )
     .await
     .unwrap();
+    // A slot advances only to flushed WAL: CHECKPOINT flushes it all.
     client
         .batch_execute(
-            "SELECT pg_replication_slot_advance('engage_engagement', pg_current_wal_insert_lsn())",
+            "CHECKPOINT; \
+             SELECT pg_replication_slot_advance('engage_engagement', pg_current_wal_lsn())",
         )
         .await
         .unwrap();
 
-    let output = world.run_mission_once();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    // Started in the background, so that a job that missed the gap and
+    // streams on fails the test instead of hanging it.
+    let mut job = world.start_job(&["run"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = job.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not stop on the gap\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let stderr = std::fs::read_to_string(&job.log).unwrap();
     assert!(
         stderr.contains("the changes in between were acknowledged without being checkpointed"),
         "{stderr}"

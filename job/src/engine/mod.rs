@@ -128,7 +128,7 @@ pub async fn run(
     script: &str,
     options: RunOptions,
     stats: Arc<JobStats>,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send,
 ) -> Result<RunSummary, JobError> {
     supervise::supervise(&stats, shutdown, |stop| {
         run_once(spec, script, options.clone(), stats.clone(), stop)

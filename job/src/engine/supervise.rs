@@ -20,6 +20,7 @@ use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use futures::future::{BoxFuture, Shared};
 use futures::FutureExt;
 use rand::Rng;
 
@@ -44,38 +45,25 @@ pub fn is_restartable(error: &JobError) -> bool {
 
 /// Runs `attempt` until it succeeds, fails for good, or `shutdown` resolves.
 /// Each attempt gets its own copy of the shutdown signal.
-pub(super) async fn supervise<A, F>(
+pub(super) async fn supervise<'a, A, F>(
     stats: &JobStats,
-    shutdown: impl Future<Output = ()>,
+    shutdown: impl Future<Output = ()> + Send + 'a,
     mut attempt: A,
 ) -> Result<RunSummary, JobError>
 where
-    A: FnMut(futures::future::Shared<futures::future::BoxFuture<'static, ()>>) -> F,
+    A: FnMut(Shared<BoxFuture<'a, ()>>) -> F,
     F: Future<Output = Result<RunSummary, JobError>>,
 {
-    // The caller's signal, turned into one that every attempt can wait on.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stop = async move {
-        let mut stop_rx = stop_rx;
-        let _ = stop_rx.wait_for(|stopped| *stopped).await;
-    }
-    .boxed()
-    .shared();
-    let watcher = async move {
-        shutdown.await;
-        let _ = stop_tx.send(true);
-        std::future::pending::<()>().await;
-    };
-    tokio::pin!(watcher);
+    let stop = shutdown.boxed().shared();
+    // Poll it once now, so a signal handler inside it is installed before
+    // the first attempt's start-up (which does not poll it).
+    let _ = stop.clone().now_or_never();
 
     let mut delay = FIRST_DELAY;
     let mut failing_since: Option<(Instant, u64)> = None;
     let mut restarts = 0u64;
     loop {
-        let outcome = tokio::select! {
-            outcome = attempt(stop.clone()) => outcome,
-            _ = &mut watcher => unreachable!("the watcher never finishes"),
-        };
+        let outcome = attempt(stop.clone()).await;
         let error = match outcome {
             Ok(mut summary) => {
                 summary.restarts = restarts;

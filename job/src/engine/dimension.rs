@@ -64,6 +64,11 @@ impl Dimension {
         self.rows = RecordBatch::new_empty(self.schema.clone());
     }
 
+    /// Puts back `rows`, contents taken earlier with [`Dimension::contents`].
+    pub fn restore_contents(&mut self, rows: RecordBatch) {
+        self.rows = rows;
+    }
+
     /// Applies a batch of changes (with the `_op` column), in order.
     pub fn apply(&mut self, changes: &RecordBatch) -> Result<(), ArrowError> {
         if changes.num_rows() == 0 {

@@ -98,18 +98,25 @@ impl Engine {
             )));
         };
         tracing::warn!(sinks = %names, from_checkpoint = base.epoch, to_checkpoint = latest.epoch, "rebuilding sinks whose redis lost its data");
+        // The dimensions as of `latest` (already restored), put back afterwards.
+        let current: Vec<Option<RecordBatch>> = self
+            .dimensions
+            .iter()
+            .map(|d| d.as_ref().map(|d| d.contents().clone()))
+            .collect();
         for dimension in self.dimensions.iter_mut().flatten() {
             dimension.clear();
         }
+        // An error ends the run, and the engine with it: nothing to undo then.
         self.restore_dimensions(base).await?;
         self.rebuilding = Some(lost);
-        let outcome = self.replay(base.epoch, latest.epoch).await;
+        let replayed = self.replay(base.epoch, latest.epoch).await?;
         self.rebuilding = None;
-        for dimension in self.dimensions.iter_mut().flatten() {
-            dimension.clear();
+        for (dimension, rows) in self.dimensions.iter_mut().zip(current) {
+            if let (Some(dimension), Some(rows)) = (dimension, rows) {
+                dimension.restore_contents(rows);
+            }
         }
-        self.restore_dimensions(latest).await?;
-        let replayed = outcome?;
         tracing::info!(sinks = %names, changes = replayed, "sinks rebuilt from checkpoints");
         Ok(())
     }

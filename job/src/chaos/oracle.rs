@@ -372,8 +372,8 @@ impl Outputs {
     async fn id_counts(&self, sql: &str) -> Result<HashMap<i64, u64>, ChaosError> {
         let mut counts = HashMap::new();
         for batch in self.rows(sql).await? {
-            let ids = int64(batch.column(0))?;
-            let n = int64(batch.column(1))?;
+            let ids: Int64Array = cast_as(batch.column(0), &DataType::Int64)?;
+            let n: Int64Array = cast_as(batch.column(1), &DataType::Int64)?;
             for row in 0..batch.num_rows() {
                 counts.insert(ids.value(row), n.value(row) as u64);
             }
@@ -385,9 +385,9 @@ impl Outputs {
     async fn row_ids(&self, sql: &str) -> Result<Vec<(i64, String)>, ChaosError> {
         let mut out = Vec::new();
         for batch in self.rows(sql).await? {
-            let rows = utf8(batch.column(0))?;
+            let rows: StringArray = cast_as(batch.column(0), &DataType::Utf8)?;
             let extra = if batch.num_columns() > 1 {
-                Some(utf8(batch.column(1))?)
+                Some(cast_as::<StringArray>(batch.column(1), &DataType::Utf8)?)
             } else {
                 None
             };
@@ -403,21 +403,16 @@ impl Outputs {
     }
 }
 
-fn int64(column: &arrow::array::ArrayRef) -> Result<Int64Array, ChaosError> {
-    let cast = cast(column, &DataType::Int64).map_err(context("not an integer column"))?;
+/// `column` cast to `data_type`, as its concrete array type `A`.
+fn cast_as<A: Array + Clone + 'static>(
+    column: &arrow::array::ArrayRef,
+    data_type: &DataType,
+) -> Result<A, ChaosError> {
+    let cast = cast(column, data_type).map_err(context(format!("not castable to {data_type}")))?;
     Ok(cast
         .as_any()
-        .downcast_ref::<Int64Array>()
-        .expect("cast to Int64")
-        .clone())
-}
-
-fn utf8(column: &arrow::array::ArrayRef) -> Result<StringArray, ChaosError> {
-    let cast = cast(column, &DataType::Utf8).map_err(context("not a text column"))?;
-    Ok(cast
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .expect("cast to Utf8")
+        .downcast_ref::<A>()
+        .expect("a cast yields its type's array")
         .clone())
 }
 

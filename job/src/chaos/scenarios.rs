@@ -30,23 +30,15 @@ pub async fn run(name: &str, settings: &Settings) -> ScenarioReport {
         ..ScenarioReport::default()
     };
     let outcome = async {
-        let world = World::start(name, settings).await?;
+        let mut world = World::start(name, settings).await?;
         if settings.keep {
             report.dir = Some(world.root.display().to_string());
         }
         let injected = match name {
             "kill-storm" => kill_storm(&world, settings, &mut report).await?,
             "crash-points" => crash_points(&world, settings, &mut report).await?,
-            "postgres-restart" => {
-                let mut world = world;
-                let injected = postgres_restart(&mut world, settings, &mut report).await?;
-                return verify(&world, &injected, &mut report).await;
-            }
-            "redis-outage" => {
-                let mut world = world;
-                let injected = redis_outage(&mut world, settings, &mut report).await?;
-                return verify(&world, &injected, &mut report).await;
-            }
+            "postgres-restart" => postgres_restart(&mut world, settings, &mut report).await?,
+            "redis-outage" => redis_outage(&mut world, settings, &mut report).await?,
             "bad-input" => bad_input(&world, settings, &mut report).await?,
             other => return Err(ChaosError::UnknownScenario(other.to_string())),
         };

@@ -78,12 +78,7 @@ async fn a_slot_invalidated_by_max_slot_wal_keep_size_stops_the_job_with_a_recov
         "{stderr}"
     );
     // No new slot was created behind the user's back.
-    let slots: i64 = client
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 1);
+    assert_eq!(world.slot_count().await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,23 +155,9 @@ async fn a_slot_confirmed_past_the_newest_checkpoint_stops_the_job_naming_the_ga
         .await
         .unwrap();
 
-    // Started in the background, so that a job that missed the gap and
-    // streams on fails the test instead of hanging it.
-    let mut job = world.start_job(&["run"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = job.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job did not stop on the gap\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    assert!(!status.success());
-    let stderr = std::fs::read_to_string(&job.log).unwrap();
+    let output = world.run_mission_once();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(
         stderr.contains("the changes in between were acknowledged without being checkpointed"),
         "{stderr}"
@@ -186,10 +167,5 @@ async fn a_slot_confirmed_past_the_newest_checkpoint_stops_the_job_naming_the_ga
         "{stderr}"
     );
     // The slot is left as it was: no new slot, no silent restart.
-    let slots: i64 = client
-        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(slots, 1);
+    assert_eq!(world.slot_count().await, 1);
 }

@@ -127,17 +127,38 @@ impl World {
         Job { child, log }
     }
 
-    /// Runs `engage run` on the mission SQL to its exit (for start-up errors).
+    /// Runs `engage run` on the mission SQL to its exit (for start-up
+    /// errors); its stderr is in the output. A job still running after 60 s
+    /// (it missed the error and streams on) fails the test instead of hanging it.
     pub fn run_mission_once(&self) -> std::process::Output {
-        let checkpoint_dir = self.checkpoint_dir();
-        self.engage(&[
-            "run",
-            MISSION_SQL,
-            "--checkpoint-dir",
-            path_str(&checkpoint_dir),
-        ])
-        .output()
-        .unwrap()
+        let mut job = self.start_job_with_interval(&["run"], "10");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = job.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engage run kept running instead of stopping at start-up\n{}",
+                job.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: std::fs::read(&job.log).unwrap(),
+        }
+    }
+
+    /// Replication slots in the world's Postgres.
+    pub async fn slot_count(&self) -> i64 {
+        self.sql()
+            .await
+            .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+            .await
+            .unwrap()
+            .get(0)
     }
 
     /// Newest checkpoint epoch on disk of the mission job (0: none).

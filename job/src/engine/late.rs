@@ -46,10 +46,11 @@ pub async fn open(
     side_output::open(spec, LATE_EVENTS_TABLE, schema(), 2, restored).await
 }
 
-/// Builds late-event rows from late change rows of `table`.
+/// Builds late-event rows from late change rows of `table`, each with the
+/// watermark it missed.
 pub fn rows(
     table: &str,
-    watermark: i64,
+    watermarks: &[i64],
     time_column: &str,
     late: &RecordBatch,
 ) -> Result<RecordBatch, arrow::error::ArrowError> {
@@ -60,7 +61,7 @@ pub fn rows(
     let columns: Vec<ArrayRef> = vec![
         Arc::new(StringArray::from(vec![table; n])),
         column(time_column, &time)?,
-        Arc::new(TimestampMicrosecondArray::from(vec![watermark; n]).with_timezone("UTC")),
+        Arc::new(TimestampMicrosecondArray::from(watermarks.to_vec()).with_timezone("UTC")),
         column(LSN_COLUMN, &DataType::Int64)?,
         column(SEQ_COLUMN, &DataType::Int64)?,
         column(COMMIT_TS_COLUMN, &time)?,

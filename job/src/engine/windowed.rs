@@ -4,13 +4,16 @@
 //! # Signs
 //!
 //! A change batch is split by operation before the pre-plans run: inserts
-//! (`+1`, and late if below the watermark), new images of updates (`+1`),
+//! (`+1`, and late if below the watermark as it stands at that row), new
+//! images of updates (`+1`),
 //! and deletes plus old images of updates (`-1`, retractions). Retractions are
 //! computed with the dimension tables as they stand at the retracting change.
 //!
 //! # Watermark
 //!
-//! Per query: the newest event time seen minus the `WATERMARK` delay. When no
+//! Per query: the newest event time seen minus the `WATERMARK` delay; within
+//! a batch it moves row by row (see `split_late`), so lateness never depends
+//! on batch boundaries. When no
 //! change has arrived for [`IDLE_AFTER`], the wall clock stands in for event
 //! time (minus the delay and [`IDLE_AFTER`]), so windows keep closing and stale
 //! content leaves the rankings.
@@ -34,7 +37,7 @@ use arrow::record_batch::RecordBatch;
 use super::window::WindowState;
 use super::{Engine, JobError};
 use crate::checkpoint::{self, Manifest, StateFile, WindowCheckpoint};
-use crate::source::OP_COLUMN;
+use crate::source::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 
 /// No change for this long makes the wall clock drive the watermark.
@@ -59,6 +62,24 @@ pub fn states_for(plan: &JobPlan) -> Result<Vec<Vec<WindowState>>, JobError> {
 
 fn window_key(sink: &str, index: usize) -> String {
     format!("{sink}/{index}")
+}
+
+/// Row indexes of `batch` in stream order (`_lsn`, then `_seq`), or as they
+/// are if the batch does not carry its positions.
+fn stream_order(batch: &RecordBatch) -> Result<Vec<usize>, JobError> {
+    let (Some(lsn), Some(seq)) = (
+        batch.column_by_name(LSN_COLUMN),
+        batch.column_by_name(SEQ_COLUMN),
+    ) else {
+        return Ok((0..batch.num_rows()).collect());
+    };
+    let columns = [lsn, seq].map(|column| arrow::compute::SortColumn {
+        values: column.clone(),
+        options: None,
+    });
+    let indices = arrow::compute::lexsort_to_indices(&columns, None)
+        .map_err(|e| JobError::State(e.to_string()))?;
+    Ok(indices.values().iter().map(|&i| i as usize).collect())
 }
 
 /// The rows of `batch` whose `_op` is one of `ops`.
@@ -109,14 +130,13 @@ impl Engine {
                 }
                 None => (batch, before),
             };
-            let inserts = with_ops(rows, &["c"])?;
+            let inserts = self.split_late(source, &queries, rows).await?;
             let updates = with_ops(rows, &["u"])?;
             let mut retractions = with_ops(rows, &["d"])?;
             if let Some(old) = old {
                 retractions = concat_batches(&rows.schema(), [&retractions, old])
                     .map_err(|e| JobError::State(e.to_string()))?;
             }
-            let inserts = self.split_late(source, &queries, &inserts).await?;
             self.feed_windows(&queries, [&inserts, &updates, &retractions])
                 .await?;
         }
@@ -169,24 +189,38 @@ impl Engine {
         Ok(())
     }
 
-    /// Takes the inserts older than the source's watermark (the newest of its
-    /// windowed queries') out of `inserts`: they are counted and written to
-    /// the late-events output, once each.
+    /// The inserts of `rows` (a change batch in stream order, every op) that
+    /// are on time. The others are late: counted and written to the
+    /// late-events output, once each.
+    ///
+    /// The watermark moves *within* the batch, row by row: an insert is late
+    /// when its event time is below the newest event time of the on-time
+    /// inserts and updates before it (in this batch or earlier ones) minus the
+    /// delay, or below the idle watermark. So which events are late depends
+    /// on the changes and their order alone, never on where the source cut
+    /// its batches: a job restarted after a crash decides exactly as an
+    /// uninterrupted one would.
     async fn split_late(
         &mut self,
         source: usize,
         driven: &[usize],
-        inserts: &RecordBatch,
+        rows: &RecordBatch,
     ) -> Result<RecordBatch, JobError> {
-        let watermark = driven.iter().filter_map(|&q| self.watermark(q)).max();
-        let (Some(watermark), Some(column)) =
-            (watermark, self.plan.sources[source].def.watermark.clone())
-        else {
-            return Ok(inserts.clone());
+        let inserts = |mask: &BooleanArray| {
+            filter_record_batch(rows, mask).map_err(|e| JobError::State(e.to_string()))
         };
-        let Some(times) = inserts.column_by_name(&column.column) else {
-            // The input does not carry the event time: windows count late rows themselves.
-            return Ok(inserts.clone());
+        let ops = rows
+            .column_by_name(OP_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .ok_or_else(|| JobError::State("change batch without `_op`".into()))?;
+        let is_insert: BooleanArray = (0..rows.num_rows())
+            .map(|i| Some(ops.is_valid(i) && ops.value(i) == "c"))
+            .collect();
+        let column = self.plan.sources[source].def.watermark.clone();
+        let times = column.as_ref().and_then(|c| rows.column_by_name(&c.column));
+        let (Some(column), Some(times)) = (column, times) else {
+            // No event time here: windows count late rows themselves.
+            return inserts(&is_insert);
         };
         let times = arrow::compute::cast(
             times,
@@ -200,26 +234,49 @@ impl Engine {
             .as_any()
             .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
             .expect("cast to timestamps");
-        let late: BooleanArray = (0..times.len())
-            .map(|i| Some(times.is_null(i) || times.value(i) < watermark))
-            .collect();
-        if late.true_count() == 0 {
-            return Ok(inserts.clone());
+        let delay = driven
+            .iter()
+            .map(|&q| self.plan.queries[q].watermark_delay)
+            .min()
+            .unwrap_or(0);
+        let mut watermark = driven.iter().filter_map(|&q| self.watermark(q)).max();
+        // Per row: the watermark it met, if it is a late insert. Rows are
+        // visited in stream order: a view's join need not keep it.
+        let mut missed: Vec<Option<i64>> = vec![None; rows.num_rows()];
+        for i in stream_order(rows)? {
+            let missed = &mut missed[i];
+            let op = if ops.is_valid(i) { ops.value(i) } else { "" };
+            if op != "c" && op != "u" {
+                continue;
+            }
+            let time = (!times.is_null(i)).then(|| times.value(i));
+            match (op, time, watermark) {
+                ("c", None, w) => *missed = Some(w.unwrap_or(0)),
+                ("c", Some(t), Some(w)) if t < w => *missed = Some(w),
+                (_, Some(t), _) => {
+                    watermark = Some(watermark.map_or(t - delay, |w| w.max(t - delay)))
+                }
+                _ => {}
+            }
         }
-        let late_rows =
-            filter_record_batch(inserts, &late).map_err(|e| JobError::State(e.to_string()))?;
-        let on_time = filter_record_batch(
-            inserts,
+        let late: BooleanArray = missed.iter().map(|m| Some(m.is_some())).collect();
+        let on_time = arrow::compute::and(
+            &is_insert,
             &arrow::compute::not(&late).map_err(|e| JobError::State(e.to_string()))?,
         )
         .map_err(|e| JobError::State(e.to_string()))?;
+        if late.true_count() == 0 {
+            return inserts(&on_time);
+        }
+        let late_rows = inserts(&late)?;
+        let watermarks: Vec<i64> = missed.into_iter().flatten().collect();
         let table = self.plan.sources[source].def.name.clone();
         self.stats
             .late_events
             .fetch_add(late_rows.num_rows() as u64, Ordering::Relaxed);
         match &mut self.late_sink {
             Some(late_sink) => {
-                let rows = super::late::rows(&table, watermark, &column.column, &late_rows)
+                let rows = super::late::rows(&table, &watermarks, &column.column, &late_rows)
                     .map_err(|e| JobError::State(format!("late events: {e}")))?;
                 late_sink.write_window(vec![rows], 0, self.position).await?;
                 self.dirty = true;
@@ -231,7 +288,7 @@ impl Engine {
                  to keep them"
             ),
         }
-        Ok(on_time)
+        inserts(&on_time)
     }
 
     /// The watermark of query `q`: newest event time minus the delay, or the

@@ -363,7 +363,7 @@ pub async fn run(
 }
 
 /// One COPY, autocommitted: the batch is one transaction.
-async fn copy_batch(client: &Client, data: &str) -> Result<u64, tokio_postgres::Error> {
+pub(crate) async fn copy_batch(client: &Client, data: &str) -> Result<u64, tokio_postgres::Error> {
     let sink = client.copy_in(COPY_EVENTS_SQL).await?;
     futures::pin_mut!(sink);
     sink.send(Bytes::copy_from_slice(data.as_bytes())).await?;
@@ -449,7 +449,7 @@ impl ZipfSampler {
 }
 
 /// Formats batches of events in COPY text format; owns all random state.
-struct EventGenerator {
+pub(crate) struct EventGenerator {
     rng: StdRng,
     items: Vec<ContentItem>,
     /// `by_rank[r]` is the index into `items` of the item with popularity rank `r`.
@@ -462,7 +462,11 @@ struct EventGenerator {
 }
 
 impl EventGenerator {
-    fn new(items: Vec<ContentItem>, seed: u64, exponent: f64) -> Result<Self, GenerateError> {
+    pub(crate) fn new(
+        items: Vec<ContentItem>,
+        seed: u64,
+        exponent: f64,
+    ) -> Result<Self, GenerateError> {
         if items.is_empty() {
             return Err(GenerateError::NoContent);
         }
@@ -486,7 +490,7 @@ impl EventGenerator {
     }
 
     /// Appends `rows` events stamped `event_ts` to `out`, one COPY text line each.
-    fn write_batch(&mut self, out: &mut String, rows: usize, event_ts: DateTime<Utc>) {
+    pub(crate) fn write_batch(&mut self, out: &mut String, rows: usize, event_ts: DateTime<Utc>) {
         self.event_ts.clear();
         write_event_ts(&mut self.event_ts, event_ts);
         for _ in 0..rows {

@@ -20,26 +20,37 @@
 //!    its data, which the job must detect and rebuild.
 //! 5. `bad-input`: ~1% bad events of every kind the mission SQL checks.
 //!
+//! Every scenario runs the same seeded workload ([`workload`]): inserts,
+//! updates, deletes, content changes, out-of-order and late events (and bad
+//! events in `bad-input`), so every kind of change meets every fault. Each
+//! fault is checked to have hit work in flight: a kill waits until the sinks
+//! hold changes no checkpoint covers, and the line says how many changes the
+//! restarted jobs read again.
+//!
 //! # The end of a scenario
 //!
-//! The generator stops; the running job is stopped with SIGTERM; one more
-//! `engage run --end-lsn END` drains the stream up to the WAL position taken
-//! after the last event, so every sink has seen every event. Then the oracle
-//! runs. A scenario passes when every sink has lost = 0 and duplicated = 0
-//! (and, for bad input, dead-lettered = injected exactly).
+//! The workload stops after its quiet tail. Kill storm, crash points and bad
+//! input then stop the running job with SIGTERM and drain the stream in a
+//! fresh `engage run --end-lsn END`. The Postgres restart and Redis outage
+//! scenarios end *in place*: the job that restarted itself or rebuilt a sink
+//! runs until its slot is confirmed past END, and is checked as it is. Then
+//! the oracle ([`oracle`]) runs. A scenario passes when every output matches
+//! it: lost = 0, duplicated = 0, no wrong value or window.
 //!
 //! # Limits
 //!
-//! - The oracle is Postgres itself: the events it holds at the end are the
-//!   events that happened. An immediate Postgres restart can lose commits
-//!   acknowledged to the generator (`synchronous_commit = off`), but never
-//!   one the job saw: walsenders send only flushed WAL.
+//! - The oracle is Postgres itself: the rows it holds at the end, and the
+//!   history its triggers kept, are the changes that happened. An immediate
+//!   Postgres restart can lose commits acknowledged to the workload
+//!   (`synchronous_commit = off`), but never one the job saw: walsenders
+//!   send only flushed WAL.
 //! - Kill moments are seeded; what the job is doing at that moment depends on
 //!   timing, so two runs with one seed inject the same faults, not the same
 //!   interleavings.
 
-mod oracle;
+pub mod oracle;
 mod scenarios;
+pub mod workload;
 mod world;
 
 use std::path::PathBuf;

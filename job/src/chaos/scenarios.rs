@@ -1,4 +1,11 @@
 //! The five scenarios of the fault suite; each returns its report.
+//!
+//! Every scenario runs the same workload (inserts, updates, deletes, content
+//! changes, out-of-order and late events; bad events too in `bad-input`)
+//! while its faults land. Kill storm, crash points and bad input end with a
+//! drain in a fresh process; the Postgres restart and Redis outage scenarios
+//! end *in place*: the job that restarted itself, or rebuilt a sink, runs to
+//! the end and is checked as it is.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -7,14 +14,19 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::oracle;
+use super::workload::{Workload, WorkloadOptions};
 use super::world::{
-    log_tail, summary_figure, time_until_changed, JobChild, World, RECENT_POSITION_KEY,
+    log_tail, summary_figure, time_until_changed, JobChild, World, CONTENT_ITEMS,
+    RECENT_POSITION_KEY,
 };
 use super::{ChaosError, ScenarioReport, Settings};
 use crate::failpoint;
 
 /// Injected bad events: id → the CHECK of `sql/engagement.sql` it fails.
 type Injected = BTreeMap<i64, String>;
+
+/// How long a kill waits for sinks to hold changes no checkpoint covers.
+const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a restarted job may take to apply its first change.
 const FIRST_APPLY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -42,7 +54,8 @@ pub async fn run(name: &str, settings: &Settings) -> ScenarioReport {
             "bad-input" => bad_input(&world, settings, &mut report).await?,
             other => return Err(ChaosError::UnknownScenario(other.to_string())),
         };
-        verify(&world, &injected, &mut report).await
+        let stopped_at = chrono::Utc::now().timestamp_micros();
+        verify(&world, &injected, stopped_at, &mut report).await
     }
     .await;
     if let Err(error) = outcome {
@@ -57,13 +70,24 @@ pub async fn run(name: &str, settings: &Settings) -> ScenarioReport {
 async fn verify(
     world: &World,
     injected: &Injected,
+    stopped_at_micros: i64,
     report: &mut ScenarioReport,
 ) -> Result<(), ChaosError> {
-    let verdict = oracle::check(world, injected).await?;
+    let target = oracle::Target {
+        postgres_url: world.postgres_url.clone(),
+        redis_url: world.redis.url(),
+        data_dir: world.data_dir(),
+        stopped_at_micros,
+    };
+    let mut verdict = oracle::check(&target, injected).await?;
     report.events = verdict.events;
-    report.figure("late", verdict.late as f64);
+    report.figure("updates", verdict.updates as f64);
+    report.figure("deletes", verdict.deletes as f64);
+    report.figure("content_changes", verdict.content_changes as f64);
+    report.figure("late_expected", verdict.late as f64);
+    report.problems.append(&mut verdict.problems);
     if !injected.is_empty() {
-        report.figure("dead_lettered", verdict.dead_letter.len() as f64);
+        report.figure("dead_lettered", verdict.dead_lettered as f64);
         if let Some(good) = verdict.sinks.iter().find(|s| s.sink == "enriched_events") {
             let applied = good.expected.saturating_sub(good.lost) as f64;
             report.figure(
@@ -133,7 +157,53 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank - 1]
 }
 
-/// Scenario 1: SIGKILL at seeded moments (and two SIGTERM restarts) while events flow.
+/// Waits for the workload to commit `inserts` ordinary inserts.
+async fn wait_inserted(workload: &Workload, inserts: u64) -> Result<(), ChaosError> {
+    while workload.inserted() < inserts {
+        if workload.is_done() {
+            return Err(ChaosError::Failed(format!(
+                "the workload stopped after {} of the inserts the faults were timed by",
+                workload.inserted()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// Waits (up to [`IN_FLIGHT_TIMEOUT`]) until sinks hold changes that no
+/// checkpoint covers, so the fault about to land has work to lose.
+async fn wait_in_flight(world: &World) -> Result<super::world::InFlight, ChaosError> {
+    let started = Instant::now();
+    loop {
+        let in_flight = world.in_flight().await?;
+        if in_flight.uncheckpointed() || started.elapsed() > IN_FLIGHT_TIMEOUT {
+            return Ok(in_flight);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Records what the faults found in flight: how many landed on changes no
+/// checkpoint covered, and how many changes the restarted jobs read again.
+fn record_in_flight(
+    report: &mut ScenarioReport,
+    what: &str,
+    landed: u32,
+    faults: u32,
+    replayed: u64,
+) {
+    report.figure(&format!("{what}_on_uncheckpointed"), landed as f64);
+    report.figure(&format!("{what}_replayed_changes"), replayed as f64);
+    report.faults.push_str(&format!(
+        ", {landed}/{faults} on uncheckpointed changes, {replayed} changes replayed"
+    ));
+}
+
+/// Scenario 1: SIGKILL at seeded moments (and two SIGTERM restarts) while
+/// changes flow. Moments are fractions of the workload's inserts, so every
+/// fault lands while it runs; each SIGKILL waits until sinks hold changes no
+/// checkpoint covers.
 async fn kill_storm(
     world: &World,
     settings: &Settings,
@@ -141,29 +211,27 @@ async fn kill_storm(
 ) -> Result<Injected, ChaosError> {
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut job = Some(start_job(world, None).await?);
-    let mut generator = world.generator(Some(settings.events), settings.rate, settings.seed);
-    let expected = Duration::from_secs_f64(settings.events as f64 / settings.rate as f64);
-    // Fault moments as fractions of the expected run; the clean ones are marked.
+    let mut workload = world.workload(Some(settings.events), settings.rate, settings.seed);
     let mut moments: Vec<(f64, bool)> = (0..settings.kills + 2)
         .map(|i| (rng.random_range(0.05..0.95), i >= settings.kills))
         .collect();
     moments.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let started = Instant::now();
     let mut redis = world.redis().await?;
     let mut first_apply = Vec::new();
-    let (mut kills, mut clean) = (0, 0);
+    let (mut kills, mut clean, mut landed, mut replayed) = (0, 0, 0, 0);
     for (at, graceful) in moments {
-        let due = expected.mul_f64(at);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
+        wait_inserted(&workload, (settings.events as f64 * at) as u64).await?;
         let current = job.take().expect("a job runs between faults");
         if graceful {
             current.terminate().await?;
             clean += 1;
         } else {
+            let in_flight = wait_in_flight(world).await?;
+            let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
             current.kill_9().await;
             kills += 1;
+            landed += u32::from(in_flight.uncheckpointed());
+            replayed += workload.log.changes_between(in_flight.resume_lsn, wal);
         }
         let before: Option<String> = redis::cmd("GET")
             .arg(RECENT_POSITION_KEY)
@@ -173,25 +241,30 @@ async fn kill_storm(
             .flatten();
         let restarted = Instant::now();
         job = Some(world.spawn_job(None, None)?);
-        if !generator.is_done() {
-            match time_until_changed(
-                &mut redis,
-                RECENT_POSITION_KEY,
-                before,
-                restarted,
-                FIRST_APPLY_TIMEOUT,
-            )
-            .await
-            {
-                Some(waited) => first_apply.push(waited.as_secs_f64() * 1000.0),
-                None => report
-                    .problems
-                    .push("a restarted job applied nothing within 60 s".into()),
-            }
+        match time_until_changed(
+            &mut redis,
+            RECENT_POSITION_KEY,
+            before,
+            restarted,
+            FIRST_APPLY_TIMEOUT,
+        )
+        .await
+        {
+            Some(waited) => first_apply.push(waited.as_secs_f64() * 1000.0),
+            None => report
+                .problems
+                .push("a restarted job applied nothing within 60 s".into()),
         }
     }
-    generator.wait_done().await;
+    let finished = workload.wait_done().await;
     report.faults = format!("{kills} SIGKILL + {clean} SIGTERM");
+    record_in_flight(report, "kills", landed, kills, replayed);
+    if landed < kills {
+        report.problems.push(format!(
+            "{} of {kills} kills found no uncheckpointed change in the sinks",
+            kills - landed
+        ));
+    }
     first_apply.sort_by(f64::total_cmp);
     report.figure(
         "restart_to_first_apply_p50_ms",
@@ -201,6 +274,7 @@ async fn kill_storm(
         "restart_to_first_apply_max_ms",
         first_apply.last().copied().unwrap_or(f64::NAN).round(),
     );
+    finished.map_err(ChaosError::Failed)?;
     world.drain(job).await?;
     Ok(Injected::new())
 }
@@ -214,9 +288,9 @@ async fn crash_points(
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let first = start_job(world, None).await?;
     // Unbounded (crashes take as long as they take), so at a modest rate.
-    let generator = world.generator(None, settings.rate.min(2_000), settings.seed);
+    let workload = world.workload(None, settings.rate.min(2_000), settings.seed);
     first.kill_9().await;
-    let mut crashes = 0;
+    let (mut crashes, mut landed, mut replayed) = (0, 0, 0);
     let mut job = None;
     for point in failpoint::POINTS {
         for _ in 0..settings.crash_repeats {
@@ -228,7 +302,11 @@ async fn crash_points(
             let mut armed = world.spawn_job(Some(&format!("{point}:{n}")), None)?;
             match armed.wait_exit(FAILPOINT_TIMEOUT).await {
                 Some(status) if std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) => {
-                    crashes += 1
+                    crashes += 1;
+                    let in_flight = world.in_flight().await?;
+                    let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
+                    landed += u32::from(in_flight.uncheckpointed());
+                    replayed += workload.log.changes_between(in_flight.resume_lsn, wal);
                 }
                 Some(status) => {
                     return Err(ChaosError::Failed(format!(
@@ -250,17 +328,20 @@ async fn crash_points(
     // Run on without faults for a moment, so the last restart is exercised too.
     let last = world.spawn_job(None, None)?;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    generator.stop().await;
+    let finished = workload.stop().await;
     report.faults = format!(
         "{crashes} crashes at {} points × {}",
         failpoint::POINTS.len(),
         settings.crash_repeats
     );
+    record_in_flight(report, "crashes", landed, crashes, replayed);
+    finished.map_err(ChaosError::Failed)?;
     world.drain(Some(last)).await?;
     Ok(Injected::new())
 }
 
-/// Scenario 3: `pg_ctl -m immediate` restarts while the job streams.
+/// Scenario 3: `pg_ctl -m immediate` restarts while the job streams; the job
+/// restarts itself and runs to the end in place.
 async fn postgres_restart(
     world: &mut World,
     settings: &Settings,
@@ -268,35 +349,49 @@ async fn postgres_restart(
 ) -> Result<Injected, ChaosError> {
     let mut rng = StdRng::seed_from_u64(settings.seed);
     let mut job = start_job(world, None).await?;
-    let mut generator = world.generator(Some(settings.events), settings.rate, settings.seed);
-    let expected = Duration::from_secs_f64(settings.events as f64 / settings.rate as f64);
+    let mut workload = world.workload(Some(settings.events), settings.rate, settings.seed);
     let mut moments: Vec<f64> = (0..settings.postgres_restarts)
         .map(|_| rng.random_range(0.1..0.9))
         .collect();
     moments.sort_by(f64::total_cmp);
-    let started = Instant::now();
+    let (mut landed, mut replayed) = (0, 0);
     for at in moments {
-        if let Some(wait) = expected.mul_f64(at).checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
-        }
+        wait_inserted(&workload, (settings.events as f64 * at) as u64).await?;
+        let in_flight = wait_in_flight(world).await?;
+        let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
+        landed += u32::from(in_flight.uncheckpointed());
+        replayed += workload.log.changes_between(in_flight.resume_lsn, wal);
         let postgres = &mut world.postgres;
         tokio::task::block_in_place(|| postgres.restart_immediate())
             .map_err(super::context("failed to restart postgres"))?;
     }
-    generator.wait_done().await;
+    workload.wait_done().await.map_err(ChaosError::Failed)?;
     ensure_running(world, &mut job, "after a postgres restart")?;
     report.faults = format!("{} immediate restarts", settings.postgres_restarts);
-    let summary = world.drain(Some(job)).await?.unwrap_or_default();
+    record_in_flight(
+        report,
+        "restarts",
+        landed,
+        settings.postgres_restarts,
+        replayed,
+    );
+    report.faults.push_str(", ended in place");
+    let summary = world.finish_in_place(job).await?.unwrap_or_default();
     report.figure(
         "resent_suppressed",
         summary_figure(&summary, "re-sent changes suppressed").unwrap_or(0) as f64,
     );
     record_summary(report, &summary);
+    if summary_figure(&summary, "restarts").unwrap_or(0) == 0 {
+        report
+            .problems
+            .push("the job never restarted itself: the restarts did not reach it".into());
+    }
     Ok(Injected::new())
 }
 
 /// Scenario 4: Redis down for the outage and restarted with its data;
-/// later restarted without it.
+/// later restarted without it. The job rebuilds and runs to the end in place.
 async fn redis_outage(
     world: &mut World,
     settings: &Settings,
@@ -304,7 +399,7 @@ async fn redis_outage(
 ) -> Result<Injected, ChaosError> {
     let mut job = start_job(world, None).await?;
     let rate = settings.rate.min(5_000);
-    let generator = world.generator(None, rate, settings.seed);
+    let workload = world.workload(None, rate, settings.seed);
     let db = world.db().await?;
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     let sampler = {
@@ -339,11 +434,7 @@ async fn redis_outage(
         .await
         .map_err(super::context("failed to restart redis"))?;
     let back = Instant::now();
-    let behind: String = db
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .map_err(super::context("failed to read the WAL position"))?
-        .get(0);
+    let behind = world.wal_position().await?;
     // Drained: the slot is confirmed past the WAL written while Redis was down.
     let drained = loop {
         let done: bool = db
@@ -379,6 +470,7 @@ async fn redis_outage(
 
     // Redis comes back empty: the job must rebuild, not serve an undercount.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let in_flight = world.in_flight().await?;
     world
         .redis
         .restart_empty()
@@ -404,48 +496,20 @@ async fn redis_outage(
             .push("the job wrote nothing to redis within 120 s of its data loss".into()),
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    generator.stop().await;
+    let finished = workload.stop().await;
     ensure_running(world, &mut job, "during the redis faults")?;
     report.faults = format!(
-        "{} s outage + restart without data",
-        settings.outage.as_secs()
+        "{} s outage + restart without data ({} uncheckpointed changes lost with it), ended in place",
+        settings.outage.as_secs(),
+        if in_flight.uncheckpointed() { "with" } else { "no" }
     );
-    let summary = world.drain(Some(job)).await?.unwrap_or_default();
+    finished.map_err(ChaosError::Failed)?;
+    let summary = world.finish_in_place(job).await?.unwrap_or_default();
     record_summary(report, &summary);
     Ok(Injected::new())
 }
 
-/// The bad events of the bad-input scenario, by the CHECK they fail.
-const BAD_KINDS: [(&str, &str); 6] = [
-    (
-        "content_missing",
-        "NULL, gen_random_uuid(), 'play', now(), 1000, 'web', '{}'",
-    ),
-    (
-        "unknown_event_type",
-        "$1::text::uuid, gen_random_uuid(), 'swipe', now(), 1000, 'web', '{}'",
-    ),
-    (
-        "bad_duration",
-        "$1::text::uuid, gen_random_uuid(), 'play', now(), -5, 'web', '{}'",
-    ),
-    (
-        "payload_not_object",
-        "$1::text::uuid, gen_random_uuid(), 'play', now(), 1000, 'web', '[1, 2]'",
-    ),
-    (
-        "unknown_content",
-        "gen_random_uuid(), gen_random_uuid(), 'play', now(), 1000, 'web', '{}'",
-    ),
-    (
-        "bad_duration",
-        "$1::text::uuid, gen_random_uuid(), 'click', now(), 999999999, 'web', '{}'",
-    ),
-];
-/// 2 MB payloads are few: each is 2 MB of WAL and of dead-letter output.
-const LARGE_PAYLOADS: u64 = 5;
-
-/// Scenario 5: about 1% bad events of every kind, mixed into good traffic.
+/// Scenario 5: about 1% bad events of every kind, mixed into the workload.
 async fn bad_input(
     world: &World,
     settings: &Settings,
@@ -460,58 +524,18 @@ async fn bad_input(
     )
     .await
     .map_err(super::context("failed to drop the source constraints"))?;
-    let content: String = db
-        .query_one("SELECT id::text FROM content ORDER BY id LIMIT 1", &[])
-        .await
-        .map_err(super::context("failed to read content"))?
-        .get(0);
     let mut job = start_job(world, None).await?;
-    let generator = world.generator(Some(settings.events), settings.rate, settings.seed);
-    let bad_total = (settings.events / 100).max(BAD_KINDS.len() as u64 + LARGE_PAYLOADS);
-    let expected = Duration::from_secs_f64(settings.events as f64 / settings.rate as f64);
-    let gap = expected.div_f64(bad_total as f64);
-    let large = format!("{{\"blob\": \"{}\"}}", "x".repeat(2 * 1024 * 1024));
-    let mut injected = Injected::new();
-    for i in 0..bad_total {
-        let (reason, row) = if i % (bad_total / LARGE_PAYLOADS) == 0
-            && injected
-                .values()
-                .filter(|r| *r == "payload_too_large")
-                .count()
-                < LARGE_PAYLOADS as usize
-        {
-            ("payload_too_large", None)
-        } else {
-            let (reason, row) = BAD_KINDS[(i as usize) % BAD_KINDS.len()];
-            (reason, Some(row))
-        };
-        let id: i64 = match row {
-            Some(row) => {
-                let sql = format!(
-                    "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload) \
-                     VALUES ({row}) RETURNING id"
-                );
-                let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    if row.contains("$1") { vec![&content] } else { vec![] };
-                db.query_one(&sql, &params).await
-            }
-            None => {
-                db.query_one(
-                    "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload) \
-                     VALUES ($1::text::uuid, gen_random_uuid(), 'play', now(), 1000, 'web', $2::text::jsonb) RETURNING id",
-                    &[&content, &large],
-                )
-                .await
-            }
-        }
-        .map_err(super::context(format!("failed to insert a {reason} event")))?
-        .get(0);
-        injected.insert(id, reason.to_string());
-        tokio::time::sleep(gap).await;
-    }
-    let mut generator = generator;
-    generator.wait_done().await;
+    let mut options = WorkloadOptions::mixed(
+        Some(settings.events),
+        settings.rate,
+        settings.seed,
+        CONTENT_ITEMS,
+    );
+    options.bad_per_mille = 10;
+    let mut workload = world.workload_with(options);
+    workload.wait_done().await.map_err(ChaosError::Failed)?;
     ensure_running(world, &mut job, "on bad input")?;
+    let injected = workload.log.bad.lock().expect("log lock").clone();
     let reasons: std::collections::BTreeSet<&String> = injected.values().collect();
     report.faults = format!("{} bad events, {} reasons", injected.len(), reasons.len());
     report.figure("injected", injected.len() as f64);

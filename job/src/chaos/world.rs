@@ -1,20 +1,20 @@
 //! One scenario's world: private Postgres and durable Redis, the job as a
-//! child process, a resilient load generator, and the end-of-scenario drain.
+//! child process, the workload (see [`super::workload`]), and the two ways a
+//! scenario ends: a drain in a fresh process, or the running job reaching the
+//! end by itself.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
+use super::workload::{self, Workload, WorkloadOptions};
 use super::{context, ChaosError, Settings};
 use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions};
-use crate::generate::{self, GenerateOptions, GenerateProgress};
+use crate::generate;
+use crate::source::Position;
 
 /// Content items seeded: enough for long-tail rankings, small enough that
 /// the oracle reads every recent list.
@@ -78,6 +78,10 @@ impl World {
         generate::ensure_schema(&db)
             .await
             .map_err(context("failed to create the source tables"))?;
+        // Before the content exists: the oracle replays content from its history.
+        workload::install_history(&db)
+            .await
+            .map_err(context("failed to install the oracle's history triggers"))?;
         generate::seed_content(&db, CONTENT_ITEMS, settings.seed)
             .await
             .map_err(context("failed to seed content"))?;
@@ -155,21 +159,52 @@ impl World {
         })
     }
 
-    /// Starts the generator: `count` events (or until stopped) at `rate`,
-    /// reconnecting after Postgres restarts.
-    pub fn generator(&self, count: Option<u64>, rate: u64, seed: u64) -> Generator {
-        let progress = Arc::new(GenerateProgress::default());
-        let (stop, stopped) = watch::channel(false);
-        let url = self.postgres_url.clone();
-        let task = tokio::spawn(generate_resilient(
-            url,
-            count,
-            rate,
-            seed,
-            progress.clone(),
-            stopped,
-        ));
-        Generator { stop, task }
+    /// Starts the workload: `count` inserts (or until stopped) at `rate`,
+    /// with every other kind of change mixed in.
+    pub fn workload(&self, count: Option<u64>, rate: u64, seed: u64) -> Workload {
+        self.workload_with(WorkloadOptions::mixed(count, rate, seed, CONTENT_ITEMS))
+    }
+
+    pub fn workload_with(&self, options: WorkloadOptions) -> Workload {
+        Workload::start(&self.postgres_url, options)
+    }
+
+    /// The WAL insert position now (past every commit so far).
+    pub async fn wal_position(&self) -> Result<String, ChaosError> {
+        Ok(self
+            .db()
+            .await?
+            // With `synchronous_commit = off` the last commits may not be
+            // written yet, and pg_current_wal_lsn() is where WAL is written up to.
+            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+            .await
+            .map_err(context("failed to read the WAL position"))?
+            .get(0))
+    }
+
+    /// What a fault finds in flight: the newest checkpoint's position, and
+    /// how far the `recent_events` sink has applied changes.
+    pub async fn in_flight(&self) -> Result<InFlight, ChaosError> {
+        let dir = self.root.join("checkpoints").display().to_string();
+        let store = crate::checkpoint::CheckpointStore::open(&dir, JOB)
+            .map_err(context("failed to open the checkpoints"))?;
+        let checkpoint = store
+            .latest()
+            .await
+            .map_err(context("failed to read the newest checkpoint"))?
+            .map(|m| (m.source.position, m.source.resume_lsn))
+            .unwrap_or((Position::ZERO, 0));
+        let mut redis = self.redis().await?;
+        let applied: Option<String> = redis::cmd("GET")
+            .arg(RECENT_POSITION_KEY)
+            .query_async(&mut redis)
+            .await
+            .map_err(context("failed to read the applied position"))?;
+        Ok(InFlight {
+            checkpoint: checkpoint.0,
+            resume_lsn: checkpoint.1,
+            applied: applied.as_deref().and_then(Position::from_sortable),
+        })
     }
 
     /// Ends a scenario: stops `job` (SIGTERM), then drains the stream up to
@@ -177,14 +212,7 @@ impl World {
     /// Returns the stopped job's summary line, if it printed one.
     pub async fn drain(&self, job: Option<JobChild>) -> Result<Option<String>, ChaosError> {
         let db = self.db().await?;
-        let end: String = db
-            // The insert position: with `synchronous_commit = off` the last
-            // commits may not be written yet, and pg_current_wal_lsn() is
-            // where WAL is written up to.
-            .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-            .await
-            .map_err(context("failed to read the WAL position"))?
-            .get(0);
+        let end = self.wal_position().await?;
         db.batch_execute(PAST_END_SQL)
             .await
             .map_err(context("failed to commit past the end"))?;
@@ -195,6 +223,59 @@ impl World {
         let drain = self.spawn_job(None, Some(&end))?;
         drain.wait_success(DRAIN_TIMEOUT).await?;
         Ok(summary.flatten())
+    }
+
+    /// Ends a scenario without a fresh process: waits until the running job
+    /// has made everything up to the last change durable in every sink (its
+    /// slot is confirmed past it), then stops it (SIGTERM). Whatever restart
+    /// or rebuild path the job took is what the oracle then sees.
+    pub async fn finish_in_place(&self, mut job: JobChild) -> Result<Option<String>, ChaosError> {
+        let db = self.db().await?;
+        let end = self.wal_position().await?;
+        db.batch_execute(PAST_END_SQL)
+            .await
+            .map_err(context("failed to commit past the end"))?;
+        let started = Instant::now();
+        loop {
+            let done: bool = db
+                .query_one(
+                    "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots",
+                    &[&end],
+                )
+                .await
+                .map_err(context("failed to read the slot"))?
+                .get(0);
+            if done {
+                break;
+            }
+            if !job.running() || started.elapsed() > DRAIN_TIMEOUT {
+                return Err(ChaosError::Failed(format!(
+                    "the running job did not reach the end ({end}) by itself; the end of its log:\n{}",
+                    log_tail(&self.log)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        job.terminate().await
+    }
+}
+
+/// What a fault found in flight (see [`World::in_flight`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InFlight {
+    /// Position of the last change the newest checkpoint covers.
+    pub checkpoint: Position,
+    /// Where a restarted job resumes reading.
+    pub resume_lsn: u64,
+    /// The last change the `recent_events` sink applied.
+    pub applied: Option<Position>,
+}
+
+impl InFlight {
+    /// Sinks hold changes that no checkpoint covers: a crash now makes the
+    /// restarted job read them again, and it must not apply them twice.
+    pub fn uncheckpointed(&self) -> bool {
+        self.applied.is_some_and(|a| a > self.checkpoint)
     }
 }
 
@@ -275,70 +356,6 @@ fn last_summary(log: &Path) -> Option<String> {
 pub fn summary_figure(summary: &str, label: &str) -> Option<u64> {
     let at = summary.find(label)?;
     summary[..at].split_whitespace().last()?.parse().ok()
-}
-
-/// The load generator of a scenario.
-pub struct Generator {
-    stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
-}
-
-impl Generator {
-    /// Waits until the generator has made `count` events or stopped.
-    pub async fn wait_done(&mut self) {
-        let _ = (&mut self.task).await;
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.task.is_finished()
-    }
-
-    /// Stops it and waits for its last batch.
-    pub async fn stop(mut self) {
-        let _ = self.stop.send(true);
-        self.wait_done().await;
-    }
-}
-
-async fn generate_resilient(
-    url: String,
-    count: Option<u64>,
-    rate: u64,
-    seed: u64,
-    progress: Arc<GenerateProgress>,
-    stopped: watch::Receiver<bool>,
-) {
-    let mut round = 0;
-    loop {
-        if *stopped.borrow() {
-            return;
-        }
-        let done = progress.events.load(Ordering::Relaxed);
-        let remaining = count.map(|c| c.saturating_sub(done));
-        if remaining == Some(0) {
-            return;
-        }
-        let options = GenerateOptions {
-            rate: Some(rate),
-            count: remaining,
-            content_items: CONTENT_ITEMS,
-            seed: seed.wrapping_add(round),
-            ..GenerateOptions::default()
-        };
-        let mut stop = stopped.clone();
-        let shutdown = async move {
-            let _ = stop.wait_for(|s| *s).await;
-        };
-        match generate::run(&url, options, progress.clone(), shutdown).await {
-            Ok(_) if count.is_none() => return,
-            Ok(_) => {}
-            Err(error) => {
-                eprintln!("[chaos] generator: {error}; reconnecting");
-                tokio::time::sleep(Duration::from_millis(300)).await;
-            }
-        }
-        round += 1;
-    }
 }
 
 /// Polls `key` in Redis every 5 ms until it differs from `from`; the wait.

@@ -40,6 +40,8 @@ pub mod supervise;
 pub mod window;
 mod windowed;
 
+pub use windowed::IDLE_AFTER;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;

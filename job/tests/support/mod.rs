@@ -181,16 +181,32 @@ impl World {
             .unwrap_or(0)
     }
 
-    /// Runs DataFusion SQL over the job's filesystem sinks.
+    /// Runs DataFusion SQL over the job's filesystem sinks. A query of a
+    /// table the job has not written a file to yet reads as empty; any other
+    /// error fails the test (an error never passes for "no rows").
     pub async fn query(&self, sql: &str) -> Vec<arrow::record_batch::RecordBatch> {
         std::env::set_var("ENGAGE_DATA_DIR", self.data_dir());
         let script = std::fs::read_to_string(MISSION_SQL).unwrap();
         let spec = query::parse_for_outputs("engagement", &script).unwrap();
-        let (ctx, _) = query::session_for(&spec).await;
-        match ctx.sql(sql).await {
-            Ok(frame) => frame.collect().await.unwrap_or_default(),
-            Err(_) => Vec::new(),
-        }
+        let (ctx, unavailable) = query::session_for(&spec).await;
+        let frame = match ctx.sql(sql).await {
+            Ok(frame) => frame,
+            Err(error) => {
+                let absent = unavailable.iter().any(|u| {
+                    u.ends_with(" does not exist yet")
+                        && u.split('`').nth(1).is_some_and(|table| sql.contains(table))
+                });
+                assert!(
+                    absent,
+                    "query `{sql}` failed: {error}; unavailable: {unavailable:?}"
+                );
+                return Vec::new();
+            }
+        };
+        frame
+            .collect()
+            .await
+            .unwrap_or_else(|error| panic!("query `{sql}` failed: {error}"))
     }
 
     /// Rows of `SELECT count(*) ...` style queries, as i64.
@@ -320,4 +336,77 @@ pub async fn wait_started_as(world: &World, job: &mut Job, name: &str) {
 
 pub fn path_str(path: &Path) -> &str {
     path.to_str().unwrap()
+}
+
+/// Creates the source tables, the oracle's history triggers (before any
+/// content exists, so the oracle sees every content version) and `items`
+/// content rows for the fault-suite workload.
+pub async fn seed_for_oracle(world: &World, items: usize, seed: u64) {
+    let client = world.sql().await;
+    engage::generate::ensure_schema(&client).await.unwrap();
+    engage::chaos::workload::install_history(&client)
+        .await
+        .unwrap();
+    engage::generate::seed_content(&client, items, seed)
+        .await
+        .unwrap();
+}
+
+/// Waits until the running `job` has made every change committed so far
+/// durable in every sink: its slot is confirmed past them.
+pub async fn wait_caught_up(world: &World, job: &mut Job) {
+    let client = world.sql().await;
+    let end: String = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // One more commit, so the stream is seen to pass `end`.
+    client
+        .batch_execute("UPDATE content SET title = title WHERE id = (SELECT id FROM content ORDER BY id LIMIT 1)")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done: bool = client
+            .query_one(
+                "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots",
+                &[&end],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if done {
+            return;
+        }
+        job.assert_running();
+        assert!(
+            Instant::now() < deadline,
+            "the job did not catch up with {end}\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs the fault suite's oracle over this world's outputs (the job stopped
+/// just now) and fails the test on any difference, except in `skip`ped sinks.
+pub async fn assert_matches_oracle(world: &World, skip: &[&str]) -> engage::chaos::oracle::Verdict {
+    let target = engage::chaos::oracle::Target {
+        postgres_url: world.postgres_url.clone(),
+        redis_url: world.redis.url(),
+        data_dir: world.data_dir(),
+        stopped_at_micros: chrono::Utc::now().timestamp_micros(),
+    };
+    let verdict = engage::chaos::oracle::check(&target, &Default::default())
+        .await
+        .expect("the oracle runs");
+    assert!(verdict.problems.is_empty(), "{:?}", verdict.problems);
+    for sink in &verdict.sinks {
+        if !skip.contains(&sink.sink.as_str()) {
+            assert!(sink.ok(), "{sink:?}");
+        }
+    }
+    assert!(verdict.updates > 0 && verdict.deletes > 0, "{verdict:?}");
+    verdict
 }

@@ -1,36 +1,54 @@
-//! The oracle: what every sink must hold, computed from the events Postgres
-//! holds at the end of a scenario, compared with what the sinks hold.
+//! The oracle: what every output of the mission pipeline must hold, computed
+//! from Postgres alone ([`model`]), compared with what the outputs hold.
 //!
-//! - `enriched_events` (Parquet): every good event exactly once.
-//! - `recent_events` (Redis lists): per content item, the ids of its 50 newest
-//!   good events, newest first (ids follow commit order: one writer).
-//! - `top_content`, `top_devices`, `content_type_engagement` (Redis windows):
-//!   for the window the sink last applied (its end is in
-//!   `engage:job:<job>:window_end`), the aggregate over the good events in
-//!   that window, minus late events (which by design go to `late_events`
-//!   instead of windows). Scores agree within 1e-6 relative; at the 100th
-//!   place of `top_content`, members tied within that tolerance may swap.
-//! - `late_events` and `dead_letter` (Parquet): each event at most once;
-//!   `dead_letter` holds exactly the injected bad events, with their reasons.
+//! Nothing expected is taken from engage: not which events are late, not
+//! which window is current, not a sink's bookkeeping. The one thing read from
+//! engage's keys is *which* window a Redis sink says it holds, and that is
+//! checked against the data: it must be the window the newest event time
+//! closes (newest on-time event time minus the 200 ms delay, floored to the
+//! slide), or a later one only as far as the wall clock can have advanced an
+//! idle job's watermark by the time it stopped.
 //!
-//! A difference counts as *lost* (the sink holds less) or *duplicated* (the
-//! sink holds more, or something twice).
+//! | output | what must hold |
+//! | --- | --- |
+//! | `enriched_events` | every change (`c`, `u`, `d`) exactly once, every column equal, joined with content as of the change's commit |
+//! | `recent_events` | per content item, its 50 newest inserts, newest first, with their joined columns |
+//! | `top_content`, `top_devices`, `content_type_engagement` | the aggregate of the window they hold, from the contributions the model derives |
+//! | `kpi` (Parquet) | every closed tumbling window of every timeframe exactly once, every figure equal |
+//! | `kpi_*_latest` (Redis) | the latest closed window of each timeframe |
+//! | `late_events`, `dead_letter` | exactly the late inserts, and the bad ones with their reasons |
+//!
+//! A difference counts as *lost* (the output holds less), *duplicated* (more,
+//! or something twice) or *other* (a wrong value, order or window).
+
+mod model;
+mod outputs;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use arrow::array::{Array, Int64Array, StringArray};
-use arrow::compute::cast;
-use arrow::datatypes::DataType;
 use serde::Serialize;
 
-use super::world::{World, JOB};
 use super::{context, ChaosError};
+use model::{Contribution, Enriched, Expected, DELAY_MICROS};
+use outputs::{close, close_opt, json_id, Columns, Outputs};
 
-const WINDOW_MICROS: i64 = 10 * 60 * 1_000_000;
+const JOB: &str = "engagement";
+const MINUTE: i64 = 60 * 1_000_000;
+const WINDOW_MICROS: i64 = 10 * MINUTE;
+const SLIDE_MICROS: i64 = 500_000;
+/// How long a job waits without changes before the wall clock drives its watermark.
+const IDLE_MICROS: i64 = crate::engine::IDLE_AFTER.as_micros() as i64;
 const RECENT_LENGTH: usize = 50;
 const TOP_N: usize = 100;
+/// The KPI timeframes: Redis sink, key, width.
+const TIMEFRAMES: [(&str, &str, &str, i64); 4] = [
+    ("1m", "kpi_1m_latest", "engage:kpi:1m", MINUTE),
+    ("15m", "kpi_15m_latest", "engage:kpi:15m", 15 * MINUTE),
+    ("1h", "kpi_1h_latest", "engage:kpi:1h", 60 * MINUTE),
+    ("24h", "kpi_24h_latest", "engage:kpi:24h", 24 * 60 * MINUTE),
+];
 
-/// How one sink compares with the oracle.
+/// How one output compares with the oracle.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct SinkCheck {
     pub sink: String,
@@ -38,7 +56,7 @@ pub struct SinkCheck {
     pub expected: u64,
     pub lost: u64,
     pub duplicated: u64,
-    /// Anything else that differs (order of a list, a missing window).
+    /// Anything else that differs (a value, the order of a list, the window).
     pub other: u64,
     pub note: String,
 }
@@ -54,165 +72,399 @@ impl SinkCheck {
     pub fn ok(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && self.other == 0
     }
+
+    /// Counts a wrong value, keeping the first one's description.
+    fn wrong(&mut self, what: impl FnOnce() -> String) {
+        self.other += 1;
+        if self.note.is_empty() {
+            self.note = what();
+        }
+    }
 }
 
-/// What the oracle found beyond the sink checks.
+/// Where the outputs of one run are.
+pub struct Target {
+    pub postgres_url: String,
+    pub redis_url: String,
+    pub data_dir: std::path::PathBuf,
+    /// When the last job process stopped (µs since the epoch): bounds how far
+    /// an idle job's wall clock can have moved its watermark.
+    pub stopped_at_micros: i64,
+}
+
+/// What the oracle found.
 #[derive(Debug, Default)]
 pub struct Verdict {
     pub sinks: Vec<SinkCheck>,
-    /// Events in Postgres, good and bad.
+    /// Events in Postgres at the end, good and bad.
     pub events: u64,
+    /// Changes the outputs had to reflect.
+    pub updates: u64,
+    pub deletes: u64,
+    pub content_changes: u64,
     pub late: u64,
-    /// Dead-lettered events: id → reason.
-    pub dead_letter: BTreeMap<i64, String>,
+    pub dead_lettered: u64,
+    /// Problems of the oracle or the workload itself (not of engage).
+    pub problems: Vec<String>,
 }
 
-/// Compares every sink with the oracle. `bad` are the injected bad events
-/// (id → the CHECK they fail), excluded from every good output.
-pub async fn check(world: &World, bad: &BTreeMap<i64, String>) -> Result<Verdict, ChaosError> {
-    let db = world.db().await?;
-    let outputs = Outputs::open(world).await?;
-    let bad_ids: Vec<i64> = bad.keys().copied().collect();
+/// Compares every output with the oracle. `injected` is the workload's own
+/// log of bad events (id → the CHECK it should fail), which must agree with
+/// what the oracle derives from the rows.
+pub async fn check(
+    target: &Target,
+    injected: &BTreeMap<i64, String>,
+) -> Result<Verdict, ChaosError> {
+    let (db, connection) = tokio_postgres::connect(&target.postgres_url, tokio_postgres::NoTls)
+        .await
+        .map_err(context("failed to connect to postgres"))?;
+    tokio::spawn(connection);
+    let mut expected = model::expected(&db).await?;
+    let outputs = Outputs::open(&target.data_dir).await?;
+    let mut redis = redis::Client::open(target.redis_url.as_str())
+        .map_err(context("bad redis url"))?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(context("failed to connect to redis"))?;
+
     let mut verdict = Verdict {
-        events: db
-            .query_one("SELECT count(*) FROM engagement_events", &[])
-            .await
-            .map_err(context("failed to count events"))?
-            .get::<_, i64>(0) as u64,
+        events: expected.events,
+        updates: expected.updates,
+        deletes: expected.deletes,
+        content_changes: expected.content_changes,
+        late: expected.late.len() as u64,
+        dead_lettered: expected.dead_letter.len() as u64,
         ..Verdict::default()
     };
+    if &expected.dead_letter != injected {
+        let differ = expected
+            .dead_letter
+            .iter()
+            .find(|(id, reason)| injected.get(id) != Some(reason))
+            .map(|(id, reason)| format!("event {id}: oracle says {reason}, workload {:?}", injected.get(id)))
+            .or_else(|| {
+                injected
+                    .iter()
+                    .find(|(id, _)| !expected.dead_letter.contains_key(id))
+                    .map(|(id, reason)| format!("event {id}: the workload made it fail {reason}, the oracle finds it good"))
+            })
+            .unwrap_or_default();
+        verdict.problems.push(format!(
+            "the oracle's bad events ({}) differ from the workload's log ({}): {differ}",
+            expected.dead_letter.len(),
+            injected.len()
+        ));
+    }
 
-    // enriched_events: every good event exactly once.
-    let good: Vec<i64> = db
-        .query(
-            "SELECT id FROM engagement_events WHERE NOT (id = ANY($1))",
-            &[&bad_ids],
-        )
-        .await
-        .map_err(context("failed to read the good events"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let written = outputs
-        .id_counts("SELECT id, count(*) FROM enriched_events GROUP BY id")
-        .await?;
     verdict
         .sinks
-        .push(exactly_once("enriched_events", &good, &written));
+        .push(enriched_events(&outputs, &expected).await?);
+    verdict.sinks.push(late_events(&outputs, &expected).await?);
+    verdict.sinks.push(dead_letter(&outputs, &expected).await?);
+    verdict
+        .sinks
+        .push(recent_lists(&mut redis, &expected).await?);
 
-    // late_events: each at most once; their ids leave the window oracle.
-    let late = outputs.row_ids("SELECT \"row\" FROM late_events").await?;
-    let mut late_check = SinkCheck::new("late_events");
-    let distinct: HashSet<i64> = late.iter().map(|(id, _)| *id).collect();
-    late_check.duplicated = (late.len() - distinct.len()) as u64;
-    late_check.expected = distinct.len() as u64;
-    late_check.note = format!("{} late events (not in windows, by design)", distinct.len());
-    verdict.late = distinct.len() as u64;
-    verdict.sinks.push(late_check);
-
-    // dead_letter: exactly the injected events, with their reasons.
-    let dead = outputs
-        .row_ids("SELECT \"row\", reason FROM dead_letter")
+    let bounds = Bounds::new(&expected, target.stopped_at_micros);
+    for spec in HOP_SINKS {
+        let check = hop_window(&mut redis, &mut expected, &bounds, &spec).await?;
+        verdict.sinks.push(check);
+    }
+    verdict
+        .sinks
+        .push(kpi_table(&outputs, &mut expected, &bounds).await?);
+    for (timeframe, sink, key, width) in TIMEFRAMES {
+        let check = kpi_latest(
+            &mut redis,
+            &mut expected,
+            &bounds,
+            timeframe,
+            sink,
+            key,
+            width,
+        )
         .await?;
-    let mut dead_check = SinkCheck::new("dead_letter");
-    dead_check.expected = bad.len() as u64;
-    for (id, reason) in &dead {
-        if verdict.dead_letter.insert(*id, reason.clone()).is_some() {
-            dead_check.duplicated += 1;
+        verdict.sinks.push(check);
+    }
+    verdict.problems.append(&mut expected.ambiguous);
+    Ok(verdict)
+}
+
+/// The range the final watermark of the job can be in.
+struct Bounds {
+    /// From the data: the newest on-time event time minus the delay.
+    data: Option<i64>,
+    /// From the wall clock of an idle job when it stopped.
+    wall: i64,
+}
+
+impl Bounds {
+    fn new(expected: &Expected, stopped_at: i64) -> Bounds {
+        Bounds {
+            data: expected.final_watermark(),
+            wall: stopped_at - DELAY_MICROS - IDLE_MICROS,
         }
     }
-    for (id, reason) in bad {
-        match verdict.dead_letter.get(id) {
-            None => dead_check.lost += 1,
-            Some(found) if found != reason => {
-                dead_check.other += 1;
-                if dead_check.note.is_empty() {
-                    dead_check.note = format!("event {id}: reason {found}, expected {reason}");
+
+    /// The newest watermark the job can have reached.
+    fn highest(&self) -> Option<i64> {
+        self.data.map(|d| d.max(self.wall))
+    }
+}
+
+fn floor_to(value: i64, step: i64) -> i64 {
+    value.div_euclid(step) * step
+}
+
+fn opt_text<T: std::fmt::Debug>(value: &Option<T>) -> String {
+    match value {
+        Some(v) => format!("{v:?}"),
+        None => "NULL".into(),
+    }
+}
+
+/// The columns of `enriched` that two changes must agree on.
+fn same(a: &Enriched, b: &Enriched) -> Result<(), String> {
+    let mut differ = Vec::new();
+    if a.content_id != b.content_id {
+        differ.push("content_id");
+    }
+    if a.user_id != b.user_id {
+        differ.push("user_id");
+    }
+    if a.event_type != b.event_type {
+        differ.push("event_type");
+    }
+    if a.event_ts != b.event_ts {
+        differ.push("event_ts");
+    }
+    if a.duration_ms != b.duration_ms {
+        differ.push("duration_ms");
+    }
+    if a.device != b.device {
+        differ.push("device");
+    }
+    if a.content_type != b.content_type {
+        differ.push("content_type");
+    }
+    if a.length_seconds != b.length_seconds {
+        differ.push("length_seconds");
+    }
+    if !close_opt(a.engagement_seconds, b.engagement_seconds) {
+        differ.push("engagement_seconds");
+    }
+    if !close_opt(a.engagement_pct, b.engagement_pct) {
+        differ.push("engagement_pct");
+    }
+    if differ.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "event {} ({}): {} differ (content_type {} vs expected {}, length_seconds {} vs {})",
+        a.id,
+        a.op,
+        differ.join(", "),
+        opt_text(&a.content_type),
+        opt_text(&b.content_type),
+        opt_text(&a.length_seconds),
+        opt_text(&b.length_seconds)
+    ))
+}
+
+/// `enriched_events`: every change exactly once with every column equal.
+async fn enriched_events(outputs: &Outputs, expected: &Expected) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new("enriched_events");
+    check.expected = expected.enriched.len() as u64;
+    let batches = outputs
+        .rows(
+            "enriched_events",
+            "SELECT id, _op, _lsn, _seq, content_id, user_id, event_type, event_ts, duration_ms, device, \
+                    content_type, length_seconds, engagement_seconds, engagement_pct FROM enriched_events",
+        )
+        .await?;
+    // id → op → changes in stream order.
+    let mut found: HashMap<i64, Vec<(i64, i64, Enriched)>> = HashMap::new();
+    for batch in &batches {
+        let c = Columns(batch);
+        let (ids, ops, lsns, seqs) = (
+            c.ints("id")?,
+            c.strings("_op")?,
+            c.ints("_lsn")?,
+            c.ints("_seq")?,
+        );
+        let (contents, users, types) = (
+            c.strings("content_id")?,
+            c.strings("user_id")?,
+            c.strings("event_type")?,
+        );
+        let (times, durations, devices) = (
+            c.micros("event_ts")?,
+            c.ints("duration_ms")?,
+            c.strings("device")?,
+        );
+        let (content_types, lengths) = (c.strings("content_type")?, c.ints("length_seconds")?);
+        let (seconds, pcts) = (c.floats("engagement_seconds")?, c.floats("engagement_pct")?);
+        for row in 0..batch.num_rows() {
+            let op = match ops[row].as_deref() {
+                Some("c") => "c",
+                Some("u") => "u",
+                Some("d") => "d",
+                _ => "?",
+            };
+            let id = ids[row].unwrap_or_default();
+            found.entry(id).or_default().push((
+                lsns[row].unwrap_or_default(),
+                seqs[row].unwrap_or_default(),
+                Enriched {
+                    op,
+                    id,
+                    content_id: contents[row].clone(),
+                    user_id: users[row].clone(),
+                    event_type: types[row].clone(),
+                    event_ts: times[row].unwrap_or_default(),
+                    duration_ms: durations[row],
+                    device: devices[row].clone(),
+                    content_type: content_types[row].clone(),
+                    length_seconds: lengths[row],
+                    engagement_seconds: seconds[row],
+                    engagement_pct: pcts[row],
+                },
+            ));
+        }
+    }
+    let mut wanted: HashMap<i64, Vec<&Enriched>> = HashMap::new();
+    for change in &expected.enriched {
+        wanted.entry(change.id).or_default().push(change);
+    }
+    let mut lost_ids = Vec::new();
+    for (id, changes) in &wanted {
+        let mut held = found.remove(id).unwrap_or_default();
+        held.sort_by_key(|(lsn, seq, _)| (*lsn, *seq));
+        for op in ["c", "u", "d"] {
+            let want: Vec<&&Enriched> = changes.iter().filter(|c| c.op == op).collect();
+            let have: Vec<&Enriched> = held
+                .iter()
+                .map(|(_, _, e)| e)
+                .filter(|e| e.op == op)
+                .collect();
+            for (w, h) in want.iter().zip(&have) {
+                if let Err(difference) = same(h, w) {
+                    check.wrong(|| difference);
                 }
+            }
+            if want.len() > have.len() {
+                check.lost += (want.len() - have.len()) as u64;
+                lost_ids.push(*id);
+            }
+            check.duplicated += have.len().saturating_sub(want.len()) as u64;
+        }
+    }
+    // Rows of events that should have none (bad events, unknown ids).
+    check.duplicated += found.values().map(|v| v.len() as u64).sum::<u64>();
+    if let (Some(first), Some(last)) = (lost_ids.iter().min(), lost_ids.iter().max()) {
+        check.note = format!(
+            "lost changes of ids between {first} and {last}; {}",
+            check.note
+        );
+    }
+    Ok(check)
+}
+
+/// `(id of the JSON row, text column)` of a side output.
+async fn side_rows(
+    outputs: &Outputs,
+    table: &str,
+    sql: &str,
+) -> Result<Vec<(i64, String)>, ChaosError> {
+    let mut out = Vec::new();
+    for batch in outputs.rows(table, sql).await? {
+        let c = Columns(&batch);
+        let rows = c.strings("row")?;
+        let reasons = if batch.schema().column_with_name("reason").is_some() {
+            c.strings("reason")?
+        } else {
+            vec![None; batch.num_rows()]
+        };
+        for (row, reason) in rows.iter().zip(reasons) {
+            let row = row.as_deref().unwrap_or_default();
+            let id = json_id(row)
+                .ok_or_else(|| ChaosError::Failed(format!("a {table} row has no id: {row}")))?;
+            out.push((id, reason.unwrap_or_default()));
+        }
+    }
+    Ok(out)
+}
+
+/// `late_events`: exactly the inserts the oracle finds late, once each.
+async fn late_events(outputs: &Outputs, expected: &Expected) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new("late_events");
+    check.expected = expected.late.len() as u64;
+    let found = side_rows(outputs, "late_events", "SELECT \"row\" FROM late_events").await?;
+    let mut seen = HashSet::new();
+    for (id, _) in &found {
+        if !seen.insert(*id) || !expected.late.contains_key(id) {
+            check.duplicated += 1;
+            if check.note.is_empty() && !expected.late.contains_key(id) {
+                check.note = format!("event {id} was written as late but is on time");
+            }
+        }
+    }
+    let missing: Vec<&i64> = expected
+        .late
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .collect();
+    check.lost = missing.len() as u64;
+    if let Some(id) = missing.first() {
+        check.note = format!("late event {id} is missing; {}", check.note);
+    }
+    Ok(check)
+}
+
+/// `dead_letter`: exactly the bad events, each with the CHECK it fails.
+async fn dead_letter(outputs: &Outputs, expected: &Expected) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new("dead_letter");
+    check.expected = expected.dead_letter.len() as u64;
+    let found = side_rows(
+        outputs,
+        "dead_letter",
+        "SELECT \"row\", reason FROM dead_letter",
+    )
+    .await?;
+    let mut seen = HashSet::new();
+    for (id, reason) in &found {
+        if !seen.insert(*id) {
+            check.duplicated += 1;
+            continue;
+        }
+        match expected.dead_letter.get(id) {
+            None => check.duplicated += 1,
+            Some(want) if want != reason => {
+                check.wrong(|| format!("event {id}: reason {reason}, expected {want}"));
             }
             Some(_) => {}
         }
     }
-    dead_check.duplicated += verdict
+    check.lost = expected
         .dead_letter
         .keys()
-        .filter(|id| !bad.contains_key(id))
+        .filter(|id| !seen.contains(id))
         .count() as u64;
-    verdict.sinks.push(dead_check);
-
-    let mut redis = world.redis().await?;
-    verdict
-        .sinks
-        .push(recent_lists(&db, &mut redis, &bad_ids).await?);
-
-    let mut excluded = bad_ids.clone();
-    excluded.extend(distinct);
-    for (sink, key, sql, top) in [
-        (
-            "top_content",
-            "engage:top_content:10m",
-            "SELECT e.content_id::text, coalesce(sum(e.duration_ms / 1000.0), 0)::float8 AS score",
-            true,
-        ),
-        (
-            "top_devices",
-            "engage:top_devices:10m",
-            "SELECT coalesce(e.device, 'unknown'), count(*)::float8",
-            false,
-        ),
-        (
-            "content_type_engagement",
-            "engage:content_type:10m",
-            "SELECT coalesce(c.content_type, 'unknown'), coalesce(sum(e.duration_ms / 1000.0), 0)::float8",
-            false,
-        ),
-    ] {
-        let check = window(&db, &mut redis, sink, key, sql, top, &excluded).await?;
-        verdict.sinks.push(check);
-    }
-    Ok(verdict)
+    Ok(check)
 }
 
-/// Each of `expected` exactly once in `written` (id → times written).
-fn exactly_once(sink: &str, expected: &[i64], written: &HashMap<i64, u64>) -> SinkCheck {
-    let mut check = SinkCheck::new(sink);
-    check.expected = expected.len() as u64;
-    let expected: HashSet<i64> = expected.iter().copied().collect();
-    let mut lost = Vec::new();
-    for id in &expected {
-        match written.get(id) {
-            None => lost.push(*id),
-            Some(&n) => check.duplicated += n - 1,
-        }
-    }
-    check.lost = lost.len() as u64;
-    if let (Some(first), Some(last)) = (lost.iter().min(), lost.iter().max()) {
-        check.note = format!("lost ids between {first} and {last}");
-    }
-    for (id, n) in written {
-        if !expected.contains(id) {
-            check.duplicated += n;
-        }
-    }
-    check
-}
-
+/// `engage:recent:{content_id}`: the 50 newest inserts of each item, newest
+/// first, each with the columns it joined.
 async fn recent_lists(
-    db: &tokio_postgres::Client,
     redis: &mut redis::aio::MultiplexedConnection,
-    bad: &[i64],
+    expected: &Expected,
 ) -> Result<SinkCheck, ChaosError> {
     let mut check = SinkCheck::new("recent_events");
-    let rows = db
-        .query(
-            "SELECT content_id::text, (array_agg(id ORDER BY id DESC))[1:50] \
-             FROM engagement_events WHERE content_id IS NOT NULL AND NOT (id = ANY($1)) \
-             GROUP BY content_id",
-            &[&bad],
-        )
-        .await
-        .map_err(context("failed to compute the recent lists"))?;
-    let oracle: Vec<(String, Vec<i64>)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let oracle: Vec<(&String, Vec<&Enriched>)> = expected
+        .inserts_by_content
+        .iter()
+        .map(|(content, inserts)| (content, inserts.iter().rev().take(RECENT_LENGTH).collect()))
+        .collect();
     let mut pipe = redis::pipe();
     for (content, _) in &oracle {
         pipe.cmd("LRANGE")
@@ -230,90 +482,196 @@ async fn recent_lists(
         .await
         .map_err(context("failed to list the recent lists"))?;
     check.duplicated += keys.len().saturating_sub(oracle.len()) as u64;
-    for ((content, expected), entries) in oracle.iter().zip(lists) {
-        check.expected += expected.len().min(RECENT_LENGTH) as u64;
-        let found: Vec<i64> = entries.iter().filter_map(|e| json_id(e)).collect();
+    for ((content, want), entries) in oracle.iter().zip(lists) {
+        check.expected += want.len() as u64;
+        let rows: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| serde_json::from_str(e))
+            .collect::<Result<_, _>>()
+            .map_err(context(format!(
+                "engage:recent:{content} holds an entry that is not JSON"
+            )))?;
+        let found: Vec<i64> = rows.iter().filter_map(|r| r["id"].as_i64()).collect();
         let distinct: HashSet<i64> = found.iter().copied().collect();
         check.duplicated += (found.len() - distinct.len()) as u64;
-        let want: HashSet<i64> = expected.iter().copied().collect();
-        check.lost += want.difference(&distinct).count() as u64;
-        check.duplicated += distinct.difference(&want).count() as u64;
-        if found.len() == expected.len() && &found != expected && distinct == want {
-            check.other += 1;
-            check.note = format!("engage:recent:{content} is out of order");
+        let want_ids: Vec<i64> = want.iter().map(|e| e.id).collect();
+        let want_set: HashSet<i64> = want_ids.iter().copied().collect();
+        check.lost += want_set.difference(&distinct).count() as u64;
+        check.duplicated += distinct.difference(&want_set).count() as u64;
+        if found.len() == want_ids.len() && found != want_ids && distinct == want_set {
+            check.wrong(|| format!("engage:recent:{content} is out of order"));
+        }
+        let by_id: HashMap<i64, &&Enriched> = want.iter().map(|e| (e.id, e)).collect();
+        for row in &rows {
+            let Some(want) = row["id"].as_i64().and_then(|id| by_id.get(&id)) else {
+                continue;
+            };
+            let content_type = row["content_type"].as_str().map(str::to_string);
+            let length = row["length_seconds"].as_i64();
+            let pct = row["engagement_pct"].as_f64();
+            if content_type != want.content_type
+                || length != want.length_seconds
+                || !close_opt(pct, want.engagement_pct)
+            {
+                check.wrong(|| {
+                    format!(
+                        "engage:recent:{content}: event {} joined content_type {} length {}, expected {} {}",
+                        want.id,
+                        opt_text(&content_type),
+                        opt_text(&length),
+                        opt_text(&want.content_type),
+                        opt_text(&want.length_seconds)
+                    )
+                });
+            }
         }
     }
     Ok(check)
 }
 
-/// Compares a windowed sink with the oracle aggregate for its applied window.
-async fn window(
-    db: &tokio_postgres::Client,
+/// A sliding-window Redis sink of the mission SQL.
+struct HopSink {
+    sink: &'static str,
+    key: &'static str,
+    /// Sorted set (else a hash of field → value).
+    sorted_set: bool,
+    /// Keep the top N only.
+    top: Option<usize>,
+    /// The group of a contribution, and what it adds (a sum, else a count).
+    group: fn(&Enriched) -> String,
+    sum: bool,
+}
+
+const HOP_SINKS: [HopSink; 3] = [
+    HopSink {
+        sink: "top_content",
+        key: "engage:top_content:10m",
+        sorted_set: true,
+        top: Some(TOP_N),
+        group: |e| e.content_id.clone().unwrap_or_default(),
+        sum: true,
+    },
+    HopSink {
+        sink: "top_devices",
+        key: "engage:top_devices:10m",
+        sorted_set: true,
+        top: None,
+        group: |e| e.device.clone().unwrap_or_else(|| "unknown".into()),
+        sum: false,
+    },
+    HopSink {
+        sink: "content_type_engagement",
+        key: "engage:content_type:10m",
+        sorted_set: false,
+        top: None,
+        group: |e| e.content_type.clone().unwrap_or_else(|| "unknown".into()),
+        sum: true,
+    },
+];
+
+/// The window end a Redis sink says it holds (`engage:job:<job>:window_end`).
+async fn applied_end(
     redis: &mut redis::aio::MultiplexedConnection,
     sink: &str,
-    key: &str,
-    select: &str,
-    top: bool,
-    excluded: &[i64],
-) -> Result<SinkCheck, ChaosError> {
-    let mut check = SinkCheck::new(sink);
+) -> Result<Option<i64>, ChaosError> {
     let end: Option<String> = redis::cmd("HGET")
         .arg(format!("engage:job:{JOB}:window_end"))
         .arg(sink)
         .query_async(redis)
         .await
         .map_err(context("failed to read the window ends"))?;
-    let Some(end) = end.and_then(|e| e.parse::<i64>().ok()) else {
-        check.other = 1;
-        check.note = "no window applied".into();
+    end.map(|e| {
+        e.parse::<i64>().map_err(|_| {
+            ChaosError::Failed(format!("the window end of {sink} is `{e}`, not a number"))
+        })
+    })
+    .transpose()
+}
+
+/// Checks that a window end is one the data (or the wall clock) closed:
+/// between the last window the data closes and the last the clock can have.
+fn check_end(
+    check: &mut SinkCheck,
+    applied: Option<i64>,
+    lowest: Option<i64>,
+    highest: Option<i64>,
+) -> Option<i64> {
+    match (applied, lowest, highest) {
+        (Some(end), Some(low), Some(high)) if end >= low && end <= high.max(low) => Some(end),
+        (None, None, _) => None,
+        (applied, low, high) => {
+            check.wrong(|| {
+                format!(
+                    "holds the window ending {}, but the data closes windows up to {} (the wall clock at most {})",
+                    opt_text(&applied),
+                    opt_text(&low),
+                    opt_text(&high)
+                )
+            });
+            None
+        }
+    }
+}
+
+/// A hop window sink: the window it holds, and its contents.
+async fn hop_window(
+    redis: &mut redis::aio::MultiplexedConnection,
+    expected: &mut Expected,
+    bounds: &Bounds,
+    spec: &HopSink,
+) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new(spec.sink);
+    let applied = applied_end(redis, spec.sink).await?;
+    let lowest = bounds.data.map(|w| floor_to(w, SLIDE_MICROS));
+    let highest = bounds.highest().map(|w| floor_to(w, SLIDE_MICROS));
+    let Some(end) = check_end(&mut check, applied, lowest, highest) else {
         return Ok(check);
     };
-    let sql = format!(
-        "{select} FROM engagement_events e LEFT JOIN content c ON c.id = e.content_id \
-         WHERE e.content_id IS NOT NULL AND NOT (e.id = ANY($3)) \
-           AND (extract(epoch FROM e.event_ts) * 1000000)::int8 >= $1 \
-           AND (extract(epoch FROM e.event_ts) * 1000000)::int8 < $2 \
-         GROUP BY 1"
-    );
-    let rows = db
-        .query(&sql, &[&(end - WINDOW_MICROS), &end, &excluded])
-        .await
-        .map_err(context(format!("failed to compute the oracle of {sink}")))?;
-    let mut all: Vec<(String, f64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    // The job's order: score descending, then member bytes ascending.
+    let contributions = expected.window(end - WINDOW_MICROS, end);
+    // group → (net rows, sum of non-NULL values).
+    let mut groups: HashMap<String, (i64, f64)> = HashMap::new();
+    for c in contributions {
+        let entry = groups.entry((spec.group)(&c.row)).or_default();
+        entry.0 += c.sign;
+        entry.1 += c.sign as f64 * c.row.engagement_seconds.unwrap_or(0.0);
+    }
+    let mut all: Vec<(String, f64)> = groups
+        .into_iter()
+        .filter(|(_, (rows, _))| *rows > 0)
+        .map(|(group, (rows, sum))| (group, if spec.sum { sum } else { rows as f64 }))
+        .collect();
+    // The job's order: score descending, then member ascending.
     all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let (expected, boundary) = if top && all.len() > TOP_N {
-        (&all[..TOP_N], Some(all[TOP_N - 1].1))
-    } else {
-        (&all[..], None)
+    let (want, boundary) = match spec.top {
+        Some(n) if all.len() > n => (&all[..n], Some(all[n - 1].1)),
+        _ => (&all[..], None),
     };
-    let found: Vec<(String, f64)> = if top || sink == "top_devices" {
+    let found: Vec<(String, f64)> = if spec.sorted_set {
         redis::cmd("ZRANGE")
-            .arg(key)
+            .arg(spec.key)
             .arg(0)
             .arg(-1)
             .arg("WITHSCORES")
             .query_async(redis)
             .await
     } else {
-        redis::cmd("HGETALL").arg(key).query_async(redis).await
+        redis::cmd("HGETALL").arg(spec.key).query_async(redis).await
     }
-    .map_err(context(format!("failed to read {key}")))?;
+    .map_err(context(format!("failed to read {}", spec.key)))?;
     let found: HashMap<String, f64> = found.into_iter().collect();
     let oracle_all: HashMap<&str, f64> = all.iter().map(|(m, s)| (m.as_str(), *s)).collect();
     let tied = |score: f64| boundary.is_some_and(|b| close(score, b));
-    check.expected = expected.len() as u64;
-    for (member, score) in expected {
+    check.expected = want.len() as u64;
+    for (member, score) in want {
         match found.get(member) {
             None if tied(*score) => {}
             None => check.lost += 1,
             Some(got) if close(*got, *score) => {}
-            Some(got) if got > score => check.duplicated += 1,
-            Some(_) => check.lost += 1,
+            Some(got) => check.wrong(|| format!("{member}: {got}, expected {score}")),
         }
     }
     for (member, got) in &found {
-        if expected.iter().any(|(m, _)| m == member) {
+        if want.iter().any(|(m, _)| m == member) {
             continue;
         }
         match oracle_all.get(member.as_str()) {
@@ -321,118 +679,225 @@ async fn window(
             _ => check.duplicated += 1,
         }
     }
-    check.note = format!("window ending {end}");
+    check.note = format!("window ending {end}; {}", check.note);
     Ok(check)
 }
 
-fn close(a: f64, b: f64) -> bool {
-    (a - b).abs() <= 1e-6 * a.abs().max(b.abs()).max(1.0)
+/// The KPI figures of one tumbling window.
+#[derive(Debug, Clone, PartialEq)]
+struct Kpi {
+    events: i64,
+    plays: i64,
+    finishes: i64,
+    distinct_users: i64,
+    engagement_seconds: f64,
+    avg_engagement_seconds: Option<f64>,
+    avg_engagement_pct: Option<f64>,
 }
 
-/// The `id` of a JSON row.
-fn json_id(row: &str) -> Option<i64> {
-    serde_json::from_str::<serde_json::Value>(row)
-        .ok()?
-        .get("id")?
-        .as_i64()
-}
-
-/// DataFusion over the job's filesystem outputs.
-struct Outputs {
-    ctx: datafusion::prelude::SessionContext,
-}
-
-impl Outputs {
-    async fn open(world: &World) -> Result<Outputs, ChaosError> {
-        let data = world.data_dir().display().to_string();
-        let redis = world.redis.url();
-        let spec = crate::sql::parse_job(JOB, crate::demo::ENGAGEMENT_SQL, &|name| match name {
-            "ENGAGE_DATA_DIR" => Some(data.clone()),
-            "ENGAGE_POSTGRES_URL" => Some(world.postgres_url.clone()),
-            "ENGAGE_REDIS_URL" => Some(redis.clone()),
-            _ => None,
-        })
-        .map_err(context("failed to parse the mission SQL"))?;
-        let (ctx, _) = crate::query::session_for(&spec).await;
-        Ok(Outputs { ctx })
-    }
-
-    /// Rows of a query; a table with no files yet reads as empty.
-    async fn rows(&self, sql: &str) -> Result<Vec<arrow::record_batch::RecordBatch>, ChaosError> {
-        match self.ctx.sql(sql).await {
-            Ok(frame) => frame
-                .collect()
-                .await
-                .map_err(context(format!("failed to run `{sql}`"))),
-            Err(_) => Ok(Vec::new()),
-        }
-    }
-
-    /// `SELECT id, count` → id → count.
-    async fn id_counts(&self, sql: &str) -> Result<HashMap<i64, u64>, ChaosError> {
-        let mut counts = HashMap::new();
-        for batch in self.rows(sql).await? {
-            let ids: Int64Array = cast_as(batch.column(0), &DataType::Int64)?;
-            let n: Int64Array = cast_as(batch.column(1), &DataType::Int64)?;
-            for row in 0..batch.num_rows() {
-                counts.insert(ids.value(row), n.value(row) as u64);
+impl Kpi {
+    fn of(contributions: &[&Contribution]) -> Option<Kpi> {
+        let mut kpi = Kpi {
+            events: 0,
+            plays: 0,
+            finishes: 0,
+            distinct_users: 0,
+            engagement_seconds: 0.0,
+            avg_engagement_seconds: None,
+            avg_engagement_pct: None,
+        };
+        let mut users: HashMap<&str, i64> = HashMap::new();
+        let (mut seconds_n, mut pct_sum, mut pct_n) = (0i64, 0.0, 0i64);
+        for c in contributions {
+            let row = &c.row;
+            kpi.events += c.sign;
+            match row.event_type.as_deref() {
+                Some("play") => kpi.plays += c.sign,
+                Some("finish") => kpi.finishes += c.sign,
+                _ => {}
+            }
+            if let Some(user) = &row.user_id {
+                *users.entry(user).or_default() += c.sign;
+            }
+            if let Some(s) = row.engagement_seconds {
+                kpi.engagement_seconds += c.sign as f64 * s;
+                seconds_n += c.sign;
+            }
+            if let Some(p) = row.engagement_pct {
+                pct_sum += c.sign as f64 * p;
+                pct_n += c.sign;
             }
         }
-        Ok(counts)
+        kpi.distinct_users = users.values().filter(|n| **n > 0).count() as i64;
+        kpi.avg_engagement_seconds =
+            (seconds_n > 0).then(|| kpi.engagement_seconds / seconds_n as f64);
+        kpi.avg_engagement_pct = (pct_n > 0).then(|| pct_sum / pct_n as f64);
+        (kpi.events > 0).then_some(kpi)
     }
 
-    /// `SELECT "row"[, text]` → (id of the JSON row, text), one per row.
-    async fn row_ids(&self, sql: &str) -> Result<Vec<(i64, String)>, ChaosError> {
-        let mut out = Vec::new();
-        for batch in self.rows(sql).await? {
-            let rows: StringArray = cast_as(batch.column(0), &DataType::Utf8)?;
-            let extra = if batch.num_columns() > 1 {
-                Some(cast_as::<StringArray>(batch.column(1), &DataType::Utf8)?)
-            } else {
-                None
-            };
-            for row in 0..batch.num_rows() {
-                let id = json_id(rows.value(row)).ok_or_else(|| {
-                    ChaosError::Failed(format!("an output row has no id: {}", rows.value(row)))
-                })?;
-                let text = extra.as_ref().map(|e| e.value(row).to_string());
-                out.push((id, text.unwrap_or_default()));
+    fn matches(&self, other: &Kpi) -> bool {
+        self.events == other.events
+            && self.plays == other.plays
+            && self.finishes == other.finishes
+            && self.distinct_users == other.distinct_users
+            && close(self.engagement_seconds, other.engagement_seconds)
+            && close_opt(self.avg_engagement_seconds, other.avg_engagement_seconds)
+            && close_opt(self.avg_engagement_pct, other.avg_engagement_pct)
+    }
+}
+
+/// Every window of `width` the oracle expects closed: (start, figures, and
+/// whether only the wall clock could have closed it).
+fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<(i64, Kpi, bool)> {
+    let Some(highest) = bounds.highest() else {
+        return Vec::new();
+    };
+    let data = bounds.data.unwrap_or(i64::MIN);
+    let starts: std::collections::BTreeSet<i64> = expected
+        .contributions
+        .iter()
+        .map(|c| floor_to(c.row.event_ts, width))
+        .filter(|start| start + width <= highest)
+        .collect();
+    let mut out = Vec::new();
+    for start in starts {
+        let contributions = expected.window(start, start + width);
+        if let Some(kpi) = Kpi::of(&contributions) {
+            out.push((start, kpi, start + width > data));
+        }
+    }
+    out
+}
+
+/// The `kpi` Parquet table: every closed window of every timeframe once.
+async fn kpi_table(
+    outputs: &Outputs,
+    expected: &mut Expected,
+    bounds: &Bounds,
+) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new("kpi");
+    let mut found: HashMap<(String, i64), Vec<Kpi>> = HashMap::new();
+    let sql = "SELECT timeframe, window_start, events, plays, finishes, distinct_users, engagement_seconds, \
+               avg_engagement_seconds, avg_engagement_pct FROM kpi";
+    for batch in outputs.rows("kpi", sql).await? {
+        let c = Columns(&batch);
+        let (frames, starts) = (c.strings("timeframe")?, c.micros("window_start")?);
+        let (events, plays, finishes, users) = (
+            c.ints("events")?,
+            c.ints("plays")?,
+            c.ints("finishes")?,
+            c.ints("distinct_users")?,
+        );
+        let (seconds, avg_s, avg_p) = (
+            c.floats("engagement_seconds")?,
+            c.floats("avg_engagement_seconds")?,
+            c.floats("avg_engagement_pct")?,
+        );
+        for row in 0..batch.num_rows() {
+            found
+                .entry((
+                    frames[row].clone().unwrap_or_default(),
+                    starts[row].unwrap_or_default(),
+                ))
+                .or_default()
+                .push(Kpi {
+                    events: events[row].unwrap_or_default(),
+                    plays: plays[row].unwrap_or_default(),
+                    finishes: finishes[row].unwrap_or_default(),
+                    distinct_users: users[row].unwrap_or_default(),
+                    engagement_seconds: seconds[row].unwrap_or_default(),
+                    avg_engagement_seconds: avg_s[row],
+                    avg_engagement_pct: avg_p[row],
+                });
+        }
+    }
+    for (timeframe, _, _, width) in TIMEFRAMES {
+        for (start, want, optional) in closed_windows(expected, bounds, width) {
+            let held = found
+                .remove(&(timeframe.to_string(), start))
+                .unwrap_or_default();
+            if held.is_empty() && optional {
+                continue;
+            }
+            check.expected += 1;
+            match held.split_first() {
+                None => check.lost += 1,
+                Some((first, rest)) => {
+                    check.duplicated += rest.len() as u64;
+                    if !first.matches(&want) {
+                        check.wrong(|| {
+                            format!("{timeframe} window at {start}: {first:?}, expected {want:?}")
+                        });
+                    }
+                }
             }
         }
-        Ok(out)
     }
+    // Windows nobody expected (not closed, or without events).
+    check.duplicated += found.values().map(|v| v.len() as u64).sum::<u64>();
+    Ok(check)
 }
 
-/// `column` cast to `data_type`, as its concrete array type `A`.
-fn cast_as<A: Array + Clone + 'static>(
-    column: &arrow::array::ArrayRef,
-    data_type: &DataType,
-) -> Result<A, ChaosError> {
-    let cast = cast(column, data_type).map_err(context(format!("not castable to {data_type}")))?;
-    Ok(cast
-        .as_any()
-        .downcast_ref::<A>()
-        .expect("a cast yields its type's array")
-        .clone())
+/// Parses a timestamp as the Redis hash holds it (Arrow's text form).
+fn parse_time(text: &str) -> Option<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.timestamp_micros());
+    }
+    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .find_map(|f| chrono::NaiveDateTime::parse_from_str(text, f).ok())
+        .map(|t| t.and_utc().timestamp_micros())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exactly_once_counts_missing_twice_and_unexpected() {
-        let written = HashMap::from([(1, 1), (2, 2), (9, 1)]);
-        let check = exactly_once("s", &[1, 2, 3], &written);
-        assert_eq!((check.expected, check.lost, check.duplicated), (3, 1, 2));
-        assert!(!check.ok());
-        let clean = exactly_once("s", &[1, 2], &HashMap::from([(1, 1), (2, 1)]));
-        assert!(clean.ok());
+/// A `engage:kpi:<timeframe>` hash: the latest closed window's figures.
+async fn kpi_latest(
+    redis: &mut redis::aio::MultiplexedConnection,
+    expected: &mut Expected,
+    bounds: &Bounds,
+    timeframe: &str,
+    sink: &str,
+    key: &str,
+    width: i64,
+) -> Result<SinkCheck, ChaosError> {
+    let mut check = SinkCheck::new(sink);
+    let windows = closed_windows(expected, bounds, width);
+    let lowest = windows
+        .iter()
+        .rev()
+        .find(|(_, _, optional)| !optional)
+        .map(|(s, _, _)| s + width);
+    let highest = windows.last().map(|(s, _, _)| s + width);
+    let fields: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key)
+        .query_async(redis)
+        .await
+        .map_err(context(format!("failed to read {key}")))?;
+    if fields.is_empty() && lowest.is_none() {
+        check.note = "no window closed yet".into();
+        return Ok(check);
     }
-
-    #[test]
-    fn ids_come_from_json_rows() {
-        assert_eq!(json_id(r#"{"id":42,"content_id":"x"}"#), Some(42));
-        assert_eq!(json_id("not json"), None);
+    check.expected = 1;
+    let end = fields.get("window_end").and_then(|t| parse_time(t));
+    let Some(end) = check_end(&mut check, end, lowest, highest) else {
+        return Ok(check);
+    };
+    let Some((_, want, _)) = windows.iter().find(|(s, _, _)| s + width == end) else {
+        check.wrong(|| format!("holds window ending {end}, which has no events"));
+        return Ok(check);
+    };
+    let number = |name: &str| fields.get(name).and_then(|v| v.parse::<f64>().ok());
+    let got = Kpi {
+        events: number("events").unwrap_or(-1.0) as i64,
+        plays: number("plays").unwrap_or(-1.0) as i64,
+        finishes: number("finishes").unwrap_or(-1.0) as i64,
+        distinct_users: number("distinct_users").unwrap_or(-1.0) as i64,
+        engagement_seconds: number("engagement_seconds").unwrap_or(f64::NAN),
+        avg_engagement_seconds: number("avg_engagement_seconds"),
+        avg_engagement_pct: number("avg_engagement_pct"),
+    };
+    if fields.get("timeframe").map(String::as_str) != Some(timeframe) || !got.matches(want) {
+        check.wrong(|| format!("{key} holds {got:?}, expected {want:?}"));
     }
+    check.note = format!("window ending {end}; {}", check.note);
+    Ok(check)
 }

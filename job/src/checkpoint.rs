@@ -86,6 +86,18 @@ pub struct Manifest {
     /// Window state per `<sink>/<aggregate index>`.
     #[serde(default)]
     pub windows: BTreeMap<String, WindowCheckpoint>,
+    /// Per windowed sink, the last window it was written: what a sink whose
+    /// store lost its data is rewritten with.
+    #[serde(default)]
+    pub window_outputs: BTreeMap<String, WindowOutput>,
+}
+
+/// The rows of the last window written to a windowed sink.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowOutput {
+    /// End of the window (Unix µs).
+    pub end: i64,
+    pub state: StateFile,
 }
 
 /// The state of one windowed aggregate in a checkpoint.
@@ -424,6 +436,7 @@ mod tests {
             capture_order: Vec::new(),
             sql_hash: String::new(),
             windows: BTreeMap::new(),
+            window_outputs: BTreeMap::new(),
         }
     }
 

@@ -195,6 +195,7 @@ async fn run_once(
         keep: options.keep_checkpoints,
         windows: Vec::new(),
         window_guards: Vec::new(),
+        last_windows: Vec::new(),
         last_change: Instant::now(),
         late_sink: None,
         dead_letter_sink: None,
@@ -204,6 +205,7 @@ async fn run_once(
     };
     engine.windows = windowed::states_for(&engine.plan)?;
     engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
+    engine.last_windows = vec![None; engine.plan.queries.len()];
 
     let new_slot = match (&latest, &slot) {
         (None, None) => {
@@ -389,6 +391,9 @@ struct Engine {
     windows: Vec<Vec<window::WindowState>>,
     /// Per query and aggregate: windows ending at or before this are already in the sink.
     window_guards: Vec<Vec<Option<i64>>>,
+    /// Per query: the last window written to its sink (end, rows), kept in
+    /// checkpoints so a sink whose store lost its data can be rewritten.
+    last_windows: Vec<Option<(i64, Vec<RecordBatch>)>>,
     /// When the last change batch arrived (idle sources advance watermarks by the clock).
     last_change: Instant,
     /// Where late events go, if the job declares a `late_events` table.
@@ -819,6 +824,7 @@ impl Engine {
             files.push((file, bytes));
         }
         let windows = self.snapshot_windows(&mut files)?;
+        let window_outputs = self.snapshot_window_outputs(&mut files)?;
         let manifest = Manifest {
             job: self.job.clone(),
             epoch,
@@ -830,6 +836,7 @@ impl Engine {
             capture_order,
             sql_hash: self.sql_hash.clone(),
             windows,
+            window_outputs,
         };
         self.store.write(&manifest, files).await?;
         crate::failpoint::hit("before_sink_commit");

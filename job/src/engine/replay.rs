@@ -15,8 +15,10 @@
 //! old enough (they were pruned), the job stops and says how to recover
 //! rather than serve partial keys.
 //!
-//! Windowed Redis sinks need no refill: every window they write replaces all
-//! their keys, so the next closed window rebuilds them from window state.
+//! A windowed Redis sink is rewritten instead with the last window it was
+//! written before that checkpoint (every checkpoint keeps it); the windows
+//! after it come again as the job streams on. Waiting for the next window to
+//! close would leave, say, a 24-hour KPI missing for up to a day.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -68,19 +70,28 @@ impl Engine {
         Ok(replayed)
     }
 
-    /// Refills every non-windowed sink that found its store holding less than
-    /// the checkpoint `latest` recorded (see the module docs).
+    /// Refills every sink that found its store holding less than the
+    /// checkpoint `latest` recorded (see the module docs): a windowed sink
+    /// gets the last window it held back; the others the captured changes.
     pub(super) async fn rebuild_lost_sinks(&mut self, latest: &Manifest) -> Result<(), JobError> {
-        let mut lost = Vec::new();
+        let (mut lost, mut lost_windows) = (Vec::new(), Vec::new());
         for (index, sink) in self.sinks.iter().enumerate() {
             if !sink.lost() {
                 continue;
             }
             if self.plan.queries[index].is_windowed() {
-                tracing::warn!(sink = %sink.name(), "windowed sink lost its keys; the next closed window rewrites them");
+                lost_windows.push(index);
                 continue;
             }
             lost.push(index);
+        }
+        for index in lost_windows {
+            let name = self.sinks[index].name().to_string();
+            if self.rewrite_lost_window(index).await? {
+                tracing::warn!(sink = %name, "windowed sink lost its keys; rewrote the last window it held");
+            } else {
+                tracing::warn!(sink = %name, "windowed sink lost its keys; the next closed window rewrites them");
+            }
         }
         let Some(floor) = lost.iter().map(|&i| self.sinks[i].position()).min() else {
             return Ok(());

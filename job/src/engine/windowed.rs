@@ -36,7 +36,7 @@ use arrow::record_batch::RecordBatch;
 
 use super::window::WindowState;
 use super::{Engine, JobError};
-use crate::checkpoint::{self, Manifest, StateFile, WindowCheckpoint};
+use crate::checkpoint::{self, Manifest, StateFile, WindowCheckpoint, WindowOutput};
 use crate::source::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 
@@ -344,7 +344,10 @@ impl Engine {
                 .map_err(|e| self.query_error(q, e))?;
             let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             let position = self.position;
-            self.sinks[q].write_window(output, end, position).await?;
+            self.sinks[q]
+                .write_window(output.clone(), end, position)
+                .await?;
+            self.last_windows[q] = Some((end, output));
             self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
             self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
             self.dirty = true;
@@ -401,6 +404,75 @@ impl Engine {
         Ok(out)
     }
 
+    /// Serialises the last window written to each windowed Redis sink.
+    pub(super) fn snapshot_window_outputs(
+        &self,
+        files: &mut Vec<(String, bytes::Bytes)>,
+    ) -> Result<std::collections::BTreeMap<String, WindowOutput>, JobError> {
+        let mut out = std::collections::BTreeMap::new();
+        for (q, last) in self.last_windows.iter().enumerate() {
+            let Some((end, batches)) = last else { continue };
+            let Some(first) = batches.first() else {
+                continue;
+            };
+            if !self.sinks[q].is_redis() {
+                continue; // appended sinks (Parquet) are never rewritten
+            }
+            let sink = self.sinks[q].name().to_string();
+            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
+            let bytes = checkpoint::encode_ipc(&first.schema(), batches)
+                .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
+            let file = format!("window-output-{sink}.arrows");
+            out.insert(
+                sink,
+                WindowOutput {
+                    end: *end,
+                    state: StateFile {
+                        file: file.clone(),
+                        rows,
+                        bytes: bytes.len() as u64,
+                    },
+                },
+            );
+            files.push((file, bytes));
+        }
+        Ok(out)
+    }
+
+    /// Loads the last window written to each windowed sink as of `latest`.
+    async fn restore_window_outputs(&mut self, latest: &Manifest) -> Result<(), JobError> {
+        for q in 0..self.last_windows.len() {
+            let sink = self.sinks_name(q);
+            let Some(saved) = latest.window_outputs.get(&sink) else {
+                continue;
+            };
+            let bytes = self
+                .store
+                .read_file(latest.epoch, &saved.state.file)
+                .await?;
+            let batches = checkpoint::decode_ipc(bytes)
+                .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
+            self.last_windows[q] = Some((saved.end, batches));
+        }
+        Ok(())
+    }
+
+    fn sinks_name(&self, q: usize) -> String {
+        self.plan.sinks[self.plan.queries[q].sink].def.name.clone()
+    }
+
+    /// Rewrites windowed sink `q`, whose store lost its keys, with the last
+    /// window it was written before the checkpoint the job resumes from;
+    /// windows after it are written again as the job streams on.
+    pub(super) async fn rewrite_lost_window(&mut self, q: usize) -> Result<bool, JobError> {
+        let Some((end, batches)) = self.last_windows[q].clone() else {
+            return Ok(false);
+        };
+        let position = self.position;
+        self.sinks[q].write_window(batches, end, position).await?;
+        Ok(true)
+    }
+
     /// Restores window state from `restore`, and write guards from `latest`.
     pub(super) async fn restore_windows(
         &mut self,
@@ -432,6 +504,6 @@ impl Engine {
                 }
             }
         }
-        Ok(())
+        self.restore_window_outputs(latest).await
     }
 }

@@ -126,6 +126,12 @@ impl Sink {
         }
     }
 
+    /// Whether a window written to the sink replaces the previous one (Redis)
+    /// rather than being appended (Parquet).
+    pub fn is_redis(&self) -> bool {
+        matches!(self, Sink::Redis(_))
+    }
+
     /// Whether the sink's store held less than the restored checkpoint
     /// recorded when the sink opened (see [`SinkError::Lost`]).
     pub fn lost(&self) -> bool {

@@ -877,7 +877,19 @@ async fn kpi_latest(
         return Ok(check);
     }
     check.expected = 1;
-    let end = fields.get("window_end").and_then(|t| parse_time(t));
+    if fields.is_empty() {
+        check.lost = 1;
+        check.note = format!(
+            "{key} is missing; windows up to {} closed",
+            opt_text(&lowest)
+        );
+        return Ok(check);
+    }
+    let Some(end) = fields.get("window_end").and_then(|t| parse_time(t)) else {
+        check.wrong(|| format!("{key} has no window_end the oracle can read: {fields:?}"));
+        return Ok(check);
+    };
+    let end = Some(end);
     let Some(end) = check_end(&mut check, end, lowest, highest) else {
         return Ok(check);
     };

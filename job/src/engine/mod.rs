@@ -703,6 +703,7 @@ impl Engine {
             Some(_) if self.rebuilding.is_some() => {}
             Some(sink) => {
                 let rows = dead_letter::rows(&table, &reasons, &bad)
+                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
                     .map_err(|e| JobError::State(e.to_string()))?;
                 sink.write_window(vec![rows], 0, self.position).await?;
                 self.stats

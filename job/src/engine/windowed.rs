@@ -277,9 +277,12 @@ impl Engine {
         match &mut self.late_sink {
             Some(late_sink) => {
                 let rows = super::late::rows(&table, &watermarks, &column.column, &late_rows)
+                    .and_then(|rows| super::side_output::unheld(&rows, late_sink.position()))
                     .map_err(|e| JobError::State(format!("late events: {e}")))?;
-                late_sink.write_window(vec![rows], 0, self.position).await?;
-                self.dirty = true;
+                if rows.num_rows() > 0 {
+                    late_sink.write_window(vec![rows], 0, self.position).await?;
+                    self.dirty = true;
+                }
             }
             None => tracing::warn!(
                 table = %table,

@@ -85,7 +85,7 @@ pub struct ChaosOptions {
     /// Seconds Redis stays down [default: 30; 5 with --quick].
     #[arg(long)]
     pub outage_secs: Option<u64>,
-    /// Events per second the generator commits [default: 10000].
+    /// Ordinary inserts per second the workload commits [default: 10000; 4000 with --quick].
     #[arg(long)]
     pub rate: Option<u64>,
     /// Seed of the workload and of every fault moment.

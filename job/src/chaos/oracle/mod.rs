@@ -20,33 +20,30 @@
 //!
 //! A difference counts as *lost* (the output holds less), *duplicated* (more,
 //! or something twice) or *other* (a wrong value, order or window).
+//!
+//! [`model`] computes the expectation, [`outputs`] reads Parquet, this file
+//! checks the per-change outputs and [`windows`] the windowed ones.
 
 mod model;
 mod outputs;
+mod windows;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::Serialize;
 
 use super::{context, ChaosError};
-use model::{Contribution, Enriched, Expected, DELAY_MICROS};
-use outputs::{close, close_opt, json_id, Columns, Outputs};
+use model::{Enriched, Expected, DELAY_MICROS};
+use outputs::{close_opt, json_id, Columns, Outputs};
 
-const JOB: &str = "engagement";
-const MINUTE: i64 = 60 * 1_000_000;
-const WINDOW_MICROS: i64 = 10 * MINUTE;
-const SLIDE_MICROS: i64 = 500_000;
+pub(super) const JOB: &str = "engagement";
+pub(super) const MINUTE: i64 = 60 * 1_000_000;
+pub(super) const WINDOW_MICROS: i64 = 10 * MINUTE;
+pub(super) const SLIDE_MICROS: i64 = 500_000;
 /// How long a job waits without changes before the wall clock drives its watermark.
 const IDLE_MICROS: i64 = crate::engine::IDLE_AFTER.as_micros() as i64;
 const RECENT_LENGTH: usize = 50;
-const TOP_N: usize = 100;
-/// The KPI timeframes: Redis sink, key, width.
-const TIMEFRAMES: [(&str, &str, &str, i64); 4] = [
-    ("1m", "kpi_1m_latest", "engage:kpi:1m", MINUTE),
-    ("15m", "kpi_15m_latest", "engage:kpi:15m", 15 * MINUTE),
-    ("1h", "kpi_1h_latest", "engage:kpi:1h", 60 * MINUTE),
-    ("24h", "kpi_24h_latest", "engage:kpi:24h", 24 * 60 * MINUTE),
-];
+pub(super) const TOP_N: usize = 100;
 
 /// How one output compares with the oracle.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -74,7 +71,7 @@ impl SinkCheck {
     }
 
     /// Counts a wrong value, keeping the first one's description.
-    fn wrong(&mut self, what: impl FnOnce() -> String) {
+    pub(super) fn wrong(&mut self, what: impl FnOnce() -> String) {
         self.other += 1;
         if self.note.is_empty() {
             self.note = what();
@@ -166,15 +163,15 @@ pub async fn check(
         .push(recent_lists(&mut redis, &expected).await?);
 
     let bounds = Bounds::new(&expected, target.stopped_at_micros);
-    for spec in HOP_SINKS {
-        let check = hop_window(&mut redis, &mut expected, &bounds, &spec).await?;
+    for spec in windows::HOP_SINKS {
+        let check = windows::hop_window(&mut redis, &mut expected, &bounds, &spec).await?;
         verdict.sinks.push(check);
     }
     verdict
         .sinks
-        .push(kpi_table(&outputs, &mut expected, &bounds).await?);
-    for (timeframe, sink, key, width) in TIMEFRAMES {
-        let check = kpi_latest(
+        .push(windows::kpi_table(&outputs, &mut expected, &bounds).await?);
+    for (timeframe, sink, key, width) in windows::TIMEFRAMES {
+        let check = windows::kpi_latest(
             &mut redis,
             &mut expected,
             &bounds,
@@ -191,9 +188,9 @@ pub async fn check(
 }
 
 /// The range the final watermark of the job can be in.
-struct Bounds {
+pub(super) struct Bounds {
     /// From the data: the newest on-time event time minus the delay.
-    data: Option<i64>,
+    pub(super) data: Option<i64>,
     /// From the wall clock of an idle job when it stopped.
     wall: i64,
 }
@@ -207,16 +204,16 @@ impl Bounds {
     }
 
     /// The newest watermark the job can have reached.
-    fn highest(&self) -> Option<i64> {
+    pub(super) fn highest(&self) -> Option<i64> {
         self.data.map(|d| d.max(self.wall))
     }
 }
 
-fn floor_to(value: i64, step: i64) -> i64 {
+pub(super) fn floor_to(value: i64, step: i64) -> i64 {
     value.div_euclid(step) * step
 }
 
-fn opt_text<T: std::fmt::Debug>(value: &Option<T>) -> String {
+pub(super) fn opt_text<T: std::fmt::Debug>(value: &Option<T>) -> String {
     match value {
         Some(v) => format!("{v:?}"),
         None => "NULL".into(),
@@ -526,390 +523,5 @@ async fn recent_lists(
             }
         }
     }
-    Ok(check)
-}
-
-/// A sliding-window Redis sink of the mission SQL.
-struct HopSink {
-    sink: &'static str,
-    key: &'static str,
-    /// Sorted set (else a hash of field → value).
-    sorted_set: bool,
-    /// Keep the top N only.
-    top: Option<usize>,
-    /// The group of a contribution, and what it adds (a sum, else a count).
-    group: fn(&Enriched) -> String,
-    sum: bool,
-}
-
-const HOP_SINKS: [HopSink; 3] = [
-    HopSink {
-        sink: "top_content",
-        key: "engage:top_content:10m",
-        sorted_set: true,
-        top: Some(TOP_N),
-        group: |e| e.content_id.clone().unwrap_or_default(),
-        sum: true,
-    },
-    HopSink {
-        sink: "top_devices",
-        key: "engage:top_devices:10m",
-        sorted_set: true,
-        top: None,
-        group: |e| e.device.clone().unwrap_or_else(|| "unknown".into()),
-        sum: false,
-    },
-    HopSink {
-        sink: "content_type_engagement",
-        key: "engage:content_type:10m",
-        sorted_set: false,
-        top: None,
-        group: |e| e.content_type.clone().unwrap_or_else(|| "unknown".into()),
-        sum: true,
-    },
-];
-
-/// The window end a Redis sink says it holds (`engage:job:<job>:window_end`).
-async fn applied_end(
-    redis: &mut redis::aio::MultiplexedConnection,
-    sink: &str,
-) -> Result<Option<i64>, ChaosError> {
-    let end: Option<String> = redis::cmd("HGET")
-        .arg(format!("engage:job:{JOB}:window_end"))
-        .arg(sink)
-        .query_async(redis)
-        .await
-        .map_err(context("failed to read the window ends"))?;
-    end.map(|e| {
-        e.parse::<i64>().map_err(|_| {
-            ChaosError::Failed(format!("the window end of {sink} is `{e}`, not a number"))
-        })
-    })
-    .transpose()
-}
-
-/// Checks that a window end is one the data (or the wall clock) closed:
-/// between the last window the data closes and the last the clock can have.
-fn check_end(
-    check: &mut SinkCheck,
-    applied: Option<i64>,
-    lowest: Option<i64>,
-    highest: Option<i64>,
-) -> Option<i64> {
-    match (applied, lowest, highest) {
-        (Some(end), Some(low), Some(high)) if end >= low && end <= high.max(low) => Some(end),
-        (None, None, _) => None,
-        (applied, low, high) => {
-            check.wrong(|| {
-                format!(
-                    "holds the window ending {}, but the data closes windows up to {} (the wall clock at most {})",
-                    opt_text(&applied),
-                    opt_text(&low),
-                    opt_text(&high)
-                )
-            });
-            None
-        }
-    }
-}
-
-/// A hop window sink: the window it holds, and its contents.
-async fn hop_window(
-    redis: &mut redis::aio::MultiplexedConnection,
-    expected: &mut Expected,
-    bounds: &Bounds,
-    spec: &HopSink,
-) -> Result<SinkCheck, ChaosError> {
-    let mut check = SinkCheck::new(spec.sink);
-    let applied = applied_end(redis, spec.sink).await?;
-    let lowest = bounds.data.map(|w| floor_to(w, SLIDE_MICROS));
-    let highest = bounds.highest().map(|w| floor_to(w, SLIDE_MICROS));
-    let Some(end) = check_end(&mut check, applied, lowest, highest) else {
-        return Ok(check);
-    };
-    let contributions = expected.window(end - WINDOW_MICROS, end);
-    // group → (net rows, sum of non-NULL values).
-    let mut groups: HashMap<String, (i64, f64)> = HashMap::new();
-    for c in contributions {
-        let entry = groups.entry((spec.group)(&c.row)).or_default();
-        entry.0 += c.sign;
-        entry.1 += c.sign as f64 * c.row.engagement_seconds.unwrap_or(0.0);
-    }
-    let mut all: Vec<(String, f64)> = groups
-        .into_iter()
-        .filter(|(_, (rows, _))| *rows > 0)
-        .map(|(group, (rows, sum))| (group, if spec.sum { sum } else { rows as f64 }))
-        .collect();
-    // The job's order: score descending, then member ascending.
-    all.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    let (want, boundary) = match spec.top {
-        Some(n) if all.len() > n => (&all[..n], Some(all[n - 1].1)),
-        _ => (&all[..], None),
-    };
-    let found: Vec<(String, f64)> = if spec.sorted_set {
-        redis::cmd("ZRANGE")
-            .arg(spec.key)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .query_async(redis)
-            .await
-    } else {
-        redis::cmd("HGETALL").arg(spec.key).query_async(redis).await
-    }
-    .map_err(context(format!("failed to read {}", spec.key)))?;
-    let found: HashMap<String, f64> = found.into_iter().collect();
-    let oracle_all: HashMap<&str, f64> = all.iter().map(|(m, s)| (m.as_str(), *s)).collect();
-    let tied = |score: f64| boundary.is_some_and(|b| close(score, b));
-    check.expected = want.len() as u64;
-    for (member, score) in want {
-        match found.get(member) {
-            None if tied(*score) => {}
-            None => check.lost += 1,
-            Some(got) if close(*got, *score) => {}
-            Some(got) => check.wrong(|| format!("{member}: {got}, expected {score}")),
-        }
-    }
-    for (member, got) in &found {
-        if want.iter().any(|(m, _)| m == member) {
-            continue;
-        }
-        match oracle_all.get(member.as_str()) {
-            Some(score) if tied(*score) && close(*got, *score) => {}
-            _ => check.duplicated += 1,
-        }
-    }
-    check.note = format!("window ending {end}; {}", check.note);
-    Ok(check)
-}
-
-/// The KPI figures of one tumbling window.
-#[derive(Debug, Clone, PartialEq)]
-struct Kpi {
-    events: i64,
-    plays: i64,
-    finishes: i64,
-    distinct_users: i64,
-    engagement_seconds: f64,
-    avg_engagement_seconds: Option<f64>,
-    avg_engagement_pct: Option<f64>,
-}
-
-impl Kpi {
-    fn of(contributions: &[&Contribution]) -> Option<Kpi> {
-        let mut kpi = Kpi {
-            events: 0,
-            plays: 0,
-            finishes: 0,
-            distinct_users: 0,
-            engagement_seconds: 0.0,
-            avg_engagement_seconds: None,
-            avg_engagement_pct: None,
-        };
-        let mut users: HashMap<&str, i64> = HashMap::new();
-        let (mut seconds_n, mut pct_sum, mut pct_n) = (0i64, 0.0, 0i64);
-        for c in contributions {
-            let row = &c.row;
-            kpi.events += c.sign;
-            match row.event_type.as_deref() {
-                Some("play") => kpi.plays += c.sign,
-                Some("finish") => kpi.finishes += c.sign,
-                _ => {}
-            }
-            if let Some(user) = &row.user_id {
-                *users.entry(user).or_default() += c.sign;
-            }
-            if let Some(s) = row.engagement_seconds {
-                kpi.engagement_seconds += c.sign as f64 * s;
-                seconds_n += c.sign;
-            }
-            if let Some(p) = row.engagement_pct {
-                pct_sum += c.sign as f64 * p;
-                pct_n += c.sign;
-            }
-        }
-        kpi.distinct_users = users.values().filter(|n| **n > 0).count() as i64;
-        kpi.avg_engagement_seconds =
-            (seconds_n > 0).then(|| kpi.engagement_seconds / seconds_n as f64);
-        kpi.avg_engagement_pct = (pct_n > 0).then(|| pct_sum / pct_n as f64);
-        (kpi.events > 0).then_some(kpi)
-    }
-
-    fn matches(&self, other: &Kpi) -> bool {
-        self.events == other.events
-            && self.plays == other.plays
-            && self.finishes == other.finishes
-            && self.distinct_users == other.distinct_users
-            && close(self.engagement_seconds, other.engagement_seconds)
-            && close_opt(self.avg_engagement_seconds, other.avg_engagement_seconds)
-            && close_opt(self.avg_engagement_pct, other.avg_engagement_pct)
-    }
-}
-
-/// Every window of `width` the oracle expects closed: (start, figures, and
-/// whether only the wall clock could have closed it).
-fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<(i64, Kpi, bool)> {
-    let Some(highest) = bounds.highest() else {
-        return Vec::new();
-    };
-    let data = bounds.data.unwrap_or(i64::MIN);
-    let starts: std::collections::BTreeSet<i64> = expected
-        .contributions
-        .iter()
-        .map(|c| floor_to(c.row.event_ts, width))
-        .filter(|start| start + width <= highest)
-        .collect();
-    let mut out = Vec::new();
-    for start in starts {
-        let contributions = expected.window(start, start + width);
-        if let Some(kpi) = Kpi::of(&contributions) {
-            out.push((start, kpi, start + width > data));
-        }
-    }
-    out
-}
-
-/// The `kpi` Parquet table: every closed window of every timeframe once.
-async fn kpi_table(
-    outputs: &Outputs,
-    expected: &mut Expected,
-    bounds: &Bounds,
-) -> Result<SinkCheck, ChaosError> {
-    let mut check = SinkCheck::new("kpi");
-    let mut found: HashMap<(String, i64), Vec<Kpi>> = HashMap::new();
-    let sql = "SELECT timeframe, window_start, events, plays, finishes, distinct_users, engagement_seconds, \
-               avg_engagement_seconds, avg_engagement_pct FROM kpi";
-    for batch in outputs.rows("kpi", sql).await? {
-        let c = Columns(&batch);
-        let (frames, starts) = (c.strings("timeframe")?, c.micros("window_start")?);
-        let (events, plays, finishes, users) = (
-            c.ints("events")?,
-            c.ints("plays")?,
-            c.ints("finishes")?,
-            c.ints("distinct_users")?,
-        );
-        let (seconds, avg_s, avg_p) = (
-            c.floats("engagement_seconds")?,
-            c.floats("avg_engagement_seconds")?,
-            c.floats("avg_engagement_pct")?,
-        );
-        for row in 0..batch.num_rows() {
-            found
-                .entry((
-                    frames[row].clone().unwrap_or_default(),
-                    starts[row].unwrap_or_default(),
-                ))
-                .or_default()
-                .push(Kpi {
-                    events: events[row].unwrap_or_default(),
-                    plays: plays[row].unwrap_or_default(),
-                    finishes: finishes[row].unwrap_or_default(),
-                    distinct_users: users[row].unwrap_or_default(),
-                    engagement_seconds: seconds[row].unwrap_or_default(),
-                    avg_engagement_seconds: avg_s[row],
-                    avg_engagement_pct: avg_p[row],
-                });
-        }
-    }
-    for (timeframe, _, _, width) in TIMEFRAMES {
-        for (start, want, optional) in closed_windows(expected, bounds, width) {
-            let held = found
-                .remove(&(timeframe.to_string(), start))
-                .unwrap_or_default();
-            if held.is_empty() && optional {
-                continue;
-            }
-            check.expected += 1;
-            match held.split_first() {
-                None => check.lost += 1,
-                Some((first, rest)) => {
-                    check.duplicated += rest.len() as u64;
-                    if !first.matches(&want) {
-                        check.wrong(|| {
-                            format!("{timeframe} window at {start}: {first:?}, expected {want:?}")
-                        });
-                    }
-                }
-            }
-        }
-    }
-    // Windows nobody expected (not closed, or without events).
-    check.duplicated += found.values().map(|v| v.len() as u64).sum::<u64>();
-    Ok(check)
-}
-
-/// Parses a timestamp as the Redis hash holds it (Arrow's text form).
-fn parse_time(text: &str) -> Option<i64> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Some(t.timestamp_micros());
-    }
-    ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
-        .iter()
-        .find_map(|f| chrono::NaiveDateTime::parse_from_str(text, f).ok())
-        .map(|t| t.and_utc().timestamp_micros())
-}
-
-/// A `engage:kpi:<timeframe>` hash: the latest closed window's figures.
-async fn kpi_latest(
-    redis: &mut redis::aio::MultiplexedConnection,
-    expected: &mut Expected,
-    bounds: &Bounds,
-    timeframe: &str,
-    sink: &str,
-    key: &str,
-    width: i64,
-) -> Result<SinkCheck, ChaosError> {
-    let mut check = SinkCheck::new(sink);
-    let windows = closed_windows(expected, bounds, width);
-    let lowest = windows
-        .iter()
-        .rev()
-        .find(|(_, _, optional)| !optional)
-        .map(|(s, _, _)| s + width);
-    let highest = windows.last().map(|(s, _, _)| s + width);
-    let fields: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(key)
-        .query_async(redis)
-        .await
-        .map_err(context(format!("failed to read {key}")))?;
-    if fields.is_empty() && lowest.is_none() {
-        check.note = "no window closed yet".into();
-        return Ok(check);
-    }
-    check.expected = 1;
-    if fields.is_empty() {
-        check.lost = 1;
-        check.note = format!(
-            "{key} is missing; windows up to {} closed",
-            opt_text(&lowest)
-        );
-        return Ok(check);
-    }
-    let Some(end) = fields.get("window_end").and_then(|t| parse_time(t)) else {
-        check.wrong(|| format!("{key} has no window_end the oracle can read: {fields:?}"));
-        return Ok(check);
-    };
-    let end = Some(end);
-    let Some(end) = check_end(&mut check, end, lowest, highest) else {
-        return Ok(check);
-    };
-    let Some((_, want, _)) = windows.iter().find(|(s, _, _)| s + width == end) else {
-        check.wrong(|| format!("holds window ending {end}, which has no events"));
-        return Ok(check);
-    };
-    let number = |name: &str| fields.get(name).and_then(|v| v.parse::<f64>().ok());
-    let got = Kpi {
-        events: number("events").unwrap_or(-1.0) as i64,
-        plays: number("plays").unwrap_or(-1.0) as i64,
-        finishes: number("finishes").unwrap_or(-1.0) as i64,
-        distinct_users: number("distinct_users").unwrap_or(-1.0) as i64,
-        engagement_seconds: number("engagement_seconds").unwrap_or(f64::NAN),
-        avg_engagement_seconds: number("avg_engagement_seconds"),
-        avg_engagement_pct: number("avg_engagement_pct"),
-    };
-    if fields.get("timeframe").map(String::as_str) != Some(timeframe) || !got.matches(want) {
-        check.wrong(|| format!("{key} holds {got:?}, expected {want:?}"));
-    }
-    check.note = format!("window ending {end}; {}", check.note);
     Ok(check)
 }

@@ -9,7 +9,7 @@
 //! (this binary's `run`, checkpoint interval 1 s, every checkpoint kept), so it
 //! can be killed like a real deployment would be:
 //!
-//! 1. `kill-storm`: SIGKILL at seeded random moments while events flow, plus
+//! 1. `kill-storm`: SIGKILL at seeded points of the workload, plus
 //!    two clean restarts; each restart is timed to the first change applied.
 //! 2. `crash-points`: the job dies (SIGKILL to itself) at each failpoint of
 //!    [`crate::failpoint::POINTS`], several times each.

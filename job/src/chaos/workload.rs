@@ -288,6 +288,21 @@ async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
     Ok(client)
 }
 
+/// The open connection in `db`, reconnecting if it closed (Postgres
+/// restarted); `None` after a short pause if Postgres refuses for now.
+async fn connected<'a>(db: &'a mut Option<Client>, url: &str) -> Option<&'a Client> {
+    if db.as_ref().is_none_or(Client::is_closed) {
+        match connect(url).await {
+            Ok(client) => *db = Some(client),
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return None;
+            }
+        }
+    }
+    db.as_ref()
+}
+
 async fn run(
     url: String,
     options: WorkloadOptions,
@@ -336,16 +351,9 @@ async fn run(
             _ = stopped.wait_for(|s| *s) => break,
             _ = tokio::time::sleep_until(due.into()) => {}
         }
-        if db.as_ref().is_none_or(Client::is_closed) {
-            match connect(&url).await {
-                Ok(client) => db = Some(client),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-        }
-        let client = db.as_ref().expect("connected above");
+        let Some(client) = connected(&mut db, &url).await else {
+            continue;
+        };
         if let Err(error) = step(client, &mut state, rows, Utc::now()).await {
             state.log.reconnects.fetch_add(1, Ordering::Relaxed);
             eprintln!("[chaos] workload: {error}; reconnecting");
@@ -356,16 +364,9 @@ async fn run(
     // The quiet tail: inserts only, stamped after every change above.
     let tail = state.newest.unwrap_or_else(Utc::now) + delta(TAIL_AHEAD);
     for attempt in 0..100 {
-        if db.as_ref().is_none_or(Client::is_closed) {
-            match connect(&url).await {
-                Ok(client) => db = Some(client),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    continue;
-                }
-            }
-        }
-        let client = db.as_ref().expect("connected above");
+        let Some(client) = connected(&mut db, &url).await else {
+            continue;
+        };
         match copy(client, &mut state, 10, tail).await {
             Ok(_) => return Ok(()),
             Err(error) if attempt < 99 => {

@@ -7,22 +7,28 @@ use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
 
 const SECOND: i64 = 1_000_000;
 
-/// key (Utf8), time, value (Float64) -> sum(value) per key, over `kind`.
-fn state(kind: WindowKind) -> (WindowState, SchemaRef) {
-    let pre = Arc::new(Schema::new(vec![
+/// Window state over `kind`, grouped by a key: the pre-plan's columns are
+/// `key` (Utf8), `time`, then `values`; the output is the key, the window,
+/// then one column per aggregate (`outputs`).
+fn window_state(
+    kind: WindowKind,
+    values: Vec<Field>,
+    aggregates: Vec<AggSpec>,
+    outputs: Vec<Field>,
+) -> (WindowState, SchemaRef) {
+    let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut pre = vec![
         Field::new("key", DataType::Utf8, true),
-        Field::new(
-            "time",
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            true,
-        ),
-        Field::new("value", DataType::Float64, true),
-    ]));
-    let output = Arc::new(Schema::new(vec![
+        Field::new("time", time, true),
+    ];
+    pre.extend(values);
+    let pre = Arc::new(Schema::new(pre));
+    let mut output = vec![
         Field::new("c0", DataType::Utf8, true),
         Field::new("c1", window_type(), true),
-        Field::new("c2", DataType::Float64, true),
-    ]));
+    ];
+    output.extend(outputs);
+    let output = Arc::new(Schema::new(output));
     let plan = WindowedAggregate {
         kind,
         pre_plan: LogicalPlan::EmptyRelation(EmptyRelation {
@@ -32,16 +38,30 @@ fn state(kind: WindowKind) -> (WindowState, SchemaRef) {
         key_count: 1,
         time_column: 1,
         window_position: 1,
-        aggregates: vec![AggSpec {
-            kind: AggKind::Sum,
-            argument: Some(2),
-            filter: None,
-            output_type: DataType::Float64,
-        }],
+        aggregates,
         output_schema: output.clone(),
         table: Arc::new(BatchTable::new(output.clone())),
     };
     (WindowState::new(&plan, &pre).unwrap(), pre)
+}
+
+fn aggregate(kind: AggKind, argument: Option<usize>, output_type: DataType) -> AggSpec {
+    AggSpec {
+        kind,
+        argument,
+        filter: None,
+        output_type,
+    }
+}
+
+/// key (Utf8), time, value (Float64) -> sum(value) per key, over `kind`.
+fn state(kind: WindowKind) -> (WindowState, SchemaRef) {
+    window_state(
+        kind,
+        vec![Field::new("value", DataType::Float64, true)],
+        vec![aggregate(AggKind::Sum, Some(2), DataType::Float64)],
+        vec![Field::new("c2", DataType::Float64, true)],
+    )
 }
 
 fn rows(schema: &SchemaRef, rows: &[(&str, i64, f64)]) -> RecordBatch {
@@ -177,46 +197,25 @@ type Row<'a> = (&'a str, i64, Option<f64>, &'a str);
 /// key, time, value, user -> count(*), count(DISTINCT user), sum(value),
 /// avg(value) per key, over `kind`.
 fn four_aggregates(kind: WindowKind) -> (WindowState, SchemaRef) {
-    let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    let pre = Arc::new(Schema::new(vec![
-        Field::new("key", DataType::Utf8, true),
-        Field::new("time", time, true),
-        Field::new("value", DataType::Float64, true),
-        Field::new("user", DataType::Utf8, true),
-    ]));
-    let output = Arc::new(Schema::new(vec![
-        Field::new("c0", DataType::Utf8, true),
-        Field::new("c1", window_type(), true),
-        Field::new("c2", DataType::Int64, true),
-        Field::new("c3", DataType::Int64, true),
-        Field::new("c4", DataType::Float64, true),
-        Field::new("c5", DataType::Float64, true),
-    ]));
-    let spec = |kind, argument, output_type| AggSpec {
+    window_state(
         kind,
-        argument,
-        filter: None,
-        output_type,
-    };
-    let plan = WindowedAggregate {
-        kind,
-        pre_plan: LogicalPlan::EmptyRelation(EmptyRelation {
-            produce_one_row: false,
-            schema: Arc::new(datafusion::common::DFSchema::empty()),
-        }),
-        key_count: 1,
-        time_column: 1,
-        window_position: 1,
-        aggregates: vec![
-            spec(AggKind::Count, None, DataType::Int64),
-            spec(AggKind::CountDistinct, Some(3), DataType::Int64),
-            spec(AggKind::Sum, Some(2), DataType::Float64),
-            spec(AggKind::Avg, Some(2), DataType::Float64),
+        vec![
+            Field::new("value", DataType::Float64, true),
+            Field::new("user", DataType::Utf8, true),
         ],
-        output_schema: output.clone(),
-        table: Arc::new(BatchTable::new(output.clone())),
-    };
-    (WindowState::new(&plan, &pre).unwrap(), pre)
+        vec![
+            aggregate(AggKind::Count, None, DataType::Int64),
+            aggregate(AggKind::CountDistinct, Some(3), DataType::Int64),
+            aggregate(AggKind::Sum, Some(2), DataType::Float64),
+            aggregate(AggKind::Avg, Some(2), DataType::Float64),
+        ],
+        vec![
+            Field::new("c2", DataType::Int64, true),
+            Field::new("c3", DataType::Int64, true),
+            Field::new("c4", DataType::Float64, true),
+            Field::new("c5", DataType::Float64, true),
+        ],
+    )
 }
 
 fn four_rows(schema: &SchemaRef, rows: &[Row<'_>]) -> RecordBatch {
@@ -249,30 +248,12 @@ fn figures(emitted: Vec<(i64, RecordBatch)>) -> Vec<(i64, Figures)> {
     emitted
         .into_iter()
         .map(|(end, batch)| {
-            let text = |i: usize| {
-                batch
-                    .column(i)
-                    .as_any()
-                    .downcast_ref::<StringArray>()
-                    .unwrap()
-                    .clone()
-            };
-            let int = |i: usize| {
-                batch
-                    .column(i)
-                    .as_any()
-                    .downcast_ref::<Int64Array>()
-                    .unwrap()
-                    .clone()
-            };
-            let float = |i: usize| {
-                batch
-                    .column(i)
-                    .as_any()
-                    .downcast_ref::<Float64Array>()
-                    .unwrap()
-                    .clone()
-            };
+            use arrow::array::AsArray;
+            use arrow::datatypes::{Float64Type, Int64Type};
+            let column = |i: usize| batch.column(i).clone();
+            let text = |i: usize| column(i).as_string::<i32>().clone();
+            let int = |i: usize| column(i).as_primitive::<Int64Type>().clone();
+            let float = |i: usize| column(i).as_primitive::<Float64Type>().clone();
             let (keys, count, distinct, sum, avg) = (text(0), int(2), int(3), float(4), float(5));
             let mut out: Figures = (0..batch.num_rows())
                 .map(|i| {

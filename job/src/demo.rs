@@ -84,7 +84,11 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
     let client = target.connect().await?;
     generate::ensure_schema(&client).await?;
     let content = generate::seed_content(&client, options.content_items, 42).await?;
-    eprintln!("{} content items ready; starting the job", content.len());
+    eprintln!(
+        "{} content items ready (both tables REPLICA IDENTITY FULL: updates and deletes carry whole rows); \
+         starting the job",
+        content.len()
+    );
 
     let stats = Arc::new(JobStats::new(
         spec.tables

@@ -59,7 +59,7 @@ use crate::sink::{Sink, SinkError, SinkState};
 use crate::source::replication::{
     self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceEvent, SourceHandle,
 };
-use crate::source::{format_lsn, snapshot, Position, LSN_COLUMN, SEQ_COLUMN};
+use crate::source::{format_lsn, snapshot, Position, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
@@ -163,7 +163,16 @@ async fn run_once(
     let target = PgTarget::parse(connection.expose())?;
     let control = target.connect().await?;
     let names = SlotNames::for_job(&spec.name, &plan.sources);
-    replication::preflight(&target, &control, &plan.sources, &names).await?;
+    let windowed: Vec<Vec<String>> = (0..plan.sources.len())
+        .map(|source| {
+            plan.queries
+                .iter()
+                .filter(|q| q.driving == source && q.is_windowed())
+                .map(|q| plan.sinks[q.sink].def.name.clone())
+                .collect()
+        })
+        .collect();
+    replication::preflight(&target, &control, &plan.sources, &windowed, &names).await?;
     let slot = replication::slot_status(&target, &control, &names.slot).await?;
 
     let mut dimensions = Vec::new();
@@ -665,7 +674,9 @@ impl Engine {
 
     /// Sends the rows of `batch` that fail a CHECK of `source` to the
     /// dead-letter output and returns the rest (old images of updates that
-    /// fail are dropped too: their rows were never counted).
+    /// fail are dropped too: their rows were never counted). As in SQL, a
+    /// CHECK validates new row images: a delete has none, so deletes always
+    /// pass (under the default replica identity they carry only the key).
     async fn divert_bad_rows(
         &mut self,
         source: usize,
@@ -681,7 +692,7 @@ impl Engine {
             sink: format!("CHECK constraints of {table}"),
             message: e.to_string(),
         };
-        let Some(failed) = self
+        let Some(mut failed) = self
             .plan
             .failing_checks(source, &batch, &dimensions)
             .await
@@ -689,6 +700,19 @@ impl Engine {
         else {
             return Ok((batch, before));
         };
+        if let Some(ops) = batch
+            .column_by_name(OP_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+        {
+            for (row, failed) in failed.iter_mut().enumerate() {
+                if ops.is_valid(row) && ops.value(row) == "d" {
+                    *failed = None;
+                }
+            }
+        }
+        if failed.iter().all(Option::is_none) {
+            return Ok((batch, before));
+        }
         let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
         let bad_mask = arrow::compute::not(&keep).map_err(|e| JobError::State(e.to_string()))?;
         let bad =

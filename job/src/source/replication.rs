@@ -6,7 +6,15 @@
 //! `wal_level` is `logical`, that the role may replicate and read each table,
 //! that each table has a usable replica identity (`FULL`, an index, or
 //! `DEFAULT` with a primary key) and has the declared columns. Each failure
-//! is an error saying what to change. Then the job's publication is created or
+//! is an error saying what to change.
+//!
+//! A table that drives windowed queries needs `REPLICA IDENTITY FULL`: under
+//! `DEFAULT` (or an index) a delete carries only the key and an update no
+//! old row, so a window could not take back what the old row added and its
+//! rankings would over-count without a sign. The job fails closed instead,
+//! naming the table, the queries and the `ALTER TABLE` to run; with the
+//! table option `'replica_identity.autoset' = 'full'` it runs that itself
+//! where its role owns the table, and says so in the log. Then the job's publication is created or
 //! extended to cover its tables.
 //!
 //! # Slot and start position
@@ -259,10 +267,13 @@ fn quoted(schema: &str, table: &str) -> String {
 }
 
 /// Checks the server, role and tables; creates or extends the publication.
+/// `windowed[i]` names the windowed queries that source `i` drives: such a
+/// table must carry old rows (`REPLICA IDENTITY FULL`).
 pub async fn preflight(
     target: &PgTarget,
     client: &tokio_postgres::Client,
     sources: &[SourceTable],
+    windowed: &[Vec<String>],
     names: &SlotNames,
 ) -> Result<(), SourceError> {
     let query = |sql: &'static str| async move {
@@ -285,7 +296,7 @@ pub async fn preflight(
             "role `{role}` may not start replication: run `ALTER ROLE {role} WITH REPLICATION` as a superuser"
         )));
     }
-    for source in sources {
+    for (index, source) in sources.iter().enumerate() {
         let options = cdc_options(source).expect("sources are postgres-cdc tables");
         let name = format!("{}.{}", options.schema, options.table);
         let row = client
@@ -320,11 +331,42 @@ pub async fn preflight(
                      cannot be captured: add a primary key or {fix}"
                 )))
             }
-            "d" | "i" => tracing::info!(
-                table = %name,
-                "deletes of this table carry only its key and unchanged large values of updates are unknown; \
-                 REPLICA IDENTITY FULL gives whole rows"
-            ),
+            "d" | "i" => {
+                let queries = windowed.get(index).filter(|q| !q.is_empty());
+                match queries {
+                    Some(_) if options.autoset_full_identity => {
+                        let sql = format!("ALTER TABLE {} REPLICA IDENTITY FULL", quoted(&options.schema, &options.table));
+                        client.batch_execute(&sql).await.map_err(|e| {
+                            target.check(format!(
+                                "failed to set REPLICA IDENTITY FULL on {name} (option `replica_identity.autoset`; \
+                                 only the table's owner may): {e}. Run `{sql}` as its owner"
+                            ))
+                        })?;
+                        tracing::warn!(
+                            table = %name,
+                            "set REPLICA IDENTITY FULL on the table (option replica_identity.autoset): its windowed \
+                             queries need the old rows of updates and deletes"
+                        );
+                    }
+                    Some(queries) => {
+                        let kind = if identity == "d" { "DEFAULT" } else { "USING INDEX" };
+                        return Err(target.check(format!(
+                            "table {name} has REPLICA IDENTITY {kind}: its deletes carry only the key and its updates \
+                             no old row, so the windowed queries it drives ({}) could not take back what a changed \
+                             or deleted row added, and would over-count. Run `ALTER TABLE {name} REPLICA IDENTITY \
+                             FULL` (or set 'replica_identity.autoset' = 'full' in the WITH options of `{}` to let \
+                             engage run it where its role owns the table)",
+                            queries.join(", "),
+                            source.def.name
+                        )));
+                    }
+                    None => tracing::info!(
+                        table = %name,
+                        "deletes of this table carry only its key and unchanged large values of updates are unknown; \
+                         REPLICA IDENTITY FULL gives whole rows"
+                    ),
+                }
+            }
             _ => {}
         }
         let columns: Vec<String> = client

@@ -67,6 +67,10 @@ pub struct PostgresCdcOptions {
     pub slot: Option<String>,
     /// Publication; defaults to `engage_<job>`.
     pub publication: Option<String>,
+    /// `'replica_identity.autoset' = 'full'`: engage may run `ALTER TABLE ...
+    /// REPLICA IDENTITY FULL` itself when its windowed queries need old rows
+    /// (as Debezium's `replica.identity.autoset.values`).
+    pub autoset_full_identity: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +137,7 @@ const POSTGRES_OPTIONS: &[&str] = &[
     "table",
     "slot",
     "publication",
+    "replica_identity.autoset",
     "type",
 ];
 const FILESYSTEM_OPTIONS: &[&str] = &[
@@ -257,6 +262,16 @@ impl Connector {
                         }
                     }
                 }
+                let autoset = options.take("replica_identity.autoset");
+                if autoset
+                    .as_deref()
+                    .is_some_and(|v| !v.eq_ignore_ascii_case("full"))
+                {
+                    return Err(format!(
+                        "option `replica_identity.autoset` must be `full`, got `{}`",
+                        autoset.unwrap_or_default()
+                    ));
+                }
                 options.finish(&connector, POSTGRES_OPTIONS)?;
                 Ok(Connector::PostgresCdc(PostgresCdcOptions {
                     connection,
@@ -264,6 +279,7 @@ impl Connector {
                     table: name,
                     slot,
                     publication,
+                    autoset_full_identity: autoset.is_some(),
                 }))
             }
             "filesystem" => {

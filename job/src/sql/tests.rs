@@ -73,6 +73,30 @@ fn unknown_option_lists_the_valid_ones() {
 }
 
 #[test]
+fn replica_identity_autoset_takes_full_only() {
+    let table = |value: &str| {
+        format!(
+            "CREATE TABLE e (id BIGINT, PRIMARY KEY (id)) WITH (connector = 'postgres-cdc', \
+             connection = '${{ENGAGE_POSTGRES_URL}}', table = 'public.e', 'replica_identity.autoset' = '{value}');
+             CREATE TABLE out WITH (connector = 'filesystem', path = '/tmp/out', format = 'parquet');
+             INSERT INTO out SELECT id FROM e;"
+        )
+    };
+    let spec = parse_job("j", &table("full"), &env).unwrap();
+    match &spec.tables[0].connector {
+        Connector::PostgresCdc(options) => assert!(options.autoset_full_identity),
+        other => panic!("{other:?}"),
+    }
+    let error = parse_job("j", &table("index"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("option `replica_identity.autoset` must be `full`, got `index`"),
+        "{error}"
+    );
+}
+
+#[test]
 fn syntax_errors_carry_line_and_column() {
     let sql = "CREATE TABLE t (\n  id BIGINT,\n  name BLOB\n) WITH (connector = 'postgres-cdc');";
     let error = parse_job("j", sql, &env).unwrap_err().to_string();

@@ -74,7 +74,9 @@ CREATE TABLE enriched_events WITH (
 
 INSERT INTO enriched_events SELECT * FROM enriched;
 
--- The 50 newest events of each content item, newest first, as JSON.
+-- The 50 newest events of each content item, newest first, as JSON. With
+-- `target.id_column`, `_op` says what a row does: an insert (`c`) is pushed,
+-- a delete (`d`) removes the event from its list (`_op` is not written).
 CREATE TABLE recent_events WITH (
     connector = 'redis',
     address   = '${ENGAGE_REDIS_URL}',
@@ -83,14 +85,15 @@ CREATE TABLE recent_events WITH (
     'target.key_prefix' = 'engage:recent:',
     'target.key_column' = 'content_id',
     'target.max_length' = '50',
-    'target.operation'  = 'prepend'
+    'target.operation'  = 'prepend',
+    'target.id_column'  = 'id'
 );
 
 INSERT INTO recent_events
 SELECT id, content_id, user_id, event_type, event_ts, duration_ms, device,
-       content_type, length_seconds, engagement_seconds, engagement_pct
+       content_type, length_seconds, engagement_seconds, engagement_pct, _op
 FROM enriched
-WHERE _op = 'c' AND content_id IS NOT NULL;
+WHERE _op IN ('c', 'd') AND content_id IS NOT NULL;
 
 -- ---------------------------------------------------------------------------
 -- Windowed engagement. Windows are on event time (`event_ts`, via the WATERMARK

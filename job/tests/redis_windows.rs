@@ -58,6 +58,7 @@ impl Server {
             ttl_secs: None,
             max_length: None,
             operation: ListOperation::Append,
+            id_column: None,
         }
     }
 
@@ -332,6 +333,73 @@ async fn sorted_set_write_without_windows_sets_scores_and_trims() {
         "a row sets its member's score; the lowest beyond max_length go"
     );
     assert_eq!(sink.position(), at(2));
+}
+
+/// (content_id, id, _op) rows of a list that follows changes.
+fn list_changes(rows: &[(&str, i64, &str)]) -> RecordBatch {
+    let schema = schema(&[
+        ("content_id", DataType::Utf8),
+        ("id", DataType::Int64),
+        ("_op", DataType::Utf8),
+    ]);
+    let contents: StringArray = rows.iter().map(|r| Some(r.0)).collect();
+    let ids: Int64Array = rows.iter().map(|r| Some(r.1)).collect();
+    let ops: StringArray = rows.iter().map(|r| Some(r.2)).collect();
+    RecordBatch::try_new(
+        schema,
+        vec![Arc::new(contents) as ArrayRef, Arc::new(ids), Arc::new(ops)],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_with_an_id_column_removes_deleted_entries_in_stream_order() {
+    let server = Server::start().await;
+    let options = RedisOptions {
+        key_column: Some("content_id".into()),
+        max_length: Some(3),
+        operation: ListOperation::Prepend,
+        id_column: Some("id".into()),
+        ..server.options(RedisTarget::List, "recent:")
+    };
+    let changes = list_changes(&[]).schema();
+    assert_eq!(check_columns(&options, &changes), Ok(()));
+    let mut sink = open(&options, &changes).await;
+    sink.write(
+        vec![list_changes(&[("a", 1, "c"), ("a", 2, "c"), ("a", 3, "c")])],
+        at(1),
+    )
+    .await
+    .unwrap();
+    // In one batch: 4 pushes 1 out, then 3 is deleted, then 5 comes: the list
+    // reads as if each row came alone (1 does not come back).
+    sink.write(
+        vec![list_changes(&[
+            ("a", 4, "c"),
+            ("a", 3, "d"),
+            ("a", 5, "c"),
+            ("a", 99, "d"),
+        ])],
+        at(2),
+    )
+    .await
+    .unwrap();
+    let mut redis = server.connection().await;
+    let entries: Vec<String> = redis.lrange("recent:a", 0, -1).await.unwrap();
+    let ids: Vec<i64> = entries
+        .iter()
+        .map(|e| {
+            serde_json::from_str::<serde_json::Value>(e).unwrap()["id"]
+                .as_i64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ids, vec![5, 4, 2]);
+    assert!(!entries[0].contains("_op"), "{entries:?}");
+
+    let without_op = schema(&[("content_id", DataType::Utf8), ("id", DataType::Int64)]);
+    let error = check_columns(&options, &without_op).unwrap_err();
+    assert!(error.contains("must select `_op`"), "{error}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,6 +706,7 @@ fn column_checks_name_the_output_columns_and_want_a_numeric_score() {
         ttl_secs: None,
         max_length: None,
         operation: ListOperation::Append,
+        id_column: None,
     };
     assert_eq!(check_columns(&options, &ranking_schema()), Ok(()));
     assert_eq!(check_columns(&options, &by_device_schema()), Ok(()));

@@ -52,16 +52,18 @@ use rand::Rng;
 use redis::aio::ConnectionManager;
 
 use super::{SinkError, SinkState};
-use crate::source::Position;
+use crate::source::{Position, OP_COLUMN};
 use crate::sql::options::{target_name, ListOperation, RedisOptions, RedisTarget};
 use crate::sql::plan::QueryPlan;
 
 /// Applies the rows of one write. KEYS: position key, window end hash, window
 /// keys set, then the keys rows go to. ARGV: mode (`cas` or `window`), guard
 /// (expected position, or window end), new position, target, ttl, max length,
-/// list operation, sink name, then per row: the index of its key among the
-/// data keys, the number of values, the values (list and string: the value;
-/// hash: fields and values; sorted set: score and member).
+/// list operation, sink name, list id field (or empty), then per row: the
+/// index of its key among the data keys, the number of values, the values
+/// (string: the value; list: the value, or with an id field `+` and the
+/// value or `-` and the id to remove; hash: fields and values; sorted set:
+/// score and member).
 ///
 /// The guard is checked before anything is written, and no command after it
 /// can fail on well-formed input (window mode deletes each key before writing
@@ -82,30 +84,8 @@ local target = ARGV[4]
 local ttl = tonumber(ARGV[5])
 local maxlen = tonumber(ARGV[6])
 local prepend = ARGV[7] == 'prepend'
-local written = {}
-local i = 9
-local count = #ARGV
-while i <= count do
-  local key = KEYS[3 + tonumber(ARGV[i])]
-  local n = tonumber(ARGV[i + 1])
-  if window and not written[key] then redis.call('DEL', key) end
-  written[key] = true
-  if target == 'sorted_set' then
-    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
-  elseif target == 'hash' then
-    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n))
-  elseif target == 'list' then
-    if prepend then
-      redis.call('LPUSH', key, ARGV[i + 2])
-    else
-      redis.call('RPUSH', key, ARGV[i + 2])
-    end
-  else
-    redis.call('SET', key, ARGV[i + 2])
-  end
-  i = i + 2 + n
-end
-for key in pairs(written) do
+local idfield = ARGV[9]
+local function trim(key)
   if maxlen > 0 then
     if target == 'list' then
       if prepend then
@@ -117,6 +97,47 @@ for key in pairs(written) do
       redis.call('ZREMRANGEBYRANK', key, 0, -(maxlen + 1))
     end
   end
+end
+local written = {}
+local i = 10
+local count = #ARGV
+while i <= count do
+  local key = KEYS[3 + tonumber(ARGV[i])]
+  local n = tonumber(ARGV[i + 1])
+  if window and not written[key] then redis.call('DEL', key) end
+  written[key] = true
+  if target == 'sorted_set' then
+    redis.call('ZADD', key, ARGV[i + 2], ARGV[i + 3])
+  elseif target == 'hash' then
+    redis.call('HSET', key, unpack(ARGV, i + 2, i + 1 + n))
+  elseif target == 'list' then
+    -- With an id field, a row is an operation and its value: '+' pushes
+    -- the JSON, '-' removes the entries whose id field equals the value
+    -- (after trimming, so the list reads as if every row came one by one).
+    local op, value = '+', ARGV[i + 2]
+    if n == 2 then op, value = ARGV[i + 2], ARGV[i + 3] end
+    if op == '-' then
+      trim(key)
+      local number = tonumber(value)
+      for _, entry in ipairs(redis.call('LRANGE', key, 0, -1)) do
+        local ok, row = pcall(cjson.decode, entry)
+        if ok and type(row) == 'table' and row[idfield] ~= nil
+            and (row[idfield] == number or tostring(row[idfield]) == value) then
+          redis.call('LREM', key, 0, entry)
+        end
+      end
+    elseif prepend then
+      redis.call('LPUSH', key, value)
+    else
+      redis.call('RPUSH', key, value)
+    end
+  else
+    redis.call('SET', key, ARGV[i + 2])
+  end
+  i = i + 2 + n
+end
+for key in pairs(written) do
+  trim(key)
   if ttl > 0 then redis.call('EXPIRE', key, ttl) end
 end
 if not window then
@@ -402,7 +423,8 @@ impl RedisSink {
             .arg(self.options.ttl_secs.unwrap_or(0))
             .arg(self.options.max_length.unwrap_or(0))
             .arg(operation)
-            .arg(&self.name);
+            .arg(&self.name)
+            .arg(self.options.id_column.as_deref().unwrap_or(""));
         let rows = self
             .encoder
             .write_rows(batches, &columns, command)
@@ -536,6 +558,21 @@ pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), Stri
             ));
         }
     }
+    if let Some(id) = &options.id_column {
+        if schema.index_of(OP_COLUMN).is_err() {
+            return Err(format!(
+                "`target.id_column` makes a list follow changes, so the query must select `{OP_COLUMN}` \
+                 (rows with `d` remove the entries whose `{id}` equals theirs)"
+            ));
+        }
+        let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        if !names.contains(&id.as_str()) {
+            return Err(format!(
+                "`target.id_column` names `{id}`, which is not an output column; output columns: {}",
+                names.join(", ")
+            ));
+        }
+    }
     if options.target == RedisTarget::Hash && options.field_column.is_none() {
         if let Some(field) = schema
             .fields()
@@ -559,6 +596,9 @@ pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), Stri
 struct Encoder {
     target: RedisTarget,
     key_prefix: String,
+    /// List with `target.id_column`: the `_op` and id columns, and the
+    /// columns written as JSON (all but `_op`).
+    change_columns: Option<ChangeColumns>,
     key_column: Option<usize>,
     field_column: Option<usize>,
     value_column: Option<usize>,
@@ -577,8 +617,19 @@ struct Encoder {
     number: Vec<u8>,
 }
 
+/// Where a list target with `target.id_column` finds what a row does.
+#[derive(Debug, Clone)]
+struct ChangeColumns {
+    op: usize,
+    id: usize,
+    json: Vec<usize>,
+}
+
 /// The columns of one batch that the target reads, as text (scores as Float64).
 struct BatchColumns {
+    /// `_op` and the id, for a list target with `target.id_column`.
+    op: Option<StringArray>,
+    id: Option<StringArray>,
     key: Option<StringArray>,
     field: Option<StringArray>,
     value: Option<StringArray>,
@@ -592,9 +643,18 @@ impl Encoder {
     fn new(options: &RedisOptions, schema: &Schema) -> Encoder {
         let column =
             |option: &Option<String>| option.as_ref().and_then(|c| schema.index_of(c).ok());
+        let change_columns = options.id_column.as_ref().and_then(|id| {
+            let op = schema.index_of(OP_COLUMN).ok()?;
+            Some(ChangeColumns {
+                op,
+                id: schema.index_of(id).ok()?,
+                json: (0..schema.fields().len()).filter(|&i| i != op).collect(),
+            })
+        });
         Encoder {
             target: options.target,
             key_prefix: options.key_prefix.clone(),
+            change_columns,
             key_column: column(&options.key_column),
             field_column: column(&options.field_column),
             value_column: column(&options.value_column),
@@ -650,6 +710,9 @@ impl Encoder {
                     RedisTarget::Hash if self.row_as_fields() => {
                         columns.all.iter().any(|c| c.is_valid(row))
                     }
+                    RedisTarget::List if is_delete(&columns, row) => {
+                        columns.id.as_ref().is_some_and(|id| id.is_valid(row))
+                    }
                     _ => columns.value.as_ref().is_none_or(|v| v.is_valid(row)),
                 };
                 if !has_value {
@@ -700,6 +763,7 @@ impl Encoder {
         let row_as_fields = self.row_as_fields();
         let Encoder {
             target,
+            change_columns,
             column_names,
             row_keys,
             json: buffer,
@@ -713,11 +777,17 @@ impl Encoder {
             next += batch.num_rows();
             buffer.clear();
             if json {
+                let written = match change_columns {
+                    Some(change) => batch
+                        .project(&change.json)
+                        .map_err(|e| format!("failed to encode rows as JSON: {e}"))?,
+                    None => batch.clone(),
+                };
                 let mut writer = WriterBuilder::new()
                     .with_explicit_nulls(true)
                     .build::<_, arrow::json::writer::LineDelimited>(&mut *buffer);
                 writer
-                    .write(batch)
+                    .write(&written)
                     .and_then(|()| writer.finish())
                     .map_err(|e| format!("failed to encode rows as JSON: {e}"))?;
             }
@@ -758,6 +828,14 @@ impl Encoder {
                             None => command.arg(line.unwrap_or_default()),
                         };
                     }
+                    RedisTarget::List if change_columns.is_some() => {
+                        if is_delete(columns, row) {
+                            let id = columns.id.as_ref().expect("id column");
+                            command.arg(2).arg("-").arg(id.value(row));
+                        } else {
+                            command.arg(2).arg("+").arg(line.unwrap_or_default());
+                        }
+                    }
                     RedisTarget::String | RedisTarget::List => {
                         command.arg(1).arg(line.unwrap_or_default());
                     }
@@ -771,7 +849,10 @@ impl Encoder {
     /// The columns `batch` contributes, cast to what the script writes.
     fn columns(&self, batch: &RecordBatch) -> Result<BatchColumns, String> {
         let text = |index: Option<usize>| index.map(|i| text_column(batch, i)).transpose();
+        let change = self.change_columns.as_ref();
         Ok(BatchColumns {
+            op: text(change.map(|c| c.op))?,
+            id: text(change.map(|c| c.id))?,
             key: text(self.key_column)?,
             field: text(self.field_column)?,
             value: text(self.value_column)?,
@@ -803,6 +884,14 @@ impl Encoder {
             },
         })
     }
+}
+
+/// Whether `row` is a delete (`_op = 'd'`) of a list with `target.id_column`.
+fn is_delete(columns: &BatchColumns, row: usize) -> bool {
+    columns
+        .op
+        .as_ref()
+        .is_some_and(|op| op.is_valid(row) && op.value(row) == "d")
 }
 
 /// Column `index` of `batch` as text.

@@ -129,6 +129,11 @@ pub struct RedisOptions {
     /// only this many members, those with the highest scores.
     pub max_length: Option<u64>,
     pub operation: ListOperation,
+    /// List target: the JSON field that identifies an entry. With it, the
+    /// query's `_op` column says what a row does: `c`/`u` push it, `d`
+    /// removes the entries whose field equals the row's (`_op` itself is not
+    /// written).
+    pub id_column: Option<String>,
 }
 
 const POSTGRES_OPTIONS: &[&str] = &[
@@ -164,6 +169,7 @@ const REDIS_OPTIONS: &[&str] = &[
     "target.ttl_secs",
     "target.max_length",
     "target.operation",
+    "target.id_column",
 ];
 
 /// Options still to be consumed; whatever is left at the end is unknown.
@@ -344,6 +350,7 @@ impl Connector {
                 let value_column = options.take("target.value_column");
                 let member_column = options.take("target.member_column");
                 let score_column = options.take("target.score_column");
+                let id_column = options.take("target.id_column");
                 let ttl_secs = options.number("target.ttl_secs")?;
                 let max_length = options.number("target.max_length")?;
                 let operation = match one_of(
@@ -367,6 +374,7 @@ impl Connector {
                         ("target.member_column", SortedSet, member_column.is_some()),
                         ("target.score_column", SortedSet, score_column.is_some()),
                         ("target.operation", List, prepend),
+                        ("target.id_column", List, id_column.is_some()),
                     ] {
                         if given && target != applies_to {
                             return Err(format!(
@@ -414,6 +422,7 @@ impl Connector {
                     ttl_secs,
                     max_length,
                     operation,
+                    id_column,
                 }))
             }
             other => Err(format!(

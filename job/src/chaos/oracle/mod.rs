@@ -12,7 +12,7 @@
 //! | output | what must hold |
 //! | --- | --- |
 //! | `enriched_events` | every change (`c`, `u`, `d`) exactly once, every column equal, joined with content as of the change's commit |
-//! | `recent_events` | per content item, its 50 newest inserts, newest first, with their joined columns |
+//! | `recent_events` | per content item, its 50 newest inserts less the deleted ones, newest first, with their joined columns |
 //! | `top_content`, `top_devices`, `content_type_engagement` | the aggregate of the window they hold, from the contributions the model derives |
 //! | `kpi` (Parquet) | every closed tumbling window of every timeframe exactly once, every figure equal |
 //! | `kpi_*_latest` (Redis) | the latest closed window of each timeframe |
@@ -42,7 +42,6 @@ pub(super) const WINDOW_MICROS: i64 = 10 * MINUTE;
 pub(super) const SLIDE_MICROS: i64 = 500_000;
 /// How long a job waits without changes before the wall clock drives its watermark.
 const IDLE_MICROS: i64 = crate::engine::IDLE_AFTER.as_micros() as i64;
-const RECENT_LENGTH: usize = 50;
 pub(super) const TOP_N: usize = 100;
 
 /// How one output compares with the oracle.
@@ -458,9 +457,9 @@ async fn recent_lists(
 ) -> Result<SinkCheck, ChaosError> {
     let mut check = SinkCheck::new("recent_events");
     let oracle: Vec<(&String, Vec<&Enriched>)> = expected
-        .inserts_by_content
+        .recent
         .iter()
-        .map(|(content, inserts)| (content, inserts.iter().rev().take(RECENT_LENGTH).collect()))
+        .map(|(content, list)| (content, list.iter().collect()))
         .collect();
     let mut pipe = redis::pipe();
     for (content, _) in &oracle {

@@ -16,7 +16,7 @@
 //! holds the changes processed before the watermark passed its end; `CHECK`s
 //! are tried in declaration order on new row images.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use serde_json::Value;
 use tokio_postgres::Client;
@@ -25,6 +25,8 @@ use crate::chaos::{context, ChaosError};
 
 /// The mission's watermark delay.
 pub const DELAY_MICROS: i64 = 200_000;
+/// Entries of each recent list.
+pub const RECENT_LENGTH: usize = 50;
 /// An insert late by less than this is too close to call (batch boundaries).
 const AMBIGUOUS_MICROS: i64 = 5_000_000;
 
@@ -115,8 +117,10 @@ pub struct Expected {
     pub late: BTreeMap<i64, i64>,
     /// Bad changes: id → the CHECK they fail.
     pub dead_letter: BTreeMap<i64, String>,
-    /// Per content item, its good inserts in commit order.
-    pub inserts_by_content: HashMap<String, Vec<Enriched>>,
+    /// Per content item, its recent list as `engage:recent:{id}` must hold
+    /// it: each good insert pushed to the front (at most [`RECENT_LENGTH`]
+    /// kept), each delete taken out.
+    pub recent: HashMap<String, VecDeque<Enriched>>,
     /// Events in Postgres at the end.
     pub events: u64,
     pub updates: u64,
@@ -311,10 +315,9 @@ impl Replay {
                 } else {
                     let enriched = self.enrich("c", &row);
                     if let Some(content) = &row.content_id {
-                        out.inserts_by_content
-                            .entry(content.clone())
-                            .or_default()
-                            .push(enriched.clone());
+                        let list = out.recent.entry(content.clone()).or_default();
+                        list.push_front(enriched.clone());
+                        list.truncate(RECENT_LENGTH);
                     }
                     out.enriched.push(enriched.clone());
                     match watermark {
@@ -346,6 +349,9 @@ impl Replay {
                 self.add(-1, retracted, out);
             }
             Change::Delete(old) => {
+                if let Some(list) = old.content_id.as_ref().and_then(|c| out.recent.get_mut(c)) {
+                    list.retain(|e| e.id != old.id);
+                }
                 let enriched = self.enrich("d", &old);
                 out.enriched.push(enriched.clone());
                 self.add(-1, enriched, out);

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use engage::chaos::workload::{Workload, WorkloadOptions};
 use support::{
-    assert_matches_oracle, wait_caught_up, wait_for, wait_started, wait_started_as, World,
-    MISSION_SQL,
+    assert_matches_oracle, has_parquet_files, wait_caught_up, wait_for, wait_started,
+    wait_started_as, World, MISSION_SQL,
 };
 
 /// The design's schema exactly as written: no `REPLICA IDENTITY` clause.
@@ -180,18 +180,4 @@ async fn a_parquet_job_gets_key_only_deletes_as_d_rows_and_no_check_rejects_them
         !has_parquet_files(&data.join("dead_letter")),
         "a delete was dead-lettered"
     );
-}
-
-/// Whether `dir` holds a committed Parquet file.
-fn has_parquet_files(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.filter_map(Result::ok).any(|entry| {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if entry.path().is_dir() {
-                !name.starts_with('_') && has_parquet_files(&entry.path())
-            } else {
-                name.ends_with(".parquet")
-            }
-        })
-    })
 }

@@ -8,18 +8,22 @@
 //! on. A job that declares checks but no `dead_letter` table stops with an
 //! error naming the failed check instead, rather than losing the row.
 //!
+//! A change the source cannot decode (see
+//! [`RejectedChange`](crate::source::RejectedChange)) goes there too, with
+//! reason `decode_error:<column>` and the row as Postgres sent it.
+//!
 //! Dead letters are staged and committed with checkpoints like any Parquet
 //! sink, so a replayed row is dead-lettered exactly once.
 
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, StringArray};
+use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use super::side_output;
 use crate::sink::{Sink, SinkState};
-use crate::source::{COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
+use crate::source::{RejectedChange, COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
 use crate::sql::JobSpec;
 
 /// The table name that receives dead letters.
@@ -64,6 +68,36 @@ pub fn rows(
         column(SEQ_COLUMN, &DataType::Int64)?,
         column(COMMIT_TS_COLUMN, &time)?,
         side_output::json_rows(bad)?,
+    ];
+    RecordBatch::try_new(schema(), columns)
+}
+
+/// Dead-letter rows for changes of `table` the source could not decode: the
+/// reason `decode_error:<column>` and the row as Postgres sent it.
+pub fn rejected_rows(
+    table: &str,
+    rejected: &[RejectedChange],
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(StringArray::from(vec![table; rejected.len()])),
+        Arc::new(StringArray::from_iter_values(
+            rejected.iter().map(|r| r.reason.as_str()),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rejected.iter().map(|r| r.position.lsn as i64),
+        )),
+        Arc::new(Int64Array::from_iter_values(
+            rejected.iter().map(|r| r.position.seq as i64),
+        )),
+        Arc::new(
+            TimestampMicrosecondArray::from_iter_values(
+                rejected.iter().map(|r| r.commit_ts_micros),
+            )
+            .with_timezone("UTC"),
+        ),
+        Arc::new(StringArray::from_iter_values(
+            rejected.iter().map(|r| r.row.as_str()),
+        )),
     ];
     RecordBatch::try_new(schema(), columns)
 }

@@ -59,7 +59,9 @@ use crate::sink::{Sink, SinkError, SinkState};
 use crate::source::replication::{
     self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceEvent, SourceHandle,
 };
-use crate::source::{format_lsn, snapshot, Position, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
+use crate::source::{
+    format_lsn, snapshot, Position, RejectedChange, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN,
+};
 use crate::sql::plan::JobPlan;
 use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
@@ -524,9 +526,11 @@ impl Engine {
                     source,
                     batch,
                     before,
+                    rejected,
                     commit_end,
                 } => {
                     tracing::trace!(source, rows = batch.num_rows(), commit_end = ?commit_end.map(format_lsn), "changes");
+                    self.divert_rejected(source, &rejected).await?;
                     let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
                     let capture_error =
@@ -670,6 +674,53 @@ impl Engine {
                 )
             })
             .collect()
+    }
+
+    /// Sends the changes of `source` that could not be decoded to the
+    /// dead-letter output; without one, the job stops naming the change.
+    async fn divert_rejected(
+        &mut self,
+        source: usize,
+        rejected: &[RejectedChange],
+    ) -> Result<(), JobError> {
+        let Some(first) = rejected.first() else {
+            return Ok(());
+        };
+        let table = self.plan.sources[source].def.name.clone();
+        match &mut self.dead_letter_sink {
+            // A rebuild replays captured changes: rejected ones never were.
+            Some(_) if self.rebuilding.is_some() => {}
+            Some(sink) => {
+                let rows = dead_letter::rejected_rows(&table, rejected)
+                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
+                    .map_err(|e| JobError::State(e.to_string()))?;
+                if rows.num_rows() > 0 {
+                    tracing::warn!(
+                        table = %table,
+                        rows = rows.num_rows(),
+                        reason = %first.reason,
+                        detail = %first.detail,
+                        "changes that cannot be decoded went to dead_letter"
+                    );
+                    self.stats
+                        .dead_lettered
+                        .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+                    sink.write_window(vec![rows], 0, self.position).await?;
+                    self.dirty = true;
+                }
+            }
+            None => {
+                return Err(JobError::State(format!(
+                    "a change of `{table}` at {} cannot be decoded: column {} holds a value engage cannot \
+                     represent ({}); declare a filesystem table `{}` to divert such rows there instead of stopping",
+                    first.position,
+                    first.reason.trim_start_matches("decode_error:"),
+                    first.detail,
+                    dead_letter::DEAD_LETTER_TABLE
+                )))
+            }
+        }
+        Ok(())
     }
 
     /// Sends the rows of `batch` that fail a CHECK of `source` to the

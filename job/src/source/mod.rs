@@ -30,6 +30,23 @@ pub const SEQ_COLUMN: &str = "_seq";
 /// Commit time of the change's transaction (UTC, microseconds).
 pub const COMMIT_TS_COLUMN: &str = "_commit_ts";
 
+/// A change whose row the decoder cannot represent (an infinite timestamp, a
+/// date before the common era, a number out of the declared range, text that
+/// is not UTF-8): it goes to the dead-letter output instead of the batch, and
+/// the rest of its transaction flows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RejectedChange {
+    /// `decode_error:<column>`.
+    pub reason: String,
+    /// What was wrong with the value.
+    pub detail: String,
+    pub position: Position,
+    /// Commit time, microseconds since the Unix epoch.
+    pub commit_ts_micros: i64,
+    /// The row as Postgres sent it: column name -> text, as JSON.
+    pub row: String,
+}
+
 /// The metadata fields appended to every CDC table's declared columns, in order.
 pub fn metadata_fields() -> Vec<Field> {
     vec![

@@ -52,8 +52,10 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::pgoutput::{self, Message, OldTuple, Op, TableDecoder};
-use super::{parse_lsn, Position};
+use super::pgoutput::{
+    self, DecodeError, Message, OldTuple, Op, TableDecoder, PG_EPOCH_OFFSET_MICROS,
+};
+use super::{parse_lsn, Position, RejectedChange};
 use crate::sql::plan::SourceTable;
 use crate::sql::{Connector, PostgresCdcOptions};
 
@@ -81,6 +83,8 @@ pub enum SourceEvent {
         /// Old images of the batch's updates (tables with `REPLICA IDENTITY
         /// FULL`), with the updates' positions: windows retract them.
         before: Option<RecordBatch>,
+        /// Changes among the batch's that could not be decoded, in order.
+        rejected: Vec<RejectedChange>,
         commit_end: Option<u64>,
     },
     /// No transaction is open and every commit before `lsn` has been delivered.
@@ -646,6 +650,7 @@ pub async fn start(
                 (o.schema.clone(), o.table.clone())
             })
             .collect(),
+        rejected: vec![Vec::new(); decoders.len()],
         decoders,
         before_decoders,
         relations: HashMap::new(),
@@ -684,6 +689,8 @@ struct Reader {
     decoders: Vec<TableDecoder>,
     /// Old images of updates, per source (see [`SourceEvent::Changes`]).
     before_decoders: Vec<TableDecoder>,
+    /// Changes that could not be decoded, per source, not sent yet.
+    rejected: Vec<Vec<RejectedChange>>,
     /// Relation id -> source index.
     relations: HashMap<u32, usize>,
     batching: BatchOptions,
@@ -806,7 +813,16 @@ impl Reader {
     }
 
     fn pending_rows(&self) -> usize {
-        self.pending.map(|i| self.decoders[i].len()).unwrap_or(0)
+        self.pending
+            .map(|i| self.decoders[i].len() + self.rejected[i].len())
+            .unwrap_or(0)
+    }
+
+    fn decode_error(&self, source: usize, error: DecodeError) -> SourceError {
+        SourceError::Decode {
+            table: self.tables[source].1.clone(),
+            message: error.to_string(),
+        }
     }
 
     async fn change(&mut self, data: &[u8]) -> Result<Next, SourceError> {
@@ -862,34 +878,63 @@ impl Reader {
         }
         let position = Position::new(self.commit_lsn, self.seq);
         self.seq += 1;
-        let result = match &message {
-            Message::Insert { new, .. } => {
-                self.decoders[source].append(op, new, None, position, self.commit_time)
-            }
+        // The row a dead letter keeps: the new one, or a delete's old one.
+        let (result, row) = match &message {
+            Message::Insert { new, .. } => (
+                self.decoders[source].append(op, new, None, position, self.commit_time),
+                new,
+            ),
             Message::Update { old, new, .. } => {
-                if let Some(OldTuple::Full(before)) = old {
-                    self.before_decoders[source]
-                        .append(op, before, None, position, self.commit_time)
-                        .map_err(|e| SourceError::Decode {
-                            table: self.tables[source].1.clone(),
-                            message: e.to_string(),
-                        })?;
-                }
+                // Both decoders take the update, or neither does.
+                let full = match old {
+                    Some(OldTuple::Full(before)) => Some(before),
+                    _ => None,
+                };
+                let checked = match full {
+                    Some(before) => self.before_decoders[source].check(before, None, position),
+                    None => Ok(()),
+                };
                 let old = old.as_ref().map(|o| match o {
                     OldTuple::Key(t) | OldTuple::Full(t) => t,
                 });
-                self.decoders[source].append(op, new, old, position, self.commit_time)
+                let result = checked.and_then(|()| {
+                    self.decoders[source].append(op, new, old, position, self.commit_time)
+                });
+                if let (Ok(()), Some(before)) = (&result, full) {
+                    self.before_decoders[source]
+                        .append(op, before, None, position, self.commit_time)
+                        .map_err(|e| self.decode_error(source, e))?;
+                }
+                (result, new)
             }
             Message::Delete { old, .. } => {
                 let (OldTuple::Key(tuple) | OldTuple::Full(tuple)) = old;
-                self.decoders[source].append(op, tuple, None, position, self.commit_time)
+                (
+                    self.decoders[source].append(op, tuple, None, position, self.commit_time),
+                    tuple,
+                )
             }
             _ => unreachable!("handled above"),
         };
-        result.map_err(|e| SourceError::Decode {
-            table: self.tables[source].1.clone(),
-            message: e.to_string(),
-        })?;
+        match result {
+            Ok(()) => {}
+            Err(DecodeError::BadValue {
+                column,
+                reason,
+                data_type,
+                ..
+            }) => {
+                let text = self.decoders[source].row_text(row);
+                self.rejected[source].push(RejectedChange {
+                    reason: format!("decode_error:{column}"),
+                    detail: format!("{reason} ({data_type})"),
+                    position,
+                    commit_ts_micros: self.commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS),
+                    row: text,
+                });
+            }
+            Err(error) => return Err(self.decode_error(source, error)),
+        }
         self.pending_complete = false;
         if self.pending.is_none() {
             self.pending = Some(source);
@@ -920,10 +965,12 @@ impl Reader {
         let batch = self.decoders[source].finish();
         let before = (!self.before_decoders[source].is_empty())
             .then(|| self.before_decoders[source].finish());
+        let rejected = std::mem::take(&mut self.rejected[source]);
         self.send(SourceEvent::Changes {
             source,
             batch,
             before,
+            rejected,
             commit_end,
         })
         .await

@@ -410,3 +410,17 @@ pub async fn assert_matches_oracle(world: &World, skip: &[&str]) -> engage::chao
     assert!(verdict.updates > 0 && verdict.deletes > 0, "{verdict:?}");
     verdict
 }
+
+/// Whether `dir` holds a committed Parquet file (staged ones do not count).
+pub fn has_parquet_files(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|entry| {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if entry.path().is_dir() {
+                !name.starts_with('_') && has_parquet_files(&entry.path())
+            } else {
+                name.ends_with(".parquet")
+            }
+        })
+    })
+}

@@ -34,7 +34,10 @@
 //! The replication session pins `datestyle=ISO`, `timezone=UTC` and
 //! `extra_float_digits=3`, so values arrive as `2026-11-21 13:10:00.5+00`,
 //! `1.5e-05`, `t`. Timestamps without an offset are read as UTC. Infinite and
-//! BC dates have no Arrow value and are rejected as [`DecodeError::BadValue`].
+//! BC dates have no Arrow value and are rejected as [`DecodeError::BadValue`],
+//! as are numbers out of the declared range and text that is not UTF-8; the
+//! reader turns such a change into a dead letter
+//! ([`RejectedChange`](crate::source::RejectedChange)) and goes on.
 //! Errors name the table, column, type and position, never the value itself.
 //!
 //! Files: this one holds the wire layer, `table` the [`TableDecoder`] and
@@ -51,7 +54,7 @@ use arrow::datatypes::DataType;
 
 use super::Position;
 
-pub use table::{Op, TableDecoder};
+pub use table::{Op, TableDecoder, PG_EPOCH_OFFSET_MICROS};
 
 /// Declared Arrow types the decoder can fill, for error messages.
 const SUPPORTED_TYPES: &str =

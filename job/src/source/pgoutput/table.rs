@@ -21,7 +21,7 @@ use super::{DecodeError, Relation, Tuple, Value};
 use crate::source::{metadata_fields, Position};
 
 /// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01 00:00:00 UTC.
-const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
 
 /// The kind of change, written to `_op` with Debezium's letters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -66,6 +66,8 @@ struct Mapping {
     name: String,
     /// Declared column index for each relation column; `None` for ignored columns.
     targets: Vec<Option<usize>>,
+    /// The relation's column names.
+    columns: Vec<String>,
 }
 
 impl TableDecoder {
@@ -140,7 +142,12 @@ impl TableDecoder {
             };
             targets[at] = Some(index);
         }
-        self.relation = Some(Mapping { name, targets });
+        let columns = relation.columns.iter().map(|c| c.name.clone()).collect();
+        self.relation = Some(Mapping {
+            name,
+            targets,
+            columns,
+        });
         Ok(())
     }
 
@@ -161,6 +168,68 @@ impl TableDecoder {
         position: Position,
         commit_time_micros: i64,
     ) -> Result<(), DecodeError> {
+        let (mut row, toast_misses) = self.parse(tuple, old, position)?;
+        for (builder, cell) in self.columns.iter_mut().zip(row.drain(..)) {
+            builder.append(cell);
+        }
+        self.scratch = recycle(row);
+        self.op.append_value(op.letter());
+        self.lsn.append_value(position.lsn as i64);
+        self.seq.append_value(position.seq as i64);
+        self.commit_ts
+            .append_value(commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS));
+        self.unresolved_toast += toast_misses;
+        self.rows += 1;
+        Ok(())
+    }
+
+    /// Whether [`append`](Self::append) would take `tuple`, without
+    /// appending: for a change that spans two decoders (an update and its
+    /// old row), so that either both take it or neither does.
+    pub fn check(
+        &mut self,
+        tuple: &Tuple<'_>,
+        old: Option<&Tuple<'_>>,
+        position: Position,
+    ) -> Result<(), DecodeError> {
+        let (row, _) = self.parse(tuple, old, position)?;
+        self.scratch = recycle(row);
+        Ok(())
+    }
+
+    /// The relation's columns of `tuple` as one JSON object of their text
+    /// (NULL as null; bytes that are not UTF-8 replaced): what a dead letter
+    /// keeps of a change that cannot be decoded.
+    pub fn row_text(&self, tuple: &Tuple<'_>) -> String {
+        let mut row = serde_json::Map::new();
+        let names = self
+            .relation
+            .as_ref()
+            .map(|m| m.columns.as_slice())
+            .unwrap_or_default();
+        for (name, value) in names.iter().zip(tuple.values()) {
+            let value = match value {
+                Ok(Value::Text(text)) => {
+                    serde_json::Value::String(String::from_utf8_lossy(text).into_owned())
+                }
+                Ok(Value::Binary(_)) => serde_json::Value::String("<binary>".into()),
+                Ok(Value::UnchangedToast) => serde_json::Value::String("<unchanged toast>".into()),
+                Ok(Value::Null) | Err(_) => serde_json::Value::Null,
+            };
+            row.insert(name.clone(), value);
+        }
+        serde_json::Value::Object(row).to_string()
+    }
+
+    /// Parses `tuple` into the scratch row (returned, with the number of
+    /// unchanged TOAST values it could not resolve); on error the scratch row
+    /// is kept for the next call.
+    fn parse<'t>(
+        &mut self,
+        tuple: &Tuple<'t>,
+        old: Option<&Tuple<'t>>,
+        position: Position,
+    ) -> Result<(Vec<Cell<'t>>, u64), DecodeError> {
         let Some(mapping) = &self.relation else {
             return Err(DecodeError::NoRelation {
                 table: self.table.clone(),
@@ -217,19 +286,7 @@ impl TableDecoder {
                 }
             }
         }
-
-        for (builder, cell) in self.columns.iter_mut().zip(row.drain(..)) {
-            builder.append(cell);
-        }
-        self.scratch = recycle(row);
-        self.op.append_value(op.letter());
-        self.lsn.append_value(position.lsn as i64);
-        self.seq.append_value(position.seq as i64);
-        self.commit_ts
-            .append_value(commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS));
-        self.unresolved_toast += toast_misses;
-        self.rows += 1;
-        Ok(())
+        Ok((row, toast_misses))
     }
 
     /// Rows appended since the last [`finish`](Self::finish).

@@ -22,6 +22,8 @@ enum V<'a> {
     N,
     U,
     T(&'a str),
+    /// Text bytes that need not be UTF-8.
+    B(&'a [u8]),
 }
 
 fn push_tuple(out: &mut Vec<u8>, values: &[V]) {
@@ -34,6 +36,11 @@ fn push_tuple(out: &mut Vec<u8>, values: &[V]) {
                 out.push(b't');
                 out.extend((text.len() as i32).to_be_bytes());
                 out.extend(text.as_bytes());
+            }
+            V::B(bytes) => {
+                out.push(b't');
+                out.extend((bytes.len() as i32).to_be_bytes());
+                out.extend(*bytes);
             }
         }
     }
@@ -669,6 +676,41 @@ fn apply_if_change(decoder: &mut TableDecoder, bytes: &[u8]) -> Result<(), Decod
         }
         _ => Ok(()),
     }
+}
+
+#[test]
+fn text_that_is_not_utf8_is_a_bad_value_and_the_row_text_keeps_what_it_can() {
+    let mut decoder = decoder();
+    let message = insert_message(&[V::T("1"), V::B(b"caf\xe9"), V::N]);
+    let error = apply(&mut decoder, &message, 0).unwrap_err();
+    assert!(
+        matches!(&error, DecodeError::BadValue { column, .. } if column == "name"),
+        "{error}"
+    );
+    assert_eq!(decoder.len(), 0);
+    let Message::Insert { new, .. } = decode(&message).unwrap() else {
+        panic!("an insert");
+    };
+    let row: serde_json::Value = serde_json::from_str(&decoder.row_text(&new)).unwrap();
+    assert_eq!(row["id"], "1");
+    assert_eq!(row["name"], "caf\u{fffd}");
+    assert!(row["score"].is_null());
+}
+
+#[test]
+fn a_check_appends_nothing() {
+    let mut decoder = decoder();
+    let message = insert_message(&[V::T("1"), V::T("ok"), V::N]);
+    let Message::Insert { new, .. } = decode(&message).unwrap() else {
+        panic!("an insert");
+    };
+    decoder.check(&new, None, Position::new(1, 0)).unwrap();
+    assert_eq!(decoder.len(), 0);
+    let bad = insert_message(&[V::T("x"), V::T("ok"), V::N]);
+    let Message::Insert { new, .. } = decode(&bad).unwrap() else {
+        panic!("an insert");
+    };
+    assert!(decoder.check(&new, None, Position::new(1, 1)).is_err());
 }
 
 #[test]

@@ -1,0 +1,158 @@
+//! Values engage cannot represent (an infinite timestamp, a date before the
+//! common era, a number out of the declared range, a number that is not one)
+//! send their change to `dead_letter` with reason `decode_error:<column>` and
+//! the row as Postgres sent it; the rest of the transaction flows. Without a
+//! `dead_letter` table the job stops, naming the column.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{has_parquet_files, wait_for, wait_started_as, World};
+
+const SCHEMA: &str = "
+CREATE TABLE readings (id BIGINT PRIMARY KEY, at TIMESTAMPTZ, day DATE, n BIGINT, x TEXT, note TEXT);
+ALTER TABLE readings REPLICA IDENTITY FULL;
+";
+
+/// One transaction: good rows around one bad value of each kind; then an
+/// update to a bad value, and an update and a delete of a good row.
+const CHANGES: &str = "
+BEGIN;
+INSERT INTO readings VALUES
+  (1, '2026-01-01 10:00:00+00', '2026-01-01', 7, '1.5', 'good'),
+  (2, 'infinity', '2026-01-01', 7, '1.5', 'infinite timestamp'),
+  (3, '2026-01-01 10:00:00+00', '0044-03-15 BC', 7, '1.5', 'date before the common era'),
+  (4, '2026-01-01 10:00:00+00', '2026-01-01', 10000000000, '1.5', 'out of INT range'),
+  (5, '2026-01-01 10:00:00+00', '2026-01-01', 7, 'abc', 'not a number'),
+  (6, '2026-01-01 10:00:00+00', '-infinity', 7, '2.5', 'infinite date');
+INSERT INTO readings VALUES (7, '2026-01-02 10:00:00+00', '2026-01-02', 8, '3.5', 'good');
+COMMIT;
+UPDATE readings SET at = 'infinity' WHERE id = 1;
+UPDATE readings SET note = 'changed' WHERE id = 7;
+DELETE FROM readings WHERE id = 7;
+";
+
+fn job_sql(data: &Path, dead_letter: bool) -> String {
+    let mut sql = format!(
+        "CREATE TABLE readings (id BIGINT, at TIMESTAMP, day DATE, n INT, x DOUBLE, note TEXT, PRIMARY KEY (id))
+         WITH (connector = 'postgres-cdc', connection = '${{ENGAGE_POSTGRES_URL}}', table = 'public.readings');
+         CREATE TABLE out WITH (connector = 'filesystem', path = '{data}/out', format = 'parquet');
+         INSERT INTO out SELECT id, n, x, _op, _lsn, _seq FROM readings;",
+        data = data.display()
+    );
+    if dead_letter {
+        sql.push_str(&format!(
+            "CREATE TABLE dead_letter WITH (connector = 'filesystem', path = '{}/dead_letter', format = 'parquet');",
+            data.display()
+        ));
+    }
+    sql
+}
+
+async fn csv(path: &Path, sql: &str) -> String {
+    let spec =
+        engage::query::parse_for_outputs("readings", &std::fs::read_to_string(path).unwrap())
+            .unwrap();
+    engage::query::run(&spec, sql, engage::query::OutputFormat::Csv)
+        .await
+        .unwrap_or_else(|e| panic!("`{sql}` failed: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undecodable_values_are_dead_lettered_and_the_transaction_flows() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    client.batch_execute(SCHEMA).await.unwrap();
+    let path = world.root.path().join("readings.sql");
+    std::fs::write(&path, job_sql(&world.data_dir(), true)).unwrap();
+    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
+    wait_started_as(&world, &mut job, "readings").await;
+    client.batch_execute(CHANGES).await.unwrap();
+
+    wait_for(
+        "every change in parquet",
+        Duration::from_secs(30),
+        || async {
+            has_parquet_files(&world.data_dir().join("out"))
+                && csv(&path, "SELECT count(*) AS n FROM out").await == "n\n4\n"
+        },
+    )
+    .await;
+    wait_for("the dead letters", Duration::from_secs(30), || async {
+        has_parquet_files(&world.data_dir().join("dead_letter"))
+            && csv(&path, "SELECT count(*) AS n FROM dead_letter").await == "n\n6\n"
+    })
+    .await;
+    job.stop();
+
+    let rows = csv(&path, "SELECT id, n, x, _op FROM out ORDER BY _lsn, _seq").await;
+    assert_eq!(
+        rows.lines().skip(1).collect::<Vec<_>>(),
+        vec!["1,7,1.5,c", "7,8,3.5,c", "7,8,3.5,u", "7,8,3.5,d"],
+        "{rows}"
+    );
+    let dead = csv(
+        &path,
+        "SELECT reason, \"row\" FROM dead_letter ORDER BY _lsn, _seq",
+    )
+    .await;
+    let dead: Vec<(String, serde_json::Value)> = dead
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let (reason, row) = line.split_once(',').unwrap();
+            let row: String = row.trim_matches('"').replace("\"\"", "\"");
+            (reason.to_string(), serde_json::from_str(&row).unwrap())
+        })
+        .collect();
+    let reasons: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|(reason, row)| (reason.as_str(), row["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            ("decode_error:at", "2"),
+            ("decode_error:day", "3"),
+            ("decode_error:n", "4"),
+            ("decode_error:x", "5"),
+            ("decode_error:day", "6"),
+            ("decode_error:at", "1"),
+        ]
+    );
+    // The row as Postgres sent it, every column as text.
+    assert_eq!(dead[0].1["at"], "infinity");
+    assert_eq!(dead[1].1["day"], "0044-03-15 BC");
+    assert_eq!(dead[2].1["n"], "10000000000");
+    assert_eq!(dead[3].1["x"], "abc");
+    assert_eq!(dead[5].1["note"], "good");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_dead_letter_table_the_job_stops_naming_the_column() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    client.batch_execute(SCHEMA).await.unwrap();
+    let path = world.root.path().join("readings.sql");
+    std::fs::write(&path, job_sql(&world.data_dir(), false)).unwrap();
+    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
+    wait_started_as(&world, &mut job, "readings").await;
+    client.batch_execute(CHANGES).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = job.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", job.log_tail());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = job.log_tail();
+    assert!(
+        log.contains("cannot be decoded: column at holds a value engage cannot represent")
+            && log.contains("declare a filesystem table `dead_letter`"),
+        "{log}"
+    );
+}

@@ -73,6 +73,19 @@ fn stream_order(batch: &RecordBatch) -> Result<Vec<usize>, JobError> {
     ) else {
         return Ok((0..batch.num_rows()).collect());
     };
+    // Usually already in order: check before sorting.
+    if let (Some(l), Some(q)) = (
+        lsn.as_any().downcast_ref::<arrow::array::Int64Array>(),
+        seq.as_any().downcast_ref::<arrow::array::Int64Array>(),
+    ) {
+        let at = |i: usize| (l.value(i), q.value(i));
+        if l.null_count() == 0
+            && q.null_count() == 0
+            && (1..batch.num_rows()).all(|i| at(i - 1) <= at(i))
+        {
+            return Ok((0..batch.num_rows()).collect());
+        }
+    }
     let columns = [lsn, seq].map(|column| arrow::compute::SortColumn {
         values: column.clone(),
         options: None,

@@ -269,7 +269,9 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
     let mut job = world.start_job(&["run"]);
     wait_started(&world, &mut job).await;
     let first = world.latest_checkpoint();
-    workload(&world, 3_000, 2_000, 20)
+    // 4 s of changes: longer than the 3 s at the end of a minute in which the
+    // workload makes no update or delete, so the run always has some.
+    workload(&world, 8_000, 2_000, 20)
         .wait_done()
         .await
         .expect("the workload ran");

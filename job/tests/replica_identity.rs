@@ -95,9 +95,11 @@ async fn autoset_makes_the_table_full_and_deletes_leave_every_window() {
         "{log}"
     );
 
+    // 4 s of changes: longer than the 3 s at the end of a minute in which the
+    // workload makes no update or delete, so the run always has some.
     let mut changes = Workload::start(
         &world.postgres_url,
-        WorkloadOptions::mixed(Some(4_000), 2_000, 5, 30),
+        WorkloadOptions::mixed(Some(8_000), 2_000, 5, 30),
     );
     changes.wait_done().await.expect("the workload ran");
     wait_caught_up(&world, &mut job).await;

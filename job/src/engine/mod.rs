@@ -208,6 +208,7 @@ async fn run_once(
         window_guards: Vec::new(),
         last_windows: Vec::new(),
         last_change: Instant::now(),
+        caught_up: false,
         late_sink: None,
         dead_letter_sink: None,
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
@@ -367,6 +368,7 @@ async fn run_once(
         .checkpoint_epoch
         .fetch_max(engine.epoch, Ordering::Relaxed);
     engine.last_change = Instant::now();
+    engine.caught_up = false;
     let outcome = engine
         .stream(&mut source, &control, options.checkpoint_interval, shutdown)
         .await;
@@ -407,6 +409,9 @@ struct Engine {
     last_windows: Vec<Option<(i64, Vec<RecordBatch>)>>,
     /// When the last change batch arrived (idle sources advance watermarks by the clock).
     last_change: Instant,
+    /// The source said it has nothing pending since the last change batch
+    /// (see [`windowed`]: only then does the wall clock drive watermarks).
+    caught_up: bool,
     /// Where late events go, if the job declares a `late_events` table.
     late_sink: Option<Sink>,
     /// Where rows failing a CHECK go, if the job declares a `dead_letter` table.
@@ -530,6 +535,7 @@ impl Engine {
                     commit_end,
                 } => {
                     tracing::trace!(source, rows = batch.num_rows(), commit_end = ?commit_end.map(format_lsn), "changes");
+                    self.caught_up = false;
                     self.divert_rejected(source, &rejected).await?;
                     let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
@@ -555,6 +561,8 @@ impl Engine {
                 }
                 SourceEvent::Idle { lsn } => {
                     tracing::trace!(lsn = %format_lsn(lsn), at_boundary = self.at_boundary, "idle");
+                    // Nothing pending at the server: only now may the clock drive watermarks.
+                    self.caught_up = true;
                     if self.at_boundary && lsn > self.resume_lsn {
                         self.resume_lsn = lsn;
                         self.dirty = true;

@@ -13,10 +13,12 @@
 //!
 //! Per query: the newest event time seen minus the `WATERMARK` delay; within
 //! a batch it moves row by row (see `split_late`), so lateness never depends
-//! on batch boundaries. When no
-//! change has arrived for [`IDLE_AFTER`], the wall clock stands in for event
-//! time (minus the delay and [`IDLE_AFTER`]), so windows keep closing and stale
-//! content leaves the rankings.
+//! on batch boundaries. When the source has caught up (it says it has nothing
+//! pending) and no change has arrived for [`IDLE_AFTER`], the wall clock
+//! stands in for event time (minus the delay and [`IDLE_AFTER`]), so windows
+//! keep closing and stale content leaves the rankings. The watermark never
+//! moves back below a window already emitted: an insert behind it is late
+//! and goes to the late-events output, never silently into a closed window.
 //!
 //! # Exactly once
 //!
@@ -308,7 +310,14 @@ impl Engine {
     }
 
     /// The watermark of query `q`: newest event time minus the delay, or the
-    /// wall clock when the source has been idle.
+    /// wall clock when the source has been idle; never below the end of a
+    /// window already emitted, so it never moves back.
+    ///
+    /// The clock stands in only once the source has said it has nothing
+    /// pending (a keepalive with no transaction open) and no change came for
+    /// [`IDLE_AFTER`]: a job catching up on a backlog (after a restart, an
+    /// outage) is never idle, however long its first batch takes, so its
+    /// windows do not close before their events arrive.
     fn watermark(&self, q: usize) -> Option<i64> {
         let delay = self.plan.queries[q].watermark_delay;
         let event_time = self.windows[q]
@@ -316,12 +325,13 @@ impl Engine {
             .filter_map(WindowState::max_event_time)
             .max();
         let from_events = event_time.map(|t| t - delay);
-        let idle = (self.last_change.elapsed() >= IDLE_AFTER)
+        let idle = (self.caught_up && self.last_change.elapsed() >= IDLE_AFTER)
             .then(|| chrono::Utc::now().timestamp_micros() - delay - IDLE_AFTER.as_micros() as i64);
-        match (from_events, idle) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        }
+        let emitted = self.windows[q]
+            .iter()
+            .filter_map(WindowState::last_end)
+            .max();
+        [from_events, idle, emitted].into_iter().flatten().max()
     }
 
     /// Emits every window of query `q` that the watermark has passed.

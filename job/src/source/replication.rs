@@ -34,9 +34,11 @@
 //! dimension change exactly between the events around it), at
 //! `max_batch_rows`, or at a commit once `linger` has passed since the batch's
 //! first row. A batch that ends at a commit carries that commit's end LSN:
-//! only there can the engine checkpoint. When no transaction is open and
-//! nothing is pending, keepalives become [`SourceEvent::Idle`] so an idle job
-//! still advances its slot and Postgres can recycle WAL.
+//! only there can the engine checkpoint. A keepalive outside a transaction
+//! means the server has sent all it has: the reader flushes what is pending
+//! and sends [`SourceEvent::Idle`], so the engine knows it has caught up (only
+//! then may the wall clock drive its watermarks) and an idle job still
+//! advances its slot, letting Postgres recycle WAL.
 //!
 //! Feedback to Postgres is only what the engine confirms through
 //! [`SourceHandle::confirm`], after a checkpoint is durable.
@@ -668,6 +670,7 @@ pub async fn start(
         last_commit_end: resume_lsn,
         last_idle: Instant::now(),
         idle_sent: resume_lsn,
+        sent_since_idle: false,
         end_lsn,
     };
     let task = tokio::spawn(reader.run());
@@ -709,6 +712,8 @@ struct Reader {
     last_commit_end: u64,
     last_idle: Instant,
     idle_sent: u64,
+    /// A batch went out since the last [`SourceEvent::Idle`].
+    sent_since_idle: bool,
     /// Stop once the stream reaches this LSN (like pg_recvlogical's --endpos).
     end_lsn: Option<u64>,
 }
@@ -796,14 +801,25 @@ impl Reader {
                     return self.end(wal_end.0).await;
                 }
                 let idle_lsn = wal_end.0.max(self.last_commit_end);
-                if !self.in_transaction
-                    && self.pending.is_none()
-                    && idle_lsn > self.idle_sent
-                    && self.last_idle.elapsed() >= Duration::from_millis(500)
-                {
-                    self.idle_sent = idle_lsn;
-                    self.last_idle = Instant::now();
-                    return self.send(SourceEvent::Idle { lsn: idle_lsn }).await;
+                if !self.in_transaction {
+                    // The server has sent all it has: no reason to linger,
+                    // and the engine learns at once that it has caught up.
+                    if self.pending.is_some() {
+                        self.flush().await?;
+                    }
+                    if self.sent_since_idle
+                        || (idle_lsn > self.idle_sent
+                            && self.last_idle.elapsed() >= Duration::from_millis(500))
+                    {
+                        self.idle_sent = self.idle_sent.max(idle_lsn);
+                        self.last_idle = Instant::now();
+                        self.sent_since_idle = false;
+                        return self
+                            .send(SourceEvent::Idle {
+                                lsn: self.idle_sent,
+                            })
+                            .await;
+                    }
                 }
             }
             ReplicationEvent::Message { .. } => {}
@@ -966,6 +982,7 @@ impl Reader {
         let before = (!self.before_decoders[source].is_empty())
             .then(|| self.before_decoders[source].finish());
         let rejected = std::mem::take(&mut self.rejected[source]);
+        self.sent_since_idle = true;
         self.send(SourceEvent::Changes {
             source,
             batch,

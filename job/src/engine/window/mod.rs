@@ -286,6 +286,11 @@ impl WindowState {
         self.max_event_time
     }
 
+    /// End of the last emitted window: the watermark had reached it.
+    pub fn last_end(&self) -> Option<i64> {
+        self.last_end
+    }
+
     /// Entries held in buckets and totals (a measure of state size).
     pub fn entries(&self) -> usize {
         self.buckets.values().map(Partials::len).sum::<usize>() + self.totals.len()

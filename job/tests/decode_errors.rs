@@ -156,3 +156,54 @@ async fn without_a_dead_letter_table_the_job_stops_naming_the_column() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_postgres_cannot_stream_as_utf8_stops_the_job_with_what_to_do() {
+    let world = World::start().await;
+    // A SQL_ASCII database stores any bytes; the walsender cannot convert
+    // them to the UTF-8 the job reads, on this try or any other.
+    let url = {
+        let admin = world.sql().await;
+        admin
+            .batch_execute(
+                "CREATE DATABASE raw ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+            )
+            .await
+            .unwrap();
+        let (base, _) = world.postgres_url.rsplit_once('/').unwrap();
+        format!("{base}/raw")
+    };
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client.batch_execute(SCHEMA).await.unwrap();
+    let sql = job_sql(&world.data_dir(), true).replace("${ENGAGE_POSTGRES_URL}", &url);
+    let path = world.root.path().join("readings.sql");
+    std::fs::write(&path, sql).unwrap();
+    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
+    wait_started_as(&world, &mut job, "readings").await;
+    client
+        .batch_execute("INSERT INTO readings VALUES (1, now(), current_date, 1, '1', E'caf\\xe9')")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = job.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job kept running\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success());
+    let log = job.log_tail();
+    assert!(
+        log.contains("cannot stream a changed row as UTF-8")
+            && log.contains("pg_replication_slot_advance"),
+        "{log}"
+    );
+}

@@ -1001,6 +1001,21 @@ impl Reader {
     }
 
     fn stream_error(&self, message: String) -> SourceError {
+        // The walsender converts text to the client's UTF-8 and fails on a
+        // value that is not valid in the database's encoding (a SQL_ASCII
+        // database holding other bytes): every restart would fail the same way.
+        if message.contains("SQLSTATE 22021") {
+            return SourceError::Decode {
+                table: format!("(a table of {})", self.target),
+                message: format!(
+                    "postgres cannot stream a changed row as UTF-8 ({message}): the database holds text that is \
+                     not valid UTF-8 (a SQL_ASCII database?), and no restart can get past it. Correct such text \
+                     in the source tables so later changes stream; to go on, advance the slot past the failing \
+                     transaction with pg_replication_slot_advance (its changes are then lost to every sink), or \
+                     start the job over from a fresh snapshot"
+                ),
+            };
+        }
         SourceError::Stream {
             target: self.target.clone(),
             message,

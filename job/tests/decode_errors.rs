@@ -9,7 +9,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{has_parquet_files, wait_for, wait_started_as, World};
+use support::{csv, has_committed_files, wait_for, World};
 
 const SCHEMA: &str = "
 CREATE TABLE readings (id BIGINT PRIMARY KEY, at TIMESTAMPTZ, day DATE, n BIGINT, x TEXT, note TEXT);
@@ -51,37 +51,27 @@ fn job_sql(data: &Path, dead_letter: bool) -> String {
     sql
 }
 
-async fn csv(path: &Path, sql: &str) -> String {
-    let spec =
-        engage::query::parse_for_outputs("readings", &std::fs::read_to_string(path).unwrap())
-            .unwrap();
-    engage::query::run(&spec, sql, engage::query::OutputFormat::Csv)
-        .await
-        .unwrap_or_else(|e| panic!("`{sql}` failed: {e}"))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn undecodable_values_are_dead_lettered_and_the_transaction_flows() {
     let world = World::start().await;
     let client = world.sql().await;
     client.batch_execute(SCHEMA).await.unwrap();
-    let path = world.root.path().join("readings.sql");
-    std::fs::write(&path, job_sql(&world.data_dir(), true)).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
-    wait_started_as(&world, &mut job, "readings").await;
+    let (job, path) = world
+        .start_named_job("readings", &job_sql(&world.data_dir(), true))
+        .await;
     client.batch_execute(CHANGES).await.unwrap();
 
     wait_for(
         "every change in parquet",
         Duration::from_secs(30),
         || async {
-            has_parquet_files(&world.data_dir().join("out"))
+            has_committed_files(&world.data_dir().join("out"))
                 && csv(&path, "SELECT count(*) AS n FROM out").await == "n\n4\n"
         },
     )
     .await;
     wait_for("the dead letters", Duration::from_secs(30), || async {
-        has_parquet_files(&world.data_dir().join("dead_letter"))
+        has_committed_files(&world.data_dir().join("dead_letter"))
             && csv(&path, "SELECT count(*) AS n FROM dead_letter").await == "n\n6\n"
     })
     .await;
@@ -135,19 +125,14 @@ async fn without_a_dead_letter_table_the_job_stops_naming_the_column() {
     let world = World::start().await;
     let client = world.sql().await;
     client.batch_execute(SCHEMA).await.unwrap();
-    let path = world.root.path().join("readings.sql");
-    std::fs::write(&path, job_sql(&world.data_dir(), false)).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
-    wait_started_as(&world, &mut job, "readings").await;
+    let (mut job, _) = world
+        .start_named_job("readings", &job_sql(&world.data_dir(), false))
+        .await;
     client.batch_execute(CHANGES).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = job.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(std::time::Instant::now() < deadline, "{}", job.log_tail());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = job.wait_exit(
+        Duration::from_secs(30),
+        "stopping on the undecodable change",
+    );
     assert!(!status.success());
     let log = job.log_tail();
     assert!(
@@ -179,26 +164,12 @@ async fn text_postgres_cannot_stream_as_utf8_stops_the_job_with_what_to_do() {
     tokio::spawn(connection);
     client.batch_execute(SCHEMA).await.unwrap();
     let sql = job_sql(&world.data_dir(), true).replace("${ENGAGE_POSTGRES_URL}", &url);
-    let path = world.root.path().join("readings.sql");
-    std::fs::write(&path, sql).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
-    wait_started_as(&world, &mut job, "readings").await;
+    let (mut job, _) = world.start_named_job("readings", &sql).await;
     client
         .batch_execute("INSERT INTO readings VALUES (1, now(), current_date, 1, '1', E'caf\\xe9')")
         .await
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = job.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job kept running\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = job.wait_exit(Duration::from_secs(30), "stopping on text it cannot stream");
     assert!(!status.success());
     let log = job.log_tail();
     assert!(

@@ -10,8 +10,7 @@ use std::time::Duration;
 
 use engage::chaos::workload::{Workload, WorkloadOptions};
 use support::{
-    assert_matches_oracle, has_parquet_files, wait_caught_up, wait_for, wait_started,
-    wait_started_as, World, MISSION_SQL,
+    assert_matches_oracle, csv, has_committed_files, wait_caught_up, wait_for, World, MISSION_SQL,
 };
 
 /// The design's schema exactly as written: no `REPLICA IDENTITY` clause.
@@ -81,13 +80,8 @@ async fn autoset_makes_the_table_full_and_deletes_leave_every_window() {
         "table      = 'public.engagement_events',\n    'replica_identity.autoset' = 'full'",
     );
     assert!(sql.contains("replica_identity.autoset"));
-    // Named `engagement.sql`, so the job is `engagement` as the oracle expects.
-    let dir = world.root.path().join("autoset");
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("engagement.sql");
-    std::fs::write(&path, sql).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.5");
-    wait_started(&world, &mut job).await;
+    // Job `engagement`, as the oracle expects.
+    let (mut job, _) = world.start_named_job("engagement", &sql).await;
     assert_eq!(replica_identity(&world, "engagement_events").await, "f");
     let log = std::fs::read_to_string(&job.log).unwrap();
     assert!(
@@ -133,10 +127,7 @@ async fn a_parquet_job_gets_key_only_deletes_as_d_rows_and_no_check_rejects_them
          CREATE TABLE dead_letter WITH (connector = 'filesystem', path = '{data}/dead_letter', format = 'parquet');",
         data = data.display()
     );
-    let path = world.root.path().join("changes.sql");
-    std::fs::write(&path, sql).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
-    wait_started_as(&world, &mut job, "changes").await;
+    let (job, path) = world.start_named_job("changes", &sql).await;
     client
         .batch_execute(
             "INSERT INTO engagement_events (content_id, event_type, event_ts, duration_ms)
@@ -147,24 +138,14 @@ async fn a_parquet_job_gets_key_only_deletes_as_d_rows_and_no_check_rejects_them
         )
         .await
         .unwrap();
-    let spec =
-        engage::query::parse_for_outputs("changes", &std::fs::read_to_string(&path).unwrap())
-            .unwrap();
-    let csv = |sql: &'static str| {
-        let spec = &spec;
-        async move {
-            engage::query::run(spec, sql, engage::query::OutputFormat::Csv)
-                .await
-                .unwrap_or_else(|e| panic!("`{sql}` failed: {e}"))
-        }
-    };
     wait_for("the delete in parquet", Duration::from_secs(30), || async {
-        has_parquet_files(&data.join("changes"))
-            && csv("SELECT count(*) AS n FROM changes WHERE _op = 'd'").await == "n\n1\n"
+        has_committed_files(&data.join("changes"))
+            && csv(&path, "SELECT count(*) AS n FROM changes WHERE _op = 'd'").await == "n\n1\n"
     })
     .await;
     job.stop();
     let rows = csv(
+        &path,
         "SELECT id, content_id IS NULL AS key_only, duration_ms, _op FROM changes ORDER BY _lsn, _seq",
     )
     .await;
@@ -179,7 +160,7 @@ async fn a_parquet_job_gets_key_only_deletes_as_d_rows_and_no_check_rejects_them
         "{rows}"
     );
     assert!(
-        !has_parquet_files(&data.join("dead_letter")),
+        !has_committed_files(&data.join("dead_letter")),
         "a delete was dead-lettered"
     );
 }

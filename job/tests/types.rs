@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{has_parquet_files, wait_for, wait_started_as, World};
+use support::{csv, has_committed_files, wait_for, World};
 
 const SCHEMA: &str = "
 CREATE TYPE mood AS ENUM ('happy', 'sad', 'ok');
@@ -36,10 +36,7 @@ async fn enum_and_domain_columns_read_as_text_and_their_base_type() {
          FROM feelings f LEFT JOIN kinds k ON f.kind_id = k.id;",
         data = data.display()
     );
-    let path = world.root.path().join("types.sql");
-    std::fs::write(&path, sql).unwrap();
-    let mut job = world.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
-    wait_started_as(&world, &mut job, "types").await;
+    let (job, path) = world.start_named_job("types", &sql).await;
     client
         .batch_execute(
             "INSERT INTO feelings VALUES (1, 1, 'happy', 99, 'a'), (2, 2, 'sad', 0, NULL);
@@ -47,27 +44,21 @@ async fn enum_and_domain_columns_read_as_text_and_their_base_type() {
         )
         .await
         .unwrap();
-    let spec = engage::query::parse_for_outputs("types", &std::fs::read_to_string(&path).unwrap())
-        .unwrap();
-    let csv = |sql: &'static str| {
-        let spec = &spec;
-        async move {
-            engage::query::run(spec, sql, engage::query::OutputFormat::Csv)
-                .await
-                .unwrap_or_else(|e| panic!("`{sql}` failed: {e}"))
-        }
-    };
     wait_for(
         "the changes in parquet",
         Duration::from_secs(30),
         || async {
-            has_parquet_files(&data.join("out"))
-                && csv("SELECT count(*) AS n FROM out").await == "n\n3\n"
+            has_committed_files(&data.join("out"))
+                && csv(&path, "SELECT count(*) AS n FROM out").await == "n\n3\n"
         },
     )
     .await;
     job.stop();
-    let rows = csv("SELECT id, name, how, next_score, tag, _op FROM out ORDER BY _lsn, _seq").await;
+    let rows = csv(
+        &path,
+        "SELECT id, name, how, next_score, tag, _op FROM out ORDER BY _lsn, _seq",
+    )
+    .await;
     assert_eq!(
         rows.lines().skip(1).collect::<Vec<_>>(),
         vec![

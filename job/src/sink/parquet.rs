@@ -39,6 +39,23 @@ use crate::storage::{self, Location};
 const STAGING_DIR: &str = "_staging";
 const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
 
+/// Whether the local directory `dir` of a filesystem sink holds a committed
+/// Parquet file (staged files, under `_staging/`, do not count): a table
+/// without one has nothing a reader could see yet.
+pub fn has_committed_files(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(Result::ok).any(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if entry.path().is_dir() {
+                name != STAGING_DIR && has_committed_files(&entry.path())
+            } else {
+                name.ends_with(".parquet")
+            }
+        })
+    })
+}
+
 pub struct ParquetSink {
     name: String,
     location: Location,

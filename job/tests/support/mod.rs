@@ -102,6 +102,16 @@ impl World {
         self.start_job_sql(subcommand, MISSION_SQL, interval)
     }
 
+    /// Writes `sql` as job `name` (`<name>.sql` in the world's directory),
+    /// starts `engage run` on it and waits for its first checkpoint.
+    pub async fn start_named_job(&self, name: &str, sql: &str) -> (Job, PathBuf) {
+        let path = self.root.path().join(format!("{name}.sql"));
+        std::fs::write(&path, sql).unwrap();
+        let mut job = self.start_job_sql(&["run"], path.to_str().unwrap(), "0.3");
+        wait_started_as(self, &mut job, name).await;
+        (job, path)
+    }
+
     /// Starts a job subcommand on any job SQL file.
     pub fn start_job_sql(&self, subcommand: &[&str], sql: &str, interval: &str) -> Job {
         let log = self.root.path().join(format!(
@@ -132,18 +142,7 @@ impl World {
     /// (it missed the error and streams on) fails the test instead of hanging it.
     pub fn run_mission_once(&self) -> std::process::Output {
         let mut job = self.start_job_with_interval(&["run"], "10");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = job.child.try_wait().unwrap() {
-                break status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "engage run kept running instead of stopping at start-up\n{}",
-                job.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = job.wait_exit(Duration::from_secs(60), "stopping at start-up");
         std::process::Output {
             status,
             stdout: Vec::new(),
@@ -192,9 +191,12 @@ impl World {
         let frame = match ctx.sql(sql).await {
             Ok(frame) => frame,
             Err(error) => {
-                let absent = unavailable.iter().any(|u| {
-                    (u.ends_with(" does not exist yet") || u.contains("No files found"))
-                        && u.split('`').nth(1).is_some_and(|table| sql.contains(table))
+                let absent = spec.tables.iter().any(|table| {
+                    let engage::sql::Connector::Filesystem(options) = &table.connector else {
+                        return false;
+                    };
+                    sql.contains(table.name.as_str())
+                        && !has_committed_files(Path::new(&options.path))
                 });
                 assert!(
                     absent,
@@ -273,6 +275,23 @@ impl Job {
             assert!(
                 Instant::now() < deadline,
                 "engage did not stop within 60 s\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself (`what` it
+    /// was expected to do, for the failure message).
+    pub fn wait_exit(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "engage kept running instead of {what}\n{}",
                 self.log_tail()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -411,16 +430,15 @@ pub async fn assert_matches_oracle(world: &World, skip: &[&str]) -> engage::chao
     verdict
 }
 
-/// Whether `dir` holds a committed Parquet file (staged ones do not count).
-pub fn has_parquet_files(dir: &Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.filter_map(Result::ok).any(|entry| {
-            let name = entry.file_name().to_string_lossy().to_string();
-            if entry.path().is_dir() {
-                !name.starts_with('_') && has_parquet_files(&entry.path())
-            } else {
-                name.ends_with(".parquet")
-            }
-        })
-    })
+pub use engage::sink::parquet::has_committed_files;
+
+/// Runs `query` over the filesystem sinks of the job SQL at `path` (the job
+/// is named after the file) and renders it as CSV, header first; a failure
+/// fails the test.
+pub async fn csv(path: &Path, query: &str) -> String {
+    let job = path.file_stem().unwrap().to_str().unwrap();
+    let spec = query::parse_for_outputs(job, &std::fs::read_to_string(path).unwrap()).unwrap();
+    query::run(&spec, query, query::OutputFormat::Csv)
+        .await
+        .unwrap_or_else(|e| panic!("`{query}` failed: {e}"))
 }

@@ -33,7 +33,7 @@ impl Outputs {
         let mut absent = Vec::new();
         for table in &spec.tables {
             if let crate::sql::Connector::Filesystem(options) = &table.connector {
-                if !has_data_files(std::path::Path::new(&options.path)) {
+                if !crate::sink::parquet::has_committed_files(std::path::Path::new(&options.path)) {
                     absent.push(table.name.clone());
                 }
             }
@@ -62,23 +62,6 @@ impl Outputs {
             .await
             .map_err(context(format!("failed to run `{sql}`")))
     }
-}
-
-/// Whether `dir` holds a committed Parquet file (staged files do not count).
-fn has_data_files(dir: &std::path::Path) -> bool {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return false;
-    };
-    entries.filter_map(Result::ok).any(|entry| {
-        let path = entry.path();
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if path.is_dir() {
-            !name.starts_with('_') && has_data_files(&path)
-        } else {
-            name.ends_with(".parquet")
-        }
-    })
 }
 
 /// A column of a batch, by name, as plain values.

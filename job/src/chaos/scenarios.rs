@@ -400,7 +400,6 @@ async fn redis_outage(
     let mut job = start_job(world, None).await?;
     let rate = settings.rate.min(5_000);
     let workload = world.workload(None, rate, settings.seed);
-    let db = world.db().await?;
     let peak = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(0));
     let sampler = {
         let peak = peak.clone();
@@ -436,27 +435,15 @@ async fn redis_outage(
     let back = Instant::now();
     let behind = world.wal_position().await?;
     // Drained: the slot is confirmed past the WAL written while Redis was down.
-    let drained = loop {
-        let done: bool = db
-            .query_one(
-                "SELECT bool_and(confirmed_flush_lsn >= $1::text::pg_lsn) FROM pg_replication_slots",
-                &[&behind],
-            )
-            .await
-            .map_err(super::context("failed to read the slot"))?
-            .get::<_, Option<bool>>(0)
-            .unwrap_or(false);
-        if done {
-            break back.elapsed();
-        }
-        if back.elapsed() > Duration::from_secs(300) || !job.running() {
-            return Err(ChaosError::Failed(format!(
-                "the job did not drain the outage's backlog; the end of its log:\n{}",
-                log_tail(&world.log)
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    world
+        .wait_slot_past(
+            &mut job,
+            &behind,
+            Duration::from_secs(300),
+            "drain the outage's backlog",
+        )
+        .await?;
+    let drained = back.elapsed();
     report.figure("outage_s", settings.outage.as_secs() as f64);
     report.figure(
         "drain_after_outage_s",

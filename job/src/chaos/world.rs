@@ -207,15 +207,23 @@ impl World {
         })
     }
 
+    /// The WAL position after the last change, and one more commit past it,
+    /// so a job's stream is seen to pass it.
+    async fn mark_end(&self) -> Result<String, ChaosError> {
+        let end = self.wal_position().await?;
+        self.db()
+            .await?
+            .batch_execute(PAST_END_SQL)
+            .await
+            .map_err(context("failed to commit past the end"))?;
+        Ok(end)
+    }
+
     /// Ends a scenario: stops `job` (SIGTERM), then drains the stream up to
     /// the WAL position after the last event with `engage run --end-lsn`.
     /// Returns the stopped job's summary line, if it printed one.
     pub async fn drain(&self, job: Option<JobChild>) -> Result<Option<String>, ChaosError> {
-        let db = self.db().await?;
-        let end = self.wal_position().await?;
-        db.batch_execute(PAST_END_SQL)
-            .await
-            .map_err(context("failed to commit past the end"))?;
+        let end = self.mark_end().await?;
         let summary = match job {
             Some(job) => Some(job.terminate().await?),
             None => None,
@@ -230,33 +238,44 @@ impl World {
     /// slot is confirmed past it), then stops it (SIGTERM). Whatever restart
     /// or rebuild path the job took is what the oracle then sees.
     pub async fn finish_in_place(&self, mut job: JobChild) -> Result<Option<String>, ChaosError> {
+        let end = self.mark_end().await?;
+        self.wait_slot_past(&mut job, &end, DRAIN_TIMEOUT, "reach the end by itself")
+            .await?;
+        job.terminate().await
+    }
+
+    /// Waits until the job's slot is confirmed past `lsn` (every sink holds
+    /// what came before it durably); fails if `job` stops first or `timeout`
+    /// passes (`what` the job was to do, for the message).
+    pub async fn wait_slot_past(
+        &self,
+        job: &mut JobChild,
+        lsn: &str,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(), ChaosError> {
         let db = self.db().await?;
-        let end = self.wal_position().await?;
-        db.batch_execute(PAST_END_SQL)
-            .await
-            .map_err(context("failed to commit past the end"))?;
         let started = Instant::now();
         loop {
             let done: bool = db
                 .query_one(
                     "SELECT coalesce(bool_and(confirmed_flush_lsn >= $1::text::pg_lsn), false) FROM pg_replication_slots",
-                    &[&end],
+                    &[&lsn],
                 )
                 .await
                 .map_err(context("failed to read the slot"))?
                 .get(0);
             if done {
-                break;
+                return Ok(());
             }
-            if !job.running() || started.elapsed() > DRAIN_TIMEOUT {
+            if !job.running() || started.elapsed() > timeout {
                 return Err(ChaosError::Failed(format!(
-                    "the running job did not reach the end ({end}) by itself; the end of its log:\n{}",
+                    "the job did not {what} (its slot is not confirmed past {lsn}); the end of its log:\n{}",
                     log_tail(&self.log)
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        job.terminate().await
     }
 }
 

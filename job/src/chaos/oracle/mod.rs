@@ -166,20 +166,12 @@ pub async fn check(
         let check = windows::hop_window(&mut redis, &mut expected, &bounds, &spec).await?;
         verdict.sinks.push(check);
     }
+    let closed = windows::closed_kpi_windows(&mut expected, &bounds);
     verdict
         .sinks
-        .push(windows::kpi_table(&outputs, &mut expected, &bounds).await?);
-    for (timeframe, sink, key, width) in windows::TIMEFRAMES {
-        let check = windows::kpi_latest(
-            &mut redis,
-            &mut expected,
-            &bounds,
-            timeframe,
-            sink,
-            key,
-            width,
-        )
-        .await?;
+        .push(windows::kpi_table(&outputs, &closed).await?);
+    for ((timeframe, sink, key, width), windows) in windows::TIMEFRAMES.into_iter().zip(&closed) {
+        let check = windows::kpi_latest(&mut redis, windows, timeframe, sink, key, width).await?;
         verdict.sinks.push(check);
     }
     verdict.problems.append(&mut expected.ambiguous);
@@ -221,37 +213,29 @@ pub(super) fn opt_text<T: std::fmt::Debug>(value: &Option<T>) -> String {
 
 /// The columns of `enriched` that two changes must agree on.
 fn same(a: &Enriched, b: &Enriched) -> Result<(), String> {
-    let mut differ = Vec::new();
-    if a.content_id != b.content_id {
-        differ.push("content_id");
-    }
-    if a.user_id != b.user_id {
-        differ.push("user_id");
-    }
-    if a.event_type != b.event_type {
-        differ.push("event_type");
-    }
-    if a.event_ts != b.event_ts {
-        differ.push("event_ts");
-    }
-    if a.duration_ms != b.duration_ms {
-        differ.push("duration_ms");
-    }
-    if a.device != b.device {
-        differ.push("device");
-    }
-    if a.content_type != b.content_type {
-        differ.push("content_type");
-    }
-    if a.length_seconds != b.length_seconds {
-        differ.push("length_seconds");
-    }
-    if !close_opt(a.engagement_seconds, b.engagement_seconds) {
-        differ.push("engagement_seconds");
-    }
-    if !close_opt(a.engagement_pct, b.engagement_pct) {
-        differ.push("engagement_pct");
-    }
+    let equal = [
+        ("content_id", a.content_id == b.content_id),
+        ("user_id", a.user_id == b.user_id),
+        ("event_type", a.event_type == b.event_type),
+        ("event_ts", a.event_ts == b.event_ts),
+        ("duration_ms", a.duration_ms == b.duration_ms),
+        ("device", a.device == b.device),
+        ("content_type", a.content_type == b.content_type),
+        ("length_seconds", a.length_seconds == b.length_seconds),
+        (
+            "engagement_seconds",
+            close_opt(a.engagement_seconds, b.engagement_seconds),
+        ),
+        (
+            "engagement_pct",
+            close_opt(a.engagement_pct, b.engagement_pct),
+        ),
+    ];
+    let differ: Vec<&str> = equal
+        .iter()
+        .filter(|(_, equal)| !equal)
+        .map(|(column, _)| *column)
+        .collect();
     if differ.is_empty() {
         return Ok(());
     }

@@ -175,7 +175,7 @@ pub(super) async fn hop_window(
 
 /// The KPI figures of one tumbling window.
 #[derive(Debug, Clone, PartialEq)]
-struct Kpi {
+pub(super) struct Kpi {
     events: i64,
     plays: i64,
     finishes: i64,
@@ -236,9 +236,24 @@ impl Kpi {
     }
 }
 
-/// Every window of `width` the oracle expects closed: (start, figures, and
-/// whether only the wall clock could have closed it).
-fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<(i64, Kpi, bool)> {
+/// A closed tumbling window: its start, its figures, and whether only the
+/// wall clock could have closed it.
+pub(super) type ClosedWindow = (i64, Kpi, bool);
+
+/// Per timeframe of [`TIMEFRAMES`], the windows the oracle expects closed;
+/// both KPI outputs are checked against them.
+pub(super) fn closed_kpi_windows(
+    expected: &mut Expected,
+    bounds: &Bounds,
+) -> Vec<Vec<ClosedWindow>> {
+    TIMEFRAMES
+        .iter()
+        .map(|&(_, _, _, width)| closed_windows(expected, bounds, width))
+        .collect()
+}
+
+/// Every window of `width` the oracle expects closed.
+fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<ClosedWindow> {
     let Some(highest) = bounds.highest() else {
         return Vec::new();
     };
@@ -262,8 +277,7 @@ fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<(
 /// The `kpi` Parquet table: every closed window of every timeframe once.
 pub(super) async fn kpi_table(
     outputs: &Outputs,
-    expected: &mut Expected,
-    bounds: &Bounds,
+    closed: &[Vec<ClosedWindow>],
 ) -> Result<SinkCheck, ChaosError> {
     let mut check = SinkCheck::new("kpi");
     let mut found: HashMap<(String, i64), Vec<Kpi>> = HashMap::new();
@@ -301,8 +315,9 @@ pub(super) async fn kpi_table(
                 });
         }
     }
-    for (timeframe, _, _, width) in TIMEFRAMES {
-        for (start, want, optional) in closed_windows(expected, bounds, width) {
+    for ((timeframe, ..), windows) in TIMEFRAMES.iter().zip(closed) {
+        for (start, want, optional) in windows {
+            let (start, optional) = (*start, *optional);
             let held = found
                 .remove(&(timeframe.to_string(), start))
                 .unwrap_or_default();
@@ -314,7 +329,7 @@ pub(super) async fn kpi_table(
                 None => check.lost += 1,
                 Some((first, rest)) => {
                     check.duplicated += rest.len() as u64;
-                    if !first.matches(&want) {
+                    if !first.matches(want) {
                         check.wrong(|| {
                             format!("{timeframe} window at {start}: {first:?}, expected {want:?}")
                         });
@@ -342,15 +357,13 @@ fn parse_time(text: &str) -> Option<i64> {
 /// A `engage:kpi:<timeframe>` hash: the latest closed window's figures.
 pub(super) async fn kpi_latest(
     redis: &mut redis::aio::MultiplexedConnection,
-    expected: &mut Expected,
-    bounds: &Bounds,
+    windows: &[ClosedWindow],
     timeframe: &str,
     sink: &str,
     key: &str,
     width: i64,
 ) -> Result<SinkCheck, ChaosError> {
     let mut check = SinkCheck::new(sink);
-    let windows = closed_windows(expected, bounds, width);
     let lowest = windows
         .iter()
         .rev()

@@ -138,6 +138,26 @@ pub struct StateFile {
     pub bytes: u64,
 }
 
+impl StateFile {
+    /// Encodes `batches` as the checkpoint file `file`, added to `files`
+    /// (what the checkpoint writes), and describes it.
+    pub fn encode(
+        file: String,
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+        files: &mut Vec<(String, Bytes)>,
+    ) -> Result<StateFile, arrow::error::ArrowError> {
+        let bytes = encode_ipc(schema, batches)?;
+        let state = StateFile {
+            file: file.clone(),
+            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+            bytes: bytes.len() as u64,
+        };
+        files.push((file, bytes));
+        Ok(state)
+    }
+}
+
 impl Manifest {
     /// Total bytes of the checkpoint's files.
     pub fn state_bytes(&self) -> u64 {

@@ -888,24 +888,19 @@ impl Engine {
         for (index, dimension) in self.dimensions.iter().enumerate() {
             let Some(dimension) = dimension else { continue };
             let source = &self.plan.sources[index];
-            let bytes =
-                checkpoint::encode_ipc(&source.schema, std::slice::from_ref(dimension.contents()))
-                    .map_err(|e| {
-                        JobError::State(format!(
-                            "failed to encode dimension `{}`: {e}",
-                            source.def.name
-                        ))
-                    })?;
-            let file = format!("dimension-{}.arrows", source.def.name);
-            dimensions.insert(
-                source.def.name.clone(),
-                StateFile {
-                    file: file.clone(),
-                    rows: dimension.len() as u64,
-                    bytes: bytes.len() as u64,
-                },
-            );
-            files.push((file, bytes));
+            let state = StateFile::encode(
+                format!("dimension-{}.arrows", source.def.name),
+                &source.schema,
+                std::slice::from_ref(dimension.contents()),
+                &mut files,
+            )
+            .map_err(|e| {
+                JobError::State(format!(
+                    "failed to encode dimension `{}`: {e}",
+                    source.def.name
+                ))
+            })?;
+            dimensions.insert(source.def.name.clone(), state);
         }
         let windows = self.snapshot_windows(&mut files)?;
         let window_outputs = self.snapshot_window_outputs(&mut files)?;

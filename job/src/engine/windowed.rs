@@ -410,21 +410,14 @@ impl Engine {
                 let (batch, meta) = state
                     .snapshot()
                     .map_err(|e| JobError::State(e.to_string()))?;
-                let bytes = checkpoint::encode_ipc(&batch.schema(), std::slice::from_ref(&batch))
-                    .map_err(|e| JobError::State(e.to_string()))?;
-                let file = format!("window-{sink}-{w}.arrows");
-                out.insert(
-                    window_key(sink, w),
-                    WindowCheckpoint {
-                        state: StateFile {
-                            file: file.clone(),
-                            rows: batch.num_rows() as u64,
-                            bytes: bytes.len() as u64,
-                        },
-                        meta,
-                    },
-                );
-                files.push((file, bytes));
+                let state = StateFile::encode(
+                    format!("window-{sink}-{w}.arrows"),
+                    &batch.schema(),
+                    std::slice::from_ref(&batch),
+                    files,
+                )
+                .map_err(|e| JobError::State(e.to_string()))?;
+                out.insert(window_key(sink, w), WindowCheckpoint { state, meta });
             }
         }
         Ok(out)
@@ -445,22 +438,14 @@ impl Engine {
                 continue; // appended sinks (Parquet) are never rewritten
             }
             let sink = self.sinks[q].name().to_string();
-            let rows = batches.iter().map(|b| b.num_rows() as u64).sum();
-            let bytes = checkpoint::encode_ipc(&first.schema(), batches)
-                .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
-            let file = format!("window-output-{sink}.arrows");
-            out.insert(
-                sink,
-                WindowOutput {
-                    end: *end,
-                    state: StateFile {
-                        file: file.clone(),
-                        rows,
-                        bytes: bytes.len() as u64,
-                    },
-                },
-            );
-            files.push((file, bytes));
+            let state = StateFile::encode(
+                format!("window-output-{sink}.arrows"),
+                &first.schema(),
+                batches,
+                files,
+            )
+            .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
+            out.insert(sink, WindowOutput { end: *end, state });
         }
         Ok(out)
     }

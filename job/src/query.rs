@@ -122,7 +122,8 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
                     .with_header(true)
                     .build(&mut out);
                 for batch in batches {
-                    writer.write(batch).map_err(error)?;
+                    let flat = crate::sink::values::flat_batch(batch).map_err(error)?;
+                    writer.write(&flat).map_err(error)?;
                 }
             }
             String::from_utf8_lossy(&out).into_owned()
@@ -130,7 +131,7 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
         OutputFormat::Json => {
             let mut out = Vec::new();
             {
-                let mut writer = arrow::json::LineDelimitedWriter::new(&mut out);
+                let mut writer = crate::sink::values::json_writer(&mut out);
                 for batch in batches {
                     writer.write(batch).map_err(error)?;
                 }

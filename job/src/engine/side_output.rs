@@ -11,8 +11,6 @@
 use arrow::array::{Array, ArrayRef, BooleanArray, Int64Array, StringArray};
 use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
-use arrow::json::writer::LineDelimited;
-use arrow::json::WriterBuilder;
 use arrow::record_batch::RecordBatch;
 
 use crate::sink::parquet::ParquetSink;
@@ -70,9 +68,7 @@ pub fn unheld(rows: &RecordBatch, held: Position) -> Result<RecordBatch, ArrowEr
 pub fn json_rows(batch: &RecordBatch) -> Result<ArrayRef, ArrowError> {
     let mut json = Vec::new();
     {
-        let mut writer = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, LineDelimited>(&mut json);
+        let mut writer = crate::sink::values::json_writer(&mut json);
         writer.write(batch)?;
         writer.finish()?;
     }

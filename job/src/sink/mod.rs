@@ -43,6 +43,7 @@
 
 pub mod parquet;
 pub mod redis;
+pub mod values;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};

@@ -30,7 +30,7 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use super::{SinkError, SinkState, StagedFile};
+use super::{values, SinkError, SinkState, StagedFile};
 use crate::source::Position;
 use crate::sql::options::{FilesystemOptions, ParquetCompression};
 use crate::sql::plan::QueryPlan;
@@ -116,7 +116,7 @@ impl ParquetSink {
         let mut sink = ParquetSink {
             name: name.to_string(),
             location,
-            schema,
+            schema: values::parquet_schema(&schema),
             properties,
             partitioner,
             writers: BTreeMap::new(),
@@ -174,8 +174,9 @@ impl ParquetSink {
             .map_err(|e| self.permanent(e))?;
             self.writers.insert(partition.clone(), (writer, 0));
         }
+        let batch = values::parquet_batch(batch, &self.schema).map_err(|e| self.permanent(e))?;
         let (writer, rows) = self.writers.get_mut(&partition).expect("inserted above");
-        writer.write(batch).map_err(|e| SinkError::Permanent {
+        writer.write(&batch).map_err(|e| SinkError::Permanent {
             sink: self.name.clone(),
             message: format!("failed to encode parquet: {e}"),
         })?;

@@ -44,14 +44,13 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use arrow::array::{Array, Float64Array, StringArray};
-use arrow::compute::{can_cast_types, cast};
+use arrow::compute::cast;
 use arrow::datatypes::{DataType, Schema};
-use arrow::json::WriterBuilder;
 use arrow::record_batch::RecordBatch;
 use rand::Rng;
 use redis::aio::ConnectionManager;
 
-use super::{SinkError, SinkState};
+use super::{values, SinkError, SinkState};
 use crate::source::{Position, OP_COLUMN};
 use crate::sql::options::{target_name, ListOperation, RedisOptions, RedisTarget};
 use crate::sql::plan::QueryPlan;
@@ -553,7 +552,7 @@ pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), Stri
                      numeric (an integer, float or decimal column)"
                 ));
             }
-        } else if !can_cast_types(data_type, &DataType::Utf8) {
+        } else if !values::has_text(data_type) {
             return Err(format!(
                 "`{option}` names `{column}`, of type {data_type}, which cannot be written as text"
             ));
@@ -571,7 +570,7 @@ pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), Stri
         if let Some(field) = schema
             .fields()
             .iter()
-            .find(|f| !can_cast_types(f.data_type(), &DataType::Utf8))
+            .find(|f| !values::has_text(f.data_type()))
         {
             return Err(format!(
                 "a redis `hash` without `target.field_column` writes every column as a field, \
@@ -777,9 +776,7 @@ impl Encoder {
                         .map_err(|e| format!("failed to encode rows as JSON: {e}"))?,
                     None => batch.clone(),
                 };
-                let mut writer = WriterBuilder::new()
-                    .with_explicit_nulls(true)
-                    .build::<_, arrow::json::writer::LineDelimited>(&mut *buffer);
+                let mut writer = values::json_writer(&mut *buffer);
                 writer
                     .write(&written)
                     .and_then(|()| writer.finish())
@@ -890,17 +887,12 @@ fn is_delete(columns: &BatchColumns, row: usize) -> bool {
 
 /// Column `index` of `batch` as text.
 fn text_column(batch: &RecordBatch, index: usize) -> Result<StringArray, String> {
-    let column = cast(batch.column(index), &DataType::Utf8).map_err(|e| {
+    values::text_column(batch.column(index)).map_err(|e| {
         format!(
             "column `{}` cannot be used as text: {e}",
             batch.schema().field(index).name()
         )
-    })?;
-    Ok(column
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .expect("cast to Utf8")
-        .clone())
+    })
 }
 
 fn is_transient(error: &redis::RedisError) -> bool {

@@ -185,10 +185,12 @@ impl PgTarget {
                 tracing::debug!(error = %error, "postgres control connection closed");
             }
         });
+        let settings: String = pgoutput::SESSION_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("SET {name} = '{value}'; "))
+            .collect();
         client
-            .batch_execute(
-                "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET extra_float_digits = 3;",
-            )
+            .batch_execute(&settings)
             .await
             .map_err(|e| self.check(format!("failed to configure the session: {e}")))?;
         Ok(client)
@@ -210,7 +212,13 @@ impl PgTarget {
         )
         .with_port(self.port)
         .with_tls(tls)
-        .with_options("-c datestyle=ISO -c timezone=UTC -c extra_float_digits=3")
+        .with_options(
+            pgoutput::SESSION_SETTINGS
+                .iter()
+                .map(|(name, value)| format!("-c {name}={value}"))
+                .collect::<Vec<_>>()
+                .join(" "),
+        )
         .with_application_name(format!("engage:{slot}"))
         .with_status_interval(Duration::from_secs(1))
         .with_wakeup_interval(Duration::from_secs(1))

@@ -26,8 +26,9 @@ pub mod view;
 pub mod window;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, TimeUnit};
+use arrow::datatypes::{DataType, Field, IntervalUnit, TimeUnit};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
@@ -452,6 +453,8 @@ fn parse_column(cursor: &mut Cursor<'_>) -> Result<(Field, bool), SqlError> {
     let name_token = cursor.peek_token().clone();
     let name = cursor.identifier("a column name")?;
     let mut type_words = Vec::new();
+    let mut type_args = Vec::new();
+    let mut dimensions = 0;
     let type_token = cursor.peek_token().clone();
     while let Some(token) = cursor.tokens.get(cursor.at) {
         match &token.token {
@@ -460,17 +463,40 @@ fn parse_column(cursor: &mut Cursor<'_>) -> Result<(Field, bool), SqlError> {
                 if matches!(upper.as_str(), "NOT" | "NULL" | "PRIMARY") {
                     break;
                 }
-                type_words.push(upper);
+                if upper == "ARRAY" {
+                    dimensions += 1;
+                } else {
+                    type_words.push(upper);
+                }
                 cursor.at += 1;
             }
             Token::LParen => {
-                // A length or precision, e.g. VARCHAR(255): irrelevant to Arrow.
+                // A length, precision or scale: VARCHAR(255), NUMERIC(12, 2).
+                cursor.at += 1;
                 while !cursor.eat(&Token::RParen) {
-                    if cursor.tokens.get(cursor.at).is_none() {
-                        return Err(SqlError::syntax(&type_token, "unclosed `(` in column type"));
+                    match cursor.tokens.get(cursor.at).map(|t| &t.token) {
+                        None => {
+                            return Err(SqlError::syntax(
+                                &type_token,
+                                "unclosed `(` in column type",
+                            ))
+                        }
+                        Some(Token::Number(number, _)) => type_args.push(number.clone()),
+                        Some(_) => {}
                     }
                     cursor.at += 1;
                 }
+            }
+            Token::LBracket => {
+                // `TEXT[]` (a size inside the brackets is ignored, as Postgres does).
+                cursor.at += 1;
+                while !cursor.eat(&Token::RBracket) {
+                    if cursor.tokens.get(cursor.at).is_none() {
+                        return Err(SqlError::syntax(&type_token, "unclosed `[` in column type"));
+                    }
+                    cursor.at += 1;
+                }
+                dimensions += 1;
             }
             _ => break,
         }
@@ -481,16 +507,19 @@ fn parse_column(cursor: &mut Cursor<'_>) -> Result<(Field, bool), SqlError> {
             format!("column `{name}` has no type"),
         ));
     }
-    let data_type = sql_type_to_arrow(&type_words.join(" ")).ok_or_else(|| {
-        SqlError::syntax(
-            &type_token,
-            format!(
-                "unsupported type `{}` for column `{name}`; supported: BIGINT, INT, SMALLINT, \
-                 DOUBLE, REAL, BOOLEAN, TEXT (also VARCHAR, UUID, JSON, JSONB), TIMESTAMP, DATE",
-                type_words.join(" ")
-            ),
-        )
-    })?;
+    let type_name = type_words.join(" ");
+    let scalar = declared_type(&type_name, &type_args)
+        .map_err(|message| SqlError::syntax(&type_token, format!("column `{name}`: {message}")))?;
+    let data_type = match dimensions {
+        0 => scalar,
+        1 => DataType::List(Arc::new(Field::new("item", scalar, true))),
+        _ => {
+            return Err(SqlError::syntax(
+                &type_token,
+                format!("column `{name}`: multi-dimensional arrays are not supported"),
+            ))
+        }
+    };
     let mut nullable = true;
     let mut is_key = false;
     loop {
@@ -507,6 +536,46 @@ fn parse_column(cursor: &mut Cursor<'_>) -> Result<(Field, bool), SqlError> {
         }
     }
     Ok((Field::new(name, data_type, nullable), is_key))
+}
+
+/// The types a source column may be declared with, for error messages.
+pub const SUPPORTED_TYPES: &str = "BIGINT, INT, SMALLINT, DOUBLE, REAL, BOOLEAN, \
+    NUMERIC(p, s) / DECIMAL(p, s), TEXT (also VARCHAR, CHAR, UUID, JSON, JSONB), TIMESTAMP, \
+    TIMESTAMPTZ, DATE, TIME, INTERVAL, BYTEA, and one-dimensional arrays of these (`TEXT[]`)";
+
+/// Scale of an unconstrained `NUMERIC`: Decimal128(38, 10), so values keep up
+/// to 28 integer and 10 fractional digits; others are decode errors.
+pub const UNCONSTRAINED_NUMERIC_SCALE: i8 = 10;
+
+/// Maps a declared SQL type name (upper case, words joined by one space) and
+/// its parenthesised numbers to the Arrow type sources produce; the error says
+/// what is wrong.
+pub fn declared_type(sql_type: &str, args: &[String]) -> Result<DataType, String> {
+    let numbers = args
+        .iter()
+        .map(|a| a.parse::<u32>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| format!("`{sql_type}` takes whole numbers in parentheses"))?;
+    if matches!(sql_type, "NUMERIC" | "DECIMAL" | "DEC") {
+        let (precision, scale) = match numbers[..] {
+            [] => (38, UNCONSTRAINED_NUMERIC_SCALE as u32),
+            [p] => (p, 0),
+            [p, s] => (p, s),
+            _ => return Err(format!("`{sql_type}` takes (precision[, scale])")),
+        };
+        if !(1..=38).contains(&precision) || scale > precision {
+            return Err(format!(
+                "`{sql_type}({precision}, {scale})` is out of range: engage reads decimals as \
+                 Arrow Decimal128, with a precision of 1 to 38 and a scale from 0 to the \
+                 precision"
+            ));
+        }
+        return Ok(DataType::Decimal128(precision as u8, scale as i8));
+    }
+    // Other numbers (VARCHAR(255), TIMESTAMP(3)) do not change the Arrow type:
+    // text has no length, and times keep Postgres' microseconds.
+    sql_type_to_arrow(sql_type)
+        .ok_or_else(|| format!("unsupported type `{sql_type}`; supported: {SUPPORTED_TYPES}"))
 }
 
 /// Maps a declared SQL type to the Arrow type sources produce. Timestamps are
@@ -527,6 +596,9 @@ pub fn sql_type_to_arrow(sql_type: &str) -> Option<DataType> {
         | "TIMESTAMP WITH TIME ZONE"
         | "TIMESTAMP WITHOUT TIME ZONE" => utc_micros,
         "DATE" => DataType::Date32,
+        "TIME" | "TIME WITHOUT TIME ZONE" => DataType::Time64(TimeUnit::Microsecond),
+        "INTERVAL" => DataType::Interval(IntervalUnit::MonthDayNano),
+        "BYTEA" => DataType::Binary,
         _ => return None,
     })
 }

@@ -372,3 +372,60 @@ fn check_constraints_keep_their_names_and_expressions() {
         "{error}"
     );
 }
+
+fn declared_types(columns: &str) -> Result<Vec<DataType>, String> {
+    let sql = format!(
+        "CREATE TABLE t ({columns}) WITH (connector = 'postgres-cdc', \
+         connection = '${{ENGAGE_POSTGRES_URL}}', table = 'public.t');
+         CREATE TABLE o WITH (connector = 'filesystem', path = '/tmp/o', format = 'parquet');
+         INSERT INTO o SELECT * FROM t;"
+    );
+    let spec = parse_job("j", &sql, &env).map_err(|e| e.to_string())?;
+    Ok(spec.tables[0]
+        .columns
+        .iter()
+        .map(|f| f.data_type().clone())
+        .collect())
+}
+
+#[test]
+fn decimals_times_intervals_bytes_and_arrays_are_declared_types() {
+    let list = |item: DataType| DataType::List(Arc::new(Field::new("item", item, true)));
+    let types = declared_types(
+        "a NUMERIC(12, 2), b DECIMAL(38), c NUMERIC, d TIME, e INTERVAL, f BYTEA, \
+         g TEXT[], h BIGINT ARRAY, i INT[3], j NUMERIC(10,4)[], k VARCHAR(20), l TIMESTAMP(3)",
+    )
+    .unwrap();
+    assert_eq!(
+        types,
+        vec![
+            DataType::Decimal128(12, 2),
+            DataType::Decimal128(38, 0),
+            DataType::Decimal128(38, UNCONSTRAINED_NUMERIC_SCALE),
+            DataType::Time64(TimeUnit::Microsecond),
+            DataType::Interval(IntervalUnit::MonthDayNano),
+            DataType::Binary,
+            list(DataType::Utf8),
+            list(DataType::Int64),
+            list(DataType::Int32),
+            list(DataType::Decimal128(10, 4)),
+            DataType::Utf8,
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+        ]
+    );
+}
+
+#[test]
+fn declared_types_out_of_range_say_what_is_wrong() {
+    for (columns, expected) in [
+        ("a NUMERIC(39, 2)", "precision of 1 to 38"),
+        ("a DECIMAL(5, 6)", "scale from 0 to the precision"),
+        ("a NUMERIC(1, 2, 3)", "takes (precision[, scale])"),
+        ("a TEXT[][]", "multi-dimensional arrays are not supported"),
+        ("a TIMETZ", "supported: BIGINT"),
+        ("a TEXT[", "unclosed `[`"),
+    ] {
+        let error = declared_types(columns).unwrap_err();
+        assert!(error.contains(expected), "{columns}: {error}");
+    }
+}

@@ -31,11 +31,12 @@
 //!
 //! # Text formats
 //!
-//! The replication session pins `datestyle=ISO`, `timezone=UTC` and
-//! `extra_float_digits=3`, so values arrive as `2026-11-21 13:10:00.5+00`,
-//! `1.5e-05`, `t`. Timestamps without an offset are read as UTC. Infinite and
-//! BC dates have no Arrow value and are rejected as [`DecodeError::BadValue`],
-//! as are numbers out of the declared range and text that is not UTF-8; the
+//! The replication session pins the settings in [`text::SESSION_SETTINGS`],
+//! so values arrive as `2026-11-21 13:10:00.5+00`, `1.5e-05`, `t`, `12.50`,
+//! `P1DT-2H`, `\x00ff`, `{a,NULL,"b c"}`. Timestamps without an offset are read
+//! as UTC. Infinite and BC dates have no Arrow value and are rejected as
+//! [`DecodeError::BadValue`], as are numbers out of the declared range or
+//! scale, `NaN` decimals, and text that is not UTF-8; the
 //! reader turns such a change into a dead letter
 //! ([`RejectedChange`](crate::source::RejectedChange)) and goes on.
 //! Errors name the table, column, type and position, never the value itself.
@@ -55,10 +56,12 @@ use arrow::datatypes::DataType;
 use super::Position;
 
 pub use table::{Op, TableDecoder, PG_EPOCH_OFFSET_MICROS};
+pub use text::SESSION_SETTINGS;
 
 /// Declared Arrow types the decoder can fill, for error messages.
 const SUPPORTED_TYPES: &str =
-    "Int16, Int32, Int64, Float32, Float64, Boolean, Utf8, Date32, Timestamp (any unit and zone)";
+    "Int16, Int32, Int64, Float32, Float64, Boolean, Utf8, Date32, Timestamp (any unit and zone), \
+     Decimal128, Time64(µs), Interval(MonthDayNano), Binary, and lists of these";
 
 /// Why a pgoutput message or value could not be decoded. Every variant is
 /// permanent: retrying the same WAL yields the same bytes.

@@ -8,15 +8,23 @@
 
 use std::sync::Arc;
 
+use arrow::array::NullBufferBuilder;
 use arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Float32Builder, Float64Builder, Int16Builder,
-    Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
+    Float64Builder, Int16Builder, Int32Builder, Int64Builder, IntervalMonthDayNanoBuilder,
+    ListArray, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder, TimestampNanosecondBuilder, TimestampSecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::buffer::{OffsetBuffer, ScalarBuffer};
+use arrow::datatypes::{
+    DataType, Field, FieldRef, IntervalMonthDayNano, IntervalUnit, Schema, SchemaRef, TimeUnit,
+};
 use arrow::record_batch::RecordBatch;
 
-use super::text::{parse_date, parse_float, parse_int, parse_timestamp, to_unit};
+use super::text::{
+    array_elements, bytea_hex, decode_hex, parse_date, parse_decimal, parse_float, parse_int,
+    parse_interval, parse_time, parse_timestamp, to_unit, unescape_element, Element,
+};
 use super::{DecodeError, Relation, Tuple, Value};
 use crate::source::{metadata_fields, Position};
 
@@ -320,6 +328,7 @@ impl TableDecoder {
 }
 
 /// One parsed value of the scratch row, typed by the builder that parsed it.
+/// 24 bytes (checked by a test): every cell of every row is moved twice.
 #[derive(Clone, Copy)]
 pub(super) enum Cell<'a> {
     Null,
@@ -328,6 +337,14 @@ pub(super) enum Cell<'a> {
     Float64(f64),
     Bool(bool),
     Text(&'a str),
+    /// An i128 as its little-endian bytes: an `i128` would align the cell
+    /// to 16 bytes and make every cell of every row a third larger.
+    Decimal([u8; 16]),
+    Interval(IntervalMonthDayNano),
+    /// The hex digits of a bytea, checked.
+    Hex(&'a [u8]),
+    /// An array's text form, every element checked.
+    Array(&'a [u8]),
 }
 
 /// Empties the scratch row and hands its allocation to a new lifetime: the
@@ -351,11 +368,78 @@ enum ColumnBuilder {
     TimestampMillisecond(TimestampMillisecondBuilder),
     TimestampMicrosecond(TimestampMicrosecondBuilder),
     TimestampNanosecond(TimestampNanosecondBuilder),
+    Decimal128(Decimal128Builder, u8, i8),
+    Time64(Time64MicrosecondBuilder),
+    Interval(IntervalMonthDayNanoBuilder),
+    /// With a buffer the hex digits are decoded into.
+    Binary(BinaryBuilder, Vec<u8>),
+    List(Box<ListColumn>),
 }
 
-/// Runs `$body` with `$b` bound to whichever builder `$column` holds.
+/// A one-dimensional array column: its elements go to `values`.
+struct ListColumn {
+    field: FieldRef,
+    values: ColumnBuilder,
+    offsets: Vec<i32>,
+    nulls: NullBufferBuilder,
+    /// An escaped element's text, unescaped.
+    unescaped: Vec<u8>,
+}
+
+impl ListColumn {
+    /// Checks every element of `text` with the element builder.
+    fn check(&mut self, text: &[u8]) -> Result<(), &'static str> {
+        let (values, unescaped) = (&mut self.values, &mut self.unescaped);
+        array_elements(text, |element| match element {
+            Element::Null => Ok(()),
+            Element::Plain(body) => values.parse_scalar(body).map(drop),
+            Element::Escaped(body) => values
+                .parse_scalar(unescape_element(body, unescaped))
+                .map(drop),
+        })
+    }
+
+    /// Appends an array checked by [`check`](Self::check).
+    fn append(&mut self, text: &[u8]) {
+        let (values, unescaped) = (&mut self.values, &mut self.unescaped);
+        let mut count = 0;
+        array_elements(text, |element| {
+            let cell = match element {
+                Element::Null => Ok(Cell::Null),
+                Element::Plain(body) => values.parse_scalar(body),
+                Element::Escaped(body) => values.parse_scalar(unescape_element(body, unescaped)),
+            };
+            values.append_scalar(cell.expect("elements were checked"));
+            count += 1;
+            Ok(())
+        })
+        .expect("the array was checked");
+        let last = *self.offsets.last().expect("offsets start with 0");
+        self.offsets.push(last + count);
+        self.nulls.append_non_null();
+    }
+
+    fn append_null(&mut self) {
+        let last = *self.offsets.last().expect("offsets start with 0");
+        self.offsets.push(last);
+        self.nulls.append_null();
+    }
+
+    fn finish(&mut self) -> ArrayRef {
+        let offsets = std::mem::replace(&mut self.offsets, vec![0]);
+        Arc::new(ListArray::new(
+            self.field.clone(),
+            OffsetBuffer::new(ScalarBuffer::from(offsets)),
+            self.values.finish(),
+            self.nulls.finish(),
+        ))
+    }
+}
+
+/// Runs `$body` with `$b` bound to whichever builder `$column` holds, or
+/// runs `$list` with the list column.
 macro_rules! with_builder {
-    ($column:expr, $b:ident => $body:expr) => {
+    ($column:expr, $b:ident => $body:expr, $l:ident => $list:expr) => {
         match $column {
             ColumnBuilder::Int16($b) => $body,
             ColumnBuilder::Int32($b) => $body,
@@ -369,6 +453,11 @@ macro_rules! with_builder {
             ColumnBuilder::TimestampMillisecond($b) => $body,
             ColumnBuilder::TimestampMicrosecond($b) => $body,
             ColumnBuilder::TimestampNanosecond($b) => $body,
+            ColumnBuilder::Decimal128($b, _, _) => $body,
+            ColumnBuilder::Time64($b) => $body,
+            ColumnBuilder::Interval($b) => $body,
+            ColumnBuilder::Binary($b, _) => $body,
+            ColumnBuilder::List($l) => $list,
         }
     };
 }
@@ -398,13 +487,54 @@ impl ColumnBuilder {
                     TimestampNanosecondBuilder::new().with_timezone_opt(tz.clone()),
                 ),
             },
+            &DataType::Decimal128(precision, scale) => Self::Decimal128(
+                Decimal128Builder::new()
+                    .with_precision_and_scale(precision, scale)
+                    .ok()?,
+                precision,
+                scale,
+            ),
+            DataType::Time64(TimeUnit::Microsecond) => {
+                Self::Time64(Time64MicrosecondBuilder::new())
+            }
+            DataType::Interval(IntervalUnit::MonthDayNano) => {
+                Self::Interval(IntervalMonthDayNanoBuilder::new())
+            }
+            DataType::Binary => Self::Binary(BinaryBuilder::new(), Vec::new()),
+            DataType::List(field) => {
+                let values = Self::new(field.data_type())?;
+                if matches!(values, Self::List(_)) {
+                    return None;
+                }
+                Self::List(Box::new(ListColumn {
+                    field: field.clone(),
+                    values,
+                    offsets: vec![0],
+                    nulls: NullBufferBuilder::new(0),
+                    unescaped: Vec::new(),
+                }))
+            }
             _ => return None,
         })
     }
 
     /// Parses a text value into a cell this builder accepts; the error is a
     /// reason that never quotes the value.
-    fn parse<'a>(&self, text: &'a [u8]) -> Result<Cell<'a>, &'static str> {
+    fn parse<'a>(&mut self, text: &'a [u8]) -> Result<Cell<'a>, &'static str> {
+        match self {
+            Self::List(list) => {
+                list.check(text)?;
+                Ok(Cell::Array(text))
+            }
+            scalar => scalar.parse_scalar(text),
+        }
+    }
+
+    /// [`parse`](Self::parse) of every builder but a list's. Kept apart so
+    /// that neither is recursive and the common types' parsing can inline
+    /// into the row loop.
+    #[inline(always)]
+    fn parse_scalar<'a>(&self, text: &'a [u8]) -> Result<Cell<'a>, &'static str> {
         let timestamp = |unit| parse_timestamp(text).and_then(|(s, n)| to_unit(s, n, unit));
         Ok(match self {
             Self::Int16(_) => Cell::Int(parse_int(text, i16::MIN.into(), i16::MAX.into())?),
@@ -423,14 +553,33 @@ impl ColumnBuilder {
             Self::TimestampMillisecond(_) => Cell::Int(timestamp(TimeUnit::Millisecond)?),
             Self::TimestampMicrosecond(_) => Cell::Int(timestamp(TimeUnit::Microsecond)?),
             Self::TimestampNanosecond(_) => Cell::Int(timestamp(TimeUnit::Nanosecond)?),
+            Self::Decimal128(_, precision, scale) => {
+                Cell::Decimal(parse_decimal(text, *precision, *scale)?.to_le_bytes())
+            }
+            Self::Time64(_) => Cell::Int(parse_time(text)?),
+            Self::Interval(_) => Cell::Interval(parse_interval(text)?),
+            Self::Binary(_, _) => Cell::Hex(bytea_hex(text)?),
+            Self::List(_) => unreachable!("list elements are scalars"),
         })
     }
 
     /// Appends a cell produced by [`parse`](Self::parse) on this builder.
     fn append(&mut self, cell: Cell<'_>) {
+        match (self, cell) {
+            (Self::List(list), Cell::Null) => list.append_null(),
+            (Self::List(list), Cell::Array(text)) => list.append(text),
+            (scalar, cell) => scalar.append_scalar(cell),
+        }
+    }
+
+    /// [`append`](Self::append) of every builder but a list's.
+    #[inline(always)]
+    fn append_scalar(&mut self, cell: Cell<'_>) {
         // Ranges were checked by `parse`, so the narrowing casts are exact.
         match (self, cell) {
-            (builder, Cell::Null) => with_builder!(builder, b => b.append_null()),
+            (builder, Cell::Null) => {
+                with_builder!(builder, b => b.append_null(), _list => unreachable!("a scalar"))
+            }
             (Self::Int16(b), Cell::Int(v)) => b.append_value(v as i16),
             (Self::Int32(b), Cell::Int(v)) => b.append_value(v as i32),
             (Self::Int64(b), Cell::Int(v)) => b.append_value(v),
@@ -443,11 +592,19 @@ impl ColumnBuilder {
             (Self::TimestampMillisecond(b), Cell::Int(v)) => b.append_value(v),
             (Self::TimestampMicrosecond(b), Cell::Int(v)) => b.append_value(v),
             (Self::TimestampNanosecond(b), Cell::Int(v)) => b.append_value(v),
+            (Self::Decimal128(b, _, _), Cell::Decimal(v)) => b.append_value(i128::from_le_bytes(v)),
+            (Self::Time64(b), Cell::Int(v)) => b.append_value(v),
+            (Self::Interval(b), Cell::Interval(v)) => b.append_value(v),
+            (Self::Binary(b, bytes), Cell::Hex(hex)) => {
+                bytes.clear();
+                decode_hex(hex, bytes);
+                b.append_value(bytes.as_slice());
+            }
             _ => unreachable!("a cell is appended by the builder that parsed it"),
         }
     }
 
     fn finish(&mut self) -> ArrayRef {
-        with_builder!(self, b => Arc::new(b.finish()) as ArrayRef)
+        with_builder!(self, b => Arc::new(b.finish()) as ArrayRef, list => list.finish())
     }
 }

@@ -16,6 +16,8 @@ use super::table::{recycle, Cell};
 use super::text::{parse_float, parse_int, parse_timestamp, to_unit};
 use super::*;
 
+mod types;
+
 /// One value of a tuple to encode: null, unchanged TOAST, or text.
 #[derive(Clone, Copy)]
 enum V<'a> {
@@ -362,7 +364,7 @@ fn change_before_relation_or_with_wrong_column_count_is_an_error() {
 fn unsupported_declared_type_names_the_column_and_the_supported_types() {
     let schema = Schema::new(vec![Field::new(
         "amount",
-        DataType::Decimal128(10, 2),
+        DataType::Duration(TimeUnit::Second),
         true,
     )]);
     let error = TableDecoder::new("orders", Arc::new(schema)).err().unwrap();
@@ -729,6 +731,11 @@ fn string_column_keeps_exact_bytes_of_utf8_text() {
         .downcast_ref::<StringArray>()
         .unwrap();
     assert_eq!(names.value(0), "héllo ✓");
+}
+
+#[test]
+fn cells_stay_small() {
+    assert_eq!(std::mem::size_of::<Cell<'_>>(), 24);
 }
 
 #[test]

@@ -119,6 +119,9 @@ pub struct AggSpec {
     pub filter: Option<usize>,
     /// The aggregate's output type.
     pub output_type: DataType,
+    /// The scale of a decimal argument of `sum`/`avg`: such sums are kept
+    /// exactly, as integers of that scale.
+    pub decimal_scale: Option<i8>,
 }
 
 /// One windowed aggregate node of a query.
@@ -359,6 +362,7 @@ fn cut_aggregate(
             argument,
             filter: None,
             output_type: output_fields[group_count + i].data_type().clone(),
+            decimal_scale: None,
         });
     }
     for (spec, filter) in filters {
@@ -369,6 +373,28 @@ fn cut_aggregate(
         .project(projection)
         .and_then(|b| b.build())
         .map_err(|e| e.to_string())?;
+    for spec in &mut specs {
+        let Some(argument) = spec.argument else {
+            continue;
+        };
+        let argument_type = pre_plan.schema().field(argument).data_type();
+        match (spec.kind, argument_type) {
+            (AggKind::Sum | AggKind::Avg, &DataType::Decimal128(_, scale)) => {
+                spec.decimal_scale = Some(scale)
+            }
+            (AggKind::Min | AggKind::Max, &DataType::Decimal128(precision, scale))
+                if precision > 15 =>
+            {
+                return Err(format!(
+                    "min/max over a DECIMAL({precision}, {scale}) in a window would go through a \
+                     double and could lose digits (more than 15); CAST the argument to \
+                     DECIMAL(15, {}) or to DOUBLE",
+                    scale.min(15)
+                ));
+            }
+            _ => {}
+        }
+    }
 
     // The aggregate's output, with generic column names, and the post-plan node
     // that renames it back to the aggregate's (qualified) schema.

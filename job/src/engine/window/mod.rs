@@ -24,10 +24,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, BooleanArray, Float64Array, Int64Array,
-    StructArray, TimestampMicrosecondArray,
+    Array, ArrayRef, AsArray, BinaryArray, BinaryBuilder, BooleanArray, Decimal128Array,
+    Float64Array, Int64Array, StructArray, TimestampMicrosecondArray,
 };
 use arrow::compute::cast;
+use arrow::datatypes::Decimal128Type;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
@@ -41,6 +42,9 @@ enum Column {
     Count(Vec<i64>),
     /// Sum (also for avg) and the number of non-NULL values.
     Sum(Vec<f64>, Vec<i64>),
+    /// Sum (also for avg) of a decimal argument, exact, as integers of the
+    /// argument's scale, and the number of non-NULL values.
+    DecimalSum(Vec<i128>, Vec<i64>),
     /// Min or max, and the number of values seen.
     Extreme(Vec<f64>, Vec<i64>),
     Distinct(Vec<HashMap<Box<[u8]>, i64>>),
@@ -63,6 +67,9 @@ impl Partials {
                 .iter()
                 .map(|a| match a.kind {
                     AggKind::Count => Column::Count(Vec::new()),
+                    AggKind::Sum | AggKind::Avg if a.decimal_scale.is_some() => {
+                        Column::DecimalSum(Vec::new(), Vec::new())
+                    }
                     AggKind::Sum | AggKind::Avg => Column::Sum(Vec::new(), Vec::new()),
                     AggKind::Min | AggKind::Max => Column::Extreme(Vec::new(), Vec::new()),
                     AggKind::CountDistinct => Column::Distinct(Vec::new()),
@@ -88,6 +95,10 @@ impl Partials {
                     s.push(0.0);
                     n.push(0);
                 }
+                Column::DecimalSum(s, n) => {
+                    s.push(0);
+                    n.push(0);
+                }
                 Column::Distinct(v) => v.push(HashMap::new()),
             }
         }
@@ -102,6 +113,8 @@ impl Partials {
 /// Where one input row's values are, for [`Partials::add`].
 struct RowValues<'a> {
     numbers: &'a [Option<Float64Array>],
+    /// Decimal arguments of sums, at their own scale.
+    decimals: &'a [Option<Decimal128Array>],
     distinct: &'a [Option<arrow::row::Rows>],
     filters: &'a [Option<BooleanArray>],
     row: usize,
@@ -130,6 +143,14 @@ impl Partials {
                     if let Some(Some(x)) = number {
                         s[i] += sign as f64 * x;
                         n[i] += sign;
+                    }
+                }
+                Column::DecimalSum(s, n) => {
+                    if let Some(d) = &values.decimals[a] {
+                        if d.is_valid(values.row) {
+                            s[i] += i128::from(sign) * d.value(values.row);
+                            n[i] += sign;
+                        }
                     }
                 }
                 Column::Extreme(v, n) => {
@@ -174,6 +195,10 @@ impl Partials {
                 (Column::Count(v), Column::Count(w)) => v[i] += sign * w[j],
                 (Column::Sum(s, n), Column::Sum(t, m)) => {
                     s[i] += sign as f64 * t[j];
+                    n[i] += sign * m[j];
+                }
+                (Column::DecimalSum(s, n), Column::DecimalSum(t, m)) => {
+                    s[i] += i128::from(sign) * t[j];
                     n[i] += sign * m[j];
                 }
                 (Column::Extreme(_, n), Column::Extreme(_, m)) => {
@@ -323,6 +348,7 @@ impl WindowState {
             .iter()
             .map(|a| match (a.kind, a.argument) {
                 (AggKind::CountDistinct, _) | (_, None) => Ok(None),
+                _ if a.decimal_scale.is_some() => Ok(None),
                 (_, Some(arg)) => cast(batch.column(arg), &DataType::Float64).map(|c| {
                     Some(
                         c.as_any()
@@ -331,6 +357,17 @@ impl WindowState {
                             .clone(),
                     )
                 }),
+            })
+            .collect::<Result<_, ArrowError>>()?;
+        let decimals: Vec<Option<Decimal128Array>> = self
+            .aggregates
+            .iter()
+            .map(|a| match (a.decimal_scale, a.argument) {
+                (Some(scale), Some(arg)) => {
+                    cast(batch.column(arg), &DataType::Decimal128(38, scale))
+                        .map(|c| Some(c.as_primitive::<Decimal128Type>().clone()))
+                }
+                _ => Ok(None),
             })
             .collect::<Result<_, ArrowError>>()?;
         let distinct: Vec<Option<arrow::row::Rows>> = self
@@ -391,6 +428,7 @@ impl WindowState {
             };
             let values = RowValues {
                 numbers: &numbers,
+                decimals: &decimals,
                 distinct: &distinct,
                 filters: &filters,
                 row,
@@ -583,6 +621,9 @@ impl WindowState {
                             }
                         })
                     }))),
+                    Column::DecimalSum(s, c) => {
+                        decimal_result(spec, live.iter().map(|&i| (s[i], c[i])))?
+                    }
                     Column::Extreme(v, c) => Arc::new(Float64Array::from_iter(live.iter().map(
                         |&i| match extremes {
                             Some(map) => map.get(&(partials.keys[i], a)).copied(),
@@ -638,6 +679,7 @@ impl WindowState {
                     let (value, count, distinct) = match column {
                         Column::Count(c) => (0.0, c[i], Vec::new()),
                         Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i], Vec::new()),
+                        Column::DecimalSum(s, c) => (0.0, c[i], s[i].to_le_bytes().to_vec()),
                         Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i])),
                     };
                     v.push(value);
@@ -726,6 +768,15 @@ impl WindowState {
                             s[i] = v;
                             c[i] = n;
                         }
+                        Column::DecimalSum(s, c) => {
+                            s[i] = d.try_into().map(i128::from_le_bytes).map_err(|_| {
+                                ArrowError::InvalidArgumentError(format!(
+                                    "checkpointed decimal sum has {} bytes, not 16",
+                                    d.len()
+                                ))
+                            })?;
+                            c[i] = n;
+                        }
                         Column::Distinct(maps) => maps[i] = decode_distinct(d),
                     }
                 }
@@ -774,6 +825,7 @@ fn compact(partials: &mut Partials) {
             .map(|c| match c {
                 Column::Count(_) => Column::Count(Vec::new()),
                 Column::Sum(_, _) => Column::Sum(Vec::new(), Vec::new()),
+                Column::DecimalSum(_, _) => Column::DecimalSum(Vec::new(), Vec::new()),
                 Column::Extreme(_, _) => Column::Extreme(Vec::new(), Vec::new()),
                 Column::Distinct(_) => Column::Distinct(Vec::new()),
             })
@@ -791,12 +843,47 @@ fn compact(partials: &mut Partials) {
                     a[k] = b[i];
                     c[k] = d[i];
                 }
+                (Column::DecimalSum(a, c), Column::DecimalSum(b, d)) => {
+                    a[k] = b[i];
+                    c[k] = d[i];
+                }
                 (Column::Distinct(a), Column::Distinct(b)) => a[k] = std::mem::take(&mut b[i]),
                 _ => unreachable!("same aggregates"),
             }
         }
     }
     *partials = next;
+}
+
+/// A decimal sum or average per entry, from exact sums at the argument's
+/// scale and counts: an average is truncated at the output's scale, as
+/// DataFusion's own `avg` of decimals does.
+fn decimal_result(
+    spec: &AggSpec,
+    entries: impl Iterator<Item = (i128, i64)>,
+) -> Result<ArrayRef, ArrowError> {
+    let scale = spec.decimal_scale.expect("a decimal sum");
+    let (out_scale, average) = match (&spec.output_type, spec.kind) {
+        (&DataType::Decimal128(_, out), AggKind::Avg) => (out.max(scale), true),
+        _ => (scale, false),
+    };
+    let factor = 10i128.pow(u32::try_from(out_scale - scale).unwrap_or(0));
+    let values = entries
+        .map(|(sum, count)| {
+            if count <= 0 {
+                return Ok(None);
+            }
+            if !average {
+                return Ok(Some(sum));
+            }
+            sum.checked_mul(factor)
+                .map(|scaled| Some(scaled / i128::from(count)))
+                .ok_or_else(|| {
+                    ArrowError::ComputeError("decimal average overflows 38 digits".into())
+                })
+        })
+        .collect::<Result<Decimal128Array, ArrowError>>()?;
+    Ok(Arc::new(values.with_precision_and_scale(38, out_scale)?))
 }
 
 /// `len:u32 bytes count:i64` repeated.

@@ -47,6 +47,7 @@ fn window_state(
 
 fn aggregate(kind: AggKind, argument: Option<usize>, output_type: DataType) -> AggSpec {
     AggSpec {
+        decimal_scale: None,
         kind,
         argument,
         filter: None,
@@ -402,4 +403,62 @@ fn a_restored_snapshot_emits_what_the_rows_say() {
         Some(8),
         "b's row at 4 s leaves after the window ending 8 s"
     );
+}
+
+/// key, time, price (Decimal128(12, 2)) -> sum(price), avg(price), tumbling 10 s.
+fn decimal_state() -> (WindowState, SchemaRef) {
+    let mut sum = aggregate(AggKind::Sum, Some(2), DataType::Decimal128(22, 2));
+    sum.decimal_scale = Some(2);
+    let mut avg = aggregate(AggKind::Avg, Some(2), DataType::Decimal128(16, 6));
+    avg.decimal_scale = Some(2);
+    window_state(
+        WindowKind::Tumble { width: 10 * SECOND },
+        vec![Field::new("price", DataType::Decimal128(12, 2), true)],
+        vec![sum, avg],
+        vec![
+            Field::new("c2", DataType::Decimal128(22, 2), true),
+            Field::new("c3", DataType::Decimal128(16, 6), true),
+        ],
+    )
+}
+
+#[test]
+fn decimal_sums_and_averages_are_exact_through_retraction_and_restore() {
+    let (mut state, schema) = decimal_state();
+    let batch = |prices: &[Option<i128>]| {
+        RecordBatch::try_new(
+            schema.clone(),
+            vec![
+                Arc::new(StringArray::from(vec!["a"; prices.len()])),
+                Arc::new(
+                    TimestampMicrosecondArray::from(vec![SECOND; prices.len()])
+                        .with_timezone("UTC"),
+                ),
+                Arc::new(
+                    Decimal128Array::from(prices.to_vec())
+                        .with_precision_and_scale(12, 2)
+                        .unwrap(),
+                ),
+            ],
+        )
+        .unwrap()
+    };
+    // 0.10 three times and 9999999999.99: a double would not keep the cents.
+    let prices = [Some(10), Some(10), Some(10), Some(999_999_999_999), None];
+    state.accumulate(&batch(&prices), 1, None).unwrap();
+    state.accumulate(&batch(&[Some(10)]), -1, None).unwrap();
+
+    let (snapshot, meta) = state.snapshot().unwrap();
+    let (mut restored, _) = decimal_state();
+    restored.restore(&[snapshot], &meta).unwrap();
+
+    for mut state in [state, restored] {
+        let emitted = state.emit_until(10 * SECOND).unwrap();
+        let window = &emitted[0].1;
+        let sum = window.column(2).as_primitive::<Decimal128Type>();
+        let avg = window.column(3).as_primitive::<Decimal128Type>();
+        assert_eq!(sum.value_as_string(0), "10000000000.19");
+        // (10000000000.19 / 3), truncated at scale 6 as DataFusion's avg does.
+        assert_eq!(avg.value_as_string(0), "3333333333.396666");
+    }
 }

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs what engage needs on a fresh Debian/Ubuntu machine, and nothing that is
 # already there: a C toolchain, the PostgreSQL server binaries (initdb, pg_ctl),
-# Redis, and a Rust toolchain. It never starts a service: the demo and the tests
-# start private servers themselves (job/src/embedded.rs). Safe to run again; prints
-# nothing when everything is present.
+# Redis, and a Rust toolchain. With `--test`, also what only the tests use: pyarrow
+# (in a virtualenv at $HOME/.cache/engage/venv, or $ENGAGE_VENV), which reads
+# engage's Parquet files the way a data team's Python tools do. It never starts a
+# service: the demo and the tests start private servers themselves
+# (job/src/embedded.rs). Safe to run again; prints nothing when everything is present.
 set -euo pipefail
 
 # Runs a privileged command directly as root, through sudo otherwise.
@@ -50,7 +52,18 @@ has_postgres_server() {
     return 1
 }
 
+for_tests=no
+[ "${1:-}" = --test ] && for_tests=yes
+venv="${ENGAGE_VENV:-$HOME/.cache/engage/venv}"
+
 packages=()
+if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow' >/dev/null 2>&1; then
+    command -v python3 >/dev/null 2>&1 || packages+=(python3)
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+    need_pyarrow=yes
+else
+    need_pyarrow=no
+fi
 command -v cc >/dev/null 2>&1 || packages+=(build-essential pkg-config)
 has_postgres_server || packages+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
@@ -73,4 +86,10 @@ if [ "$need_rust" = yes ]; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
         sh -s -- -y --quiet --profile minimal --component rustfmt,clippy --no-modify-path
     echo "install-deps: cargo is in \$HOME/.cargo/bin; add it to PATH to use it from a new shell"
+fi
+
+if [ "$need_pyarrow" = yes ]; then
+    echo "install-deps: installing pyarrow from PyPI into $venv (for the tests)"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow
 fi

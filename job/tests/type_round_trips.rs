@@ -235,12 +235,19 @@ fn assert_same(source: &str, engage: &[Row], postgres: &[Row]) {
     }
 }
 
-/// Runs `script` with the Python that has pyarrow (see scripts/install-deps.sh).
+/// Runs `script` with the Python that has pyarrow: `$ENGAGE_PYTHON`, else the
+/// virtualenv scripts/install-deps.sh makes (`$ENGAGE_VENV`, default
+/// `$HOME/.cache/engage/venv`).
 fn python(script: &str, argument: &Path) -> String {
     let python = std::env::var_os("ENGAGE_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/engage/venv/bin/python")
+            let venv = std::env::var_os("ENGAGE_VENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/engage/venv")
+                });
+            venv.join("bin/python")
         });
     let output = std::process::Command::new(&python)
         .arg("-c")

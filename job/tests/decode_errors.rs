@@ -1,8 +1,9 @@
 //! Values engage cannot represent (an infinite timestamp, a date before the
 //! common era, a number out of the declared range, a number that is not one)
 //! send their change to `dead_letter` with reason `decode_error:<column>` and
-//! the row as Postgres sent it; the rest of the transaction flows. Without a
-//! `dead_letter` table the job stops, naming the column.
+//! the row as Postgres sent it; the rest of the transaction flows. So does a
+//! dimension's row in the initial snapshot. Without a `dead_letter` table the
+//! job stops, naming the column.
 
 mod support;
 
@@ -176,5 +177,56 @@ async fn text_postgres_cannot_stream_as_utf8_stops_the_job_with_what_to_do() {
         log.contains("cannot stream a changed row as UTF-8")
             && log.contains("pg_replication_slot_advance"),
         "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dimension_row_the_snapshot_cannot_decode_is_dead_lettered_at_first_start() {
+    let world = World::start().await;
+    let client = world.sql().await;
+    client
+        .batch_execute(
+            "CREATE TABLE kinds (id BIGINT PRIMARY KEY, since TIMESTAMPTZ);
+             CREATE TABLE things (id BIGINT PRIMARY KEY, kind_id BIGINT);
+             ALTER TABLE kinds REPLICA IDENTITY FULL;
+             ALTER TABLE things REPLICA IDENTITY FULL;
+             INSERT INTO kinds VALUES (1, '2026-01-01 00:00:00+00'), (2, 'infinity');",
+        )
+        .await
+        .unwrap();
+    let data = world.data_dir();
+    let sql = format!(
+        "CREATE TABLE kinds (id BIGINT, since TIMESTAMP, PRIMARY KEY (id))
+         WITH (connector = 'postgres-cdc', connection = '${{ENGAGE_POSTGRES_URL}}', table = 'public.kinds');
+         CREATE TABLE things (id BIGINT, kind_id BIGINT, PRIMARY KEY (id))
+         WITH (connector = 'postgres-cdc', connection = '${{ENGAGE_POSTGRES_URL}}', table = 'public.things');
+         CREATE TABLE out WITH (connector = 'filesystem', path = '{data}/out', format = 'parquet');
+         INSERT INTO out SELECT t.id, k.since FROM things t LEFT JOIN kinds k ON t.kind_id = k.id;
+         CREATE TABLE dead_letter WITH (connector = 'filesystem', path = '{data}/dead_letter', format = 'parquet');",
+        data = data.display()
+    );
+    let (job, path) = world.start_named_job("kinds", &sql).await;
+    client
+        .batch_execute("INSERT INTO things VALUES (10, 1), (20, 2);")
+        .await
+        .unwrap();
+    wait_for(
+        "the rows and the dead letter",
+        Duration::from_secs(30),
+        || async {
+            has_committed_files(&data.join("out"))
+                && has_committed_files(&data.join("dead_letter"))
+                && csv(&path, "SELECT count(*) AS n FROM out").await == "n\n2\n"
+        },
+    )
+    .await;
+    job.stop();
+    let out = csv(&path, "SELECT id, since FROM out ORDER BY id").await;
+    assert_eq!(out, "id,since\n10,2026-01-01T00:00:00Z\n20,\n", "{out}");
+    let dead = csv(&path, "SELECT \"table\", reason, \"row\" FROM dead_letter").await;
+    assert_eq!(
+        dead.lines().skip(1).collect::<Vec<_>>(),
+        [r#"kinds,decode_error:since,"{""id"":""2"",""since"":""infinity""}""#],
+        "{dead}"
     );
 }

@@ -219,13 +219,17 @@ async fn run_once(
     engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
     engine.last_windows = vec![None; engine.plan.queries.len()];
 
+    // Snapshot rows the declared types cannot hold, per source: diverted to
+    // dead_letter once its sink is open (below).
+    let mut snapshot_rejected = Vec::new();
     let new_slot = match (&latest, &slot) {
         (None, None) => {
             let new_slot = NewSlot::create(&target, &names).await?;
             for (index, source) in engine.plan.sources.iter().enumerate() {
                 if let Some(dimension) = &mut engine.dimensions[index] {
-                    let rows = snapshot::load_table(&target, &control, source, &new_slot.snapshot, new_slot.consistent_lsn).await?;
+                    let (rows, rejected) = snapshot::load_table(&target, &control, source, &new_slot.snapshot, new_slot.consistent_lsn).await?;
                     dimension.apply(&rows).map_err(|e| JobError::State(e.to_string()))?;
+                    snapshot_rejected.push((index, rejected));
                 }
             }
             engine.resume_lsn = new_slot.consistent_lsn;
@@ -331,6 +335,9 @@ async fn run_once(
             .and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
     )
     .await?;
+    for (source, rejected) in snapshot_rejected {
+        engine.divert_rejected(source, &rejected).await?;
+    }
 
     // Re-sent changes up to here are already in some sink (counted as suppressed).
     engine.applied_upto = engine

@@ -15,20 +15,23 @@ use arrow::record_batch::RecordBatch;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::pgoutput::{self, Message, Op, Relation, RelationColumn, TableDecoder};
+use super::pgoutput::{self, DecodeError, Message, Op, Relation, RelationColumn, TableDecoder};
 use super::replication::{cdc_options, PgTarget, SourceError};
-use super::Position;
+use super::{Position, RejectedChange};
 use crate::sql::plan::SourceTable;
 
 /// Reads `source`'s current rows inside `snapshot` (an exported snapshot name)
-/// on the control connection. Rows get position (`lsn`, row number).
+/// on the control connection. Rows get position (`lsn`, row number). A row
+/// with a value the declared types cannot hold is returned apart, as a
+/// [`RejectedChange`] (its time: when the snapshot was read), as the stream
+/// does with such changes.
 pub async fn load_table(
     target: &PgTarget,
     client: &tokio_postgres::Client,
     source: &SourceTable,
     snapshot: &str,
     lsn: u64,
-) -> Result<RecordBatch, SourceError> {
+) -> Result<(RecordBatch, Vec<RejectedChange>), SourceError> {
     let options = cdc_options(source).expect("dimension is a postgres-cdc table");
     let check = |message: String| SourceError::Check {
         target: target.to_string(),
@@ -98,6 +101,8 @@ pub async fn load_table(
     let mut line = Vec::new();
     let mut message = BytesMut::new();
     let mut row = 0u64;
+    let mut rejected = Vec::new();
+    let read_at = chrono::Utc::now().timestamp_micros();
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             check(format!(
@@ -112,13 +117,31 @@ pub async fn load_table(
             }
             reframe_as_insert(&line, columns.len(), &mut message);
             let frozen: Bytes = message.split().freeze();
+            let position = Position::new(lsn, row);
             match pgoutput::decode(&frozen) {
-                Ok(Message::Insert { new, .. }) => decoder
-                    .append(Op::Insert, &new, None, Position::new(lsn, row), 0)
-                    .map_err(|e| SourceError::Decode {
-                        table: source.def.name.clone(),
-                        message: e.to_string(),
-                    })?,
+                Ok(Message::Insert { new, .. }) => {
+                    match decoder.append(Op::Insert, &new, None, position, 0) {
+                        Ok(()) => {}
+                        Err(DecodeError::BadValue {
+                            column,
+                            reason,
+                            data_type,
+                            ..
+                        }) => rejected.push(RejectedChange {
+                            reason: format!("decode_error:{column}"),
+                            detail: format!("{reason} ({data_type})"),
+                            position,
+                            commit_ts_micros: read_at,
+                            row: decoder.row_text(&new),
+                        }),
+                        Err(error) => {
+                            return Err(SourceError::Decode {
+                                table: source.def.name.clone(),
+                                message: error.to_string(),
+                            })
+                        }
+                    }
+                }
                 _ => {
                     return Err(SourceError::Decode {
                         table: source.def.name.clone(),
@@ -135,7 +158,7 @@ pub async fn load_table(
         .await
         .map_err(|e| check(format!("failed to end the snapshot transaction: {e}")))?;
     tracing::info!(table = %source.def.name, rows = row, "dimension loaded from the slot's snapshot");
-    Ok(decoder.finish())
+    Ok((decoder.finish(), rejected))
 }
 
 /// Turns one COPY text line into a pgoutput Insert message (relation 0).

@@ -90,13 +90,7 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         content.len()
     );
 
-    let stats = Arc::new(JobStats::new(
-        spec.tables
-            .iter()
-            .filter(|t| !matches!(t.connector, sql::Connector::PostgresCdc(_)))
-            .map(|t| t.name.clone())
-            .collect(),
-    ));
+    let stats = Arc::new(JobStats::for_job(&spec));
     let (stop_job, job_stopped) = tokio::sync::oneshot::channel::<()>();
     let run_options = RunOptions {
         checkpoint_dir: options.checkpoint_dir.clone(),

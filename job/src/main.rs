@@ -352,13 +352,7 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
         warn_retained_wal_bytes: running.warn_retained_wal_mib << 20,
         ..RunOptions::default()
     };
-    let sinks = spec
-        .tables
-        .iter()
-        .filter(|t| !matches!(t.connector, sql::Connector::PostgresCdc(_)))
-        .map(|t| t.name.clone())
-        .collect();
-    let stats = Arc::new(JobStats::new(sinks));
+    let stats = Arc::new(JobStats::for_job(&spec));
     let reporter =
         running.progress.then(|| {
             let stats = stats.clone();

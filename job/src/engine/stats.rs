@@ -47,6 +47,13 @@ pub struct JobStats {
 }
 
 impl JobStats {
+    /// Statistics of the job `spec`, with one sink slot per `INSERT`, in the
+    /// order the plan numbers its queries (the engine counts rows of query
+    /// `i` in slot `i`), named after the table each writes.
+    pub fn for_job(spec: &crate::sql::JobSpec) -> JobStats {
+        JobStats::new(spec.inserts.iter().map(|i| i.sink.clone()).collect())
+    }
+
     pub fn new(sink_names: Vec<String>) -> JobStats {
         JobStats {
             sink_rows: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
@@ -187,5 +194,30 @@ mod tests {
             text.contains("# TYPE engage_sink_lag_bytes gauge"),
             "{text}"
         );
+    }
+
+    /// Sinks declared in another order than their INSERTs, and a
+    /// `dead_letter` table no INSERT writes: each query's rows are still
+    /// counted under its own table's name.
+    #[tokio::test]
+    async fn rows_are_counted_under_the_name_of_the_table_each_query_writes() {
+        let sql = "
+            CREATE TABLE dead_letter WITH (connector = 'filesystem', path = '/tmp/d', format = 'parquet');
+            CREATE TABLE second WITH (connector = 'filesystem', path = '/tmp/s', format = 'parquet');
+            CREATE TABLE first WITH (connector = 'filesystem', path = '/tmp/f', format = 'parquet');
+            CREATE TABLE t (id BIGINT, PRIMARY KEY (id)) WITH (connector = 'postgres-cdc',
+                connection = 'postgres://u@127.0.0.1/db', table = 'public.t');
+            INSERT INTO first SELECT id FROM t;
+            INSERT INTO second SELECT id, _op FROM t;";
+        let spec = crate::sql::parse_job("j", sql, &|_| None).unwrap();
+        let plan = crate::sql::plan::JobPlan::new(&spec).await.unwrap();
+        let stats = JobStats::for_job(&spec);
+        let written: Vec<&str> = plan
+            .queries
+            .iter()
+            .map(|q| plan.sinks[q.sink].def.name.as_str())
+            .collect();
+        assert_eq!(written, ["first", "second"]);
+        assert_eq!(stats.sink_names, written);
     }
 }

@@ -26,14 +26,21 @@
 //!    `INSERT`. Per phase also: events generated and processed per second (the
 //!    job's `--progress` counter, between its first and last line of the phase)
 //!    and the job's CPU.
-//! 2. **Burst**. The job is stopped (SIGTERM, final checkpoint); a
+//! 2. **Idle stream**: `--idle-markers` markers alone, each after [`IDLE_GAP`]
+//!    of nothing, resolved the same way: a single event's freshness when no
+//!    newer event closes its window (the wall clock has to).
+//! 3. **Burst**. The job is stopped (SIGTERM, final checkpoint); a
 //!    `pg_recvlogical` slot is created; `--burst-events` events are generated as
 //!    fast as Postgres takes them; `END = pg_current_wal_lsn()`; one more
 //!    transaction commits past END. `pg_recvlogical` (pgoutput, the job's
 //!    publication) drains to END, the physical limit of logical decoding here;
 //!    then `engage run --end-lsn END` drains the same WAL through every sink,
-//!    start-up and final checkpoint included.
-//! 3. **Resources and state**: peak RSS and CPU of both job processes; from the
+//!    start-up and final checkpoint included. Then the same again for a
+//!    backlog of `--large-transactions` transactions of
+//!    `--large-transaction-events` events each (one COPY each), with the
+//!    drain's peak RSS: how the job copes with transactions far larger than
+//!    its batches.
+//! 4. **Resources and state**: peak RSS and CPU of both job processes; from the
 //!    newest checkpoint manifest, window, dimension and capture sizes and the
 //!    distinct content ids in the `top_content` window state.
 //!
@@ -79,7 +86,9 @@ mod process;
 mod report;
 
 use process::JobProcess;
-pub use report::{BenchReport, BurstReport, Percentiles, PhaseReport, StateReport, Usage};
+pub use report::{
+    BenchReport, BurstReport, IdleReport, Percentiles, PhaseReport, StateReport, Usage,
+};
 
 /// Content items seeded, so Zipf traffic keeps thousands of them active.
 pub const CONTENT_ITEMS: usize = 10_000;
@@ -116,6 +125,9 @@ const END_SQL: &str = "SELECT pg_current_wal_lsn()::text, \
      pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
      FROM pg_replication_slots WHERE slot_name = $1";
 const RECV_SLOT: &str = "engage_bench_recv";
+const RECV_SLOT_SQL: &str = "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1";
+/// Quiet time before each idle-stream marker: longer than any idle rule.
+const IDLE_GAP: Duration = Duration::from_secs(2);
 const MARKER_SQL: &str = "INSERT INTO engagement_events \
      (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload) \
      VALUES ($1::text::uuid, NULL, 'play', now(), 1000, 'web-chrome', '{\"bench\":1}') \
@@ -172,6 +184,18 @@ pub struct BenchOptions {
     /// Events in the backlog [default: 1000000, 100000 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub burst_events: Option<u64>,
+    /// Markers committed one at a time on an otherwise idle stream, 2 s
+    /// apart, to time a single event's freshness [default: 10, 3 with --quick;
+    /// 0 skips].
+    #[arg(long)]
+    pub idle_markers: Option<u64>,
+    /// A second backlog of this many very large transactions (one COPY each)
+    /// [default: 4, 2 with --quick; 0 skips].
+    #[arg(long)]
+    pub large_transactions: Option<u64>,
+    /// Events per large transaction [default: 100000, 20000 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub large_transaction_events: Option<u64>,
     /// Steady rates, events per second.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000,20000",
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -191,6 +215,11 @@ impl BenchOptions {
         self.phase_secs.get_or_insert(if quick { 5 } else { 20 });
         self.burst_events
             .get_or_insert(if quick { 100_000 } else { 1_000_000 });
+        self.idle_markers.get_or_insert(if quick { 3 } else { 10 });
+        self.large_transactions
+            .get_or_insert(if quick { 2 } else { 4 });
+        self.large_transaction_events
+            .get_or_insert(if quick { 20_000 } else { 100_000 });
         self
     }
 }
@@ -297,11 +326,29 @@ impl World {
             };
             phases.push(self.phase(&db, &redis, &content, &mut job, phase).await?);
         }
+        let idle = match options.idle_markers.unwrap_or(0) {
+            0 => None,
+            markers => {
+                step(&format!(
+                    "{markers} markers on an idle stream, {} s apart",
+                    IDLE_GAP.as_secs()
+                ));
+                Some(self.idle(&db, &redis, &content, &mut job, markers).await?)
+            }
+        };
         step("stopping the job (final checkpoint)");
         let live_job = job.terminate(STOP_TIMEOUT).await?;
         let burst = self
-            .burst(&db, options.burst_events.unwrap_or(1_000_000))
+            .burst(&db, options.burst_events.unwrap_or(1_000_000), None)
             .await?;
+        let large_transactions = match options.large_transactions.unwrap_or(0) {
+            0 => None,
+            count => {
+                let rows = options.large_transaction_events.unwrap_or(100_000);
+                let burst = self.burst(&db, count * rows, Some(rows as usize)).await?;
+                Some(burst)
+            }
+        };
         Ok(BenchReport {
             options: options.clone(),
             build: BUILD,
@@ -314,7 +361,9 @@ impl World {
                 cpu_secs: ((live_job.cpu_secs + burst.job.cpu_secs) * 100.0).round() / 100.0,
             },
             live_job,
+            idle,
             burst,
+            large_transactions,
             state: self.state().await?,
         })
     }
@@ -374,26 +423,70 @@ impl World {
         })
     }
 
-    async fn burst(&self, db: &Client, events: u64) -> Result<BurstReport, BenchError> {
+    /// A backlog of `events` drained by pg_recvlogical, then by the job with
+    /// `--end-lsn`; `transaction_events` makes each COPY (one transaction)
+    /// that large instead of the generator's default.
+    /// Commits `markers` markers one at a time, each after [`IDLE_GAP`] of
+    /// nothing, and times each one's effects: a single event's freshness on a
+    /// quiet stream (its window closes by the wall clock, not by newer events).
+    async fn idle(
+        &self,
+        db: &Client,
+        redis: &MultiplexedConnection,
+        content: &[String],
+        job: &mut JobProcess,
+        markers: u64,
+    ) -> Result<IdleReport, BenchError> {
+        let watch = Watch::start(redis, &self.job);
+        let mut rng = StdRng::seed_from_u64(SEED + 200);
+        for _ in 0..markers {
+            tokio::time::sleep(IDLE_GAP).await;
+            job.check_running()?;
+            let content_id = &content[rng.random_range(0..content.len())];
+            watch.push(insert_marker(db, content_id).await?);
+        }
+        let samples = watch.settle(job, RESOLVE_GRACE).await?;
+        Ok(IdleReport {
+            top_content: Percentiles::of(samples.iter().map(|s| s.top)),
+            recent: Percentiles::of(samples.iter().map(|s| s.recent)),
+        })
+    }
+
+    async fn burst(
+        &self,
+        db: &Client,
+        events: u64,
+        transaction_events: Option<usize>,
+    ) -> Result<BurstReport, BenchError> {
         let row = db.query_one(SLOT_SQL, &[]).await;
         let row = row.map_err(context("failed to find the job's slot"))?;
         let (slot, publication): (String, String) = (row.get(0), row.get(1));
         let url = self.postgres_url.as_str();
         let recvlogical = pg_recvlogical_path();
         let slot_args = ["-d", url, "--slot", RECV_SLOT];
-        step("burst: creating a slot for pg_recvlogical");
-        let mut create = Command::new(&recvlogical);
-        create
-            .args(slot_args)
-            .args(["--create-slot", "-P", "pgoutput"]);
-        run_tool(&mut create).await?;
+        let exists = db.query_opt(RECV_SLOT_SQL, &[&RECV_SLOT]).await;
+        if exists
+            .map_err(context("failed to look for the bench's slot"))?
+            .is_none()
+        {
+            step("burst: creating a slot for pg_recvlogical");
+            let mut create = Command::new(&recvlogical);
+            create
+                .args(slot_args)
+                .args(["--create-slot", "-P", "pgoutput"]);
+            run_tool(&mut create).await?;
+        }
 
-        step(&format!("burst: generating {events} events"));
+        let shape =
+            transaction_events.map_or(String::new(), |n| format!(" in transactions of {n}"));
+        step(&format!("burst: generating {events} events{shape}"));
+        let defaults = GenerateOptions::default();
         let options = GenerateOptions {
             count: Some(events),
             content_items: CONTENT_ITEMS,
-            seed: SEED + 100,
-            ..GenerateOptions::default()
+            seed: SEED + 100 + u64::from(transaction_events.is_some()),
+            batch_size: transaction_events.unwrap_or(defaults.batch_size),
+            ..defaults
         };
         let progress = Arc::new(GenerateProgress::default());
         let start = Instant::now();

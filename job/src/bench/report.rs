@@ -16,7 +16,11 @@ pub struct BenchReport {
     pub cores: usize,
     pub content_items: usize,
     pub phases: Vec<PhaseReport>,
+    /// Single markers on an otherwise idle stream (`--idle-markers`).
+    pub idle: Option<IdleReport>,
     pub burst: BurstReport,
+    /// The same drain over a few very large transactions (`--large-transactions`).
+    pub large_transactions: Option<BurstReport>,
     /// The streaming job of the freshness phases, from start to stop.
     pub live_job: Usage,
     /// Both job processes: the higher peak RSS, the sum of CPU seconds.
@@ -37,6 +41,13 @@ pub struct PhaseReport {
     /// Job CPU seconds per second (1.0 = one core busy).
     pub job_cpu_cores: f64,
     pub job_rss_kb: u64,
+    pub top_content: Percentiles,
+    pub recent: Percentiles,
+}
+
+/// Freshness of single events on an idle stream.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleReport {
     pub top_content: Percentiles,
     pub recent: Percentiles,
 }
@@ -157,24 +168,30 @@ pub(super) fn print_figures(report: &BenchReport) {
             mib(phase.job_rss_kb * 1024)
         );
     }
-    let b = &report.burst;
-    println!(
-        "burst backlog: {} events generated in {:.1} s, {} of WAL",
-        b.events,
-        b.generate_secs,
-        mib(b.wal_bytes.max(0) as u64)
-    );
-    println!(
-        "burst pg_recvlogical: {:.0} events/s ({:.1} s)",
-        b.pg_recvlogical_per_sec, b.pg_recvlogical_secs
-    );
-    println!(
-        "burst engage run --end-lsn: {:.0} events/s ({:.1} s)",
-        b.engage_per_sec, b.engage_secs
-    );
-    println!("burst engage / pg_recvlogical: {:.2}", b.ratio);
+    if let Some(idle) = &report.idle {
+        for (name, p) in [("top_content", &idle.top_content), ("recent", &idle.recent)] {
+            println!(
+                "freshness {name} idle stream: p50 {}, p95 {}, p99 {}, max {} (n={}, {} not seen)",
+                ms(p.p50_ms),
+                ms(p.p95_ms),
+                ms(p.p99_ms),
+                ms(p.max_ms),
+                p.samples,
+                p.unresolved
+            );
+        }
+    }
+    print_burst("burst", &report.burst);
+    if let Some(large) = &report.large_transactions {
+        print_burst("large transactions", large);
+        println!(
+            "large transactions job: peak RSS {}, CPU {:.1} s",
+            mib(large.job.peak_rss_kb * 1024),
+            large.job.cpu_secs
+        );
+    }
     for (name, usage) in [
-        ("burst", &b.job),
+        ("burst", &report.burst.job),
         ("live", &report.live_job),
         ("overall", &report.job_overall),
     ] {
@@ -197,6 +214,26 @@ pub(super) fn print_figures(report: &BenchReport) {
         mib(s.capture_bytes),
         mib(s.checkpoint_bytes)
     );
+}
+
+/// The lines of one drain: backlog, both readers' rates and their ratio.
+fn print_burst(name: &str, b: &BurstReport) {
+    let mib = |bytes: u64| format!("{:.1} MiB", bytes as f64 / 1_048_576.0);
+    println!(
+        "{name} backlog: {} events generated in {:.1} s, {} of WAL",
+        b.events,
+        b.generate_secs,
+        mib(b.wal_bytes.max(0) as u64)
+    );
+    println!(
+        "{name} pg_recvlogical: {:.0} events/s ({:.1} s)",
+        b.pg_recvlogical_per_sec, b.pg_recvlogical_secs
+    );
+    println!(
+        "{name} engage run --end-lsn: {:.0} events/s ({:.1} s)",
+        b.engage_per_sec, b.engage_secs
+    );
+    println!("{name} engage / pg_recvlogical: {:.2}", b.ratio);
 }
 
 #[cfg(test)]

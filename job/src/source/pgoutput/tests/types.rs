@@ -365,3 +365,41 @@ proptest! {
         let _ = elements(&text);
     }
 }
+
+#[test]
+fn arrays_of_timestamps_and_bytea_undo_their_quoting() {
+    let utc = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut decoder = typed_decoder(vec![
+        Field::new("times", list_of(utc), true),
+        Field::new("blobs", list_of(DataType::Binary), true),
+    ]);
+    // Postgres quotes timestamps (they hold a space) and bytea elements
+    // (their backslash, escaped as `\\`).
+    let row = [
+        V::T(r#"{"2026-11-29 10:00:00.5+00",NULL}"#),
+        V::T(r#"{"\\x00ff","\\x",NULL}"#),
+    ];
+    apply(&mut decoder, &insert_message(&row), 0).unwrap();
+    let batch = decoder.finish();
+    let times = batch
+        .column(0)
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .unwrap();
+    let times = times.value(0);
+    let times = times.as_primitive::<arrow::datatypes::TimestampMicrosecondType>();
+    assert_eq!(times.value(0), micros("2026-11-29T10:00:00.5Z"));
+    assert!(times.is_null(1));
+    let blobs = batch
+        .column(1)
+        .as_any()
+        .downcast_ref::<ListArray>()
+        .unwrap();
+    let blobs = blobs.value(0);
+    let blobs = blobs.as_binary::<i32>();
+    assert_eq!(
+        (blobs.value(0), blobs.value(1)),
+        (&[0x00, 0xff][..], &b""[..])
+    );
+    assert!(blobs.is_null(2));
+}

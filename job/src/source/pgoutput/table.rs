@@ -8,12 +8,12 @@
 
 use std::sync::Arc;
 
-use arrow::array::NullBufferBuilder;
 use arrow::array::{
     ArrayRef, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float32Builder,
     Float64Builder, Int16Builder, Int32Builder, Int64Builder, IntervalMonthDayNanoBuilder,
-    ListArray, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
-    TimestampMillisecondBuilder, TimestampNanosecondBuilder, TimestampSecondBuilder,
+    ListArray, NullBufferBuilder, StringBuilder, Time64MicrosecondBuilder,
+    TimestampMicrosecondBuilder, TimestampMillisecondBuilder, TimestampNanosecondBuilder,
+    TimestampSecondBuilder,
 };
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{
@@ -387,15 +387,22 @@ struct ListColumn {
 }
 
 impl ListColumn {
-    /// Checks every element of `text` with the element builder.
+    /// Checks every element of `text` with the element builder, and that
+    /// the batch's element offsets (i32) can take them.
     fn check(&mut self, text: &[u8]) -> Result<(), &'static str> {
         let (values, unescaped) = (&mut self.values, &mut self.unescaped);
-        array_elements(text, |element| match element {
-            Element::Null => Ok(()),
-            Element::Plain(body) => values.parse_scalar(body).map(drop),
-            Element::Escaped(body) => values
-                .parse_scalar(unescape_element(body, unescaped))
-                .map(drop),
+        let mut room = i32::MAX - *self.offsets.last().expect("offsets start with 0");
+        array_elements(text, |element| {
+            room = room
+                .checked_sub(1)
+                .ok_or("more array elements than one batch can hold")?;
+            match element {
+                Element::Null => Ok(()),
+                Element::Plain(body) => values.parse_scalar(body).map(drop),
+                Element::Escaped(body) => values
+                    .parse_scalar(unescape_element(body, unescaped))
+                    .map(drop),
+            }
         })
     }
 
@@ -501,7 +508,8 @@ impl ColumnBuilder {
                 Self::Interval(IntervalMonthDayNanoBuilder::new())
             }
             DataType::Binary => Self::Binary(BinaryBuilder::new(), Vec::new()),
-            DataType::List(field) => {
+            // Elements may be NULL in any Postgres array, so the item field must allow it.
+            DataType::List(field) if field.is_nullable() => {
                 let values = Self::new(field.data_type())?;
                 if matches!(values, Self::List(_)) {
                     return None;

@@ -295,10 +295,13 @@ fn a_bad_element_rejects_the_whole_row_and_names_the_column() {
 }
 
 #[test]
-fn nested_lists_are_not_a_decoder_type() {
+fn nested_lists_and_lists_without_null_elements_are_not_decoder_types() {
     let nested = list_of(list_of(DataType::Int64));
-    let schema = Schema::new(vec![Field::new("m", nested, true)]);
-    assert!(TableDecoder::new("t", Arc::new(schema)).is_err());
+    let strict = DataType::List(Arc::new(Field::new("item", DataType::Int64, false)));
+    for data_type in [nested, strict] {
+        let schema = Schema::new(vec![Field::new("m", data_type, true)]);
+        assert!(TableDecoder::new("t", Arc::new(schema)).is_err());
+    }
 }
 
 /// Postgres' text of an array element: quoted (with `"` and `\` escaped) when

@@ -10,7 +10,7 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use support::{csv, has_committed_files, wait_for, World};
+use support::{csv, dead_letters, has_committed_files, wait_for, World};
 
 const SCHEMA: &str = "
 CREATE TABLE readings (id BIGINT PRIMARY KEY, at TIMESTAMPTZ, day DATE, n BIGINT, x TEXT, note TEXT);
@@ -84,20 +84,7 @@ async fn undecodable_values_are_dead_lettered_and_the_transaction_flows() {
         vec!["1,7,1.5,c", "7,8,3.5,c", "7,8,3.5,u", "7,8,3.5,d"],
         "{rows}"
     );
-    let dead = csv(
-        &path,
-        "SELECT reason, \"row\" FROM dead_letter ORDER BY _lsn, _seq",
-    )
-    .await;
-    let dead: Vec<(String, serde_json::Value)> = dead
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let (reason, row) = line.split_once(',').unwrap();
-            let row: String = row.trim_matches('"').replace("\"\"", "\"");
-            (reason.to_string(), serde_json::from_str(&row).unwrap())
-        })
-        .collect();
+    let dead = dead_letters(&path).await;
     let reasons: Vec<(&str, &str)> = dead
         .iter()
         .map(|(reason, row)| (reason.as_str(), row["id"].as_str().unwrap()))

@@ -18,7 +18,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use redis::AsyncCommands;
 use serde_json::Value;
-use support::{csv, has_committed_files, wait_for, World};
+use support::{csv, dead_letters, has_committed_files, wait_for, World};
 
 const SCHEMA: &str = "
 CREATE TABLE things (
@@ -566,22 +566,11 @@ async fn values_the_declared_types_cannot_hold_are_dead_lettered_and_the_rest_fl
     )
     .await;
     assert_eq!(good, "id,amount\n1,1.50\n8,2.25\n");
-    let dead = csv(
-        &path,
-        "SELECT reason, \"row\" FROM dead_letter ORDER BY _lsn, _seq",
-    )
-    .await;
-    let dead: Vec<(String, String)> = dead
-        .lines()
-        .skip(1)
-        .map(|line| {
-            let (reason, row) = line.split_once(',').unwrap();
-            let row: Value =
-                serde_json::from_str(&row.trim_matches('"').replace("\"\"", "\"")).unwrap();
-            (reason.to_owned(), row["id"].as_str().unwrap().to_owned())
-        })
+    let dead = dead_letters(&path).await;
+    let dead: Vec<(&str, &str)> = dead
+        .iter()
+        .map(|(reason, row)| (reason.as_str(), row["id"].as_str().unwrap()))
         .collect();
-    let dead: Vec<(&str, &str)> = dead.iter().map(|(r, i)| (r.as_str(), i.as_str())).collect();
     assert_eq!(
         dead,
         [

@@ -432,6 +432,24 @@ pub async fn assert_matches_oracle(world: &World, skip: &[&str]) -> engage::chao
 
 pub use engage::sink::parquet::has_committed_files;
 
+/// The job's `dead_letter` rows in stream order, as (reason, row parsed
+/// from its JSON).
+pub async fn dead_letters(path: &Path) -> Vec<(String, serde_json::Value)> {
+    let dead = csv(
+        path,
+        "SELECT reason, \"row\" FROM dead_letter ORDER BY _lsn, _seq",
+    )
+    .await;
+    dead.lines()
+        .skip(1)
+        .map(|line| {
+            let (reason, row) = line.split_once(',').unwrap();
+            let row = row.trim_matches('"').replace("\"\"", "\"");
+            (reason.to_owned(), serde_json::from_str(&row).unwrap())
+        })
+        .collect()
+}
+
 /// Runs `query` over the filesystem sinks of the job SQL at `path` (the job
 /// is named after the file) and renders it as CSV, header first; a failure
 /// fails the test.

@@ -43,10 +43,7 @@ pub fn json_writer<W: std::io::Write>(out: W) -> Writer<W, LineDelimited> {
 pub fn text_column(array: &dyn Array) -> Result<StringArray, ArrowError> {
     let mut out = StringBuilder::with_capacity(array.len(), array.len() * 8);
     match array.data_type() {
-        DataType::Binary
-        | DataType::LargeBinary
-        | DataType::BinaryView
-        | DataType::Interval(IntervalUnit::MonthDayNano) => {
+        scalar if has_own_text(scalar) => {
             let mut text = String::new();
             for row in 0..array.len() {
                 if array.is_null(row) {
@@ -54,24 +51,11 @@ pub fn text_column(array: &dyn Array) -> Result<StringArray, ArrowError> {
                     continue;
                 }
                 text.clear();
-                match array.data_type() {
-                    DataType::Binary => base64_into(array.as_binary::<i32>().value(row), &mut text),
-                    DataType::LargeBinary => {
-                        base64_into(array.as_binary::<i64>().value(row), &mut text)
-                    }
-                    DataType::BinaryView => {
-                        base64_into(array.as_binary_view().value(row), &mut text)
-                    }
-                    _ => iso_interval(interval_array(array).value(row), &mut text),
-                }
+                own_text(array, row, &mut text);
                 out.append_value(&text);
             }
         }
-        DataType::List(_)
-        | DataType::LargeList(_)
-        | DataType::FixedSizeList(_, _)
-        | DataType::Struct(_)
-        | DataType::Map(_, _) => {
+        nested if has_json_text(nested) => {
             let field: FieldRef = Arc::new(Field::new("value", array.data_type().clone(), true));
             let options = EncoderOptions::default()
                 .with_explicit_nulls(true)
@@ -100,33 +84,51 @@ pub fn text_column(array: &dyn Array) -> Result<StringArray, ArrowError> {
 
 /// Whether [`text_column`] can write values of `data_type`.
 pub fn has_text(data_type: &DataType) -> bool {
+    has_own_text(data_type)
+        || has_json_text(data_type)
+        || arrow::compute::can_cast_types(data_type, &DataType::Utf8)
+}
+
+/// The nested types whose text is their JSON.
+fn has_json_text(data_type: &DataType) -> bool {
+    matches!(
+        data_type,
+        DataType::List(_)
+            | DataType::LargeList(_)
+            | DataType::FixedSizeList(_, _)
+            | DataType::Struct(_)
+            | DataType::Map(_, _)
+    )
+}
+
+/// The scalar types whose text engage writes itself (see [`own_text`]),
+/// in text and inside JSON alike.
+fn has_own_text(data_type: &DataType) -> bool {
     matches!(
         data_type,
         DataType::Binary
             | DataType::LargeBinary
             | DataType::BinaryView
             | DataType::Interval(IntervalUnit::MonthDayNano)
-            | DataType::List(_)
-            | DataType::LargeList(_)
-            | DataType::FixedSizeList(_, _)
-            | DataType::Struct(_)
-            | DataType::Map(_, _)
-    ) || arrow::compute::can_cast_types(data_type, &DataType::Utf8)
+    )
+}
+
+/// Row `row` of `array`, of a type [`has_own_text`] takes, appended to
+/// `out`: bytes as base64, an interval as ISO 8601.
+fn own_text(array: &dyn Array, row: usize, out: &mut String) {
+    match array.data_type() {
+        DataType::Binary => base64_into(array.as_binary::<i32>().value(row), out),
+        DataType::LargeBinary => base64_into(array.as_binary::<i64>().value(row), out),
+        DataType::BinaryView => base64_into(array.as_binary_view().value(row), out),
+        _ => iso_interval(interval_array(array).value(row), out),
+    }
 }
 
 /// `batch` with every column a flat text format cannot write (lists,
 /// structs, maps, bytes, intervals) replaced by its [`text_column`]: for CSV.
 pub fn flat_batch(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
-    let nested = |t: &DataType| {
-        t.is_nested()
-            || matches!(
-                t,
-                DataType::Binary
-                    | DataType::LargeBinary
-                    | DataType::BinaryView
-                    | DataType::Interval(_)
-            )
-    };
+    let nested =
+        |t: &DataType| has_own_text(t) || t.is_nested() || matches!(t, DataType::Interval(_));
     if !batch
         .schema()
         .fields()
@@ -286,16 +288,13 @@ impl EncoderFactory for EngageJson {
         array: &'a dyn Array,
         _options: &'a EncoderOptions,
     ) -> Result<Option<NullableEncoder<'a>>, ArrowError> {
-        let encoder: Box<dyn Encoder + 'a> = match array.data_type() {
-            DataType::Binary
-            | DataType::LargeBinary
-            | DataType::BinaryView
-            | DataType::Interval(IntervalUnit::MonthDayNano) => Box::new(TextEncoder {
-                array,
-                text: String::new(),
-            }),
-            _ => return Ok(None),
-        };
+        if !has_own_text(array.data_type()) {
+            return Ok(None);
+        }
+        let encoder: Box<dyn Encoder + 'a> = Box::new(TextEncoder {
+            array,
+            text: String::new(),
+        });
         Ok(Some(NullableEncoder::new(encoder, array.nulls().cloned())))
     }
 }
@@ -309,18 +308,7 @@ struct TextEncoder<'a> {
 impl Encoder for TextEncoder<'_> {
     fn encode(&mut self, row: usize, out: &mut Vec<u8>) {
         self.text.clear();
-        match self.array.data_type() {
-            DataType::Binary => {
-                base64_into(self.array.as_binary::<i32>().value(row), &mut self.text)
-            }
-            DataType::LargeBinary => {
-                base64_into(self.array.as_binary::<i64>().value(row), &mut self.text)
-            }
-            DataType::BinaryView => {
-                base64_into(self.array.as_binary_view().value(row), &mut self.text)
-            }
-            _ => iso_interval(interval_array(self.array).value(row), &mut self.text),
-        }
+        own_text(self.array, row, &mut self.text);
         // Neither base64 nor ISO 8601 has a character JSON must escape.
         out.push(b'"');
         out.extend_from_slice(self.text.as_bytes());

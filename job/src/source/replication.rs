@@ -940,24 +940,12 @@ impl Reader {
             }
             _ => unreachable!("handled above"),
         };
-        match result {
-            Ok(()) => {}
-            Err(DecodeError::BadValue {
-                column,
-                reason,
-                data_type,
-                ..
-            }) => {
-                let text = self.decoders[source].row_text(row);
-                self.rejected[source].push(RejectedChange {
-                    reason: format!("decode_error:{column}"),
-                    detail: format!("{reason} ({data_type})"),
-                    position,
-                    commit_ts_micros: self.commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS),
-                    row: text,
-                });
-            }
-            Err(error) => return Err(self.decode_error(source, error)),
+        if let Err(error) = result {
+            let commit_ts = self.commit_time.saturating_add(PG_EPOCH_OFFSET_MICROS);
+            let rejected = self.decoders[source]
+                .reject(error, row, position, commit_ts)
+                .map_err(|error| self.decode_error(source, error))?;
+            self.rejected[source].push(rejected);
         }
         self.pending_complete = false;
         if self.pending.is_none() {

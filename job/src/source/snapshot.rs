@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::pgoutput::{self, DecodeError, Message, Op, Relation, RelationColumn, TableDecoder};
+use super::pgoutput::{self, Message, Op, Relation, RelationColumn, TableDecoder};
 use super::replication::{cdc_options, PgTarget, SourceError};
 use super::{Position, RejectedChange};
 use crate::sql::plan::SourceTable;
@@ -120,26 +120,12 @@ pub async fn load_table(
             let position = Position::new(lsn, row);
             match pgoutput::decode(&frozen) {
                 Ok(Message::Insert { new, .. }) => {
-                    match decoder.append(Op::Insert, &new, None, position, 0) {
-                        Ok(()) => {}
-                        Err(DecodeError::BadValue {
-                            column,
-                            reason,
-                            data_type,
-                            ..
-                        }) => rejected.push(RejectedChange {
-                            reason: format!("decode_error:{column}"),
-                            detail: format!("{reason} ({data_type})"),
-                            position,
-                            commit_ts_micros: read_at,
-                            row: decoder.row_text(&new),
-                        }),
-                        Err(error) => {
-                            return Err(SourceError::Decode {
-                                table: source.def.name.clone(),
-                                message: error.to_string(),
-                            })
-                        }
+                    if let Err(error) = decoder.append(Op::Insert, &new, None, position, 0) {
+                        let rejection = decoder.reject(error, &new, position, read_at);
+                        rejected.push(rejection.map_err(|e| SourceError::Decode {
+                            table: source.def.name.clone(),
+                            message: e.to_string(),
+                        })?);
                     }
                 }
                 _ => {

@@ -26,7 +26,7 @@ use super::text::{
     parse_interval, parse_time, parse_timestamp, to_unit, unescape_element, Element,
 };
 use super::{DecodeError, Relation, Tuple, Value};
-use crate::source::{metadata_fields, Position};
+use crate::source::{metadata_fields, Position, RejectedChange};
 
 /// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01 00:00:00 UTC.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
@@ -203,6 +203,33 @@ impl TableDecoder {
         let (row, _) = self.parse(tuple, old, position)?;
         self.scratch = recycle(row);
         Ok(())
+    }
+
+    /// `error`, from appending or checking `tuple`, as the dead letter of that
+    /// change when it is a value the declared type cannot hold; any other
+    /// error is handed back. `commit_ts_micros` counts from the Unix epoch.
+    pub fn reject(
+        &self,
+        error: DecodeError,
+        tuple: &Tuple<'_>,
+        position: Position,
+        commit_ts_micros: i64,
+    ) -> Result<RejectedChange, DecodeError> {
+        match error {
+            DecodeError::BadValue {
+                column,
+                reason,
+                data_type,
+                ..
+            } => Ok(RejectedChange {
+                reason: format!("decode_error:{column}"),
+                detail: format!("{reason} ({data_type})"),
+                position,
+                commit_ts_micros,
+                row: self.row_text(tuple),
+            }),
+            other => Err(other),
+        }
     }
 
     /// The relation's columns of `tuple` as one JSON object of their text

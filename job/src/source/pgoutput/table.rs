@@ -413,6 +413,20 @@ struct ListColumn {
     unescaped: Vec<u8>,
 }
 
+/// One array element parsed by the element builder `values` (an escaped one
+/// is unescaped into `unescaped` first).
+fn parse_element<'a>(
+    values: &ColumnBuilder,
+    element: Element<'a>,
+    unescaped: &'a mut Vec<u8>,
+) -> Result<Cell<'a>, &'static str> {
+    match element {
+        Element::Null => Ok(Cell::Null),
+        Element::Plain(body) => values.parse_scalar(body),
+        Element::Escaped(body) => values.parse_scalar(unescape_element(body, unescaped)),
+    }
+}
+
 impl ListColumn {
     /// Checks every element of `text` with the element builder, and that
     /// the batch's element offsets (i32) can take them.
@@ -423,13 +437,7 @@ impl ListColumn {
             room = room
                 .checked_sub(1)
                 .ok_or("more array elements than one batch can hold")?;
-            match element {
-                Element::Null => Ok(()),
-                Element::Plain(body) => values.parse_scalar(body).map(drop),
-                Element::Escaped(body) => values
-                    .parse_scalar(unescape_element(body, unescaped))
-                    .map(drop),
-            }
+            parse_element(values, element, unescaped).map(drop)
         })
     }
 
@@ -438,12 +446,8 @@ impl ListColumn {
         let (values, unescaped) = (&mut self.values, &mut self.unescaped);
         let mut count = 0;
         array_elements(text, |element| {
-            let cell = match element {
-                Element::Null => Ok(Cell::Null),
-                Element::Plain(body) => values.parse_scalar(body),
-                Element::Escaped(body) => values.parse_scalar(unescape_element(body, unescaped)),
-            };
-            values.append_scalar(cell.expect("elements were checked"));
+            let cell = parse_element(values, element, unescaped).expect("elements were checked");
+            values.append_scalar(cell);
             count += 1;
             Ok(())
         })

@@ -187,17 +187,18 @@ impl World {
         std::env::set_var("ENGAGE_DATA_DIR", self.data_dir());
         let script = std::fs::read_to_string(MISSION_SQL).unwrap();
         let spec = query::parse_for_outputs("engagement", &script).unwrap();
+        // Looked at before the session reads the directories: a file the job
+        // commits in between must not turn "absent" into a failure.
+        let absent = spec.tables.iter().any(|table| {
+            let engage::sql::Connector::Filesystem(options) = &table.connector else {
+                return false;
+            };
+            sql.contains(table.name.as_str()) && !has_committed_files(Path::new(&options.path))
+        });
         let (ctx, unavailable) = query::session_for(&spec).await;
         let frame = match ctx.sql(sql).await {
             Ok(frame) => frame,
             Err(error) => {
-                let absent = spec.tables.iter().any(|table| {
-                    let engage::sql::Connector::Filesystem(options) = &table.connector else {
-                        return false;
-                    };
-                    sql.contains(table.name.as_str())
-                        && !has_committed_files(Path::new(&options.path))
-                });
                 assert!(
                     absent,
                     "query `{sql}` failed: {error}; unavailable: {unavailable:?}"

@@ -543,9 +543,13 @@ impl World {
             checkpoint_bytes: manifest.state_bytes(),
             ..StateReport::default()
         };
+        let mut counted = std::collections::BTreeSet::new();
         for (name, window) in &manifest.windows {
-            report.window_rows += window.state.rows;
-            report.window_bytes += window.state.bytes;
+            // Windows shared by several sinks name the same file: count it once.
+            if counted.insert(window.state.file.as_str()) {
+                report.window_rows += window.state.rows;
+                report.window_bytes += window.state.bytes;
+            }
             if name.split('/').next() == Some(TOP_CONTENT_SINK) {
                 let bytes = store.read_file(manifest.epoch, &window.state.file).await?;
                 report.top_content_distinct_content += distinct_keys(bytes)?;

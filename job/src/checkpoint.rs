@@ -161,12 +161,15 @@ impl StateFile {
 impl Manifest {
     /// Total bytes of the checkpoint's files.
     pub fn state_bytes(&self) -> u64 {
-        self.dimensions
+        // Windows shared by several sinks name the same file.
+        let files: BTreeMap<&str, u64> = self
+            .dimensions
             .values()
             .chain(self.capture_files.values())
             .chain(self.windows.values().map(|w| &w.state))
-            .map(|f| f.bytes)
-            .sum()
+            .map(|f| (f.file.as_str(), f.bytes))
+            .collect();
+        files.values().sum()
     }
 
     pub fn captured_rows(&self) -> u64 {

@@ -204,7 +204,7 @@ async fn run_once(
         slot: names.slot.clone(),
         stats,
         keep: options.keep_checkpoints,
-        windows: Vec::new(),
+        windows: windowed::WindowStates::default(),
         window_guards: Vec::new(),
         last_windows: Vec::new(),
         last_change: Instant::now(),
@@ -215,8 +215,13 @@ async fn run_once(
         applied_upto: Position::ZERO,
         rebuilding: None,
     };
-    engine.windows = windowed::states_for(&engine.plan)?;
-    engine.window_guards = engine.windows.iter().map(|w| vec![None; w.len()]).collect();
+    engine.windows = windowed::WindowStates::new(&engine.plan)?;
+    engine.window_guards = engine
+        .plan
+        .queries
+        .iter()
+        .map(|q| vec![None; q.windows.len()])
+        .collect();
     engine.last_windows = vec![None; engine.plan.queries.len()];
 
     // Snapshot rows the declared types cannot hold, per source: diverted to
@@ -407,8 +412,8 @@ struct Engine {
     slot: String,
     stats: Arc<JobStats>,
     keep: usize,
-    /// Per query, the state of each windowed aggregate.
-    windows: Vec<Vec<window::WindowState>>,
+    /// The state of every windowed aggregate.
+    windows: windowed::WindowStates,
     /// Per query and aggregate: windows ending at or before this are already in the sink.
     window_guards: Vec<Vec<Option<i64>>>,
     /// Per query: the last window written to its sink (end, rows), kept in

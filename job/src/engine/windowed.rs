@@ -45,21 +45,92 @@ use crate::sql::plan::JobPlan;
 /// No change for this long makes the wall clock drive the watermark.
 pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
-/// Empty window state for every windowed aggregate, per query.
-pub fn states_for(plan: &JobPlan) -> Result<Vec<Vec<WindowState>>, JobError> {
-    plan.queries
-        .iter()
-        .map(|query| {
-            query
-                .windows
-                .iter()
-                .map(|window| {
-                    WindowState::new(window, window.pre_plan.schema().as_arrow())
-                        .map_err(|e| JobError::State(format!("window state: {e}")))
-                })
-                .collect()
-        })
-        .collect()
+/// The window state of a job: one [`WindowState`] per distinct windowed
+/// aggregate. Aggregates of different queries that read the same input and
+/// keep the same state (see [`WindowedAggregate::same_state_as`]) share one,
+/// which is fed once; the windows it closes go to every query reading it.
+///
+/// [`WindowedAggregate::same_state_as`]: crate::sql::window::WindowedAggregate::same_state_as
+#[derive(Default)]
+pub struct WindowStates {
+    states: Vec<WindowState>,
+    /// Per query, per windowed aggregate: its state.
+    slots: Vec<Vec<usize>>,
+    /// Per state: the (query, aggregate) pairs reading it; the first one's
+    /// pre-plan feeds it.
+    readers: Vec<Vec<(usize, usize)>>,
+    /// Per query and aggregate: windows its shared state closed while
+    /// another reader was being closed, not yet written to this query's sink.
+    pending: Vec<Vec<Vec<(i64, RecordBatch)>>>,
+}
+
+impl WindowStates {
+    /// Empty window state for every windowed aggregate of `plan`.
+    pub fn new(plan: &JobPlan) -> Result<WindowStates, JobError> {
+        let mut shared = WindowStates::default();
+        for (q, query) in plan.queries.iter().enumerate() {
+            let mut slots = Vec::new();
+            for (w, window) in query.windows.iter().enumerate() {
+                let same = shared.readers.iter().position(|readers| {
+                    let (rq, rw) = readers[0];
+                    let reader = &plan.queries[rq];
+                    reader.driving == query.driving
+                        && reader.view == query.view
+                        && reader.watermark_delay == query.watermark_delay
+                        && reader.windows[rw].same_state_as(window)
+                });
+                let s = match same {
+                    Some(s) => s,
+                    None => {
+                        let state = WindowState::new(window, window.pre_plan.schema().as_arrow())
+                            .map_err(|e| JobError::State(format!("window state: {e}")))?;
+                        shared.states.push(state);
+                        shared.readers.push(Vec::new());
+                        shared.states.len() - 1
+                    }
+                };
+                shared.readers[s].push((q, w));
+                slots.push(s);
+            }
+            shared.pending.push(vec![Vec::new(); slots.len()]);
+            shared.slots.push(slots);
+        }
+        Ok(shared)
+    }
+
+    /// Window states kept (fewer than windowed aggregates when some are shared).
+    pub fn len(&self) -> usize {
+        self.states.len()
+    }
+
+    /// The states of query `q`, by aggregate.
+    fn of_query(&self, q: usize) -> impl Iterator<Item = &WindowState> {
+        self.slots[q].iter().map(|&s| &self.states[s])
+    }
+
+    /// Emits the windows of aggregate `w` of query `q` that end at or before
+    /// `watermark`, with those its state closed earlier for another reader.
+    fn emit(
+        &mut self,
+        q: usize,
+        w: usize,
+        watermark: i64,
+    ) -> Result<Vec<(i64, RecordBatch)>, JobError> {
+        let s = self.slots[q][w];
+        let emitted = self.states[s]
+            .emit_until(watermark)
+            .map_err(|e| JobError::State(e.to_string()))?;
+        if !emitted.is_empty() {
+            for &(rq, rw) in &self.readers[s] {
+                if (rq, rw) != (q, w) {
+                    self.pending[rq][rw].extend(emitted.iter().cloned());
+                }
+            }
+        }
+        let mut out = std::mem::take(&mut self.pending[q][w]);
+        out.extend(emitted);
+        Ok(out)
+    }
 }
 
 fn window_key(sink: &str, index: usize) -> String {
@@ -160,6 +231,7 @@ impl Engine {
 
     /// Runs the pre-plans of `queries` over inserts (+1), new images of
     /// updates (+1) and retractions (-1), then closes the windows they passed.
+    /// A state shared by several of them is fed once, by its first reader.
     async fn feed_windows(
         &mut self,
         queries: &[usize],
@@ -170,6 +242,10 @@ impl Engine {
             let query = &self.plan.queries[q];
             let dimensions = self.dimension_contents(&query.dimensions);
             for w in 0..query.windows.len() {
+                let s = self.windows.slots[q][w];
+                if self.windows.readers[s][0] != (q, w) {
+                    continue; // fed by its first reader
+                }
                 for (part, sign) in [(inserts, 1), (updates, 1), (retractions, -1)] {
                     if part.num_rows() == 0 {
                         continue;
@@ -180,7 +256,7 @@ impl Engine {
                         .await
                         .map_err(|e| self.query_error(q, e))?;
                     for rows in rows {
-                        let done = self.windows[q][w]
+                        let done = self.windows.states[s]
                             .accumulate(&rows, sign, None)
                             .map_err(|e| JobError::State(e.to_string()))?;
                         if done.late > 0 {
@@ -199,6 +275,8 @@ impl Engine {
                     }
                 }
             }
+        }
+        for &q in queries {
             self.close_windows(q).await?;
         }
         Ok(())
@@ -320,15 +398,17 @@ impl Engine {
     /// windows do not close before their events arrive.
     fn watermark(&self, q: usize) -> Option<i64> {
         let delay = self.plan.queries[q].watermark_delay;
-        let event_time = self.windows[q]
-            .iter()
+        let event_time = self
+            .windows
+            .of_query(q)
             .filter_map(WindowState::max_event_time)
             .max();
         let from_events = event_time.map(|t| t - delay);
         let idle = (self.caught_up && self.last_change.elapsed() >= IDLE_AFTER)
             .then(|| chrono::Utc::now().timestamp_micros() - delay - IDLE_AFTER.as_micros() as i64);
-        let emitted = self.windows[q]
-            .iter()
+        let emitted = self
+            .windows
+            .of_query(q)
             .filter_map(WindowState::last_end)
             .max();
         [from_events, idle, emitted].into_iter().flatten().max()
@@ -340,11 +420,8 @@ impl Engine {
             return Ok(());
         };
         let mut closed = Vec::new();
-        for (w, state) in self.windows[q].iter_mut().enumerate() {
-            for (end, rows) in state
-                .emit_until(watermark)
-                .map_err(|e| JobError::State(e.to_string()))?
-            {
+        for w in 0..self.windows.slots[q].len() {
+            for (end, rows) in self.windows.emit(q, w, watermark)? {
                 closed.push((end, w, rows));
             }
         }
@@ -404,20 +481,32 @@ impl Engine {
         files: &mut Vec<(String, bytes::Bytes)>,
     ) -> Result<std::collections::BTreeMap<String, WindowCheckpoint>, JobError> {
         let mut out = std::collections::BTreeMap::new();
-        for (q, states) in self.windows.iter().enumerate() {
+        // A shared state is written once; every reader's entry names its file.
+        let mut written: Vec<Option<WindowCheckpoint>> = vec![None; self.windows.len()];
+        for (q, slots) in self.windows.slots.iter().enumerate() {
             let sink = &self.plan.sinks[self.plan.queries[q].sink].def.name;
-            for (w, state) in states.iter().enumerate() {
-                let (batch, meta) = state
-                    .snapshot()
+            for (w, &s) in slots.iter().enumerate() {
+                debug_assert!(
+                    self.windows.pending[q][w].is_empty(),
+                    "closed windows not written"
+                );
+                if written[s].is_none() {
+                    let (batch, meta) = self.windows.states[s]
+                        .snapshot()
+                        .map_err(|e| JobError::State(e.to_string()))?;
+                    let state = StateFile::encode(
+                        format!("window-{sink}-{w}.arrows"),
+                        &batch.schema(),
+                        std::slice::from_ref(&batch),
+                        files,
+                    )
                     .map_err(|e| JobError::State(e.to_string()))?;
-                let state = StateFile::encode(
-                    format!("window-{sink}-{w}.arrows"),
-                    &batch.schema(),
-                    std::slice::from_ref(&batch),
-                    files,
-                )
-                .map_err(|e| JobError::State(e.to_string()))?;
-                out.insert(window_key(sink, w), WindowCheckpoint { state, meta });
+                    written[s] = Some(WindowCheckpoint { state, meta });
+                }
+                out.insert(
+                    window_key(sink, w),
+                    written[s].clone().expect("written above"),
+                );
             }
         }
         Ok(out)
@@ -490,20 +579,28 @@ impl Engine {
         restore: &Manifest,
         latest: &Manifest,
     ) -> Result<(), JobError> {
-        for q in 0..self.windows.len() {
-            let sink = self.plan.sinks[self.plan.queries[q].sink].def.name.clone();
-            for w in 0..self.windows[q].len() {
+        // A shared state is restored once, from the first reader the
+        // checkpoint holds it for (older checkpoints hold a copy per reader).
+        let mut restored = vec![false; self.windows.len()];
+        for q in 0..self.windows.slots.len() {
+            let sink = self.sinks_name(q);
+            for w in 0..self.windows.slots[q].len() {
+                let s = self.windows.slots[q][w];
                 let key = window_key(&sink, w);
-                if let Some(saved) = restore.windows.get(&key) {
-                    let bytes = self
-                        .store
-                        .read_file(restore.epoch, &saved.state.file)
-                        .await?;
-                    let batches = checkpoint::decode_ipc(bytes)
-                        .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
-                    self.windows[q][w]
-                        .restore(&batches, &saved.meta)
-                        .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                match restore.windows.get(&key) {
+                    Some(saved) if !restored[s] => {
+                        let bytes = self
+                            .store
+                            .read_file(restore.epoch, &saved.state.file)
+                            .await?;
+                        let batches = checkpoint::decode_ipc(bytes)
+                            .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                        self.windows.states[s]
+                            .restore(&batches, &saved.meta)
+                            .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                        restored[s] = true;
+                    }
+                    _ => {}
                 }
                 self.window_guards[q][w] = latest
                     .windows
@@ -516,5 +613,32 @@ impl Engine {
             }
         }
         self.restore_window_outputs(latest).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn mission_kpi_windows_are_kept_once_for_parquet_and_redis() {
+        let env = |name: &str| match name {
+            "ENGAGE_POSTGRES_URL" => Some("postgres://engage@127.0.0.1:5432/app".to_string()),
+            "ENGAGE_REDIS_URL" => Some("redis://127.0.0.1:6379".to_string()),
+            _ => None,
+        };
+        let sql = include_str!("../../../sql/engagement.sql");
+        let spec = crate::sql::parse_job("engagement", sql, &env).unwrap();
+        let plan = JobPlan::new(&spec).await.unwrap();
+        let windows = WindowStates::new(&plan).unwrap();
+        // 3 rankings + 4 KPI timeframes, read by 11 windowed aggregates.
+        assert_eq!(windows.len(), 7);
+        for (i, latest) in (6..10).enumerate() {
+            assert_eq!(windows.slots[5][i], windows.slots[latest][0]);
+            assert_eq!(
+                windows.readers[windows.slots[5][i]],
+                vec![(5, i), (latest, 0)]
+            );
+        }
     }
 }

@@ -110,7 +110,7 @@ impl AggKind {
 }
 
 /// One aggregate of a windowed `GROUP BY`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AggSpec {
     pub kind: AggKind,
     /// Column of the argument in the pre-plan's output (None: `count(*)`).
@@ -140,6 +140,22 @@ pub struct WindowedAggregate {
     pub output_schema: SchemaRef,
     /// Holds the rows of a closing window for the post-plan.
     pub table: Arc<BatchTable>,
+}
+
+impl WindowedAggregate {
+    /// Whether `other`, fed the same input, keeps exactly the same state: the
+    /// same pre-plan, window and aggregates (only the post-plans differ). The
+    /// engine then keeps one state for both (the mission SQL writes each KPI
+    /// window to Parquet and to Redis).
+    pub fn same_state_as(&self, other: &WindowedAggregate) -> bool {
+        self.kind == other.kind
+            && self.key_count == other.key_count
+            && self.time_column == other.time_column
+            && self.window_position == other.window_position
+            && self.aggregates == other.aggregates
+            && self.output_schema == other.output_schema
+            && self.pre_plan == other.pre_plan
+    }
 }
 
 /// Replaces every view scan by the view's own plan, so windowed aggregates

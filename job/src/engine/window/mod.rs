@@ -20,7 +20,12 @@
 //! Group keys are interned once (Arrow row format bytes -> `u32`), so buckets
 //! store small integer ids and flat accumulator columns.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// Group keys, entry indexes and distinct values are hashed for every input
+// row of every window: foldhash (seeded per process, as DataFusion's own hash
+// tables are) costs a fraction of std's SipHash on such short keys.
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
@@ -99,7 +104,7 @@ impl Partials {
                     s.push(0);
                     n.push(0);
                 }
-                Column::Distinct(v) => v.push(HashMap::new()),
+                Column::Distinct(v) => v.push(HashMap::default()),
             }
         }
         (i, true)
@@ -532,7 +537,7 @@ impl WindowState {
 
     /// Min/max over the buckets of a window, per key (they cannot be kept as running totals).
     fn extremes(&self, start: i64, end: i64) -> HashMap<(u32, usize), f64> {
-        let mut out = HashMap::new();
+        let mut out = HashMap::default();
         for (a, spec) in self.aggregates.iter().enumerate() {
             if !matches!(spec.kind, AggKind::Min | AggKind::Max) {
                 continue;
@@ -898,7 +903,7 @@ fn encode_distinct(map: &HashMap<Box<[u8]>, i64>) -> Vec<u8> {
 }
 
 fn decode_distinct(mut bytes: &[u8]) -> HashMap<Box<[u8]>, i64> {
-    let mut map = HashMap::new();
+    let mut map = HashMap::default();
     while bytes.len() >= 4 {
         let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
         if bytes.len() < 4 + len + 8 {

@@ -55,6 +55,7 @@ use arrow::record_batch::RecordBatch;
 use crate::checkpoint::{
     self, CaptureLog, CheckpointError, CheckpointStore, Manifest, SourceState, StateFile,
 };
+use crate::sink::task::SinkTask;
 use crate::sink::{Sink, SinkError, SinkState};
 use crate::source::replication::{
     self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceEvent, SourceHandle,
@@ -322,7 +323,7 @@ async fn run_once(
         let sink = Sink::open(&spec.name, table, query, restored).await?;
         tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
         debug_assert_eq!(engine.sinks.len(), index);
-        engine.sinks.push(sink);
+        engine.sinks.push(SinkTask::spawn(sink));
     }
 
     engine.late_sink = late::open(
@@ -331,7 +332,8 @@ async fn run_once(
             .as_ref()
             .and_then(|m| m.sinks.get(late::LATE_EVENTS_TABLE)),
     )
-    .await?;
+    .await?
+    .map(SinkTask::spawn);
 
     engine.dead_letter_sink = dead_letter::open(
         spec,
@@ -339,7 +341,8 @@ async fn run_once(
             .as_ref()
             .and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
     )
-    .await?;
+    .await?
+    .map(SinkTask::spawn);
     for (source, rejected) in snapshot_rejected {
         engine.divert_rejected(source, &rejected).await?;
     }
@@ -348,7 +351,7 @@ async fn run_once(
     engine.applied_upto = engine
         .sinks
         .iter()
-        .map(Sink::position)
+        .map(SinkTask::position)
         .max()
         .unwrap_or(Position::ZERO)
         .max(engine.position);
@@ -385,6 +388,7 @@ async fn run_once(
         .stream(&mut source, &control, options.checkpoint_interval, shutdown)
         .await;
     source.stop();
+    engine.close_sinks().await;
     outcome?;
     summary.changes = engine.stats.changes_in.load(Ordering::Relaxed);
     summary.last_checkpoint = Some(engine.epoch);
@@ -395,8 +399,8 @@ struct Engine {
     job: String,
     sql_hash: String,
     plan: JobPlan,
-    /// One sink per query, same index.
-    sinks: Vec<Sink>,
+    /// One sink per query, same index, each on its own task.
+    sinks: Vec<SinkTask>,
     /// By source index: the in-memory table of each dimension source.
     dimensions: Vec<Option<Dimension>>,
     store: CheckpointStore,
@@ -425,9 +429,9 @@ struct Engine {
     /// (see [`windowed`]: only then does the wall clock drive watermarks).
     caught_up: bool,
     /// Where late events go, if the job declares a `late_events` table.
-    late_sink: Option<Sink>,
+    late_sink: Option<SinkTask>,
     /// Where rows failing a CHECK go, if the job declares a `dead_letter` table.
-    dead_letter_sink: Option<Sink>,
+    dead_letter_sink: Option<SinkTask>,
     /// Warn when the slot retains more WAL than this.
     warn_retained_wal_bytes: u64,
     /// The highest position any sink held at start: re-sent changes up to it
@@ -653,7 +657,6 @@ impl Engine {
                 })?;
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last).await?;
-            crate::failpoint::hit("after_sink_write");
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
             self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
         }
@@ -880,18 +883,15 @@ impl Engine {
     async fn checkpoint(&mut self) -> Result<(), JobError> {
         let epoch = self.epoch + 1;
         let started = Instant::now();
-        let mut sinks = BTreeMap::new();
-        for sink in self
-            .sinks
-            .iter_mut()
-            .chain(self.late_sink.as_mut())
-            .chain(self.dead_letter_sink.as_mut())
-        {
-            sinks.insert(
-                sink.name().to_string(),
-                sink.prepare_checkpoint(epoch).await?,
-            );
-        }
+        // The barrier goes to every sink at once; each answers once it has
+        // applied what it was sent before it.
+        let all = self.all_sinks();
+        let names: Vec<String> = all.iter().map(|sink| sink.name().to_string()).collect();
+        let prepared = futures::future::try_join_all(
+            all.into_iter().map(|sink| sink.prepare_checkpoint(epoch)),
+        )
+        .await?;
+        let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
         let (mut files, capture_files, capture_order) = self
             .capture
             .finish()
@@ -931,15 +931,11 @@ impl Engine {
         };
         self.store.write(&manifest, files).await?;
         crate::failpoint::hit("before_sink_commit");
-        for sink in self
-            .sinks
-            .iter_mut()
-            .chain(self.late_sink.as_mut())
-            .chain(self.dead_letter_sink.as_mut())
-        {
-            let state: &SinkState = &sinks[sink.name()];
-            sink.commit(state).await?;
-        }
+        futures::future::try_join_all(self.all_sinks().into_iter().map(|sink| {
+            let state = &sinks[sink.name()];
+            sink.commit(state)
+        }))
+        .await?;
         self.epoch = epoch;
         self.dirty = false;
         self.stats.checkpoint_epoch.store(epoch, Ordering::Relaxed);
@@ -953,6 +949,26 @@ impl Engine {
         tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         self.store.prune(self.keep).await?;
         Ok(())
+    }
+
+    /// Every sink: the queries', then the side outputs.
+    fn all_sinks(&mut self) -> Vec<&mut SinkTask> {
+        self.sinks
+            .iter_mut()
+            .chain(self.late_sink.as_mut())
+            .chain(self.dead_letter_sink.as_mut())
+            .collect()
+    }
+
+    /// Stops every sink's task (after the final checkpoint, or a failure).
+    async fn close_sinks(&mut self) {
+        let sinks = std::mem::take(&mut self.sinks)
+            .into_iter()
+            .chain(self.late_sink.take())
+            .chain(self.dead_letter_sink.take());
+        for sink in sinks {
+            sink.close().await;
+        }
     }
 
     async fn restore_dimensions(&mut self, manifest: &Manifest) -> Result<(), JobError> {

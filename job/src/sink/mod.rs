@@ -40,9 +40,14 @@
 //!   the epoch is replayed. Windowed output is appended like any other rows.
 //!
 //! With a closed set of sinks, dispatch is an enum.
+//!
+//! The engine drives each sink through a [`task::SinkTask`]: the sink runs
+//! on a task of its own behind a bounded channel, and checkpoint barriers
+//! reach it in stream order through the same channel.
 
 pub mod parquet;
 pub mod redis;
+pub mod task;
 pub mod values;
 
 use arrow::record_batch::RecordBatch;

@@ -1,0 +1,227 @@
+//! A sink on a task of its own.
+//!
+//! The engine hands a [`SinkTask`] its writes through a bounded channel and
+//! goes on with the next batch, so a sink's encoding (Parquet) and its round
+//! trips (Redis) overlap the engine's work and each other's instead of adding
+//! up. The channel holds at most [`QUEUE`] writes: a slow sink slows the
+//! engine down rather than let batches pile up in memory.
+//!
+//! Checkpoint barriers travel the same channel, in stream order: `prepare` is
+//! answered only after every write sent before it has been applied (aligned
+//! barriers, as in Flink and Arroyo), so the [`SinkState`] it returns covers
+//! exactly the input up to the barrier.
+//!
+//! A failed write ends the task. The engine learns of it at its next call on
+//! the sink (a write, a prepare or a commit), which returns the sink's own
+//! error, and the run restarts from the last checkpoint as it did when the
+//! write failed in line. Dropping a `SinkTask` aborts its task: a run that
+//! ended leaves nothing writing behind it.
+
+use arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::{Sink, SinkError, SinkState};
+use crate::source::Position;
+
+/// Writes (or barriers) a sink's channel holds before the engine waits.
+pub const QUEUE: usize = 4;
+
+enum Command {
+    Write {
+        batches: Vec<RecordBatch>,
+        upto: Position,
+    },
+    WriteWindow {
+        batches: Vec<RecordBatch>,
+        end: i64,
+        upto: Position,
+    },
+    Prepare {
+        epoch: u64,
+        reply: oneshot::Sender<Result<SinkState, SinkError>>,
+    },
+    Commit {
+        state: SinkState,
+        reply: oneshot::Sender<Result<(), SinkError>>,
+    },
+}
+
+/// The engine's handle on a sink running on its own task.
+pub struct SinkTask {
+    name: String,
+    is_redis: bool,
+    lost: bool,
+    /// Where the sink will be once it has applied every write sent so far.
+    position: Position,
+    commands: mpsc::Sender<Command>,
+    task: Option<JoinHandle<Result<(), SinkError>>>,
+}
+
+impl SinkTask {
+    /// Moves `sink` onto a task of its own.
+    pub fn spawn(sink: Sink) -> SinkTask {
+        let (commands, receiver) = mpsc::channel(QUEUE);
+        SinkTask {
+            name: sink.name().to_string(),
+            is_redis: sink.is_redis(),
+            lost: sink.lost(),
+            position: sink.position(),
+            commands,
+            task: Some(tokio::spawn(run(sink, receiver))),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// See [`Sink::is_redis`].
+    pub fn is_redis(&self) -> bool {
+        self.is_redis
+    }
+
+    /// See [`Sink::lost`] (as found when the sink opened).
+    pub fn lost(&self) -> bool {
+        self.lost
+    }
+
+    /// Input at or below this position is in the sink, or on its way there.
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    /// Sends [`Sink::write`]; refused, as there, when `upto` is not above
+    /// [`SinkTask::position`].
+    pub async fn write(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        upto: Position,
+    ) -> Result<(), SinkError> {
+        if upto <= self.position {
+            return Err(SinkError::Permanent {
+                sink: self.name.clone(),
+                message: format!(
+                    "refusing a write up to {upto}, not above the sink's position {}",
+                    self.position
+                ),
+            });
+        }
+        self.send(Command::Write { batches, upto }).await?;
+        self.position = upto;
+        Ok(())
+    }
+
+    /// Sends [`Sink::write_window`].
+    pub async fn write_window(
+        &mut self,
+        batches: Vec<RecordBatch>,
+        window_end_micros: i64,
+        upto: Position,
+    ) -> Result<(), SinkError> {
+        self.send(Command::WriteWindow {
+            batches,
+            end: window_end_micros,
+            upto,
+        })
+        .await?;
+        self.position = self.position.max(upto);
+        Ok(())
+    }
+
+    /// The checkpoint barrier: waits until every write sent before it is
+    /// applied, then returns what [`Sink::prepare_checkpoint`] returns.
+    pub async fn prepare_checkpoint(&mut self, epoch: u64) -> Result<SinkState, SinkError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Prepare { epoch, reply }).await?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.failure().await),
+        }
+    }
+
+    /// [`Sink::commit`], once the manifest holding `state` is durable.
+    pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
+        let (reply, answer) = oneshot::channel();
+        let state = state.clone();
+        self.send(Command::Commit { state, reply }).await?;
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => Err(self.failure().await),
+        }
+    }
+
+    async fn send(&mut self, command: Command) -> Result<(), SinkError> {
+        match self.commands.send(command).await {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.failure().await),
+        }
+    }
+
+    /// Why the task stopped taking commands.
+    async fn failure(&mut self) -> SinkError {
+        let ended = |message: String| SinkError::Permanent {
+            sink: self.name.clone(),
+            message,
+        };
+        match self.task.take() {
+            Some(task) => match task.await {
+                Ok(Err(error)) => error,
+                Ok(Ok(())) => ended("the sink's task ended".into()),
+                Err(error) => ended(format!("the sink's task failed: {error}")),
+            },
+            None => ended("the sink failed earlier in this run".into()),
+        }
+    }
+}
+
+impl SinkTask {
+    /// Stops the task and waits until it has: a write in flight when a run
+    /// ends finishes or is abandoned before the next run reopens the sink.
+    pub async fn close(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SinkTask {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Applies commands in order until the engine drops its handle or a write fails.
+async fn run(mut sink: Sink, mut commands: mpsc::Receiver<Command>) -> Result<(), SinkError> {
+    while let Some(command) = commands.recv().await {
+        match command {
+            Command::Write { batches, upto } => {
+                sink.write(batches, upto).await?;
+                crate::failpoint::hit("after_sink_write");
+            }
+            Command::WriteWindow { batches, end, upto } => {
+                sink.write_window(batches, end, upto).await?
+            }
+            Command::Prepare { epoch, reply } => {
+                let result = sink.prepare_checkpoint(epoch).await;
+                let failed = result.is_err();
+                let _ = reply.send(result);
+                if failed {
+                    break;
+                }
+            }
+            Command::Commit { state, reply } => {
+                let result = sink.commit(&state).await;
+                let failed = result.is_err();
+                let _ = reply.send(result);
+                if failed {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -322,13 +322,21 @@ impl CheckpointStore {
             .map_err(|e| self.storage_error(e.to_string()))
     }
 
-    /// Deletes all but the newest `keep` checkpoints (and incomplete ones older than them).
-    pub async fn prune(&self, keep: usize) -> Result<(), CheckpointError> {
+    /// Deletes all but the newest `keep` checkpoints (and incomplete ones
+    /// older than them). With a `floor` (the position a detached sink holds),
+    /// the newest checkpoint at or below it and every later one are kept too:
+    /// their captured changes are what the sink will be caught up from.
+    pub async fn prune(&self, keep: usize, floor: Option<Position>) -> Result<(), CheckpointError> {
         let manifests = self.list().await?;
         if manifests.len() <= keep {
             return Ok(());
         }
-        let oldest_kept = manifests[manifests.len() - keep].epoch;
+        let mut oldest_kept = manifests[manifests.len() - keep].epoch;
+        if let Some(base) =
+            floor.and_then(|floor| manifests.iter().rev().find(|m| m.source.position <= floor))
+        {
+            oldest_kept = oldest_kept.min(base.epoch);
+        }
         let store: &Arc<dyn ObjectStore> = &self.location.store;
         let all: Vec<_> = store
             .list(Some(&self.location.prefix))
@@ -352,7 +360,7 @@ impl CheckpointStore {
             }
         }
         if !self.location.display.contains("://") {
-            for manifest in &manifests[..manifests.len() - keep] {
+            for manifest in manifests.iter().filter(|m| m.epoch < oldest_kept) {
                 let _ = std::fs::remove_dir_all(
                     std::path::Path::new(&self.location.display)
                         .join(Self::epoch_dir(manifest.epoch)),
@@ -484,7 +492,7 @@ mod tests {
             .map(|m| m.epoch)
             .collect();
         assert_eq!(epochs, vec![1, 2, 3, 4]);
-        store.prune(2).await.unwrap();
+        store.prune(2, None).await.unwrap();
         let epochs: Vec<_> = store
             .list()
             .await
@@ -494,6 +502,36 @@ mod tests {
             .collect();
         assert_eq!(epochs, vec![3, 4]);
         assert!(!dir.path().join("job/epoch-000000000001").exists());
+    }
+
+    #[tokio::test]
+    async fn prune_keeps_what_a_detached_sink_will_be_caught_up_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        for epoch in 1..=6 {
+            store.write(&manifest("job", epoch), vec![]).await.unwrap();
+        }
+        // A sink detached holding position (2, 5): checkpoint 2 (at (2, 0))
+        // is the newest at or below it; it and every later one stay.
+        store.prune(2, Some(Position::new(2, 5))).await.unwrap();
+        let epochs: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.epoch)
+            .collect();
+        assert_eq!(epochs, vec![2, 3, 4, 5, 6]);
+        // Caught up: back to the newest `keep`.
+        store.prune(2, None).await.unwrap();
+        let epochs: Vec<_> = store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.epoch)
+            .collect();
+        assert_eq!(epochs, vec![5, 6]);
     }
 
     #[tokio::test]

@@ -211,6 +211,65 @@ async fn inserts_updates_deletes_and_nulls_reach_parquet_and_redis_joined_point_
     job.stop();
 }
 
+/// Rows of `enriched_events` (Parquet), by event id.
+async fn parquet_ids(world: &World) -> Vec<i64> {
+    let mut ids: Vec<i64> = change_rows(world).await.iter().map(|row| row.0).collect();
+    ids.sort_unstable();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redis_outage_leaves_parquet_flowing_and_redis_is_caught_up_after() {
+    let mut world = World::start().await;
+    let client = schema_with_two_items(&world).await;
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    let e1 = insert_event(&client, Some(A), Some(1_000)).await;
+    wait_for(
+        "the first event in redis",
+        Duration::from_secs(30),
+        || async { recent_ids(&world, A).await == vec![e1] },
+    )
+    .await;
+
+    {
+        let redis = &mut world.redis;
+        tokio::task::block_in_place(|| redis.stop()).unwrap();
+    }
+    let e2 = insert_event(&client, Some(A), Some(2_000)).await;
+    let e3 = insert_event(&client, Some(A), Some(3_000)).await;
+    // Checked, not timed: the Parquet output takes the events Redis cannot.
+    wait_for(
+        "events committed while redis is down, in parquet",
+        Duration::from_secs(60),
+        || async { parquet_ids(&world).await == vec![e1, e2, e3] },
+    )
+    .await;
+    job.assert_running();
+    assert!(
+        job.log_tail().contains("sink detached"),
+        "{}",
+        job.log_tail()
+    );
+
+    world.redis.restart().await.unwrap();
+    wait_for(
+        "redis caught up once it is back",
+        Duration::from_secs(60),
+        || async { recent_ids(&world, A).await == vec![e3, e2, e1] },
+    )
+    .await;
+    // Nothing twice in either output, and the job carries on as usual.
+    let e4 = insert_event(&client, Some(A), Some(4_000)).await;
+    wait_for("a later event in both", Duration::from_secs(30), || async {
+        recent_ids(&world, A).await == vec![e4, e3, e2, e1]
+            && parquet_ids(&world).await == vec![e1, e2, e3, e4]
+    })
+    .await;
+    job.assert_running();
+    job.stop();
+}
+
 /// Starts the fault suite's workload: `count` inserts at `rate`, with
 /// updates, deletes, content changes, out-of-order and late events mixed in.
 fn workload(world: &World, count: u64, rate: u64, items: usize) -> Workload {

@@ -21,6 +21,7 @@ use super::world::{
 };
 use super::{ChaosError, ScenarioReport, Settings};
 use crate::failpoint;
+use crate::sink::parquet::committed_files;
 
 /// Injected bad events: id → the CHECK of `sql/engagement.sql` it fails.
 type Injected = BTreeMap<i64, String>;
@@ -426,7 +427,18 @@ async fn redis_outage(
         tokio::task::block_in_place(|| redis.stop())
             .map_err(super::context("failed to stop redis"))?;
     }
+    // A Redis sink that cannot write is detached: Parquet must keep taking
+    // the workload's events meanwhile (checked by its committed files).
+    let parquet = world.data_dir().join("enriched_events");
+    let files_before = committed_files(&parquet);
     tokio::time::sleep(settings.outage).await;
+    let files_during = committed_files(&parquet).saturating_sub(files_before);
+    report.figure("parquet_files_committed_during_outage", files_during as f64);
+    if files_during == 0 {
+        report
+            .problems
+            .push("the parquet output committed nothing while redis was down".into());
+    }
     world
         .redis
         .restart()

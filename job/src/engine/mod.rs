@@ -215,6 +215,7 @@ async fn run_once(
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
         applied_upto: Position::ZERO,
         rebuilding: None,
+        held_by: None,
     };
     engine.windows = windowed::WindowStates::new(&engine.plan)?;
     engine.window_guards = engine
@@ -437,6 +438,10 @@ struct Engine {
     /// The highest position any sink held at start: re-sent changes up to it
     /// are counted in [`JobStats::resent_suppressed`].
     applied_upto: Position,
+    /// The detached sink holding the least, and its position, as of the last
+    /// checkpoint: the slot is confirmed no further, and the checkpoints it
+    /// will be caught up from are kept.
+    held_by: Option<(String, Position)>,
     /// While lost sinks are rebuilt: their query indexes. Only they are fed;
     /// windows, side outputs and every other sink are left alone.
     rebuilding: Option<Vec<usize>>,
@@ -481,11 +486,22 @@ impl Engine {
                 _ = ticker.tick() => {}
                 _ = window_ticker.tick(), if has_windows => self.tick_windows().await?,
             }
-            if Instant::now() >= next_checkpoint && self.at_boundary && self.dirty {
+            // A detached sink is asked at every checkpoint whether its store
+            // answers again, so checkpoints go on while it is detached.
+            let due = self.dirty || self.held_by.is_some();
+            if Instant::now() >= next_checkpoint && self.at_boundary && due {
                 self.checkpoint().await?;
                 crate::failpoint::hit("before_slot_confirm");
-                source.confirm(self.resume_lsn);
+                source.confirm(self.confirm_lsn());
                 next_checkpoint = Instant::now() + interval;
+                if let Some(sink) = self.sinks.iter().find(|sink| sink.reachable_again()) {
+                    return Err(JobError::Sink(SinkError::Transient {
+                        sink: sink.name().to_string(),
+                        message: "its store answers again after the sink was detached: restarting the run to \
+                                  catch it up from the checkpoints"
+                            .into(),
+                    }));
+                }
             }
             self.stats.server_wal_end.fetch_max(
                 source.server_wal_end.load(Ordering::Relaxed),
@@ -507,6 +523,7 @@ impl Engine {
                     tracing::warn!(
                         retained_mib = retained >> 20,
                         threshold_mib = self.warn_retained_wal_bytes >> 20,
+                        held_by_detached_sink = self.held_by.as_ref().map(|(sink, _)| sink.as_str()),
                         "the replication slot retains more WAL than the warning threshold: the job is behind, or \
                          checkpoints cannot complete; Postgres keeps this WAL until the job confirms it"
                     );
@@ -526,7 +543,7 @@ impl Engine {
         if self.at_boundary {
             if self.dirty {
                 self.checkpoint().await?;
-                source.confirm(self.resume_lsn);
+                source.confirm(self.confirm_lsn());
                 // Give the reader a moment to send the confirmation.
                 tokio::time::sleep(Duration::from_millis(1200)).await;
             }
@@ -892,6 +909,11 @@ impl Engine {
         )
         .await?;
         let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
+        self.held_by = sinks
+            .iter()
+            .filter(|(_, state)| state.detached)
+            .map(|(name, state)| (name.clone(), state.position))
+            .min_by_key(|(_, position)| *position);
         let (mut files, capture_files, capture_order) = self
             .capture
             .finish()
@@ -945,10 +967,24 @@ impl Engine {
         );
         self.stats
             .confirmed_lsn
-            .store(self.resume_lsn, Ordering::Relaxed);
+            .store(self.confirm_lsn(), Ordering::Relaxed);
         tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
-        self.store.prune(self.keep).await?;
+        self.store
+            .prune(
+                self.keep,
+                self.held_by.as_ref().map(|(_, position)| *position),
+            )
+            .await?;
         Ok(())
+    }
+
+    /// Where the slot may be confirmed: the checkpoint's resume LSN, or less
+    /// while a detached sink holds less.
+    fn confirm_lsn(&self) -> u64 {
+        match &self.held_by {
+            Some((_, position)) => self.resume_lsn.min(position.lsn),
+            None => self.resume_lsn,
+        }
     }
 
     /// Every sink: the queries', then the side outputs.

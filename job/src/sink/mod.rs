@@ -39,6 +39,15 @@
 //!   epochs only; a crash before the manifest discards the staged files and
 //!   the epoch is replayed. Windowed output is appended like any other rows.
 //!
+//! A sink whose store is unreachable does not stall the others. A Redis sink
+//! whose write still fails after a short retry is *detached*
+//! ([`task::SinkTask`]): it is sent nothing more, its checkpoint state
+//! records the position it holds with `detached = true`, and the engine goes
+//! on with the other sinks. Checkpoints covering its position are kept and
+//! the replication slot is confirmed no further than it. Once its store
+//! answers again, the run restarts, and the sink, found detached in the
+//! checkpoint, is caught up from the captured changes like a lost one.
+//!
 //! With a closed set of sinks, dispatch is an enum.
 //!
 //! The engine drives each sink through a [`task::SinkTask`]: the sink runs
@@ -65,6 +74,11 @@ pub struct SinkState {
     /// Filesystem sinks: files staged for this checkpoint, published by `commit`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub staged: Vec<StagedFile>,
+    /// The sink was detached (its store unreachable): it holds everything up
+    /// to `position` and nothing it was sent after. The next run catches it
+    /// up from the captured changes before streaming.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub detached: bool,
 }
 
 /// A file written under a staging name, to be renamed to its final name.
@@ -138,8 +152,31 @@ impl Sink {
         matches!(self, Sink::Redis(_))
     }
 
+    /// Prepares a sink that can be caught up from the captured changes
+    /// (Redis) to be detached when its store is unreachable: its writes then
+    /// give up after `budget` rather than retry for a minute while every
+    /// other sink waits. False for sinks that cannot be caught up that way.
+    pub fn detach_after(&mut self, budget: std::time::Duration) -> bool {
+        match self {
+            Sink::Parquet(_) => false,
+            Sink::Redis(sink) => {
+                sink.set_retry_budget(budget);
+                true
+            }
+        }
+    }
+
+    /// Whether the sink's store answers (always true for local files).
+    pub async fn reachable(&mut self) -> bool {
+        match self {
+            Sink::Parquet(_) => true,
+            Sink::Redis(sink) => sink.reachable().await,
+        }
+    }
+
     /// Whether the sink's store held less than the restored checkpoint
-    /// recorded when the sink opened (see [`SinkError::Lost`]).
+    /// recorded when the sink opened (see [`SinkError::Lost`]), or the
+    /// checkpoint says it was detached.
     pub fn lost(&self) -> bool {
         match self {
             Sink::Parquet(_) => false,

@@ -43,17 +43,30 @@ const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Parquet file (staged files, under `_staging/`, do not count): a table
 /// without one has nothing a reader could see yet.
 pub fn has_committed_files(dir: &std::path::Path) -> bool {
-    std::fs::read_dir(dir).is_ok_and(|entries| {
-        entries.filter_map(Result::ok).any(|entry| {
+    committed_files(dir) > 0
+}
+
+/// Committed Parquet files under the local directory `dir` of a filesystem sink.
+pub fn committed_files(dir: &std::path::Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| {
             let name = entry.file_name();
             let name = name.to_string_lossy();
             if entry.path().is_dir() {
-                name != STAGING_DIR && has_committed_files(&entry.path())
+                if name == STAGING_DIR {
+                    0
+                } else {
+                    committed_files(&entry.path())
+                }
             } else {
-                name.ends_with(".parquet")
+                usize::from(name.ends_with(".parquet"))
             }
         })
-    })
+        .sum()
 }
 
 pub struct ParquetSink {
@@ -222,6 +235,7 @@ impl ParquetSink {
         Ok(SinkState {
             position: self.position,
             staged,
+            ..SinkState::default()
         })
     }
 

@@ -173,6 +173,8 @@ pub struct RedisSink {
     rows_written: u64,
     /// Redis held less than the checkpoint recorded at open.
     lost: bool,
+    /// How long a write retries transient failures before giving up.
+    retry_budget: Duration,
     encoder: Encoder,
 }
 
@@ -231,8 +233,15 @@ impl RedisSink {
                 ))
             })?,
         };
-        let lost = restored.is_some_and(|restored| restored.position > position);
-        if lost {
+        let behind = restored.is_some_and(|restored| restored.detached);
+        let lost = restored.is_some_and(|restored| restored.position > position) || behind;
+        if behind {
+            tracing::warn!(
+                sink = name,
+                redis_position = %position,
+                "this sink was detached while redis was unreachable; the job catches it up from its checkpoints"
+            );
+        } else if lost {
             tracing::warn!(
                 sink = name,
                 redis_position = %position,
@@ -269,6 +278,7 @@ impl RedisSink {
             window_end,
             rows_written: 0,
             lost,
+            retry_budget: RETRY_BUDGET,
         })
     }
 
@@ -276,9 +286,26 @@ impl RedisSink {
         &self.name
     }
 
-    /// Whether Redis held less than the checkpoint recorded when the sink opened.
+    /// Whether Redis held less than the checkpoint recorded when the sink
+    /// opened, or the checkpoint says the sink was detached (it missed writes).
     pub fn lost(&self) -> bool {
         self.lost
+    }
+
+    /// Makes writes give up on transient failures after `budget` instead of
+    /// [`RETRY_BUDGET`].
+    pub fn set_retry_budget(&mut self, budget: Duration) {
+        self.retry_budget = budget;
+    }
+
+    /// Whether Redis answers a PING within a second.
+    pub async fn reachable(&mut self) -> bool {
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut self.connection);
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok(_))
+        )
     }
 
     pub fn position(&self) -> Position {
@@ -294,7 +321,7 @@ impl RedisSink {
     pub fn state(&self) -> SinkState {
         SinkState {
             position: self.position,
-            staged: Vec::new(),
+            ..SinkState::default()
         }
     }
 
@@ -441,7 +468,7 @@ impl RedisSink {
         Ok(rows)
     }
 
-    /// Runs one script call, retrying transient failures for [`RETRY_BUDGET`].
+    /// Runs one script call, retrying transient failures for the retry budget.
     async fn run(&mut self, command: &redis::Cmd) -> Result<Reply, SinkError> {
         let mut delay = Duration::from_millis(100);
         let started = std::time::Instant::now();
@@ -468,7 +495,7 @@ impl RedisSink {
                         retried,
                     })
                 }
-                Err(error) if is_transient(&error) && started.elapsed() < RETRY_BUDGET => {
+                Err(error) if is_transient(&error) && started.elapsed() < self.retry_budget => {
                     retried = true;
                     let jitter = rand::rng().random_range(0..=delay.as_millis() as u64 / 2);
                     tracing::warn!(sink = %self.name, error = %error, retry_in_ms = delay.as_millis() as u64, "redis write failed; retrying");

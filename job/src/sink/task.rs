@@ -16,6 +16,18 @@
 //! error, and the run restarts from the last checkpoint as it did when the
 //! write failed in line. Dropping a `SinkTask` aborts its task: a run that
 //! ended leaves nothing writing behind it.
+//!
+//! Except when the store is unreachable and the sink can be caught up from
+//! the captured changes (see [`Sink::detach_after`]): after [`DETACH_AFTER`]
+//! of failed retries the task *detaches* the sink instead of failing. It
+//! drops what it is sent from then on, answers each barrier with the state
+//! the sink really holds, marked `detached`, and asks the store at each
+//! barrier whether it answers again ([`SinkTask::reachable_again`]), when
+//! the engine restarts the run to catch the sink up (see `sink/mod.rs`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
@@ -26,6 +38,11 @@ use crate::source::Position;
 
 /// Writes (or barriers) a sink's channel holds before the engine waits.
 pub const QUEUE: usize = 4;
+
+/// How long a detachable sink retries an unreachable store before it is
+/// detached: a blip (a failover, a restart) rides through, an outage does not
+/// stall the other sinks for longer.
+pub const DETACH_AFTER: Duration = Duration::from_secs(1);
 
 enum Command {
     Write {
@@ -56,20 +73,36 @@ pub struct SinkTask {
     position: Position,
     commands: mpsc::Sender<Command>,
     task: Option<JoinHandle<Result<(), SinkError>>>,
+    /// Set by the task once a detached sink's store answers again.
+    reachable_again: Arc<AtomicBool>,
 }
 
 impl SinkTask {
     /// Moves `sink` onto a task of its own.
-    pub fn spawn(sink: Sink) -> SinkTask {
+    pub fn spawn(mut sink: Sink) -> SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);
+        let detachable = sink.detach_after(DETACH_AFTER);
+        let reachable_again = Arc::new(AtomicBool::new(false));
         SinkTask {
             name: sink.name().to_string(),
             is_redis: sink.is_redis(),
             lost: sink.lost(),
             position: sink.position(),
             commands,
-            task: Some(tokio::spawn(run(sink, receiver))),
+            reachable_again: reachable_again.clone(),
+            task: Some(tokio::spawn(run(
+                sink,
+                detachable,
+                reachable_again,
+                receiver,
+            ))),
         }
+    }
+
+    /// Whether the sink was detached and its store answers again (asked at
+    /// each barrier): time to restart the run and catch it up.
+    pub fn reachable_again(&self) -> bool {
+        self.reachable_again.load(Ordering::Relaxed)
     }
 
     pub fn name(&self) -> &str {
@@ -194,24 +227,42 @@ impl Drop for SinkTask {
     }
 }
 
-/// Applies commands in order until the engine drops its handle or a write fails.
-async fn run(mut sink: Sink, mut commands: mpsc::Receiver<Command>) -> Result<(), SinkError> {
+/// Applies commands in order until the engine drops its handle or a write
+/// fails; a `detachable` sink whose store is unreachable is detached instead.
+async fn run(
+    mut sink: Sink,
+    detachable: bool,
+    reachable_again: Arc<AtomicBool>,
+    mut commands: mpsc::Receiver<Command>,
+) -> Result<(), SinkError> {
+    let mut detached = false;
     while let Some(command) = commands.recv().await {
-        match command {
+        let written = match command {
+            Command::Write { .. } | Command::WriteWindow { .. } if detached => Ok(()),
             Command::Write { batches, upto } => {
-                sink.write(batches, upto).await?;
-                crate::failpoint::hit("after_sink_write");
+                let written = sink.write(batches, upto).await;
+                if written.is_ok() {
+                    crate::failpoint::hit("after_sink_write");
+                }
+                written
             }
             Command::WriteWindow { batches, end, upto } => {
-                sink.write_window(batches, end, upto).await?
+                sink.write_window(batches, end, upto).await
             }
             Command::Prepare { epoch, reply } => {
-                let result = sink.prepare_checkpoint(epoch).await;
+                let result = sink.prepare_checkpoint(epoch).await.map(|mut state| {
+                    state.detached = detached;
+                    state
+                });
+                if detached && sink.reachable().await {
+                    reachable_again.store(true, Ordering::Relaxed);
+                }
                 let failed = result.is_err();
                 let _ = reply.send(result);
                 if failed {
                     break;
                 }
+                Ok(())
             }
             Command::Commit { state, reply } => {
                 let result = sink.commit(&state).await;
@@ -220,7 +271,22 @@ async fn run(mut sink: Sink, mut commands: mpsc::Receiver<Command>) -> Result<()
                 if failed {
                     break;
                 }
+                Ok(())
             }
+        };
+        match written {
+            Ok(()) => {}
+            Err(error) if detachable && error.is_transient() => {
+                tracing::warn!(
+                    sink = %sink.name(),
+                    position = %sink.position(),
+                    error = %error,
+                    "sink detached: its store is unreachable; the other sinks go on, and once it answers again \
+                     the job restarts and catches this sink up from its checkpoints"
+                );
+                detached = true;
+            }
+            Err(error) => return Err(error),
         }
     }
     Ok(())

@@ -484,10 +484,21 @@ impl RedisSink {
             crate::failpoint::die("redis_in_flight");
         }
         loop {
-            match command
-                .query_async::<(i64, String)>(&mut self.connection)
-                .await
-            {
+            // An attempt never outlasts the budget: while Redis is down, the
+            // connection manager itself may wait seconds to reconnect.
+            let remaining = self
+                .retry_budget
+                .saturating_sub(started.elapsed())
+                .max(Duration::from_millis(100));
+            let attempt = command.query_async::<(i64, String)>(&mut self.connection);
+            let Ok(answer) = tokio::time::timeout(remaining, attempt).await else {
+                return Err(self.transient(format!(
+                    "redis at {} did not answer within {} ms",
+                    self.options.address,
+                    self.retry_budget.as_millis()
+                )));
+            };
+            match answer {
                 Ok((applied, found)) => {
                     return Ok(Reply {
                         applied: applied == 1,

@@ -111,8 +111,40 @@ pub enum JobError {
     Checkpoint(#[from] CheckpointError),
     #[error("query feeding sink `{sink}` failed: {message}")]
     Query { sink: String, message: String },
+    /// An Arrow kernel failed on a change batch (a bug, or data no type
+    /// check caught): not the kind of failure a restart cures.
+    #[error(transparent)]
+    Arrow(#[from] arrow::error::ArrowError),
+    /// State the engine keeps (window state, dimension tables, the capture
+    /// log) could not be built, encoded or decoded.
+    #[error("{what}: {source}")]
+    State {
+        what: String,
+        source: arrow::error::ArrowError,
+    },
+    /// The replication slot and the checkpoints disagree about where the job
+    /// is; the message says how to recover.
     #[error("{0}")]
-    State(String),
+    Resume(String),
+    /// A checkpoint lacks what this run needs from it (a dimension added to
+    /// the SQL since, a capture cut short), or a lost sink cannot be rebuilt
+    /// exactly from the checkpoints still kept.
+    #[error("{0}")]
+    Restore(String),
+    /// A change that cannot be decoded or fails a CHECK, in a job without a
+    /// `dead_letter` table to divert it to.
+    #[error("{0}")]
+    BadInput(String),
+    #[error("the job reads no postgres-cdc table")]
+    NoSource,
+}
+
+impl JobError {
+    /// A [`JobError::State`] error about `what`.
+    pub fn state(what: impl Into<String>) -> impl FnOnce(arrow::error::ArrowError) -> JobError {
+        let what = what.into();
+        move |source| JobError::State { what, source }
+    }
 }
 
 /// What a finished run did.
@@ -160,7 +192,7 @@ async fn run_once(
         .sources
         .iter()
         .find_map(replication::cdc_options)
-        .ok_or_else(|| JobError::State("the job reads no postgres-cdc table".into()))?
+        .ok_or(JobError::NoSource)?
         .connection
         .clone();
     let target = PgTarget::parse(connection.expose())?;
@@ -183,7 +215,7 @@ async fn run_once(
         dimensions.push(if source.is_dimension {
             Some(
                 Dimension::new(source.schema.clone(), source.primary_key.clone())
-                    .map_err(|e| JobError::State(e.to_string()))?,
+                    .map_err(JobError::Arrow)?,
             )
         } else {
             None
@@ -235,7 +267,7 @@ async fn run_once(
             for (index, source) in engine.plan.sources.iter().enumerate() {
                 if let Some(dimension) = &mut engine.dimensions[index] {
                     let (rows, rejected) = snapshot::load_table(&target, &control, source, &new_slot.snapshot, new_slot.consistent_lsn).await?;
-                    dimension.apply(&rows).map_err(|e| JobError::State(e.to_string()))?;
+                    dimension.apply(&rows).map_err(JobError::Arrow)?;
                     snapshot_rejected.push((index, rejected));
                 }
             }
@@ -243,7 +275,7 @@ async fn run_once(
             Some(new_slot)
         }
         (None, Some(_)) => {
-            return Err(JobError::State(format!(
+            return Err(JobError::Resume(format!(
                 "replication slot `{}` exists but job `{}` has no checkpoint in {}: the slot's position cannot be \
                  trusted. If this job never ran with these checkpoints, drop the slot \
                  (SELECT pg_drop_replication_slot('{}')) and start again; otherwise restore the checkpoint directory",
@@ -254,7 +286,7 @@ async fn run_once(
             )))
         }
         (Some(latest), None) => {
-            return Err(JobError::State(format!(
+            return Err(JobError::Resume(format!(
                 "job `{}` has checkpoints (newest: {}) but its replication slot `{}` is gone, so the changes since \
                  that checkpoint cannot be read again. To start over, move {} away; the sinks will then receive \
                  only changes committed after the new start",
@@ -266,7 +298,7 @@ async fn run_once(
         }
         (Some(latest), Some(status)) => {
             if status.wal_status.as_deref() == Some("lost") {
-                return Err(JobError::State(format!(
+                return Err(JobError::Resume(format!(
                     "replication slot `{}` was invalidated by postgres (wal_status = lost: it retained more WAL than \
                      max_slot_wal_keep_size allows), so changes after checkpoint {} are gone. Recover by moving {} \
                      away and dropping the slot (SELECT pg_drop_replication_slot('{}')), then re-run: the job starts \
@@ -278,14 +310,14 @@ async fn run_once(
                 )));
             }
             if status.plugin != "pgoutput" {
-                return Err(JobError::State(format!(
+                return Err(JobError::Resume(format!(
                     "replication slot `{}` uses plugin `{}`; engage needs pgoutput",
                     names.slot, status.plugin
                 )));
             }
             if let Some(confirmed) = status.confirmed_flush_lsn {
                 if confirmed > latest.source.resume_lsn {
-                    return Err(JobError::State(format!(
+                    return Err(JobError::Resume(format!(
                         "replication slot `{}` is confirmed up to {} but the newest checkpoint ({}) resumes at {}: \
                          the changes in between were acknowledged without being checkpointed (was the slot used by \
                          another consumer, or the checkpoints restored from an older copy?), so the sinks would miss \
@@ -572,8 +604,10 @@ impl Engine {
                     self.divert_rejected(source, &rejected).await?;
                     let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
-                    let capture_error =
-                        |e| JobError::State(format!("failed to capture changes of `{name}`: {e}"));
+                    let capture_error = |e| JobError::State {
+                        what: format!("failed to capture changes of `{name}`"),
+                        source: e,
+                    };
                     // Old images first: replay pairs them with the batch that follows.
                     if let Some(before) = &before {
                         self.capture
@@ -660,7 +694,7 @@ impl Engine {
             }
             let dimensions = self.dimension_contents(&query.dimensions);
             let sink = &mut self.sinks[index];
-            let input = after(full, sink.position()).map_err(|e| JobError::State(e.to_string()))?;
+            let input = after(full, sink.position()).map_err(JobError::Arrow)?;
             if input.num_rows() == 0 {
                 continue;
             }
@@ -679,9 +713,7 @@ impl Engine {
         }
         if self.rebuilding.is_some() {
             if let Some(dimension) = &mut self.dimensions[source] {
-                dimension
-                    .apply(&batch)
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                dimension.apply(&batch).map_err(JobError::Arrow)?;
             }
             return Ok(());
         }
@@ -689,9 +721,7 @@ impl Engine {
         self.process_windowed(source, &batch, before.as_ref(), &views)
             .await?;
         if let Some(dimension) = &mut self.dimensions[source] {
-            dimension
-                .apply(&batch)
-                .map_err(|e| JobError::State(e.to_string()))?;
+            dimension.apply(&batch).map_err(JobError::Arrow)?;
         }
         self.dirty = true;
         self.stats.changes_in.fetch_add(read, Ordering::Relaxed);
@@ -733,7 +763,7 @@ impl Engine {
             Some(sink) => {
                 let rows = dead_letter::rejected_rows(&table, rejected)
                     .and_then(|rows| side_output::unheld(&rows, sink.position()))
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                    .map_err(JobError::Arrow)?;
                 if rows.num_rows() > 0 {
                     tracing::warn!(
                         table = %table,
@@ -750,7 +780,7 @@ impl Engine {
                 }
             }
             None => {
-                return Err(JobError::State(format!(
+                return Err(JobError::BadInput(format!(
                     "a change of `{table}` at {} cannot be decoded: column {} holds a value engage cannot \
                      represent ({}); declare a filesystem table `{}` to divert such rows there instead of stopping",
                     first.position,
@@ -805,9 +835,8 @@ impl Engine {
             return Ok((batch, before));
         }
         let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
-        let bad_mask = arrow::compute::not(&keep).map_err(|e| JobError::State(e.to_string()))?;
-        let bad =
-            filter_record_batch(&batch, &bad_mask).map_err(|e| JobError::State(e.to_string()))?;
+        let bad_mask = arrow::compute::not(&keep).map_err(JobError::Arrow)?;
+        let bad = filter_record_batch(&batch, &bad_mask).map_err(JobError::Arrow)?;
         let reasons: Vec<&str> = failed
             .iter()
             .flatten()
@@ -819,7 +848,7 @@ impl Engine {
             Some(sink) => {
                 let rows = dead_letter::rows(&table, &reasons, &bad)
                     .and_then(|rows| side_output::unheld(&rows, sink.position()))
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                    .map_err(JobError::Arrow)?;
                 sink.write_window(vec![rows], 0, self.position).await?;
                 self.stats
                     .dead_lettered
@@ -827,7 +856,7 @@ impl Engine {
             }
             None => {
                 let position = last_position(&bad);
-                return Err(JobError::State(format!(
+                return Err(JobError::BadInput(format!(
                     "a change of `{table}` at {position} fails CHECK `{}`; declare a filesystem table `{}` to divert \
                      such rows there instead of stopping",
                     reasons[0],
@@ -835,8 +864,7 @@ impl Engine {
                 )));
             }
         }
-        let good =
-            filter_record_batch(&batch, &keep).map_err(|e| JobError::State(e.to_string()))?;
+        let good = filter_record_batch(&batch, &keep).map_err(JobError::Arrow)?;
         let before = match before {
             Some(before) => match self
                 .plan
@@ -846,10 +874,7 @@ impl Engine {
             {
                 Some(failed) => {
                     let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
-                    Some(
-                        filter_record_batch(&before, &keep)
-                            .map_err(|e| JobError::State(e.to_string()))?,
-                    )
+                    Some(filter_record_batch(&before, &keep).map_err(JobError::Arrow)?)
                 }
                 None => Some(before),
             },
@@ -917,7 +942,7 @@ impl Engine {
         let (mut files, capture_files, capture_order) = self
             .capture
             .finish()
-            .map_err(|e| JobError::State(format!("failed to close the capture log: {e}")))?;
+            .map_err(JobError::state("failed to close the capture log"))?;
         let mut dimensions = BTreeMap::new();
         for (index, dimension) in self.dimensions.iter().enumerate() {
             let Some(dimension) = dimension else { continue };
@@ -928,12 +953,10 @@ impl Engine {
                 std::slice::from_ref(dimension.contents()),
                 &mut files,
             )
-            .map_err(|e| {
-                JobError::State(format!(
-                    "failed to encode dimension `{}`: {e}",
-                    source.def.name
-                ))
-            })?;
+            .map_err(JobError::state(format!(
+                "failed to encode dimension `{}`",
+                source.def.name
+            )))?;
             dimensions.insert(source.def.name.clone(), state);
         }
         let windows = self.snapshot_windows(&mut files)?;
@@ -1012,7 +1035,7 @@ impl Engine {
             let Some(dimension) = dimension else { continue };
             let name = &self.plan.sources[index].def.name;
             let file = manifest.dimensions.get(name).ok_or_else(|| {
-                JobError::State(format!(
+                JobError::Restore(format!(
                     "`{name}` is read as a dimension but checkpoint {} holds no copy of it (it was added to the SQL \
                      later); run the job under a new name to load it from a fresh snapshot",
                     manifest.epoch
@@ -1020,11 +1043,9 @@ impl Engine {
             })?;
             let bytes = self.store.read_file(manifest.epoch, &file.file).await?;
             for batch in checkpoint::decode_ipc(bytes)
-                .map_err(|e| JobError::State(format!("dimension `{name}`: {e}")))?
+                .map_err(JobError::state(format!("dimension `{name}`")))?
             {
-                dimension
-                    .apply(&batch)
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                dimension.apply(&batch).map_err(JobError::Arrow)?;
             }
         }
         Ok(())

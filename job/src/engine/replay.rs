@@ -43,13 +43,13 @@ impl Engine {
             for (table, file) in &manifest.capture_files {
                 let bytes = self.store.read_file(epoch, &file.file).await?;
                 let decoded = checkpoint::decode_ipc(bytes)
-                    .map_err(|e| JobError::State(format!("capture of `{table}`: {e}")))?;
+                    .map_err(JobError::state(format!("capture of `{table}`")))?;
                 batches.insert(table.clone(), decoded.into_iter());
             }
             let mut before = None;
             for (table, _) in &manifest.capture_order {
                 let Some(batch) = batches.get_mut(table).and_then(|b| b.next()) else {
-                    return Err(JobError::State(format!(
+                    return Err(JobError::Restore(format!(
                         "capture of checkpoint {epoch} is missing batches of `{table}`"
                     )));
                 };
@@ -101,7 +101,7 @@ impl Engine {
         let retained = self.store.list().await?;
         let Some(base) = retained.iter().rev().find(|m| m.source.position <= floor) else {
             let oldest = retained.first().map(|m| m.epoch).unwrap_or(latest.epoch);
-            return Err(JobError::State(format!(
+            return Err(JobError::Restore(format!(
                 "redis lost what sink(s) {names} had applied (it holds position {floor}), and the oldest retained \
                  checkpoint ({oldest}) is newer than that, so the keys cannot be rebuilt exactly. To refill them \
                  with the changes still captured, run `engage replay --from-checkpoint {oldest}`; keep more \
@@ -157,7 +157,7 @@ impl Engine {
                 "caught up with what the sinks held before the restart"
             );
         }
-        let error = |e: arrow::error::ArrowError| JobError::State(e.to_string());
+        let error = JobError::Arrow;
         let batch = after(&batch, self.position).map_err(error)?;
         let before = match before {
             Some(before) if before.num_rows() > 0 => {

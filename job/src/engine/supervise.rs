@@ -138,6 +138,6 @@ mod tests {
         assert!(is_restartable(&lost));
         assert!(!is_restartable(&check));
         assert!(!is_restartable(&permanent));
-        assert!(!is_restartable(&JobError::State("bad".into())));
+        assert!(!is_restartable(&JobError::BadInput("bad".into())));
     }
 }

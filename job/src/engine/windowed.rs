@@ -83,7 +83,7 @@ impl WindowStates {
                     Some(s) => s,
                     None => {
                         let state = WindowState::new(window, window.pre_plan.schema().as_arrow())
-                            .map_err(|e| JobError::State(format!("window state: {e}")))?;
+                            .map_err(JobError::state("window state"))?;
                         shared.states.push(state);
                         shared.readers.push(Vec::new());
                         shared.states.len() - 1
@@ -119,7 +119,7 @@ impl WindowStates {
         let s = self.slots[q][w];
         let emitted = self.states[s]
             .emit_until(watermark)
-            .map_err(|e| JobError::State(e.to_string()))?;
+            .map_err(JobError::Arrow)?;
         if !emitted.is_empty() {
             for &(rq, rw) in &self.readers[s] {
                 if (rq, rw) != (q, w) {
@@ -163,8 +163,7 @@ fn stream_order(batch: &RecordBatch) -> Result<Vec<usize>, JobError> {
         values: column.clone(),
         options: None,
     });
-    let indices = arrow::compute::lexsort_to_indices(&columns, None)
-        .map_err(|e| JobError::State(e.to_string()))?;
+    let indices = arrow::compute::lexsort_to_indices(&columns, None).map_err(JobError::Arrow)?;
     Ok(indices.values().iter().map(|&i| i as usize).collect())
 }
 
@@ -173,11 +172,13 @@ fn with_ops(batch: &RecordBatch, ops: &[&str]) -> Result<RecordBatch, JobError> 
     let column = batch
         .column_by_name(OP_COLUMN)
         .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-        .ok_or_else(|| JobError::State("change batch without `_op`".into()))?;
+        .ok_or_else(|| {
+            arrow::error::ArrowError::SchemaError("change batch without `_op`".into())
+        })?;
     let keep: BooleanArray = (0..batch.num_rows())
         .map(|i| Some(column.is_valid(i) && ops.contains(&column.value(i))))
         .collect();
-    filter_record_batch(batch, &keep).map_err(|e| JobError::State(e.to_string()))
+    filter_record_batch(batch, &keep).map_err(JobError::Arrow)
 }
 
 impl Engine {
@@ -220,8 +221,8 @@ impl Engine {
             let updates = with_ops(rows, &["u"])?;
             let mut retractions = with_ops(rows, &["d"])?;
             if let Some(old) = old {
-                retractions = concat_batches(&rows.schema(), [&retractions, old])
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                retractions =
+                    concat_batches(&rows.schema(), [&retractions, old]).map_err(JobError::Arrow)?;
             }
             self.feed_windows(&queries, [&inserts, &updates, &retractions])
                 .await?;
@@ -258,7 +259,7 @@ impl Engine {
                     for rows in rows {
                         let done = self.windows.states[s]
                             .accumulate(&rows, sign, None)
-                            .map_err(|e| JobError::State(e.to_string()))?;
+                            .map_err(JobError::Arrow)?;
                         if done.late > 0 {
                             self.stats
                                 .late_events
@@ -299,13 +300,14 @@ impl Engine {
         driven: &[usize],
         rows: &RecordBatch,
     ) -> Result<RecordBatch, JobError> {
-        let inserts = |mask: &BooleanArray| {
-            filter_record_batch(rows, mask).map_err(|e| JobError::State(e.to_string()))
-        };
+        let inserts =
+            |mask: &BooleanArray| filter_record_batch(rows, mask).map_err(JobError::Arrow);
         let ops = rows
             .column_by_name(OP_COLUMN)
             .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .ok_or_else(|| JobError::State("change batch without `_op`".into()))?;
+            .ok_or_else(|| {
+                arrow::error::ArrowError::SchemaError("change batch without `_op`".into())
+            })?;
         let is_insert: BooleanArray = (0..rows.num_rows())
             .map(|i| Some(ops.is_valid(i) && ops.value(i) == "c"))
             .collect();
@@ -322,7 +324,7 @@ impl Engine {
                 Some("UTC".into()),
             ),
         )
-        .map_err(|e| JobError::State(e.to_string()))?;
+        .map_err(JobError::Arrow)?;
         let times = times
             .as_any()
             .downcast_ref::<arrow::array::TimestampMicrosecondArray>()
@@ -355,9 +357,9 @@ impl Engine {
         let late: BooleanArray = missed.iter().map(|m| Some(m.is_some())).collect();
         let on_time = arrow::compute::and(
             &is_insert,
-            &arrow::compute::not(&late).map_err(|e| JobError::State(e.to_string()))?,
+            &arrow::compute::not(&late).map_err(JobError::Arrow)?,
         )
-        .map_err(|e| JobError::State(e.to_string()))?;
+        .map_err(JobError::Arrow)?;
         if late.true_count() == 0 {
             return inserts(&on_time);
         }
@@ -371,7 +373,7 @@ impl Engine {
             Some(late_sink) => {
                 let rows = super::late::rows(&table, &watermarks, &column.column, &late_rows)
                     .and_then(|rows| super::side_output::unheld(&rows, late_sink.position()))
-                    .map_err(|e| JobError::State(format!("late events: {e}")))?;
+                    .map_err(JobError::state("late events"))?;
                 if rows.num_rows() > 0 {
                     late_sink.write_window(vec![rows], 0, self.position).await?;
                     self.dirty = true;
@@ -491,16 +493,15 @@ impl Engine {
                     "closed windows not written"
                 );
                 if written[s].is_none() {
-                    let (batch, meta) = self.windows.states[s]
-                        .snapshot()
-                        .map_err(|e| JobError::State(e.to_string()))?;
+                    let (batch, meta) =
+                        self.windows.states[s].snapshot().map_err(JobError::Arrow)?;
                     let state = StateFile::encode(
                         format!("window-{sink}-{w}.arrows"),
                         &batch.schema(),
                         std::slice::from_ref(&batch),
                         files,
                     )
-                    .map_err(|e| JobError::State(e.to_string()))?;
+                    .map_err(JobError::Arrow)?;
                     written[s] = Some(WindowCheckpoint { state, meta });
                 }
                 out.insert(
@@ -533,7 +534,7 @@ impl Engine {
                 batches,
                 files,
             )
-            .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
+            .map_err(JobError::state(format!("window output of {sink}")))?;
             out.insert(sink, WindowOutput { end: *end, state });
         }
         Ok(out)
@@ -551,7 +552,7 @@ impl Engine {
                 .read_file(latest.epoch, &saved.state.file)
                 .await?;
             let batches = checkpoint::decode_ipc(bytes)
-                .map_err(|e| JobError::State(format!("window output of {sink}: {e}")))?;
+                .map_err(JobError::state(format!("window output of {sink}")))?;
             self.last_windows[q] = Some((saved.end, batches));
         }
         Ok(())
@@ -594,10 +595,10 @@ impl Engine {
                             .read_file(restore.epoch, &saved.state.file)
                             .await?;
                         let batches = checkpoint::decode_ipc(bytes)
-                            .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                            .map_err(JobError::state(format!("window {key}")))?;
                         self.windows.states[s]
                             .restore(&batches, &saved.meta)
-                            .map_err(|e| JobError::State(format!("window {key}: {e}")))?;
+                            .map_err(JobError::state(format!("window {key}")))?;
                         restored[s] = true;
                     }
                     _ => {}

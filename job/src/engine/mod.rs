@@ -57,12 +57,9 @@ use crate::checkpoint::{
 };
 use crate::sink::task::SinkTask;
 use crate::sink::{Sink, SinkError, SinkState};
-use crate::source::replication::{
-    self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceEvent, SourceHandle,
-};
-use crate::source::{
-    format_lsn, snapshot, Position, RejectedChange, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN,
-};
+use crate::source::postgres::{self, Start};
+use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
+use crate::source::{format_lsn, Position, RejectedChange, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
@@ -122,10 +119,6 @@ pub enum JobError {
         what: String,
         source: arrow::error::ArrowError,
     },
-    /// The replication slot and the checkpoints disagree about where the job
-    /// is; the message says how to recover.
-    #[error("{0}")]
-    Resume(String),
     /// A checkpoint lacks what this run needs from it (a dimension added to
     /// the SQL since, a capture cut short), or a lost sink cannot be rebuilt
     /// exactly from the checkpoints still kept.
@@ -135,8 +128,6 @@ pub enum JobError {
     /// `dead_letter` table to divert it to.
     #[error("{0}")]
     BadInput(String),
-    #[error("the job reads no postgres-cdc table")]
-    NoSource,
 }
 
 impl JobError {
@@ -188,16 +179,6 @@ async fn run_once(
         Some(epoch) => Some(store.load(epoch).await?),
         None => latest.clone(),
     };
-    let connection = plan
-        .sources
-        .iter()
-        .find_map(replication::cdc_options)
-        .ok_or(JobError::NoSource)?
-        .connection
-        .clone();
-    let target = PgTarget::parse(connection.expose())?;
-    let control = target.connect().await?;
-    let names = SlotNames::for_job(&spec.name, &plan.sources);
     let windowed: Vec<Vec<String>> = (0..plan.sources.len())
         .map(|source| {
             plan.queries
@@ -207,8 +188,18 @@ async fn run_once(
                 .collect()
         })
         .collect();
-    replication::preflight(&target, &control, &plan.sources, &windowed, &names).await?;
-    let slot = replication::slot_status(&target, &control, &names.slot).await?;
+    let checkpointed = latest.as_ref().map(|m| postgres::Checkpointed {
+        epoch: m.epoch,
+        resume_lsn: m.source.resume_lsn,
+    });
+    let (mut pg, start) = postgres::open(
+        &spec.name,
+        &plan.sources,
+        &windowed,
+        checkpointed,
+        store.display(),
+    )
+    .await?;
 
     let mut dimensions = Vec::new();
     for source in &plan.sources {
@@ -234,7 +225,7 @@ async fn run_once(
         position: Position::ZERO,
         at_boundary: true,
         dirty: false,
-        slot: names.slot.clone(),
+        slot: pg.slot().to_string(),
         stats,
         keep: options.keep_checkpoints,
         windows: windowed::WindowStates::default(),
@@ -261,86 +252,27 @@ async fn run_once(
     // Snapshot rows the declared types cannot hold, per source: diverted to
     // dead_letter once its sink is open (below).
     let mut snapshot_rejected = Vec::new();
-    let new_slot = match (&latest, &slot) {
-        (None, None) => {
-            let new_slot = NewSlot::create(&target, &names).await?;
-            for (index, source) in engine.plan.sources.iter().enumerate() {
-                if let Some(dimension) = &mut engine.dimensions[index] {
-                    let (rows, rejected) = snapshot::load_table(&target, &control, source, &new_slot.snapshot, new_slot.consistent_lsn).await?;
-                    dimension.apply(&rows).map_err(JobError::Arrow)?;
-                    snapshot_rejected.push((index, rejected));
-                }
+    match start {
+        Start::Fresh { lsn, snapshots } => {
+            for (index, rows, rejected) in snapshots {
+                let dimension = engine.dimensions[index]
+                    .as_mut()
+                    .expect("snapshots are of dimension sources");
+                dimension.apply(&rows).map_err(JobError::Arrow)?;
+                snapshot_rejected.push((index, rejected));
             }
-            engine.resume_lsn = new_slot.consistent_lsn;
-            Some(new_slot)
+            engine.resume_lsn = lsn;
         }
-        (None, Some(_)) => {
-            return Err(JobError::Resume(format!(
-                "replication slot `{}` exists but job `{}` has no checkpoint in {}: the slot's position cannot be \
-                 trusted. If this job never ran with these checkpoints, drop the slot \
-                 (SELECT pg_drop_replication_slot('{}')) and start again; otherwise restore the checkpoint directory",
-                names.slot,
-                spec.name,
-                engine.store.display(),
-                names.slot
-            )))
-        }
-        (Some(latest), None) => {
-            return Err(JobError::Resume(format!(
-                "job `{}` has checkpoints (newest: {}) but its replication slot `{}` is gone, so the changes since \
-                 that checkpoint cannot be read again. To start over, move {} away; the sinks will then receive \
-                 only changes committed after the new start",
-                spec.name,
-                latest.epoch,
-                names.slot,
-                engine.store.display()
-            )))
-        }
-        (Some(latest), Some(status)) => {
-            if status.wal_status.as_deref() == Some("lost") {
-                return Err(JobError::Resume(format!(
-                    "replication slot `{}` was invalidated by postgres (wal_status = lost: it retained more WAL than \
-                     max_slot_wal_keep_size allows), so changes after checkpoint {} are gone. Recover by moving {} \
-                     away and dropping the slot (SELECT pg_drop_replication_slot('{}')), then re-run: the job starts \
-                     from a fresh snapshot",
-                    names.slot,
-                    latest.epoch,
-                    engine.store.display(),
-                    names.slot
-                )));
-            }
-            if status.plugin != "pgoutput" {
-                return Err(JobError::Resume(format!(
-                    "replication slot `{}` uses plugin `{}`; engage needs pgoutput",
-                    names.slot, status.plugin
-                )));
-            }
-            if let Some(confirmed) = status.confirmed_flush_lsn {
-                if confirmed > latest.source.resume_lsn {
-                    return Err(JobError::Resume(format!(
-                        "replication slot `{}` is confirmed up to {} but the newest checkpoint ({}) resumes at {}: \
-                         the changes in between were acknowledged without being checkpointed (was the slot used by \
-                         another consumer, or the checkpoints restored from an older copy?), so the sinks would miss \
-                         them. Restore the checkpoint directory that matches the slot, or start over from a fresh \
-                         snapshot: move {} away and drop the slot (SELECT pg_drop_replication_slot('{}'))",
-                        names.slot,
-                        format_lsn(confirmed),
-                        latest.epoch,
-                        latest.source.resume_lsn_text,
-                        engine.store.display(),
-                        names.slot
-                    )));
-                }
-            }
+        Start::Resume => {
+            let latest = latest.as_ref().expect("resumed from a checkpoint");
             let restore = restore.as_ref().expect("a latest checkpoint exists");
             engine.restore_dimensions(restore).await?;
             engine.restore_windows(restore, latest).await?;
             engine.epoch = latest.epoch;
             engine.resume_lsn = latest.source.resume_lsn;
             engine.position = latest.source.position;
-            None
         }
-    };
+    }
     engine
         .stats
         .confirmed_lsn
@@ -400,16 +332,14 @@ async fn run_once(
         summary.replayed_changes = engine.replay(from, latest.epoch).await?;
     }
 
-    let mut source = replication::start(
-        &target,
-        &names,
-        &engine.plan.sources,
-        new_slot,
-        engine.resume_lsn,
-        options.end_lsn,
-        options.batching,
-    )
-    .await?;
+    let mut source = pg
+        .stream(
+            &engine.plan.sources,
+            engine.resume_lsn,
+            options.end_lsn,
+            options.batching,
+        )
+        .await?;
     // Streaming: from here on a curable failure restarts the run (supervise.rs).
     engine
         .stats
@@ -418,7 +348,12 @@ async fn run_once(
     engine.last_change = Instant::now();
     engine.caught_up = false;
     let outcome = engine
-        .stream(&mut source, &control, options.checkpoint_interval, shutdown)
+        .stream(
+            &mut source,
+            &pg.control,
+            options.checkpoint_interval,
+            shutdown,
+        )
         .await;
     source.stop();
     engine.close_sinks().await;

@@ -11,8 +11,11 @@
 //! - [`replication`]: the `postgres-cdc` connector (slot, publication, checks,
 //!   the streaming loop that cuts batches at transaction boundaries).
 //! - [`snapshot`]: the consistent initial load of dimension tables.
+//! - [`postgres`]: where a run starts (checks, the slot or checkpoint
+//!   decision, the snapshot), the boundary the engine opens a source through.
 
 pub mod pgoutput;
+pub mod postgres;
 pub mod replication;
 pub mod snapshot;
 

@@ -72,6 +72,12 @@ pub enum SourceError {
     Stream { target: String, message: String },
     #[error("table `{table}`: {message}")]
     Decode { table: String, message: String },
+    /// The replication slot and the checkpoints disagree about where the job
+    /// is; the message says how to recover.
+    #[error("{0}")]
+    Resume(String),
+    #[error("the job reads no postgres-cdc table")]
+    NoSource,
 }
 
 /// What the reader hands the engine, in stream order.

@@ -87,7 +87,8 @@ mod report;
 
 use process::JobProcess;
 pub use report::{
-    BenchReport, BurstReport, IdleReport, Percentiles, PhaseReport, StateReport, Usage,
+    BenchReport, BlackholeDrain, BurstReport, IdleReport, Percentiles, PhaseReport, StateReport,
+    Usage,
 };
 
 /// Content items seeded, so Zipf traffic keeps thousands of them active.
@@ -119,8 +120,10 @@ const BUILD: &str = if cfg!(debug_assertions) {
 const PAST_END_SQL: &str =
     "UPDATE content SET title = title WHERE id = (SELECT id FROM content LIMIT 1)";
 /// The job's slot and publication: the only ones in the bench's database.
+/// The measured job's slot: neither pg_recvlogical's ($1) nor the blackhole job's.
 const SLOT_SQL: &str = "SELECT s.slot_name::text, p.pubname::text \
-     FROM pg_replication_slots s, pg_publication p WHERE s.slot_type = 'logical' LIMIT 1";
+     FROM pg_replication_slots s, pg_publication p WHERE s.slot_type = 'logical' \
+     AND s.slot_name <> $1 AND s.slot_name NOT LIKE '%_blackhole' ORDER BY s.slot_name LIMIT 1";
 const END_SQL: &str = "SELECT pg_current_wal_lsn()::text, \
      pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
      FROM pg_replication_slots WHERE slot_name = $1";
@@ -206,6 +209,10 @@ pub struct BenchOptions {
     /// The job SQL [default: the embedded sql/engagement.sql].
     #[arg(long)]
     pub sql: Option<PathBuf>,
+    /// Skip the drains of the same job with every sink a blackhole (which
+    /// measure the pipeline without the cost of its outputs).
+    #[arg(long)]
+    pub no_blackhole: bool,
 }
 
 impl BenchOptions {
@@ -260,6 +267,35 @@ struct World {
     job: String,
     postgres_url: String,
     redis_url: String,
+    /// The same job with every sink a blackhole, in a directory of its own:
+    /// it drains each backlog after the real one.
+    blackhole: Option<Box<World>>,
+}
+
+/// `sql` with every table an INSERT writes to declared as a blackhole sink
+/// (side outputs, which no INSERT names, stay as they are).
+fn blackhole_sql(sql: &str) -> String {
+    let mut out = sql.to_string();
+    let targets: Vec<String> = sql
+        .split("INSERT INTO ")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    for target in targets {
+        let head = format!("CREATE TABLE {target} WITH (");
+        let Some(start) = out.find(&head) else {
+            continue;
+        };
+        let Some(length) = out[start..].find(");") else {
+            continue;
+        };
+        out.replace_range(
+            start..start + length + 2,
+            &format!("CREATE TABLE {target} WITH (connector = 'blackhole');"),
+        );
+    }
+    out
 }
 
 async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, BenchError> {
@@ -288,12 +324,32 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("engagement");
+    let blackhole = if options.no_blackhole {
+        None
+    } else {
+        let dir = root.join("blackhole");
+        let path = dir.join(format!("{job}_blackhole.sql"));
+        let script = std::fs::read_to_string(&sql)
+            .map_err(context(format!("failed to read {}", sql.display())))?;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, blackhole_sql(&script)))
+            .map_err(context(format!("failed to write {}", path.display())))?;
+        Some(Box::new(World {
+            root: dir,
+            job: format!("{job}_blackhole"),
+            sql: path,
+            postgres_url: postgres_url.clone(),
+            redis_url: redis.url(),
+            blackhole: None,
+        }))
+    };
     let world = World {
         root: root.to_path_buf(),
         job: job.to_owned(),
         sql,
         postgres_url,
         redis_url: redis.url(),
+        blackhole,
     };
     let report = world.measure(options).await;
     postgres.stop()?;
@@ -338,6 +394,13 @@ impl World {
         };
         step("stopping the job (final checkpoint)");
         let live_job = job.terminate(STOP_TIMEOUT).await?;
+        if let Some(blackhole) = &self.blackhole {
+            // Its slot must exist before the backlogs are written.
+            step("starting and stopping the blackhole job (its slot)");
+            let mut job = JobProcess::spawn(blackhole, None, "job-live.log")?;
+            blackhole.await_checkpoint(&mut job).await?;
+            job.terminate(STOP_TIMEOUT).await?;
+        }
         let burst = self
             .burst(&db, options.burst_events.unwrap_or(1_000_000), None)
             .await?;
@@ -458,7 +521,7 @@ impl World {
         events: u64,
         transaction_events: Option<usize>,
     ) -> Result<BurstReport, BenchError> {
-        let row = db.query_one(SLOT_SQL, &[]).await;
+        let row = db.query_one(SLOT_SQL, &[&RECV_SLOT]).await;
         let row = row.map_err(context("failed to find the job's slot"))?;
         let (slot, publication): (String, String) = (row.get(0), row.get(1));
         let url = self.postgres_url.as_str();
@@ -517,6 +580,24 @@ impl World {
         let mut job = JobProcess::spawn(self, Some(&end_lsn), "job-burst.log")?;
         let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
         let engage_secs = start.elapsed().as_secs_f64();
+        let blackhole = match &self.blackhole {
+            Some(blackhole) => {
+                step(&format!(
+                    "burst: engage run --end-lsn {end_lsn}, every sink a blackhole"
+                ));
+                let start = Instant::now();
+                let mut job = JobProcess::spawn(blackhole, Some(&end_lsn), "job-burst.log")?;
+                let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
+                let secs = start.elapsed().as_secs_f64();
+                Some(BlackholeDrain {
+                    engage_secs: secs,
+                    engage_per_sec: events as f64 / secs,
+                    ratio: recv_secs / secs,
+                    job: usage,
+                })
+            }
+            None => None,
+        };
         Ok(BurstReport {
             events,
             generate_secs,
@@ -528,6 +609,7 @@ impl World {
             engage_per_sec: events as f64 / engage_secs,
             ratio: recv_secs / engage_secs,
             job: usage,
+            blackhole,
         })
     }
 
@@ -814,6 +896,22 @@ fn resolve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blackhole_sql_turns_every_insert_target_into_a_blackhole() {
+        let sql = blackhole_sql(crate::demo::ENGAGEMENT_SQL);
+        let env = |name: &str| match name {
+            "ENGAGE_POSTGRES_URL" => Some("postgres://engage@127.0.0.1:5432/app".to_string()),
+            _ => None,
+        };
+        let spec = crate::sql::parse_job("engagement", &sql, &env).unwrap();
+        for table in &spec.tables {
+            let blackhole = matches!(table.connector, crate::sql::Connector::Blackhole);
+            let side_output = ["late_events", "dead_letter"].contains(&table.name.as_str());
+            let source = matches!(table.connector, crate::sql::Connector::PostgresCdc(_));
+            assert_eq!(blackhole, !side_output && !source, "{}", table.name);
+        }
+    }
 
     #[test]
     fn first_window_end_is_the_next_slide_boundary() {

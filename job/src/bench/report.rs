@@ -81,6 +81,18 @@ pub struct BurstReport {
     /// engage / pg_recvlogical, in events per second.
     pub ratio: f64,
     pub job: Usage,
+    /// The same drain with every sink a blackhole, unless skipped.
+    pub blackhole: Option<BlackholeDrain>,
+}
+
+/// A drain of the same backlog by the job with every sink a blackhole.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlackholeDrain {
+    pub engage_secs: f64,
+    pub engage_per_sec: f64,
+    /// engage / pg_recvlogical, in events per second.
+    pub ratio: f64,
+    pub job: Usage,
 }
 
 /// Memory and CPU of a job process.
@@ -241,6 +253,17 @@ fn print_burst(name: &str, b: &BurstReport) {
         b.engage_per_sec, b.engage_secs
     );
     println!("{name} engage / pg_recvlogical: {:.2}", b.ratio);
+    if let Some(blackhole) = &b.blackhole {
+        println!(
+            "{name} engage, every sink a blackhole: {:.0} events/s ({:.1} s), {:.2} of pg_recvlogical, \
+             CPU {:.1} s, peak RSS {:.1} MiB",
+            blackhole.engage_per_sec,
+            blackhole.engage_secs,
+            blackhole.ratio,
+            blackhole.job.cpu_secs,
+            blackhole.job.peak_rss_kb as f64 / 1024.0
+        );
+    }
 }
 
 #[cfg(test)]

@@ -48,12 +48,16 @@
 //! answers again, the run restarts, and the sink, found detached in the
 //! checkpoint, is caught up from the captured changes like a lost one.
 //!
+//! - **Blackhole** ([`blackhole`]): discards rows; its position lives in the
+//!   checkpoint alone.
+//!
 //! With a closed set of sinks, dispatch is an enum.
 //!
 //! The engine drives each sink through a [`task::SinkTask`]: the sink runs
 //! on a task of its own behind a bounded channel, and checkpoint barriers
 //! reach it in stream order through the same channel.
 
+pub mod blackhole;
 pub mod parquet;
 pub mod redis;
 pub mod task;
@@ -113,6 +117,7 @@ impl SinkError {
 pub enum Sink {
     Parquet(Box<parquet::ParquetSink>),
     Redis(Box<redis::RedisSink>),
+    Blackhole(blackhole::BlackholeSink),
 }
 
 impl Sink {
@@ -132,6 +137,10 @@ impl Sink {
             Connector::Redis(options) => Ok(Sink::Redis(Box::new(
                 redis::RedisSink::open(job, &table.name, options, query, restored).await?,
             ))),
+            Connector::Blackhole => Ok(Sink::Blackhole(blackhole::BlackholeSink::open(
+                &table.name,
+                restored,
+            ))),
             Connector::PostgresCdc(_) => Err(SinkError::Permanent {
                 sink: table.name.clone(),
                 message: "a postgres-cdc table is not a sink".into(),
@@ -143,6 +152,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.name(),
             Sink::Redis(sink) => sink.name(),
+            Sink::Blackhole(sink) => sink.name(),
         }
     }
 
@@ -158,7 +168,7 @@ impl Sink {
     /// other sink waits. False for sinks that cannot be caught up that way.
     pub fn detach_after(&mut self, budget: std::time::Duration) -> bool {
         match self {
-            Sink::Parquet(_) => false,
+            Sink::Parquet(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => {
                 sink.set_retry_budget(budget);
                 true
@@ -169,7 +179,7 @@ impl Sink {
     /// Whether the sink's store answers (always true for local files).
     pub async fn reachable(&mut self) -> bool {
         match self {
-            Sink::Parquet(_) => true,
+            Sink::Parquet(_) | Sink::Blackhole(_) => true,
             Sink::Redis(sink) => sink.reachable().await,
         }
     }
@@ -179,7 +189,7 @@ impl Sink {
     /// checkpoint says it was detached.
     pub fn lost(&self) -> bool {
         match self {
-            Sink::Parquet(_) => false,
+            Sink::Parquet(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => sink.lost(),
         }
     }
@@ -189,6 +199,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.position(),
             Sink::Redis(sink) => sink.position(),
+            Sink::Blackhole(sink) => sink.position(),
         }
     }
 
@@ -211,6 +222,10 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.write(batches, upto),
             Sink::Redis(sink) => sink.write(batches, upto).await,
+            Sink::Blackhole(sink) => {
+                sink.write(batches, upto);
+                Ok(())
+            }
         }
     }
 
@@ -231,6 +246,10 @@ impl Sink {
                 sink.write(batches, upto)
             }
             Sink::Redis(sink) => sink.write_window(batches, window_end_micros, upto).await,
+            Sink::Blackhole(sink) => {
+                sink.write(batches, upto);
+                Ok(())
+            }
         }
     }
 
@@ -238,7 +257,7 @@ impl Sink {
     /// it (Redis, read at open); `None` otherwise or if it never wrote one.
     pub fn window_end(&self) -> Option<i64> {
         match self {
-            Sink::Parquet(_) => None,
+            Sink::Parquet(_) | Sink::Blackhole(_) => None,
             Sink::Redis(sink) => sink.window_end(),
         }
     }
@@ -247,13 +266,14 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.prepare_checkpoint(epoch).await,
             Sink::Redis(sink) => Ok(sink.state()),
+            Sink::Blackhole(sink) => Ok(sink.state()),
         }
     }
 
     pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
         match self {
             Sink::Parquet(sink) => sink.commit(state).await,
-            Sink::Redis(_) => Ok(()),
+            Sink::Redis(_) | Sink::Blackhole(_) => Ok(()),
         }
     }
 
@@ -262,6 +282,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.rows_written(),
             Sink::Redis(sink) => sink.rows_written(),
+            Sink::Blackhole(sink) => sink.rows_written(),
         }
     }
 }

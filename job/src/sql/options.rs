@@ -53,9 +53,12 @@ pub enum Connector {
     PostgresCdc(PostgresCdcOptions),
     Filesystem(FilesystemOptions),
     Redis(RedisOptions),
+    /// A sink that discards its rows (as Flink's and Arroyo's `blackhole`):
+    /// the cost of a pipeline without the cost of its outputs.
+    Blackhole,
 }
 
-pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis"];
+pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis", "blackhole"];
 
 #[derive(Debug, Clone)]
 pub struct PostgresCdcOptions {
@@ -319,6 +322,14 @@ impl Connector {
                     time_pattern,
                     time_column,
                 }))
+            }
+            "blackhole" => {
+                one_of("type", options.take("type"), &["sink"], "sink")?;
+                options.finish(&connector, &["type"])?;
+                if !columns.is_empty() {
+                    return Err("a blackhole sink takes its columns from its INSERT query; declare it without a column list".into());
+                }
+                Ok(Connector::Blackhole)
             }
             "redis" => {
                 one_of("type", options.take("type"), &["sink"], "sink")?;

@@ -187,7 +187,7 @@ impl JobPlan {
                         .map_err(|e| plan_error(format!("table `{}`", def.name), e))?;
                     sources.push(source);
                 }
-                Connector::Filesystem(_) | Connector::Redis(_) => {
+                Connector::Filesystem(_) | Connector::Redis(_) | Connector::Blackhole => {
                     sinks.push(SinkTable { def: def.clone() })
                 }
             }
@@ -736,6 +736,6 @@ fn check_sink_columns(
             crate::sink::redis::check_columns(options, output)?;
             Ok(None)
         }
-        Connector::PostgresCdc(_) => Ok(None),
+        Connector::PostgresCdc(_) | Connector::Blackhole => Ok(None),
     }
 }

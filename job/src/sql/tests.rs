@@ -462,3 +462,34 @@ async fn window_min_max_of_wide_decimals_is_refused_but_their_sums_plan() {
     let spec = parse_job("j", &job("sum(amount)"), &env).unwrap();
     plan::JobPlan::new(&spec).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_blackhole_sink_plans_and_refuses_options_it_does_not_have() {
+    let redis = "CREATE TABLE recent_events WITH (\n    connector = 'redis',";
+    assert!(MISSION.contains(redis), "test edit must apply");
+    let start = MISSION.find(redis).unwrap();
+    let end = start + MISSION[start..].find(");").unwrap() + 2;
+    let sql = format!(
+        "{}CREATE TABLE recent_events WITH (connector = 'blackhole');{}",
+        &MISSION[..start],
+        &MISSION[end..]
+    );
+    let spec = parse_job("engagement", &sql, &env).unwrap();
+    let table = spec
+        .tables
+        .iter()
+        .find(|t| t.name == "recent_events")
+        .unwrap();
+    assert!(matches!(table.connector, Connector::Blackhole));
+    plan::JobPlan::new(&spec).await.unwrap();
+
+    let sql = sql.replace(
+        "WITH (connector = 'blackhole')",
+        "WITH (connector = 'blackhole', path = '/tmp/x')",
+    );
+    let error = parse_job("engagement", &sql, &env).unwrap_err().to_string();
+    assert!(
+        error.contains("unknown option `path` for connector `blackhole`; valid options: type"),
+        "{error}"
+    );
+}

@@ -15,15 +15,19 @@
 //! Dead letters are staged and committed with checkpoints like any Parquet
 //! sink, so a replayed row is dead-lettered exactly once.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use arrow::array::{ArrayRef, Int64Array, StringArray, TimestampMicrosecondArray};
+use arrow::array::{
+    Array, ArrayRef, BooleanArray, Int64Array, StringArray, TimestampMicrosecondArray,
+};
+use arrow::compute::filter_record_batch;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
-use super::side_output;
+use super::{last_position, side_output, JobError};
 use crate::sink::{Sink, SinkState};
-use crate::source::{RejectedChange, COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
+use crate::source::{RejectedChange, COMMIT_TS_COLUMN, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::JobSpec;
 
 /// The table name that receives dead letters.
@@ -100,4 +104,143 @@ pub fn rejected_rows(
         )),
     ];
     RecordBatch::try_new(schema(), columns)
+}
+
+impl super::Engine {
+    /// Sends the changes of `source` that could not be decoded to the
+    /// dead-letter output; without one, the job stops naming the change.
+    pub(super) async fn divert_rejected(
+        &mut self,
+        source: usize,
+        rejected: &[RejectedChange],
+    ) -> Result<(), JobError> {
+        let Some(first) = rejected.first() else {
+            return Ok(());
+        };
+        let table = self.plan.sources[source].def.name.clone();
+        match &mut self.dead_letter_sink {
+            // A rebuild replays captured changes: rejected ones never were.
+            Some(_) if self.rebuilding.is_some() => {}
+            Some(sink) => {
+                let rows = rejected_rows(&table, rejected)
+                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
+                    .map_err(JobError::Arrow)?;
+                if rows.num_rows() > 0 {
+                    tracing::warn!(
+                        table = %table,
+                        rows = rows.num_rows(),
+                        reason = %first.reason,
+                        detail = %first.detail,
+                        "changes that cannot be decoded went to dead_letter"
+                    );
+                    self.stats
+                        .dead_lettered
+                        .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
+                    sink.write_window(vec![rows], 0, self.position).await?;
+                    self.dirty = true;
+                }
+            }
+            None => {
+                return Err(JobError::BadInput(format!(
+                    "a change of `{table}` at {} cannot be decoded: column {} holds a value engage cannot \
+                     represent ({}); declare a filesystem table `{}` to divert such rows there instead of stopping",
+                    first.position,
+                    first.reason.trim_start_matches("decode_error:"),
+                    first.detail,
+                    DEAD_LETTER_TABLE
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the rows of `batch` that fail a CHECK of `source` to the
+    /// dead-letter output and returns the rest (old images of updates that
+    /// fail are dropped too: their rows were never counted). As in SQL, a
+    /// CHECK validates new row images: a delete has none, so deletes always
+    /// pass (under the default replica identity they carry only the key).
+    pub(super) async fn divert_bad_rows(
+        &mut self,
+        source: usize,
+        batch: RecordBatch,
+        before: Option<RecordBatch>,
+    ) -> Result<(RecordBatch, Option<RecordBatch>), JobError> {
+        let Some(check) = &self.plan.checks[source] else {
+            return Ok((batch, before));
+        };
+        let dimensions = self.dimension_contents(&check.dimensions);
+        let table = self.plan.sources[source].def.name.clone();
+        let error = |e: datafusion::error::DataFusionError| JobError::Query {
+            sink: format!("CHECK constraints of {table}"),
+            message: e.to_string(),
+        };
+        let Some(mut failed) = self
+            .plan
+            .failing_checks(source, &batch, &dimensions)
+            .await
+            .map_err(error)?
+        else {
+            return Ok((batch, before));
+        };
+        if let Some(ops) = batch
+            .column_by_name(OP_COLUMN)
+            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
+        {
+            for (row, failed) in failed.iter_mut().enumerate() {
+                if ops.is_valid(row) && ops.value(row) == "d" {
+                    *failed = None;
+                }
+            }
+        }
+        if failed.iter().all(Option::is_none) {
+            return Ok((batch, before));
+        }
+        let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
+        let bad_mask = arrow::compute::not(&keep).map_err(JobError::Arrow)?;
+        let bad = filter_record_batch(&batch, &bad_mask).map_err(JobError::Arrow)?;
+        let reasons: Vec<&str> = failed
+            .iter()
+            .flatten()
+            .map(|&i| check.names[i].as_str())
+            .collect();
+        match &mut self.dead_letter_sink {
+            // A rebuild re-reads changes the dead-letter output already holds.
+            Some(_) if self.rebuilding.is_some() => {}
+            Some(sink) => {
+                let rows = rows(&table, &reasons, &bad)
+                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
+                    .map_err(JobError::Arrow)?;
+                sink.write_window(vec![rows], 0, self.position).await?;
+                self.stats
+                    .dead_lettered
+                    .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);
+            }
+            None => {
+                let position = last_position(&bad);
+                return Err(JobError::BadInput(format!(
+                    "a change of `{table}` at {position} fails CHECK `{}`; declare a filesystem table `{}` to divert \
+                     such rows there instead of stopping",
+                    reasons[0],
+                    DEAD_LETTER_TABLE
+                )));
+            }
+        }
+        let good = filter_record_batch(&batch, &keep).map_err(JobError::Arrow)?;
+        let before = match before {
+            Some(before) => match self
+                .plan
+                .failing_checks(source, &before, &dimensions)
+                .await
+                .map_err(error)?
+            {
+                Some(failed) => {
+                    let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
+                    Some(filter_record_batch(&before, &keep).map_err(JobError::Arrow)?)
+                }
+                None => Some(before),
+            },
+            None => None,
+        };
+        Ok((good, before))
+    }
 }

@@ -30,6 +30,7 @@
 //! the newest checkpoint, so they skip what they already hold and fill in
 //! what they lack (a sink added to the SQL since, a flushed Redis).
 
+mod checkpointing;
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
@@ -42,7 +43,6 @@ mod windowed;
 
 pub use windowed::IDLE_AFTER;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -52,14 +52,12 @@ use arrow::array::{Array, BooleanArray, Int64Array};
 use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
-use crate::checkpoint::{
-    self, CaptureLog, CheckpointError, CheckpointStore, Manifest, SourceState, StateFile,
-};
+use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore};
 use crate::sink::task::SinkTask;
-use crate::sink::{Sink, SinkError, SinkState};
+use crate::sink::{Sink, SinkError};
 use crate::source::postgres::{self, Start};
 use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
-use crate::source::{format_lsn, Position, RejectedChange, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
+use crate::source::{format_lsn, Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
@@ -681,143 +679,6 @@ impl Engine {
             .collect()
     }
 
-    /// Sends the changes of `source` that could not be decoded to the
-    /// dead-letter output; without one, the job stops naming the change.
-    async fn divert_rejected(
-        &mut self,
-        source: usize,
-        rejected: &[RejectedChange],
-    ) -> Result<(), JobError> {
-        let Some(first) = rejected.first() else {
-            return Ok(());
-        };
-        let table = self.plan.sources[source].def.name.clone();
-        match &mut self.dead_letter_sink {
-            // A rebuild replays captured changes: rejected ones never were.
-            Some(_) if self.rebuilding.is_some() => {}
-            Some(sink) => {
-                let rows = dead_letter::rejected_rows(&table, rejected)
-                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
-                    .map_err(JobError::Arrow)?;
-                if rows.num_rows() > 0 {
-                    tracing::warn!(
-                        table = %table,
-                        rows = rows.num_rows(),
-                        reason = %first.reason,
-                        detail = %first.detail,
-                        "changes that cannot be decoded went to dead_letter"
-                    );
-                    self.stats
-                        .dead_lettered
-                        .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
-                    sink.write_window(vec![rows], 0, self.position).await?;
-                    self.dirty = true;
-                }
-            }
-            None => {
-                return Err(JobError::BadInput(format!(
-                    "a change of `{table}` at {} cannot be decoded: column {} holds a value engage cannot \
-                     represent ({}); declare a filesystem table `{}` to divert such rows there instead of stopping",
-                    first.position,
-                    first.reason.trim_start_matches("decode_error:"),
-                    first.detail,
-                    dead_letter::DEAD_LETTER_TABLE
-                )))
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends the rows of `batch` that fail a CHECK of `source` to the
-    /// dead-letter output and returns the rest (old images of updates that
-    /// fail are dropped too: their rows were never counted). As in SQL, a
-    /// CHECK validates new row images: a delete has none, so deletes always
-    /// pass (under the default replica identity they carry only the key).
-    async fn divert_bad_rows(
-        &mut self,
-        source: usize,
-        batch: RecordBatch,
-        before: Option<RecordBatch>,
-    ) -> Result<(RecordBatch, Option<RecordBatch>), JobError> {
-        let Some(check) = &self.plan.checks[source] else {
-            return Ok((batch, before));
-        };
-        let dimensions = self.dimension_contents(&check.dimensions);
-        let table = self.plan.sources[source].def.name.clone();
-        let error = |e: datafusion::error::DataFusionError| JobError::Query {
-            sink: format!("CHECK constraints of {table}"),
-            message: e.to_string(),
-        };
-        let Some(mut failed) = self
-            .plan
-            .failing_checks(source, &batch, &dimensions)
-            .await
-            .map_err(error)?
-        else {
-            return Ok((batch, before));
-        };
-        if let Some(ops) = batch
-            .column_by_name(OP_COLUMN)
-            .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
-        {
-            for (row, failed) in failed.iter_mut().enumerate() {
-                if ops.is_valid(row) && ops.value(row) == "d" {
-                    *failed = None;
-                }
-            }
-        }
-        if failed.iter().all(Option::is_none) {
-            return Ok((batch, before));
-        }
-        let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
-        let bad_mask = arrow::compute::not(&keep).map_err(JobError::Arrow)?;
-        let bad = filter_record_batch(&batch, &bad_mask).map_err(JobError::Arrow)?;
-        let reasons: Vec<&str> = failed
-            .iter()
-            .flatten()
-            .map(|&i| check.names[i].as_str())
-            .collect();
-        match &mut self.dead_letter_sink {
-            // A rebuild re-reads changes the dead-letter output already holds.
-            Some(_) if self.rebuilding.is_some() => {}
-            Some(sink) => {
-                let rows = dead_letter::rows(&table, &reasons, &bad)
-                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
-                    .map_err(JobError::Arrow)?;
-                sink.write_window(vec![rows], 0, self.position).await?;
-                self.stats
-                    .dead_lettered
-                    .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);
-            }
-            None => {
-                let position = last_position(&bad);
-                return Err(JobError::BadInput(format!(
-                    "a change of `{table}` at {position} fails CHECK `{}`; declare a filesystem table `{}` to divert \
-                     such rows there instead of stopping",
-                    reasons[0],
-                    dead_letter::DEAD_LETTER_TABLE
-                )));
-            }
-        }
-        let good = filter_record_batch(&batch, &keep).map_err(JobError::Arrow)?;
-        let before = match before {
-            Some(before) => match self
-                .plan
-                .failing_checks(source, &before, &dimensions)
-                .await
-                .map_err(error)?
-            {
-                Some(failed) => {
-                    let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
-                    Some(filter_record_batch(&before, &keep).map_err(JobError::Arrow)?)
-                }
-                None => Some(before),
-            },
-            None => None,
-        };
-        Ok((good, before))
-    }
-
     /// Computes the shared views driven by `source` over `batch` (and over the
     /// old images in `before`), by view index.
     async fn compute_views(
@@ -854,136 +715,6 @@ impl Engine {
             outputs[v] = Some((rows, old));
         }
         Ok(outputs)
-    }
-
-    /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.
-    async fn checkpoint(&mut self) -> Result<(), JobError> {
-        let epoch = self.epoch + 1;
-        let started = Instant::now();
-        // The barrier goes to every sink at once; each answers once it has
-        // applied what it was sent before it.
-        let all = self.all_sinks();
-        let names: Vec<String> = all.iter().map(|sink| sink.name().to_string()).collect();
-        let prepared = futures::future::try_join_all(
-            all.into_iter().map(|sink| sink.prepare_checkpoint(epoch)),
-        )
-        .await?;
-        let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
-        self.held_by = sinks
-            .iter()
-            .filter(|(_, state)| state.detached)
-            .map(|(name, state)| (name.clone(), state.position))
-            .min_by_key(|(_, position)| *position);
-        let (mut files, capture_files, capture_order) = self
-            .capture
-            .finish()
-            .map_err(JobError::state("failed to close the capture log"))?;
-        let mut dimensions = BTreeMap::new();
-        for (index, dimension) in self.dimensions.iter().enumerate() {
-            let Some(dimension) = dimension else { continue };
-            let source = &self.plan.sources[index];
-            let state = StateFile::encode(
-                format!("dimension-{}.arrows", source.def.name),
-                &source.schema,
-                std::slice::from_ref(dimension.contents()),
-                &mut files,
-            )
-            .map_err(JobError::state(format!(
-                "failed to encode dimension `{}`",
-                source.def.name
-            )))?;
-            dimensions.insert(source.def.name.clone(), state);
-        }
-        let windows = self.snapshot_windows(&mut files)?;
-        let window_outputs = self.snapshot_window_outputs(&mut files)?;
-        let manifest = Manifest {
-            job: self.job.clone(),
-            epoch,
-            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            source: SourceState::new(&self.slot, self.resume_lsn, self.position),
-            sinks: sinks.clone(),
-            dimensions,
-            capture_files,
-            capture_order,
-            sql_hash: self.sql_hash.clone(),
-            windows,
-            window_outputs,
-        };
-        self.store.write(&manifest, files).await?;
-        crate::failpoint::hit("before_sink_commit");
-        futures::future::try_join_all(self.all_sinks().into_iter().map(|sink| {
-            let state = &sinks[sink.name()];
-            sink.commit(state)
-        }))
-        .await?;
-        self.epoch = epoch;
-        self.dirty = false;
-        self.stats.checkpoint_epoch.store(epoch, Ordering::Relaxed);
-        self.stats.checkpoint_unix_ms.store(
-            chrono::Utc::now().timestamp_millis() as u64,
-            Ordering::Relaxed,
-        );
-        self.stats
-            .confirmed_lsn
-            .store(self.confirm_lsn(), Ordering::Relaxed);
-        tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
-        self.store
-            .prune(
-                self.keep,
-                self.held_by.as_ref().map(|(_, position)| *position),
-            )
-            .await?;
-        Ok(())
-    }
-
-    /// Where the slot may be confirmed: the checkpoint's resume LSN, or less
-    /// while a detached sink holds less.
-    fn confirm_lsn(&self) -> u64 {
-        match &self.held_by {
-            Some((_, position)) => self.resume_lsn.min(position.lsn),
-            None => self.resume_lsn,
-        }
-    }
-
-    /// Every sink: the queries', then the side outputs.
-    fn all_sinks(&mut self) -> Vec<&mut SinkTask> {
-        self.sinks
-            .iter_mut()
-            .chain(self.late_sink.as_mut())
-            .chain(self.dead_letter_sink.as_mut())
-            .collect()
-    }
-
-    /// Stops every sink's task (after the final checkpoint, or a failure).
-    async fn close_sinks(&mut self) {
-        let sinks = std::mem::take(&mut self.sinks)
-            .into_iter()
-            .chain(self.late_sink.take())
-            .chain(self.dead_letter_sink.take());
-        for sink in sinks {
-            sink.close().await;
-        }
-    }
-
-    async fn restore_dimensions(&mut self, manifest: &Manifest) -> Result<(), JobError> {
-        for (index, dimension) in self.dimensions.iter_mut().enumerate() {
-            let Some(dimension) = dimension else { continue };
-            let name = &self.plan.sources[index].def.name;
-            let file = manifest.dimensions.get(name).ok_or_else(|| {
-                JobError::Restore(format!(
-                    "`{name}` is read as a dimension but checkpoint {} holds no copy of it (it was added to the SQL \
-                     later); run the job under a new name to load it from a fresh snapshot",
-                    manifest.epoch
-                ))
-            })?;
-            let bytes = self.store.read_file(manifest.epoch, &file.file).await?;
-            for batch in checkpoint::decode_ipc(bytes)
-                .map_err(JobError::state(format!("dimension `{name}`")))?
-            {
-                dimension.apply(&batch).map_err(JobError::Arrow)?;
-            }
-        }
-        Ok(())
     }
 }
 

@@ -1,0 +1,145 @@
+//! Checkpoints of a running job: the barrier through the sinks, the
+//! manifest, the commit, and the restore of dimension tables (see the
+//! engine's module docs for the order and what each step guarantees).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::{Engine, JobError};
+use crate::checkpoint::{self, Manifest, SourceState, StateFile};
+use crate::sink::task::SinkTask;
+use crate::sink::SinkState;
+use crate::source::format_lsn;
+
+impl Engine {
+    /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.
+    pub(super) async fn checkpoint(&mut self) -> Result<(), JobError> {
+        let epoch = self.epoch + 1;
+        let started = Instant::now();
+        // The barrier goes to every sink at once; each answers once it has
+        // applied what it was sent before it.
+        let all = self.all_sinks();
+        let names: Vec<String> = all.iter().map(|sink| sink.name().to_string()).collect();
+        let prepared = futures::future::try_join_all(
+            all.into_iter().map(|sink| sink.prepare_checkpoint(epoch)),
+        )
+        .await?;
+        let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
+        self.held_by = sinks
+            .iter()
+            .filter(|(_, state)| state.detached)
+            .map(|(name, state)| (name.clone(), state.position))
+            .min_by_key(|(_, position)| *position);
+        let (mut files, capture_files, capture_order) = self
+            .capture
+            .finish()
+            .map_err(JobError::state("failed to close the capture log"))?;
+        let mut dimensions = BTreeMap::new();
+        for (index, dimension) in self.dimensions.iter().enumerate() {
+            let Some(dimension) = dimension else { continue };
+            let source = &self.plan.sources[index];
+            let state = StateFile::encode(
+                format!("dimension-{}.arrows", source.def.name),
+                &source.schema,
+                std::slice::from_ref(dimension.contents()),
+                &mut files,
+            )
+            .map_err(JobError::state(format!(
+                "failed to encode dimension `{}`",
+                source.def.name
+            )))?;
+            dimensions.insert(source.def.name.clone(), state);
+        }
+        let windows = self.snapshot_windows(&mut files)?;
+        let window_outputs = self.snapshot_window_outputs(&mut files)?;
+        let manifest = Manifest {
+            job: self.job.clone(),
+            epoch,
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            source: SourceState::new(&self.slot, self.resume_lsn, self.position),
+            sinks: sinks.clone(),
+            dimensions,
+            capture_files,
+            capture_order,
+            sql_hash: self.sql_hash.clone(),
+            windows,
+            window_outputs,
+        };
+        self.store.write(&manifest, files).await?;
+        crate::failpoint::hit("before_sink_commit");
+        futures::future::try_join_all(self.all_sinks().into_iter().map(|sink| {
+            let state = &sinks[sink.name()];
+            sink.commit(state)
+        }))
+        .await?;
+        self.epoch = epoch;
+        self.dirty = false;
+        self.stats.checkpoint_epoch.store(epoch, Ordering::Relaxed);
+        self.stats.checkpoint_unix_ms.store(
+            chrono::Utc::now().timestamp_millis() as u64,
+            Ordering::Relaxed,
+        );
+        self.stats
+            .confirmed_lsn
+            .store(self.confirm_lsn(), Ordering::Relaxed);
+        tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+        self.store
+            .prune(
+                self.keep,
+                self.held_by.as_ref().map(|(_, position)| *position),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Where the slot may be confirmed: the checkpoint's resume LSN, or less
+    /// while a detached sink holds less.
+    pub(super) fn confirm_lsn(&self) -> u64 {
+        match &self.held_by {
+            Some((_, position)) => self.resume_lsn.min(position.lsn),
+            None => self.resume_lsn,
+        }
+    }
+
+    /// Every sink: the queries', then the side outputs.
+    pub(super) fn all_sinks(&mut self) -> Vec<&mut SinkTask> {
+        self.sinks
+            .iter_mut()
+            .chain(self.late_sink.as_mut())
+            .chain(self.dead_letter_sink.as_mut())
+            .collect()
+    }
+
+    /// Stops every sink's task (after the final checkpoint, or a failure).
+    pub(super) async fn close_sinks(&mut self) {
+        let sinks = std::mem::take(&mut self.sinks)
+            .into_iter()
+            .chain(self.late_sink.take())
+            .chain(self.dead_letter_sink.take());
+        for sink in sinks {
+            sink.close().await;
+        }
+    }
+
+    pub(super) async fn restore_dimensions(&mut self, manifest: &Manifest) -> Result<(), JobError> {
+        for (index, dimension) in self.dimensions.iter_mut().enumerate() {
+            let Some(dimension) = dimension else { continue };
+            let name = &self.plan.sources[index].def.name;
+            let file = manifest.dimensions.get(name).ok_or_else(|| {
+                JobError::Restore(format!(
+                    "`{name}` is read as a dimension but checkpoint {} holds no copy of it (it was added to the SQL \
+                     later); run the job under a new name to load it from a fresh snapshot",
+                    manifest.epoch
+                ))
+            })?;
+            let bytes = self.store.read_file(manifest.epoch, &file.file).await?;
+            for batch in checkpoint::decode_ipc(bytes)
+                .map_err(JobError::state(format!("dimension `{name}`")))?
+            {
+                dimension.apply(&batch).map_err(JobError::Arrow)?;
+            }
+        }
+        Ok(())
+    }
+}

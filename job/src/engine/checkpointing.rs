@@ -26,6 +26,15 @@ impl Engine {
         )
         .await?;
         let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
+        for (index, name) in self.stats.sink_names.iter().enumerate() {
+            let detached = sinks.get(name).is_some_and(|state| state.detached);
+            self.stats.sink_detached[index].store(u64::from(detached), Ordering::Relaxed);
+            if detached {
+                // What the sink holds, not what it was sent.
+                let held = sinks[name].position.lsn;
+                self.stats.sink_lsn[index].store(held, Ordering::Relaxed);
+            }
+        }
         self.held_by = sinks
             .iter()
             .filter(|(_, state)| state.detached)

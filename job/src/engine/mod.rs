@@ -642,7 +642,9 @@ impl Engine {
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last).await?;
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
-            self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
+            if !sink.detached() {
+                self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
+            }
         }
         if self.rebuilding.is_some() {
             if let Some(dimension) = &mut self.dimensions[source] {

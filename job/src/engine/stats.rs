@@ -21,6 +21,9 @@ pub struct JobStats {
     /// Commit LSN of the last change each sink has received (0: none yet),
     /// same order as `sink_names`. Parquet makes it visible at the next checkpoint.
     pub sink_lsn: Vec<AtomicU64>,
+    /// 1 while a sink is detached (its store unreachable, see `sink/task.rs`),
+    /// as of the last checkpoint; same order as `sink_names`.
+    pub sink_detached: Vec<AtomicU64>,
     /// Epoch of the last completed checkpoint.
     pub checkpoint_epoch: AtomicU64,
     /// Unix milliseconds of the last completed checkpoint (0: none yet).
@@ -58,6 +61,7 @@ impl JobStats {
         JobStats {
             sink_rows: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
             sink_lsn: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
+            sink_detached: sink_names.iter().map(|_| AtomicU64::new(0)).collect(),
             sink_names,
             ..JobStats::default()
         }
@@ -170,6 +174,15 @@ impl JobStats {
         for (name, lag) in self.sink_names.iter().zip(self.sink_lag_bytes()) {
             let _ = writeln!(out, "engage_sink_lag_bytes{{sink=\"{name}\"}} {lag}");
         }
+        let _ = writeln!(
+            out,
+            "# HELP engage_sink_detached 1 while a sink is detached because its store is unreachable.\n\
+             # TYPE engage_sink_detached gauge"
+        );
+        for (name, detached) in self.sink_names.iter().zip(&self.sink_detached) {
+            let detached = detached.load(Ordering::Relaxed);
+            let _ = writeln!(out, "engage_sink_detached{{sink=\"{name}\"}} {detached}");
+        }
         out
     }
 }
@@ -185,7 +198,14 @@ mod tests {
         stats.confirmed_lsn.store(100, Ordering::Relaxed);
         stats.sink_lsn[0].store(900, Ordering::Relaxed);
         assert_eq!(stats.sink_lag_bytes(), vec![100, 900]);
+        stats.sink_detached[1].store(1, Ordering::Relaxed);
         let text = stats.prometheus();
+        assert!(
+            text.contains(
+                "engage_sink_detached{sink=\"recent\"} 0\nengage_sink_detached{sink=\"quiet\"} 1"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains("engage_sink_lag_bytes{sink=\"recent\"} 100"),
             "{text}"

@@ -454,7 +454,9 @@ impl Engine {
                 .await?;
             self.last_windows[q] = Some((end, output));
             self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
-            self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
+            if !self.sinks[q].detached() {
+                self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
+            }
             self.dirty = true;
         }
         Ok(())

@@ -75,6 +75,8 @@ pub struct SinkTask {
     task: Option<JoinHandle<Result<(), SinkError>>>,
     /// Set by the task once a detached sink's store answers again.
     reachable_again: Arc<AtomicBool>,
+    /// Set by the task when it detaches the sink.
+    detached: Arc<AtomicBool>,
 }
 
 impl SinkTask {
@@ -83,6 +85,7 @@ impl SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);
         let detachable = sink.detach_after(DETACH_AFTER);
         let reachable_again = Arc::new(AtomicBool::new(false));
+        let detached = Arc::new(AtomicBool::new(false));
         SinkTask {
             name: sink.name().to_string(),
             is_redis: sink.is_redis(),
@@ -90,13 +93,23 @@ impl SinkTask {
             position: sink.position(),
             commands,
             reachable_again: reachable_again.clone(),
+            detached: detached.clone(),
             task: Some(tokio::spawn(run(
                 sink,
                 detachable,
-                reachable_again,
+                Flags {
+                    detached,
+                    reachable_again,
+                },
                 receiver,
             ))),
         }
+    }
+
+    /// Whether the task has detached the sink (its store is unreachable):
+    /// what it is sent now is dropped.
+    pub fn detached(&self) -> bool {
+        self.detached.load(Ordering::Relaxed)
     }
 
     /// Whether the sink was detached and its store answers again (asked at
@@ -229,10 +242,16 @@ impl Drop for SinkTask {
 
 /// Applies commands in order until the engine drops its handle or a write
 /// fails; a `detachable` sink whose store is unreachable is detached instead.
+/// What the task tells its handle without being asked.
+struct Flags {
+    detached: Arc<AtomicBool>,
+    reachable_again: Arc<AtomicBool>,
+}
+
 async fn run(
     mut sink: Sink,
     detachable: bool,
-    reachable_again: Arc<AtomicBool>,
+    flags: Flags,
     mut commands: mpsc::Receiver<Command>,
 ) -> Result<(), SinkError> {
     let mut detached = false;
@@ -255,7 +274,7 @@ async fn run(
                     state
                 });
                 if detached && sink.reachable().await {
-                    reachable_again.store(true, Ordering::Relaxed);
+                    flags.reachable_again.store(true, Ordering::Relaxed);
                 }
                 let failed = result.is_err();
                 let _ = reply.send(result);
@@ -285,6 +304,7 @@ async fn run(
                      the job restarts and catches this sink up from its checkpoints"
                 );
                 detached = true;
+                flags.detached.store(true, Ordering::Relaxed);
             }
             Err(error) => return Err(error),
         }

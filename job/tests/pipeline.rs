@@ -252,18 +252,36 @@ async fn a_redis_outage_leaves_parquet_flowing_and_redis_is_caught_up_after() {
         job.log_tail()
     );
 
+    // Killed and started again while Redis is still down: the Redis sinks
+    // start detached, and Parquet goes on.
+    job.kill_9();
+    let mut job = world.start_job(&["run"]);
+    let e4 = insert_event(&client, Some(A), Some(4_000)).await;
+    wait_for(
+        "an event committed after the restart, in parquet",
+        Duration::from_secs(60),
+        || async { parquet_ids(&world).await == vec![e1, e2, e3, e4] },
+    )
+    .await;
+    job.assert_running();
+    assert!(
+        job.log_tail().contains("sink detached at start"),
+        "{}",
+        job.log_tail()
+    );
+
     world.redis.restart().await.unwrap();
     wait_for(
         "redis caught up once it is back",
         Duration::from_secs(60),
-        || async { recent_ids(&world, A).await == vec![e3, e2, e1] },
+        || async { recent_ids(&world, A).await == vec![e4, e3, e2, e1] },
     )
     .await;
     // Nothing twice in either output, and the job carries on as usual.
-    let e4 = insert_event(&client, Some(A), Some(4_000)).await;
+    let e5 = insert_event(&client, Some(A), Some(5_000)).await;
     wait_for("a later event in both", Duration::from_secs(30), || async {
-        recent_ids(&world, A).await == vec![e4, e3, e2, e1]
-            && parquet_ids(&world).await == vec![e1, e2, e3, e4]
+        recent_ids(&world, A).await == vec![e5, e4, e3, e2, e1]
+            && parquet_ids(&world).await == vec![e1, e2, e3, e4, e5]
     })
     .await;
     job.assert_running();

@@ -59,7 +59,7 @@ use crate::source::postgres::{self, Start};
 use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
 use crate::source::{format_lsn, Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
-use crate::sql::{JobSpec, SqlError};
+use crate::sql::{Connector, JobSpec, SqlError};
 use dimension::Dimension;
 use stats::JobStats;
 
@@ -280,13 +280,48 @@ async fn run_once(
         .processed_lsn
         .store(engine.resume_lsn, Ordering::Relaxed);
 
+    // Redis addresses found unreachable while opening: the other sinks
+    // there start detached without waiting for a connection again.
+    let mut unreachable: Vec<String> = Vec::new();
     for (index, query) in engine.plan.queries.iter().enumerate() {
         let table = &engine.plan.sinks[query.sink].def;
         let restored = latest.as_ref().and_then(|m| m.sinks.get(&table.name));
-        let sink = Sink::open(&spec.name, table, query, restored).await?;
-        tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
+        if let (Connector::Redis(options), Some(restored)) = (&table.connector, restored) {
+            if unreachable.iter().any(|a| a == options.address.expose()) {
+                tracing::warn!(sink = %table.name, position = %restored.position, "sink detached at start: redis is unreachable");
+                let sink = SinkTask::unreachable(&table.name, options.address.expose(), restored);
+                engine.sinks.push(sink);
+                continue;
+            }
+        }
+        let sink = match (
+            Sink::open(&spec.name, table, query, restored).await,
+            restored,
+        ) {
+            (Ok(sink), _) => {
+                tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
+                SinkTask::spawn(sink)
+            }
+            // A job that ran before, restarting while Redis is down: the
+            // sink starts detached, and the others do not wait for Redis.
+            (Err(error), Some(restored)) if error.is_transient() => match &table.connector {
+                Connector::Redis(options) => {
+                    tracing::warn!(
+                        sink = %table.name,
+                        error = %error,
+                        position = %restored.position,
+                        "sink detached at start: redis is unreachable; the other sinks go on, and once it \
+                         answers again the job restarts and catches this sink up from its checkpoints"
+                    );
+                    unreachable.push(options.address.expose().to_string());
+                    SinkTask::unreachable(&table.name, options.address.expose(), restored)
+                }
+                _ => return Err(error.into()),
+            },
+            (Err(error), _) => return Err(error.into()),
+        };
         debug_assert_eq!(engine.sinks.len(), index);
-        engine.sinks.push(SinkTask::spawn(sink));
+        engine.sinks.push(sink);
     }
 
     engine.late_sink = late::open(

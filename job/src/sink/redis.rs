@@ -157,6 +157,9 @@ return {1, ARGV[2]}
 /// How long a write keeps retrying transient failures before giving up.
 const RETRY_BUDGET: Duration = Duration::from_secs(60);
 
+/// How long opening a sink waits for a connection to Redis.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Marks a row that is not written in [`Encoder::row_keys`].
 const SKIPPED: u32 = u32::MAX;
 
@@ -205,14 +208,26 @@ impl RedisSink {
         check_columns(options, schema).map_err(permanent)?;
         let client = redis::Client::open(options.address.expose())
             .map_err(|e| permanent(format!("invalid redis address {}: {e}", options.address)))?;
-        let mut connection =
-            client
-                .get_connection_manager()
-                .await
-                .map_err(|e| SinkError::Transient {
-                    sink: name.to_string(),
-                    message: format!("failed to connect to redis at {}: {e}", options.address),
-                })?;
+        // Bounded: the connection manager retries a refused connection for
+        // ~10 s by itself, which a job restarting during an outage would
+        // spend on every Redis sink before streaming.
+        let connect = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager());
+        let unreachable = |message: String| SinkError::Transient {
+            sink: name.to_string(),
+            message: format!(
+                "failed to connect to redis at {}: {message}",
+                options.address
+            ),
+        };
+        let mut connection = match connect.await {
+            Ok(connected) => connected.map_err(|e| unreachable(e.to_string()))?,
+            Err(_) => {
+                return Err(unreachable(format!(
+                    "no connection within {} s",
+                    CONNECT_TIMEOUT.as_secs()
+                )))
+            }
+        };
         let script_sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
             .arg(APPLY_SCRIPT)
@@ -296,6 +311,24 @@ impl RedisSink {
     /// [`RETRY_BUDGET`].
     pub fn set_retry_budget(&mut self, budget: Duration) {
         self.retry_budget = budget;
+    }
+
+    /// Whether the Redis at `address` accepts a connection and answers a
+    /// PING within a second (for a sink that could not even open).
+    pub async fn reachable_at(address: &str) -> bool {
+        let Ok(client) = redis::Client::open(address) else {
+            return false;
+        };
+        let ping = async {
+            let mut connection = client.get_multiplexed_async_connection().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut connection)
+                .await
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), ping).await,
+            Ok(Ok(_))
+        )
     }
 
     /// Whether Redis answers a PING within a second.

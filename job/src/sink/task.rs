@@ -80,6 +80,49 @@ pub struct SinkTask {
 }
 
 impl SinkTask {
+    /// A Redis sink whose store could not be reached when the run started,
+    /// detached from the start at the position the checkpoint `restored`
+    /// recorded: it drops what it is sent, and asks Redis at `address`
+    /// at each barrier whether it answers again (then the run restarts and
+    /// opens it for real, catching it up).
+    pub fn unreachable(name: &str, address: &str, restored: &SinkState) -> SinkTask {
+        let (commands, mut receiver) = mpsc::channel(QUEUE);
+        let reachable_again = Arc::new(AtomicBool::new(false));
+        let state = SinkState {
+            detached: true,
+            ..restored.clone()
+        };
+        let (flag, address) = (reachable_again.clone(), address.to_string());
+        let held = state.clone();
+        let task = tokio::spawn(async move {
+            while let Some(command) = receiver.recv().await {
+                match command {
+                    Command::Write { .. } | Command::WriteWindow { .. } => {}
+                    Command::Prepare { reply, .. } => {
+                        if super::redis::RedisSink::reachable_at(&address).await {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                        let _ = reply.send(Ok(held.clone()));
+                    }
+                    Command::Commit { reply, .. } => {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+            }
+            Ok(())
+        });
+        SinkTask {
+            name: name.to_string(),
+            is_redis: true,
+            lost: false,
+            position: state.position,
+            commands,
+            task: Some(task),
+            reachable_again,
+            detached: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
     /// Moves `sink` onto a task of its own.
     pub fn spawn(mut sink: Sink) -> SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);

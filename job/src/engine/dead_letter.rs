@@ -9,7 +9,7 @@
 //! error naming the failed check instead, rather than losing the row.
 //!
 //! A change the source cannot decode (see
-//! [`RejectedChange`](crate::source::RejectedChange)) goes there too, with
+//! [`RejectedChange`]) goes there too, with
 //! reason `decode_error:<column>` and the row as Postgres sent it.
 //!
 //! Dead letters are staged and committed with checkpoints like any Parquet

@@ -2,12 +2,21 @@
 //!
 //! # The loop
 //!
-//! Change batches arrive from the source in commit order. For a batch of
-//! table T, the engine (1) runs every query that T drives, with each query's
-//! dimension tables as they stand *now*, and hands the output to the query's
-//! sink; then (2) applies the batch to T's dimension, if T is one. Since the
-//! source cuts batches where the table changes, a `content` update lands
-//! exactly between the events committed before and after it.
+//! The source is opened through [`crate::source::postgres::open`], which
+//! also decides where the stream starts. Change batches then arrive from the
+//! source's reader task in commit order. For a batch of table T, the engine
+//! (1) runs every query that T drives, with each query's dimension tables as
+//! they stand *now*, and hands the output to the query's sink; then (2)
+//! applies the batch to T's dimension, if T is one. Since the source cuts
+//! batches where the table changes, a `content` update lands exactly between
+//! the events committed before and after it.
+//!
+//! Each sink runs on a task of its own ([`crate::sink::task::SinkTask`]):
+//! handing it the output means sending it through a bounded channel, so
+//! encoding and writing overlap the next batch, and a Redis sink whose store
+//! is unreachable is detached instead of stalling the others (see
+//! `sink/mod.rs`). Windowed aggregates that keep the same state share one
+//! (`windowed::WindowStates`).
 //!
 //! Before a query runs, input rows at or below its sink's position are
 //! dropped: after a restart the source re-sends changes the sink may already
@@ -16,10 +25,12 @@
 //! # Epochs and checkpoints
 //!
 //! Every `checkpoint_interval`, at a transaction boundary, the engine takes a
-//! checkpoint (see [`crate::checkpoint`] for what it holds): sinks prepare
-//! (Parquet stages its files), the manifest is written, sinks commit, and
-//! only then is the replication slot confirmed up to the checkpoint's resume
-//! LSN. A graceful stop takes a final checkpoint.
+//! checkpoint (see [`crate::checkpoint`] for what it holds, and
+//! `checkpointing.rs`): the barrier goes to every sink, each prepares once it
+//! has applied what came before it (Parquet stages its files), the manifest
+//! is written, sinks commit, and only then is the replication slot confirmed
+//! up to the checkpoint's resume LSN (no further than a detached sink holds).
+//! A graceful stop takes a final checkpoint.
 //!
 //! # Restore and replay
 //!

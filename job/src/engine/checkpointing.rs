@@ -89,9 +89,11 @@ impl Engine {
             chrono::Utc::now().timestamp_millis() as u64,
             Ordering::Relaxed,
         );
+        // Like the slot's own confirmation, it never moves back (a detached
+        // sink that never wrote holds position 0).
         self.stats
             .confirmed_lsn
-            .store(self.confirm_lsn(), Ordering::Relaxed);
+            .fetch_max(self.confirm_lsn(), Ordering::Relaxed);
         tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         self.store
             .prune(

@@ -21,8 +21,8 @@
 //! the captured changes (see [`Sink::detach_after`]): after [`DETACH_AFTER`]
 //! of failed retries the task *detaches* the sink instead of failing. It
 //! drops what it is sent from then on, answers each barrier with the state
-//! the sink really holds, marked `detached`, and asks the store at each
-//! barrier whether it answers again ([`SinkTask::reachable_again`]), when
+//! the sink really holds, marked `detached`, and after each checkpoint asks
+//! the store whether it answers again ([`SinkTask::reachable_again`]); then
 //! the engine restarts the run to catch the sink up (see `sink/mod.rs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -83,7 +83,7 @@ impl SinkTask {
     /// A Redis sink whose store could not be reached when the run started,
     /// detached from the start at the position the checkpoint `restored`
     /// recorded: it drops what it is sent, and asks Redis at `address`
-    /// at each barrier whether it answers again (then the run restarts and
+    /// after each checkpoint whether it answers again (then the run restarts and
     /// opens it for real, catching it up).
     pub fn unreachable(name: &str, address: &str, restored: &SinkState) -> SinkTask {
         let (commands, mut receiver) = mpsc::channel(QUEUE);
@@ -99,13 +99,14 @@ impl SinkTask {
                 match command {
                     Command::Write { .. } | Command::WriteWindow { .. } => {}
                     Command::Prepare { reply, .. } => {
-                        if super::redis::RedisSink::reachable_at(&address).await {
-                            flag.store(true, Ordering::Relaxed);
-                        }
                         let _ = reply.send(Ok(held.clone()));
                     }
                     Command::Commit { reply, .. } => {
                         let _ = reply.send(Ok(()));
+                        // After the checkpoint, as for a detached sink (`run`).
+                        if super::redis::RedisSink::reachable_at(&address).await {
+                            flag.store(true, Ordering::Relaxed);
+                        }
                     }
                 }
             }
@@ -156,7 +157,7 @@ impl SinkTask {
     }
 
     /// Whether the sink was detached and its store answers again (asked at
-    /// each barrier): time to restart the run and catch it up.
+    /// each checkpoint): time to restart the run and catch it up.
     pub fn reachable_again(&self) -> bool {
         self.reachable_again.load(Ordering::Relaxed)
     }
@@ -316,9 +317,6 @@ async fn run(
                     state.detached = detached;
                     state
                 });
-                if detached && sink.reachable().await {
-                    flags.reachable_again.store(true, Ordering::Relaxed);
-                }
                 let failed = result.is_err();
                 let _ = reply.send(result);
                 if failed {
@@ -332,6 +330,12 @@ async fn run(
                 let _ = reply.send(result);
                 if failed {
                     break;
+                }
+                // Asked once the checkpoint is done, so a store that does not
+                // answer never holds a checkpoint up; the engine sees the
+                // answer after the next one.
+                if detached && sink.reachable().await {
+                    flags.reachable_again.store(true, Ordering::Relaxed);
                 }
                 Ok(())
             }

@@ -113,6 +113,24 @@ impl SinkError {
     }
 }
 
+/// Refuses a write up to `upto` that is not above the sink's `position`:
+/// positions never move backward (the contract above).
+pub(crate) fn forward_only(
+    sink: &str,
+    position: Position,
+    upto: Position,
+) -> Result<(), SinkError> {
+    if upto <= position {
+        return Err(SinkError::Permanent {
+            sink: sink.to_string(),
+            message: format!(
+                "refusing a write up to {upto}, not above the sink's position {position}"
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// One sink table of the job (boxed: sink states are a few hundred bytes each).
 pub enum Sink {
     Parquet(Box<parquet::ParquetSink>),
@@ -210,15 +228,7 @@ impl Sink {
         batches: Vec<RecordBatch>,
         upto: Position,
     ) -> Result<(), SinkError> {
-        if upto <= self.position() {
-            return Err(SinkError::Permanent {
-                sink: self.name().to_string(),
-                message: format!(
-                    "refusing a write up to {upto}, not above the sink's position {}",
-                    self.position()
-                ),
-            });
-        }
+        forward_only(self.name(), self.position(), upto)?;
         match self {
             Sink::Parquet(sink) => sink.write(batches, upto),
             Sink::Redis(sink) => sink.write(batches, upto).await,

@@ -188,15 +188,7 @@ impl SinkTask {
         batches: Vec<RecordBatch>,
         upto: Position,
     ) -> Result<(), SinkError> {
-        if upto <= self.position {
-            return Err(SinkError::Permanent {
-                sink: self.name.clone(),
-                message: format!(
-                    "refusing a write up to {upto}, not above the sink's position {}",
-                    self.position
-                ),
-            });
-        }
+        super::forward_only(&self.name, self.position, upto)?;
         self.send(Command::Write { batches, upto }).await?;
         self.position = upto;
         Ok(())

@@ -6,8 +6,10 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use arrow::record_batch::RecordBatch;
+
 use super::{Engine, JobError};
-use crate::checkpoint::{self, Manifest, SourceState, StateFile};
+use crate::checkpoint::{self, CheckpointStore, Manifest, SourceState, StateFile};
 use crate::sink::task::SinkTask;
 use crate::sink::SinkState;
 use crate::source::format_lsn;
@@ -144,13 +146,23 @@ impl Engine {
                     manifest.epoch
                 ))
             })?;
-            let bytes = self.store.read_file(manifest.epoch, &file.file).await?;
-            for batch in checkpoint::decode_ipc(bytes)
-                .map_err(JobError::state(format!("dimension `{name}`")))?
-            {
+            let what = format!("dimension `{name}`");
+            for batch in read_state(&self.store, manifest.epoch, file, what).await? {
                 dimension.apply(&batch).map_err(JobError::Arrow)?;
             }
         }
         Ok(())
     }
+}
+
+/// The batches of state file `file` of checkpoint `epoch`, read back;
+/// `what` names the state in errors.
+pub(super) async fn read_state(
+    store: &CheckpointStore,
+    epoch: u64,
+    file: &StateFile,
+    what: String,
+) -> Result<Vec<RecordBatch>, JobError> {
+    let bytes = store.read_file(epoch, &file.file).await?;
+    checkpoint::decode_ipc(bytes).map_err(JobError::state(what))
 }

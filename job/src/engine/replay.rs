@@ -25,8 +25,9 @@ use std::sync::atomic::Ordering;
 
 use arrow::record_batch::RecordBatch;
 
+use super::checkpointing::read_state;
 use super::{after, Engine, JobError, BEFORE_SUFFIX};
-use crate::checkpoint::{self, CheckpointError, Manifest};
+use crate::checkpoint::{CheckpointError, Manifest};
 use crate::source::Position;
 
 impl Engine {
@@ -41,9 +42,8 @@ impl Engine {
             };
             let mut batches: BTreeMap<String, std::vec::IntoIter<RecordBatch>> = BTreeMap::new();
             for (table, file) in &manifest.capture_files {
-                let bytes = self.store.read_file(epoch, &file.file).await?;
-                let decoded = checkpoint::decode_ipc(bytes)
-                    .map_err(JobError::state(format!("capture of `{table}`")))?;
+                let what = format!("capture of `{table}`");
+                let decoded = read_state(&self.store, epoch, file, what).await?;
                 batches.insert(table.clone(), decoded.into_iter());
             }
             let mut before = None;

@@ -36,9 +36,10 @@ use arrow::array::{Array, BooleanArray, StringArray};
 use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::record_batch::RecordBatch;
 
+use super::checkpointing::read_state;
 use super::window::WindowState;
 use super::{Engine, JobError};
-use crate::checkpoint::{self, Manifest, StateFile, WindowCheckpoint, WindowOutput};
+use crate::checkpoint::{Manifest, StateFile, WindowCheckpoint, WindowOutput};
 use crate::source::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 
@@ -549,12 +550,8 @@ impl Engine {
             let Some(saved) = latest.window_outputs.get(&sink) else {
                 continue;
             };
-            let bytes = self
-                .store
-                .read_file(latest.epoch, &saved.state.file)
-                .await?;
-            let batches = checkpoint::decode_ipc(bytes)
-                .map_err(JobError::state(format!("window output of {sink}")))?;
+            let what = format!("window output of {sink}");
+            let batches = read_state(&self.store, latest.epoch, &saved.state, what).await?;
             self.last_windows[q] = Some((saved.end, batches));
         }
         Ok(())
@@ -592,12 +589,9 @@ impl Engine {
                 let key = window_key(&sink, w);
                 match restore.windows.get(&key) {
                     Some(saved) if !restored[s] => {
-                        let bytes = self
-                            .store
-                            .read_file(restore.epoch, &saved.state.file)
-                            .await?;
-                        let batches = checkpoint::decode_ipc(bytes)
-                            .map_err(JobError::state(format!("window {key}")))?;
+                        let what = format!("window {key}");
+                        let batches =
+                            read_state(&self.store, restore.epoch, &saved.state, what).await?;
                         self.windows.states[s]
                             .restore(&batches, &saved.meta)
                             .map_err(JobError::state(format!("window {key}")))?;

@@ -455,6 +455,16 @@ mod tests {
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
 
+    async fn epochs(store: &CheckpointStore) -> Vec<u64> {
+        store
+            .list()
+            .await
+            .unwrap()
+            .iter()
+            .map(|m| m.epoch)
+            .collect()
+    }
+
     fn manifest(job: &str, epoch: u64) -> Manifest {
         Manifest {
             job: job.into(),
@@ -484,23 +494,9 @@ mod tests {
                 .await
                 .unwrap();
         }
-        let epochs: Vec<_> = store
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.epoch)
-            .collect();
-        assert_eq!(epochs, vec![1, 2, 3, 4]);
+        assert_eq!(epochs(&store).await, vec![1, 2, 3, 4]);
         store.prune(2, None).await.unwrap();
-        let epochs: Vec<_> = store
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.epoch)
-            .collect();
-        assert_eq!(epochs, vec![3, 4]);
+        assert_eq!(epochs(&store).await, vec![3, 4]);
         assert!(!dir.path().join("job/epoch-000000000001").exists());
     }
 
@@ -514,24 +510,10 @@ mod tests {
         // A sink detached holding position (2, 5): checkpoint 2 (at (2, 0))
         // is the newest at or below it; it and every later one stay.
         store.prune(2, Some(Position::new(2, 5))).await.unwrap();
-        let epochs: Vec<_> = store
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.epoch)
-            .collect();
-        assert_eq!(epochs, vec![2, 3, 4, 5, 6]);
+        assert_eq!(epochs(&store).await, vec![2, 3, 4, 5, 6]);
         // Caught up: back to the newest `keep`.
         store.prune(2, None).await.unwrap();
-        let epochs: Vec<_> = store
-            .list()
-            .await
-            .unwrap()
-            .iter()
-            .map(|m| m.epoch)
-            .collect();
-        assert_eq!(epochs, vec![5, 6]);
+        assert_eq!(epochs(&store).await, vec![5, 6]);
     }
 
     #[tokio::test]

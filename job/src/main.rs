@@ -135,9 +135,16 @@ struct RunArgs {
     /// Seconds between checkpoints.
     #[arg(long, default_value_t = 10.0)]
     checkpoint_interval: f64,
-    /// Checkpoints (with their capture logs, which `replay` reads) to keep.
+    /// Checkpoints to keep whole (state, windows and capture). Older ones are
+    /// thinned to the changes they captured, kept for --capture-retention.
     #[arg(long, default_value_t = engage::checkpoint::DEFAULT_KEEP)]
     keep_checkpoints: usize,
+    /// How long to keep captured changes, beyond the checkpoints kept whole: a Redis that
+    /// lost its data, or a sink added later (`engage replay`), is refilled from them.
+    /// E.g. 24h, 90m, 7d; 0 keeps them only with whole checkpoints. Default: the job's
+    /// longest window, at least 1h. Costs disk: about the changes' compressed size.
+    #[arg(long, value_parser = parse_span)]
+    capture_retention: Option<Duration>,
     /// Print a status line every second.
     #[arg(long)]
     progress: bool,
@@ -148,6 +155,32 @@ struct RunArgs {
     /// Warn when the replication slot retains more WAL than this many MiB.
     #[arg(long, default_value_t = 1024)]
     warn_retained_wal_mib: u64,
+}
+
+/// A span like `90s`, `30m`, `24h` or `7d` (`0` alone is allowed).
+fn parse_span(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` needs a unit: s, m, h or d (e.g. 24h)"))?;
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a span like 24h, 90m or 7d"))?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 60 * 60,
+        "d" => 24 * 60 * 60,
+        _ => return Err(format!("`{text}`: the unit is s, m, h or d (e.g. 24h)")),
+    };
+    number
+        .checked_mul(seconds)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
 }
 
 fn parse_lsn_arg(text: &str) -> Result<u64, String> {
@@ -229,8 +262,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:>8}  {:<24}  {:>14}  {:>10}  {:>12}  sinks",
-                "id", "time", "resume lsn", "captured", "state bytes"
+                "{:>8}  {:<24}  {:<7}  {:>14}  {:>10}  {:>12}  sinks",
+                "id", "time", "kept", "resume lsn", "captured", "state bytes"
             );
             for m in manifests {
                 let sinks: Vec<String> = m
@@ -239,9 +272,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|(n, s)| format!("{n}@{}", s.position))
                     .collect();
                 println!(
-                    "{:>8}  {:<24}  {:>14}  {:>10}  {:>12}  {}",
+                    "{:>8}  {:<24}  {:<7}  {:>14}  {:>10}  {:>12}  {}",
                     m.epoch,
                     m.created_at,
+                    m.kept.label(),
                     format_lsn(m.source.resume_lsn),
                     m.captured_rows(),
                     m.state_bytes(),
@@ -347,6 +381,7 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
         checkpoint_dir: job.checkpoint_dir.clone(),
         checkpoint_interval: Duration::from_secs_f64(running.checkpoint_interval),
         keep_checkpoints: running.keep_checkpoints.max(1),
+        capture_retention: running.capture_retention,
         replay_from,
         end_lsn: running.end_lsn,
         warn_retained_wal_bytes: running.warn_retained_wal_mib << 20,

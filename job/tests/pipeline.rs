@@ -7,6 +7,7 @@ mod support;
 use std::time::Duration;
 
 use engage::chaos::workload::{Workload, WorkloadOptions};
+use engage::checkpoint::{CheckpointStore, Kept};
 use engage::embedded::PostgresOptions;
 use engage::generate;
 use redis::AsyncCommands;
@@ -398,6 +399,98 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
         .await
         .unwrap();
     assert_eq!(windows.len(), 2, "{windows:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoints() {
+    let world = World::start().await;
+    seed_for_oracle(&world, 20, 3).await;
+    let run = ["run", "--keep-checkpoints", "2"];
+    let mut job = world.start_job(&run);
+    wait_started(&world, &mut job).await;
+    workload(&world, 8_000, 2_000, 20)
+        .wait_done()
+        .await
+        .expect("the workload ran");
+    wait_caught_up(&world, &mut job).await;
+    job.stop();
+    assert_matches_oracle(&world, &[]).await;
+
+    // Two checkpoints are whole; the older ones keep their capture, and the
+    // first (taken at start, before any change) its dimension tables too.
+    let store =
+        CheckpointStore::open(support::path_str(&world.checkpoint_dir()), "engagement").unwrap();
+    let manifests = store.list().await.unwrap();
+    let whole = manifests
+        .iter()
+        .filter(|m| m.kept == Kept::Everything)
+        .count();
+    assert_eq!(whole, 2, "{:?}", kept(&manifests));
+    assert!(manifests.len() > 4, "{:?}", kept(&manifests));
+    assert_eq!(manifests[0].epoch, 1);
+    assert_eq!(manifests[0].kept, Kept::CaptureAndDimensions);
+
+    // Redis loses everything: the job rebuilds the lists from checkpoint 1's
+    // dimension tables and every capture since, not only the whole checkpoints.
+    let mut redis = world.redis().await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let last = world.latest_checkpoint();
+    let job = world.start_job(&run);
+    wait_for(
+        "a checkpoint after the rebuild",
+        Duration::from_secs(30),
+        || async { world.latest_checkpoint() > last },
+    )
+    .await;
+    let log = std::fs::read_to_string(&job.log).unwrap();
+    job.stop();
+    assert!(
+        log.contains("rebuilding sinks whose redis lost its data")
+            && log.contains("from_checkpoint=1"),
+        "the lists were not rebuilt from checkpoint 1:\n{log}"
+    );
+    assert_matches_oracle(&world, &[]).await;
+
+    // A replay (a sink added later) starts at a checkpoint that kept its
+    // dimension tables, and says which when asked for one that did not.
+    // (A base opens every 10 minutes of wall time: look, do not assume.)
+    let thinned = manifests
+        .iter()
+        .position(|m| m.kept == Kept::Capture)
+        .unwrap();
+    let base = manifests[..thinned]
+        .iter()
+        .rev()
+        .find(|m| m.holds_dimensions());
+    let (thinned, base) = (manifests[thinned].epoch, base.unwrap().epoch);
+    let mut refused = world.start_job(&["replay", "--from-checkpoint", &thinned.to_string()]);
+    let status = refused.wait_exit(Duration::from_secs(60), "refusing the replay");
+    let log = std::fs::read_to_string(&refused.log).unwrap();
+    assert!(!status.success());
+    assert!(
+        log.contains(&format!(
+            "checkpoint {thinned} keeps only its captured changes"
+        )) && log.contains(&format!("the nearest before it is {base}")),
+        "{log}"
+    );
+    let last = world.latest_checkpoint();
+    let mut replay = world.start_job(&["replay", "--from-checkpoint", &base.to_string()]);
+    wait_for(
+        "a checkpoint after the replay",
+        Duration::from_secs(30),
+        || async { world.latest_checkpoint() > last },
+    )
+    .await;
+    replay.assert_running();
+    replay.stop();
+    assert_matches_oracle(&world, &[]).await;
+}
+
+fn kept(manifests: &[engage::checkpoint::Manifest]) -> Vec<(u64, Kept)> {
+    manifests.iter().map(|m| (m.epoch, m.kept)).collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]

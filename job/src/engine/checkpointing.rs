@@ -76,6 +76,7 @@ impl Engine {
             sql_hash: self.sql_hash.clone(),
             windows,
             window_outputs,
+            kept: checkpoint::Kept::Everything,
         };
         self.store.write(&manifest, files).await?;
         crate::failpoint::hit("before_sink_commit");
@@ -99,8 +100,9 @@ impl Engine {
         tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
         self.store
             .prune(
-                self.keep,
+                self.retention,
                 self.held_by.as_ref().map(|(_, position)| *position),
+                chrono::Utc::now(),
             )
             .await?;
         Ok(())

@@ -63,7 +63,7 @@ use arrow::array::{Array, BooleanArray, Int64Array};
 use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
-use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore};
+use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore, Retention};
 use crate::sink::task::SinkTask;
 use crate::sink::{Sink, SinkError};
 use crate::source::postgres::{self, Start};
@@ -80,8 +80,11 @@ pub struct RunOptions {
     /// Directory or URL holding `<job>/epoch-*/` checkpoints.
     pub checkpoint_dir: String,
     pub checkpoint_interval: Duration,
-    /// Checkpoints (and capture logs) kept; older ones are deleted.
+    /// Checkpoints kept whole; older ones are thinned to their capture.
     pub keep_checkpoints: usize,
+    /// How long thinned checkpoints keep their capture; `None`: the job's
+    /// longest window, and at least [`MIN_CAPTURE_RETENTION`].
+    pub capture_retention: Option<Duration>,
     /// Replay the captured changes after this checkpoint first.
     pub replay_from: Option<u64>,
     /// Stop (with a final checkpoint) once the stream reaches this LSN.
@@ -97,6 +100,7 @@ impl Default for RunOptions {
             checkpoint_dir: "checkpoints".into(),
             checkpoint_interval: Duration::from_secs(10),
             keep_checkpoints: checkpoint::DEFAULT_KEEP,
+            capture_retention: None,
             replay_from: None,
             end_lsn: None,
             warn_retained_wal_bytes: 1 << 30,
@@ -185,7 +189,7 @@ async fn run_once(
     let store = CheckpointStore::open(&options.checkpoint_dir, &spec.name)?;
     let latest = store.latest().await?;
     let restore = match options.replay_from {
-        Some(epoch) => Some(store.load(epoch).await?),
+        Some(epoch) => Some(replay_start(&store, epoch).await?),
         None => latest.clone(),
     };
     let windowed: Vec<Vec<String>> = (0..plan.sources.len())
@@ -221,6 +225,9 @@ async fn run_once(
             None
         });
     }
+    let capture_retention = options
+        .capture_retention
+        .unwrap_or_else(|| default_capture_retention(&plan));
     let mut engine = Engine {
         job: spec.name.clone(),
         sql_hash: sql_hash(script),
@@ -236,7 +243,10 @@ async fn run_once(
         dirty: false,
         slot: pg.slot().to_string(),
         stats,
-        keep: options.keep_checkpoints,
+        retention: Retention {
+            keep: options.keep_checkpoints,
+            capture: capture_retention,
+        },
         windows: windowed::WindowStates::default(),
         window_guards: Vec::new(),
         last_windows: Vec::new(),
@@ -276,7 +286,14 @@ async fn run_once(
             let latest = latest.as_ref().expect("resumed from a checkpoint");
             let restore = restore.as_ref().expect("a latest checkpoint exists");
             engine.restore_dimensions(restore).await?;
-            engine.restore_windows(restore, latest).await?;
+            // A thinned checkpoint has no window state: the windows go on
+            // from the newest one, and the replay feeds only the other sinks.
+            let windows_from = if restore.kept.is_everything() {
+                restore
+            } else {
+                latest
+            };
+            engine.restore_windows(windows_from, latest).await?;
             engine.epoch = latest.epoch;
             engine.resume_lsn = latest.source.resume_lsn;
             engine.position = latest.source.position;
@@ -373,7 +390,15 @@ async fn run_once(
         Some(latest) => engine.rebuild_lost_sinks(latest).await?,
     }
     if let (Some(from), Some(latest)) = (options.replay_from, &latest) {
+        let thinned = restore.as_ref().is_some_and(|r| !r.kept.is_everything());
+        if thinned {
+            let unwindowed = (0..engine.plan.queries.len())
+                .filter(|&q| !engine.plan.queries[q].is_windowed())
+                .collect();
+            engine.rebuilding = Some(unwindowed);
+        }
         summary.replayed_changes = engine.replay(from, latest.epoch).await?;
+        engine.rebuilding = None;
     }
 
     let mut source = pg
@@ -407,6 +432,51 @@ async fn run_once(
     Ok(summary)
 }
 
+/// The checkpoint `engage replay --from-checkpoint epoch` starts from: whole,
+/// or thinned to a base (its dimension tables are still there).
+async fn replay_start(
+    store: &CheckpointStore,
+    epoch: u64,
+) -> Result<checkpoint::Manifest, JobError> {
+    let manifest = store.load(epoch).await?;
+    if manifest.holds_dimensions() {
+        return Ok(manifest);
+    }
+    let bases: Vec<u64> = store
+        .list()
+        .await?
+        .iter()
+        .filter(|m| m.holds_dimensions())
+        .map(|m| m.epoch)
+        .collect();
+    let before = bases.iter().rev().find(|&&b| b < epoch);
+    let suggestion = match before {
+        Some(base) => format!("the nearest before it is {base}"),
+        None => format!("the oldest is {}", bases.first().copied().unwrap_or(epoch)),
+    };
+    Err(JobError::Restore(format!(
+        "checkpoint {epoch} keeps only its captured changes (it is older than the checkpoints kept whole, \
+         --keep-checkpoints), so a replay cannot start there. Start from a checkpoint that still holds its \
+         dimension tables (`engage checkpoints` marks them `whole` or `base`): {suggestion}"
+    )))
+}
+
+/// The shortest default capture retention.
+pub const MIN_CAPTURE_RETENTION: Duration = Duration::from_secs(60 * 60);
+
+/// Captures are kept for the job's longest window (at least an hour): a
+/// sink rebuilt from them gets every change its windows could still show.
+fn default_capture_retention(plan: &JobPlan) -> Duration {
+    let longest_us = plan
+        .queries
+        .iter()
+        .flat_map(|q| &q.windows)
+        .map(|w| w.kind.width())
+        .max()
+        .unwrap_or(0);
+    Duration::from_micros(longest_us.max(0) as u64).max(MIN_CAPTURE_RETENTION)
+}
+
 struct Engine {
     job: String,
     sql_hash: String,
@@ -427,7 +497,7 @@ struct Engine {
     dirty: bool,
     slot: String,
     stats: Arc<JobStats>,
-    keep: usize,
+    retention: Retention,
     /// The state of every windowed aggregate.
     windows: windowed::WindowStates,
     /// Per query and aggregate: windows ending at or before this are already in the sink.

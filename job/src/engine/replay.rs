@@ -99,13 +99,21 @@ impl Engine {
         let names: Vec<&str> = lost.iter().map(|&i| self.sinks[i].name()).collect();
         let names = names.join(", ");
         let retained = self.store.list().await?;
-        let Some(base) = retained.iter().rev().find(|m| m.source.position <= floor) else {
-            let oldest = retained.first().map(|m| m.epoch).unwrap_or(latest.epoch);
+        let base = retained
+            .iter()
+            .rev()
+            .find(|m| m.source.position <= floor && m.holds_dimensions());
+        let Some(base) = base else {
+            let oldest = retained
+                .iter()
+                .find(|m| m.holds_dimensions())
+                .map(|m| m.epoch)
+                .unwrap_or(latest.epoch);
             return Err(JobError::Restore(format!(
                 "redis lost what sink(s) {names} had applied (it holds position {floor}), and the oldest retained \
-                 checkpoint ({oldest}) is newer than that, so the keys cannot be rebuilt exactly. To refill them \
-                 with the changes still captured, run `engage replay --from-checkpoint {oldest}`; keep more \
-                 checkpoints (--keep-checkpoints) to make this automatic"
+                 checkpoint a rebuild can start from ({oldest}) is newer than that, so the keys cannot be rebuilt \
+                 exactly. To refill them with the changes still captured, run `engage replay --from-checkpoint \
+                 {oldest}`; keep captures longer (--capture-retention) to make this automatic"
             )));
         };
         tracing::warn!(sinks = %names, from_checkpoint = base.epoch, to_checkpoint = latest.epoch, "rebuilding sinks whose redis lost its data");

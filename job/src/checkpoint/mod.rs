@@ -29,7 +29,6 @@
 //! changes of the last `keep` epochs and reprocesses them from there.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use arrow::datatypes::SchemaRef;
 use arrow::ipc::reader::StreamReader;
@@ -45,7 +44,10 @@ use crate::sink::SinkState;
 use crate::source::{format_lsn, Position};
 use crate::storage::{self, Location};
 
-/// Default number of checkpoints kept (with their capture logs).
+mod retention;
+pub use retention::{Kept, Retention, BASE_EVERY};
+
+/// Default number of checkpoints kept whole (older ones are thinned: retention.rs).
 pub const DEFAULT_KEEP: usize = 30;
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +92,9 @@ pub struct Manifest {
     /// store lost its data is rewritten with.
     #[serde(default)]
     pub window_outputs: BTreeMap<String, WindowOutput>,
+    /// What the checkpoint still holds: older ones are thinned (retention.rs).
+    #[serde(default, skip_serializing_if = "Kept::is_everything")]
+    pub kept: Kept,
 }
 
 /// The rows of the last window written to a windowed sink.
@@ -215,6 +220,21 @@ impl CheckpointStore {
 
     /// Every checkpoint, oldest first.
     pub async fn list(&self) -> Result<Vec<Manifest>, CheckpointError> {
+        let mut manifests = Vec::new();
+        for epoch in self.epochs().await? {
+            match self.load(epoch).await {
+                Ok(manifest) => manifests.push(manifest),
+                // A directory without a manifest is a checkpoint that never completed.
+                Err(CheckpointError::NotFound { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(manifests)
+    }
+
+    /// The epochs that have a directory (complete or not), oldest first,
+    /// without reading their manifests.
+    pub async fn epochs(&self) -> Result<Vec<u64>, CheckpointError> {
         let mut epochs = Vec::new();
         let listing = self
             .location
@@ -236,20 +256,19 @@ impl CheckpointStore {
             }
         }
         epochs.sort_unstable();
-        let mut manifests = Vec::new();
-        for epoch in epochs {
+        Ok(epochs)
+    }
+
+    /// The newest complete checkpoint.
+    pub async fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        for epoch in self.epochs().await?.into_iter().rev() {
             match self.load(epoch).await {
-                Ok(manifest) => manifests.push(manifest),
-                // A directory without a manifest is a checkpoint that never completed.
+                Ok(manifest) => return Ok(Some(manifest)),
                 Err(CheckpointError::NotFound { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
-        Ok(manifests)
-    }
-
-    pub async fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
-        Ok(self.list().await?.pop())
+        Ok(None)
     }
 
     pub async fn load(&self, epoch: u64) -> Result<Manifest, CheckpointError> {
@@ -302,6 +321,45 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// Deletes a whole checkpoint directory.
+    async fn delete_epoch(&self, epoch: u64) -> Result<(), CheckpointError> {
+        let prefix = self.location.child(&Self::epoch_dir(epoch));
+        let files: Vec<_> = self
+            .location
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.storage_error(format!("failed to list {prefix}: {e}")))?;
+        for meta in files {
+            self.location
+                .store
+                .delete(&meta.location)
+                .await
+                .map_err(|e| {
+                    self.storage_error(format!("failed to delete {}: {e}", meta.location))
+                })?;
+        }
+        if !self.location.display.contains("://") {
+            // Object stores have no directories; a local one keeps them empty.
+            let _ = std::fs::remove_dir_all(
+                std::path::Path::new(&self.location.display).join(Self::epoch_dir(epoch)),
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes one file of a checkpoint (already gone is fine).
+    async fn delete_file(&self, epoch: u64, name: &str) -> Result<(), CheckpointError> {
+        let path = self
+            .location
+            .child(&format!("{}/{name}", Self::epoch_dir(epoch)));
+        match self.location.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.storage_error(format!("failed to delete {path}: {e}"))),
+        }
+    }
+
     pub async fn read_file(&self, epoch: u64, name: &str) -> Result<Bytes, CheckpointError> {
         let path = self
             .location
@@ -320,54 +378,6 @@ impl CheckpointStore {
             .bytes()
             .await
             .map_err(|e| self.storage_error(e.to_string()))
-    }
-
-    /// Deletes all but the newest `keep` checkpoints (and incomplete ones
-    /// older than them). With a `floor` (the position a detached sink holds),
-    /// the newest checkpoint at or below it and every later one are kept too:
-    /// their captured changes are what the sink will be caught up from.
-    pub async fn prune(&self, keep: usize, floor: Option<Position>) -> Result<(), CheckpointError> {
-        let manifests = self.list().await?;
-        if manifests.len() <= keep {
-            return Ok(());
-        }
-        let mut oldest_kept = manifests[manifests.len() - keep].epoch;
-        if let Some(base) =
-            floor.and_then(|floor| manifests.iter().rev().find(|m| m.source.position <= floor))
-        {
-            oldest_kept = oldest_kept.min(base.epoch);
-        }
-        let store: &Arc<dyn ObjectStore> = &self.location.store;
-        let all: Vec<_> = store
-            .list(Some(&self.location.prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.storage_error(format!("failed to list checkpoints: {e}")))?;
-        for meta in all {
-            let epoch = meta
-                .location
-                .parts()
-                .filter_map(|part| {
-                    part.as_ref()
-                        .strip_prefix("epoch-")
-                        .and_then(|n| n.parse::<u64>().ok())
-                })
-                .next();
-            if matches!(epoch, Some(epoch) if epoch < oldest_kept) {
-                store.delete(&meta.location).await.map_err(|e| {
-                    self.storage_error(format!("failed to delete {}: {e}", meta.location))
-                })?;
-            }
-        }
-        if !self.location.display.contains("://") {
-            for manifest in manifests.iter().filter(|m| m.epoch < oldest_kept) {
-                let _ = std::fs::remove_dir_all(
-                    std::path::Path::new(&self.location.display)
-                        .join(Self::epoch_dir(manifest.epoch)),
-                );
-            }
-        }
-        Ok(())
     }
 }
 
@@ -454,6 +464,21 @@ mod tests {
     use super::*;
     use arrow::array::Int64Array;
     use arrow::datatypes::{DataType, Field, Schema};
+    use chrono::{DateTime, Utc};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    fn keep(keep: usize) -> Retention {
+        Retention {
+            keep,
+            capture: Duration::ZERO,
+        }
+    }
+
+    async fn kept(store: &CheckpointStore) -> Vec<(u64, Kept)> {
+        let manifests = store.list().await.unwrap();
+        manifests.iter().map(|m| (m.epoch, m.kept)).collect()
+    }
 
     async fn epochs(store: &CheckpointStore) -> Vec<u64> {
         store
@@ -478,6 +503,7 @@ mod tests {
             sql_hash: String::new(),
             windows: BTreeMap::new(),
             window_outputs: BTreeMap::new(),
+            kept: Kept::Everything,
         }
     }
 
@@ -495,7 +521,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(epochs(&store).await, vec![1, 2, 3, 4]);
-        store.prune(2, None).await.unwrap();
+        store.prune(keep(2), None, Utc::now()).await.unwrap();
         assert_eq!(epochs(&store).await, vec![3, 4]);
         assert!(!dir.path().join("job/epoch-000000000001").exists());
     }
@@ -508,11 +534,88 @@ mod tests {
             store.write(&manifest("job", epoch), vec![]).await.unwrap();
         }
         // A sink detached holding position (2, 5): checkpoint 2 (at (2, 0))
-        // is the newest at or below it; it and every later one stay.
-        store.prune(2, Some(Position::new(2, 5))).await.unwrap();
+        // is the newest at or below it; it and every later one stay, and it
+        // keeps its dimension tables.
+        store
+            .prune(keep(2), Some(Position::new(2, 5)), Utc::now())
+            .await
+            .unwrap();
         assert_eq!(epochs(&store).await, vec![2, 3, 4, 5, 6]);
+        assert_eq!(kept(&store).await[0], (2, Kept::CaptureAndDimensions));
         // Caught up: back to the newest `keep`.
-        store.prune(2, None).await.unwrap();
+        store.prune(keep(2), None, Utc::now()).await.unwrap();
+        assert_eq!(epochs(&store).await, vec![5, 6]);
+    }
+
+    #[tokio::test]
+    async fn older_checkpoints_keep_their_capture_for_the_retention_and_a_base_every_span() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        let file = |name: &str| StateFile {
+            file: name.into(),
+            rows: 1,
+            bytes: 1,
+        };
+        // One checkpoint every 4 minutes: spans of 10 minutes start at 1, 4 and 6.
+        for epoch in 1..=6u64 {
+            let mut manifest = manifest("job", epoch);
+            manifest.created_at = format!("2026-11-21T00:{:02}:00Z", (epoch - 1) * 4);
+            manifest
+                .dimensions
+                .insert("d".into(), file("dimension-d.arrows"));
+            manifest
+                .capture_files
+                .insert("t".into(), file("capture-t.arrows"));
+            let meta = crate::engine::window::WindowMeta::default();
+            let state = file("window-w.arrows");
+            manifest
+                .windows
+                .insert("w/0".into(), WindowCheckpoint { state, meta });
+            let names = ["dimension-d.arrows", "capture-t.arrows", "window-w.arrows"];
+            let files = names
+                .iter()
+                .map(|n| (n.to_string(), Bytes::from_static(b"x")))
+                .collect();
+            store.write(&manifest, files).await.unwrap();
+        }
+        let retention = Retention {
+            keep: 2,
+            capture: Duration::from_secs(3600),
+        };
+        let soon = "2026-11-21T00:30:00Z".parse::<DateTime<Utc>>().unwrap();
+        store.prune(retention, None, soon).await.unwrap();
+        // Twice changes nothing more.
+        store.prune(retention, None, soon).await.unwrap();
+        use Kept::*;
+        assert_eq!(
+            kept(&store).await,
+            vec![
+                (1, CaptureAndDimensions),
+                (2, Capture),
+                (3, Capture),
+                (4, CaptureAndDimensions),
+                (5, Everything),
+                (6, Everything)
+            ]
+        );
+        let on_disk = |epoch: u64| {
+            let mut names: Vec<String> =
+                std::fs::read_dir(dir.path().join(format!("job/epoch-{epoch:012}")))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name().into_string().unwrap())
+                    .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(on_disk(2), ["capture-t.arrows", "manifest.json"]);
+        assert_eq!(
+            on_disk(4),
+            ["capture-t.arrows", "dimension-d.arrows", "manifest.json"]
+        );
+        assert_eq!(on_disk(6).len(), 4);
+        // Past the retention, the thinned ones go.
+        let later = "2026-11-21T02:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        store.prune(retention, None, later).await.unwrap();
         assert_eq!(epochs(&store).await, vec![5, 6]);
     }
 

@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow::datatypes::{DataType, Field, Schema, TimeUnit};
-use engage::source::pgoutput::{decode, Message, Op, TableDecoder};
-use engage::source::Position;
+use engage::change::Op;
+use engage::change::Position;
+use engage::source::pgoutput::{decode, Message, TableDecoder};
 
 const ROWS: usize = 1_000_000;
 const BATCH_ROWS: usize = 8192;

@@ -906,9 +906,12 @@ mod tests {
         };
         let spec = crate::sql::parse_job("engagement", &sql, &env).unwrap();
         for table in &spec.tables {
-            let blackhole = matches!(table.connector, crate::sql::Connector::Blackhole);
+            let blackhole = matches!(
+                table.connector.as_sink(),
+                Some(crate::sql::SinkConnector::Blackhole)
+            );
             let side_output = ["late_events", "dead_letter"].contains(&table.name.as_str());
-            let source = matches!(table.connector, crate::sql::Connector::PostgresCdc(_));
+            let source = table.connector.as_source().is_some();
             assert_eq!(blackhole, !side_output && !source, "{}", table.name);
         }
     }

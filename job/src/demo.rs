@@ -298,7 +298,7 @@ fn clear_previous_run(spec: &sql::JobSpec, checkpoint_dir: &str) -> anyhow::Resu
         std::fs::remove_dir_all(&checkpoints)?;
     }
     for table in &spec.tables {
-        if let sql::Connector::Filesystem(options) = &table.connector {
+        if let Some(options) = table.connector.filesystem() {
             let path = PathBuf::from(&options.path);
             if !options.path.contains("://") && path.exists() {
                 std::fs::remove_dir_all(&path)?;

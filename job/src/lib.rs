@@ -14,6 +14,8 @@
 //!                                                      state, sink commits, capture log)
 //! ```
 //!
+//! - [`change`] is the vocabulary they all share: a change's [`change::Position`],
+//!   its [`change::Op`], the `_op`/`_lsn`/`_seq`/`_commit_ts` columns.
 //! - [`sql`] parses job SQL (Arroyo's dialect: `CREATE TABLE ... WITH (...)`,
 //!   `CREATE VIEW`, `INSERT INTO ... SELECT`) into a validated [`sql::JobSpec`]
 //!   and plans each `INSERT` with DataFusion.
@@ -31,6 +33,7 @@
 //!   [`generate`] is the load generator; [`query`] runs DataFusion SQL over outputs.
 
 pub mod bench;
+pub mod change;
 pub mod chaos;
 pub mod checkpoint;
 pub mod demo;
@@ -43,3 +46,4 @@ pub mod sink;
 pub mod source;
 pub mod sql;
 pub mod storage;
+pub mod values;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use engage::change::format_lsn;
 use engage::checkpoint::CheckpointStore;
 use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use engage::engine::stats::JobStats;
 use engage::engine::{self, RunOptions};
 use engage::generate::{self, GenerateOptions, GenerateProgress};
 use engage::query::{self, OutputFormat};
-use engage::source::format_lsn;
 use engage::{bench, demo, sql};
 
 /// engage: a streaming job from Postgres changes to Redis and Parquet, defined in SQL.
@@ -184,7 +184,7 @@ fn parse_span(text: &str) -> Result<Duration, String> {
 }
 
 fn parse_lsn_arg(text: &str) -> Result<u64, String> {
-    engage::source::parse_lsn(text).ok_or_else(|| format!("`{text}` is not an LSN like 0/16B3748"))
+    engage::change::parse_lsn(text).ok_or_else(|| format!("`{text}` is not an LSN like 0/16B3748"))
 }
 
 impl JobArgs {

@@ -11,7 +11,7 @@ use arrow::record_batch::RecordBatch;
 use arrow::util::pretty::pretty_format_batches;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
-use crate::sql::{self, Connector, JobSpec};
+use crate::sql::{self, JobSpec};
 
 /// Output formats of `engage query`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -54,7 +54,7 @@ pub async fn session_for(spec: &JobSpec) -> (SessionContext, Vec<String>) {
     let ctx = SessionContext::new();
     let mut unavailable = Vec::new();
     for table in &spec.tables {
-        let Connector::Filesystem(options) = &table.connector else {
+        let Some(options) = table.connector.filesystem() else {
             continue;
         };
         let mut read = ParquetReadOptions::default();
@@ -98,7 +98,7 @@ pub async fn run(spec: &JobSpec, query: &str, format: OutputFormat) -> Result<St
         let names: Vec<_> = spec
             .tables
             .iter()
-            .filter(|t| matches!(t.connector, Connector::Filesystem(_)))
+            .filter(|t| t.connector.filesystem().is_some())
             .map(|t| t.name.as_str())
             .collect();
         message.push_str(&format!("\ntables: {}", names.join(", ")));
@@ -122,7 +122,7 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
                     .with_header(true)
                     .build(&mut out);
                 for batch in batches {
-                    let flat = crate::sink::values::flat_batch(batch).map_err(error)?;
+                    let flat = crate::values::flat_batch(batch).map_err(error)?;
                     writer.write(&flat).map_err(error)?;
                 }
             }
@@ -131,7 +131,7 @@ pub fn render(batches: &[RecordBatch], format: OutputFormat) -> Result<String, Q
         OutputFormat::Json => {
             let mut out = Vec::new();
             {
-                let mut writer = crate::sink::values::json_writer(&mut out);
+                let mut writer = crate::values::json_writer(&mut out);
                 for batch in batches {
                     writer.write(batch).map_err(error)?;
                 }

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use arrow::record_batch::RecordBatch;
+use engage::change::Position;
 use engage::embedded::EmbeddedRedis;
-use engage::sink::redis::{check_columns, RedisSink};
-use engage::source::Position;
+use engage::sink::redis::RedisSink;
 use engage::sql::options::{ListOperation, Redacted, RedisOptions, RedisTarget};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncCommands;
@@ -363,7 +363,7 @@ async fn a_list_with_an_id_column_removes_deleted_entries_in_stream_order() {
         ..server.options(RedisTarget::List, "recent:")
     };
     let changes = list_changes(&[]).schema();
-    assert_eq!(check_columns(&options, &changes), Ok(()));
+    assert_eq!(options.check_columns(&changes), Ok(()));
     let mut sink = open(&options, &changes).await;
     sink.write(
         vec![list_changes(&[("a", 1, "c"), ("a", 2, "c"), ("a", 3, "c")])],
@@ -398,7 +398,7 @@ async fn a_list_with_an_id_column_removes_deleted_entries_in_stream_order() {
     assert!(!entries[0].contains("_op"), "{entries:?}");
 
     let without_op = schema(&[("content_id", DataType::Utf8), ("id", DataType::Int64)]);
-    let error = check_columns(&options, &without_op).unwrap_err();
+    let error = options.check_columns(&without_op).unwrap_err();
     assert!(error.contains("must select `_op`"), "{error}");
 }
 
@@ -708,11 +708,11 @@ fn column_checks_name_the_output_columns_and_want_a_numeric_score() {
         operation: ListOperation::Append,
         id_column: None,
     };
-    assert_eq!(check_columns(&options, &ranking_schema()), Ok(()));
-    assert_eq!(check_columns(&options, &by_device_schema()), Ok(()));
+    assert_eq!(options.check_columns(&ranking_schema()), Ok(()));
+    assert_eq!(options.check_columns(&by_device_schema()), Ok(()));
 
     let text_score = schema(&[("content_id", DataType::Utf8), ("score", DataType::Utf8)]);
-    let error = check_columns(&options, &text_score).unwrap_err();
+    let error = options.check_columns(&text_score).unwrap_err();
     assert!(
         error.contains("`target.score_column` names `score`"),
         "{error}"
@@ -723,7 +723,7 @@ fn column_checks_name_the_output_columns_and_want_a_numeric_score() {
         member_column: Some("content".into()),
         ..options.clone()
     };
-    let error = check_columns(&missing, &ranking_schema()).unwrap_err();
+    let error = missing.check_columns(&ranking_schema()).unwrap_err();
     assert!(
         error.contains("`target.member_column` names `content`, which is not an output column"),
         "{error}"
@@ -741,7 +741,7 @@ fn column_checks_name_the_output_columns_and_want_a_numeric_score() {
         score_column: None,
         ..options
     };
-    let error = check_columns(&value, &ranking_schema()).unwrap_err();
+    let error = value.check_columns(&ranking_schema()).unwrap_err();
     assert!(
         error.contains("`target.value_column` names `events`"),
         "{error}"

@@ -228,7 +228,7 @@ async fn kill_storm(
             clean += 1;
         } else {
             let in_flight = wait_in_flight(world).await?;
-            let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
+            let wal = crate::change::parse_lsn(&world.wal_position().await?).unwrap_or(0);
             current.kill_9().await;
             kills += 1;
             landed += u32::from(in_flight.uncheckpointed());
@@ -305,7 +305,7 @@ async fn crash_points(
                 Some(status) if std::os::unix::process::ExitStatusExt::signal(&status) == Some(9) => {
                     crashes += 1;
                     let in_flight = world.in_flight().await?;
-                    let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
+                    let wal = crate::change::parse_lsn(&world.wal_position().await?).unwrap_or(0);
                     landed += u32::from(in_flight.uncheckpointed());
                     replayed += workload.log.changes_between(in_flight.resume_lsn, wal);
                 }
@@ -359,7 +359,7 @@ async fn postgres_restart(
     for at in moments {
         wait_inserted(&workload, (settings.events as f64 * at) as u64).await?;
         let in_flight = wait_in_flight(world).await?;
-        let wal = crate::source::parse_lsn(&world.wal_position().await?).unwrap_or(0);
+        let wal = crate::change::parse_lsn(&world.wal_position().await?).unwrap_or(0);
         landed += u32::from(in_flight.uncheckpointed());
         replayed += workload.log.changes_between(in_flight.resume_lsn, wal);
         let postgres = &mut world.postgres;

@@ -475,7 +475,7 @@ async fn copy(
         )
         .await?;
     let last: i64 = row.get(0);
-    let lsn = crate::source::parse_lsn(row.get(1)).unwrap_or(0);
+    let lsn = crate::change::parse_lsn(row.get(1)).unwrap_or(0);
     state.log.inserts.fetch_add(rows as u64, Ordering::Relaxed);
     state.log.committed(rows as u64);
     state

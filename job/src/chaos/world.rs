@@ -12,9 +12,9 @@ use tokio_postgres::{Client, NoTls};
 
 use super::workload::{self, Workload, WorkloadOptions};
 use super::{context, ChaosError, Settings};
+use crate::change::Position;
 use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions};
 use crate::generate;
-use crate::source::Position;
 
 /// Content items seeded: enough for long-tail rankings, small enough that
 /// the oracle reads every recent list.

@@ -40,8 +40,8 @@ use futures::TryStreamExt;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
+use crate::change::{format_lsn, Position};
 use crate::sink::SinkState;
-use crate::source::{format_lsn, Position};
 use crate::storage::{self, Location};
 
 mod retention;
@@ -109,7 +109,18 @@ pub struct WindowOutput {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowCheckpoint {
     pub state: StateFile,
-    pub meta: crate::engine::window::WindowMeta,
+    pub meta: WindowMeta,
+}
+
+/// Window bookkeeping kept beside a window's state (engine/window).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WindowMeta {
+    /// End of the last window emitted (Unix µs).
+    pub last_end: Option<i64>,
+    /// Whether that emission had no rows.
+    pub last_emission_empty: bool,
+    /// Newest event time seen (Unix µs).
+    pub max_event_time: Option<i64>,
 }
 
 /// Where the source stood at the checkpoint.
@@ -566,7 +577,7 @@ mod tests {
             manifest
                 .capture_files
                 .insert("t".into(), file("capture-t.arrows"));
-            let meta = crate::engine::window::WindowMeta::default();
+            let meta = WindowMeta::default();
             let state = file("window-w.arrows");
             manifest
                 .windows

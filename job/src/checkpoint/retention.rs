@@ -35,7 +35,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::{CheckpointError, CheckpointStore, Manifest};
-use crate::source::Position;
+use crate::change::Position;
 
 /// Thinned checkpoints keep their dimension tables once per this span: a
 /// rebuild replays at most this much captured history beyond what it needs.

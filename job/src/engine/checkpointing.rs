@@ -9,10 +9,10 @@ use std::time::Instant;
 use arrow::record_batch::RecordBatch;
 
 use super::{Engine, JobError};
+use crate::change::format_lsn;
 use crate::checkpoint::{self, CheckpointStore, Manifest, SourceState, StateFile};
 use crate::sink::task::SinkTask;
 use crate::sink::SinkState;
-use crate::source::format_lsn;
 
 impl Engine {
     /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.

@@ -26,8 +26,9 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use super::{last_position, side_output, JobError};
+use crate::change::{Op, COMMIT_TS_COLUMN, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sink::{Sink, SinkState};
-use crate::source::{RejectedChange, COMMIT_TS_COLUMN, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
+use crate::source::RejectedChange;
 use crate::sql::JobSpec;
 
 /// The table name that receives dead letters.
@@ -187,7 +188,7 @@ impl super::Engine {
             .and_then(|c| c.as_any().downcast_ref::<arrow::array::StringArray>())
         {
             for (row, failed) in failed.iter_mut().enumerate() {
-                if ops.is_valid(row) && ops.value(row) == "d" {
+                if ops.is_valid(row) && ops.value(row) == Op::Delete.letter() {
                     *failed = None;
                 }
             }

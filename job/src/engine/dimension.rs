@@ -20,7 +20,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 
-use crate::source::OP_COLUMN;
+use crate::change::{Op, OP_COLUMN};
 
 pub struct Dimension {
     schema: SchemaRef,
@@ -95,7 +95,7 @@ impl Dimension {
         let mut upserts: Vec<u32> = latest
             .values()
             .copied()
-            .filter(|&row| ops.is_valid(row) && ops.value(row) != "d")
+            .filter(|&row| ops.is_valid(row) && ops.value(row) != Op::Delete.letter())
             .map(|row| row as u32)
             .collect();
         upserts.sort_unstable();

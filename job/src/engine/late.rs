@@ -16,8 +16,8 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 
 use super::side_output;
+use crate::change::{COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
 use crate::sink::{Sink, SinkState};
-use crate::source::{COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
 use crate::sql::JobSpec;
 
 /// The table name that receives late events.

@@ -63,14 +63,14 @@ use arrow::array::{Array, BooleanArray, Int64Array};
 use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
+use crate::change::{format_lsn, Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore, Retention};
 use crate::sink::task::SinkTask;
 use crate::sink::{Sink, SinkError};
 use crate::source::postgres::{self, Start};
 use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
-use crate::source::{format_lsn, Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
-use crate::sql::{Connector, JobSpec, SqlError};
+use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
 use stats::JobStats;
 
@@ -312,9 +312,10 @@ async fn run_once(
     // there start detached without waiting for a connection again.
     let mut unreachable: Vec<String> = Vec::new();
     for (index, query) in engine.plan.queries.iter().enumerate() {
-        let table = &engine.plan.sinks[query.sink].def;
+        let sink_table = &engine.plan.sinks[query.sink];
+        let table = &sink_table.def;
         let restored = latest.as_ref().and_then(|m| m.sinks.get(&table.name));
-        if let (Connector::Redis(options), Some(restored)) = (&table.connector, restored) {
+        if let (Some(options), Some(restored)) = (table.connector.redis(), restored) {
             if unreachable.iter().any(|a| a == options.address.expose()) {
                 tracing::warn!(sink = %table.name, position = %restored.position, "sink detached at start: redis is unreachable");
                 let sink = SinkTask::unreachable(&table.name, options.address.expose(), restored);
@@ -323,7 +324,7 @@ async fn run_once(
             }
         }
         let sink = match (
-            Sink::open(&spec.name, table, query, restored).await,
+            Sink::open(&spec.name, sink_table, query, restored).await,
             restored,
         ) {
             (Ok(sink), _) => {
@@ -332,8 +333,8 @@ async fn run_once(
             }
             // A job that ran before, restarting while Redis is down: the
             // sink starts detached, and the others do not wait for Redis.
-            (Err(error), Some(restored)) if error.is_transient() => match &table.connector {
-                Connector::Redis(options) => {
+            (Err(error), Some(restored)) if error.is_transient() => match table.connector.redis() {
+                Some(options) => {
                     tracing::warn!(
                         sink = %table.name,
                         error = %error,

@@ -27,8 +27,8 @@ use arrow::record_batch::RecordBatch;
 
 use super::checkpointing::read_state;
 use super::{after, Engine, JobError, BEFORE_SUFFIX};
+use crate::change::Position;
 use crate::checkpoint::{CheckpointError, Manifest};
-use crate::source::Position;
 
 impl Engine {
     /// Pushes the captured changes of epochs `from + 1 ..= to` through the queries.

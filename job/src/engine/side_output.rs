@@ -13,10 +13,10 @@ use arrow::datatypes::{DataType, SchemaRef};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
+use crate::change::{Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::sink::parquet::ParquetSink;
 use crate::sink::{Sink, SinkError, SinkState};
-use crate::source::{Position, LSN_COLUMN, SEQ_COLUMN};
-use crate::sql::{Connector, JobSpec};
+use crate::sql::JobSpec;
 
 /// Opens side output `table` if the job declares it (and nothing inserts into it).
 /// `time_column` partitions it when the table has a time pattern.
@@ -33,7 +33,7 @@ pub async fn open(
     if spec.inserts.iter().any(|i| i.sink == table) {
         return Ok(None);
     }
-    let Connector::Filesystem(options) = &def.connector else {
+    let Some(options) = def.connector.filesystem() else {
         return Ok(None);
     };
     let time_column = options.time_pattern.as_ref().map(|_| time_column);
@@ -68,7 +68,7 @@ pub fn unheld(rows: &RecordBatch, held: Position) -> Result<RecordBatch, ArrowEr
 pub fn json_rows(batch: &RecordBatch) -> Result<ArrayRef, ArrowError> {
     let mut json = Vec::new();
     {
-        let mut writer = crate::sink::values::json_writer(&mut json);
+        let mut writer = crate::values::json_writer(&mut json);
         writer.write(batch)?;
         writer.finish()?;
     }

@@ -39,8 +39,8 @@ use arrow::record_batch::RecordBatch;
 use super::checkpointing::read_state;
 use super::window::WindowState;
 use super::{Engine, JobError};
+use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{Manifest, StateFile, WindowCheckpoint, WindowOutput};
-use crate::source::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::sql::plan::JobPlan;
 
 /// No change for this long makes the wall clock drive the watermark.
@@ -219,8 +219,8 @@ impl Engine {
                 None => (batch, before),
             };
             let inserts = self.split_late(source, &queries, rows).await?;
-            let updates = with_ops(rows, &["u"])?;
-            let mut retractions = with_ops(rows, &["d"])?;
+            let updates = with_ops(rows, &[Op::Update.letter()])?;
+            let mut retractions = with_ops(rows, &[Op::Delete.letter()])?;
             if let Some(old) = old {
                 retractions =
                     concat_batches(&rows.schema(), [&retractions, old]).map_err(JobError::Arrow)?;
@@ -310,7 +310,7 @@ impl Engine {
                 arrow::error::ArrowError::SchemaError("change batch without `_op`".into())
             })?;
         let is_insert: BooleanArray = (0..rows.num_rows())
-            .map(|i| Some(ops.is_valid(i) && ops.value(i) == "c"))
+            .map(|i| Some(ops.is_valid(i) && ops.value(i) == Op::Insert.letter()))
             .collect();
         let column = self.plan.sources[source].def.watermark.clone();
         let times = column.as_ref().and_then(|c| rows.column_by_name(&c.column));

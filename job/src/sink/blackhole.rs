@@ -8,7 +8,7 @@
 use arrow::record_batch::RecordBatch;
 
 use super::SinkState;
-use crate::source::Position;
+use crate::change::Position;
 
 pub struct BlackholeSink {
     name: String,

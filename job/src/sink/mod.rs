@@ -61,14 +61,13 @@ pub mod blackhole;
 pub mod parquet;
 pub mod redis;
 pub mod task;
-pub mod values;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-use crate::source::Position;
-use crate::sql::plan::QueryPlan;
-use crate::sql::{Connector, TableDef};
+use crate::change::Position;
+use crate::sql::plan::{QueryPlan, SinkTable};
+use crate::sql::SinkConnector;
 
 /// What a checkpoint records for one sink.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -144,25 +143,21 @@ impl Sink {
     /// checkpoint the job resumes from, if any.
     pub async fn open(
         job: &str,
-        table: &TableDef,
+        table: &SinkTable,
         query: &QueryPlan,
         restored: Option<&SinkState>,
     ) -> Result<Sink, SinkError> {
+        let name = &table.def.name;
         match &table.connector {
-            Connector::Filesystem(options) => Ok(Sink::Parquet(Box::new(
-                parquet::ParquetSink::open(&table.name, options, query, restored).await?,
+            SinkConnector::Filesystem(options) => Ok(Sink::Parquet(Box::new(
+                parquet::ParquetSink::open(name, options, query, restored).await?,
             ))),
-            Connector::Redis(options) => Ok(Sink::Redis(Box::new(
-                redis::RedisSink::open(job, &table.name, options, query, restored).await?,
+            SinkConnector::Redis(options) => Ok(Sink::Redis(Box::new(
+                redis::RedisSink::open(job, name, options, query, restored).await?,
             ))),
-            Connector::Blackhole => Ok(Sink::Blackhole(blackhole::BlackholeSink::open(
-                &table.name,
-                restored,
+            SinkConnector::Blackhole => Ok(Sink::Blackhole(blackhole::BlackholeSink::open(
+                name, restored,
             ))),
-            Connector::PostgresCdc(_) => Err(SinkError::Permanent {
-                sink: table.name.clone(),
-                message: "a postgres-cdc table is not a sink".into(),
-            }),
         }
     }
 

@@ -30,11 +30,12 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use super::{values, SinkError, SinkState, StagedFile};
-use crate::source::Position;
+use super::{SinkError, SinkState, StagedFile};
+use crate::change::Position;
 use crate::sql::options::{FilesystemOptions, ParquetCompression};
 use crate::sql::plan::QueryPlan;
 use crate::storage::{self, Location};
+use crate::values;
 
 const STAGING_DIR: &str = "_staging";
 const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;

@@ -50,10 +50,11 @@ use arrow::record_batch::RecordBatch;
 use rand::Rng;
 use redis::aio::ConnectionManager;
 
-use super::{values, SinkError, SinkState};
-use crate::source::{Position, OP_COLUMN};
+use super::{SinkError, SinkState};
+use crate::change::{Position, OP_COLUMN};
 use crate::sql::options::{target_name, ListOperation, RedisOptions, RedisTarget};
 use crate::sql::plan::QueryPlan;
+use crate::values;
 
 /// Applies the rows of one write. KEYS: position key, window end hash, window
 /// keys set, then the keys rows go to. ARGV: mode (`cas` or `window`), guard
@@ -205,7 +206,7 @@ impl RedisSink {
             sink: name.to_string(),
             message,
         };
-        check_columns(options, schema).map_err(permanent)?;
+        options.check_columns(schema).map_err(permanent)?;
         let client = redis::Client::open(options.address.expose())
             .map_err(|e| permanent(format!("invalid redis address {}: {e}", options.address)))?;
         // Bounded: the connection manager retries a refused connection for
@@ -593,65 +594,6 @@ struct Reply {
     found: String,
     /// Whether an earlier attempt failed in a way that may have applied it.
     retried: bool,
-}
-
-/// Checks the sink's column options against the query's output: every named
-/// column must be an output column that can be written as text, and the score
-/// column must be numeric.
-pub fn check_columns(options: &RedisOptions, schema: &Schema) -> Result<(), String> {
-    for (option, column) in [
-        ("target.key_column", &options.key_column),
-        ("target.field_column", &options.field_column),
-        ("target.value_column", &options.value_column),
-        ("target.member_column", &options.member_column),
-        ("target.score_column", &options.score_column),
-        ("target.id_column", &options.id_column),
-    ] {
-        let Some(column) = column else { continue };
-        let Ok(index) = schema.index_of(column) else {
-            let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-            return Err(format!(
-                "`{option}` names `{column}`, which is not an output column; output columns: {}",
-                names.join(", ")
-            ));
-        };
-        let data_type = schema.field(index).data_type();
-        if option == "target.score_column" {
-            if !data_type.is_numeric() {
-                return Err(format!(
-                    "`target.score_column` names `{column}`, of type {data_type}; a score must be \
-                     numeric (an integer, float or decimal column)"
-                ));
-            }
-        } else if !values::has_text(data_type) {
-            return Err(format!(
-                "`{option}` names `{column}`, of type {data_type}, which cannot be written as text"
-            ));
-        }
-    }
-    if let Some(id) = &options.id_column {
-        if schema.index_of(OP_COLUMN).is_err() {
-            return Err(format!(
-                "`target.id_column` makes a list follow changes, so the query must select `{OP_COLUMN}` \
-                 (rows with `d` remove the entries whose `{id}` equals theirs)"
-            ));
-        }
-    }
-    if options.target == RedisTarget::Hash && options.field_column.is_none() {
-        if let Some(field) = schema
-            .fields()
-            .iter()
-            .find(|f| !values::has_text(f.data_type()))
-        {
-            return Err(format!(
-                "a redis `hash` without `target.field_column` writes every column as a field, \
-                 but `{}` (of type {}) cannot be written as text",
-                field.name(),
-                field.data_type()
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Turns batches into the keys and row values of one script call. Buffers are

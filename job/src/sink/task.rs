@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Sink, SinkError, SinkState};
-use crate::source::Position;
+use crate::change::Position;
 
 /// Writes (or barriers) a sink's channel holds before the engine waits.
 pub const QUEUE: usize = 4;

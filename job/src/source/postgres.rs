@@ -22,7 +22,8 @@ use arrow::record_batch::RecordBatch;
 use super::replication::{
     self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceHandle,
 };
-use super::{format_lsn, snapshot, RejectedChange};
+use super::{snapshot, RejectedChange};
+use crate::change::format_lsn;
 use crate::sql::plan::SourceTable;
 
 /// What the job's newest checkpoint says about the source.

@@ -54,12 +54,11 @@ use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationE
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::pgoutput::{
-    self, DecodeError, Message, OldTuple, Op, TableDecoder, PG_EPOCH_OFFSET_MICROS,
-};
-use super::{parse_lsn, Position, RejectedChange};
+use super::pgoutput::{self, DecodeError, Message, OldTuple, TableDecoder, PG_EPOCH_OFFSET_MICROS};
+use super::RejectedChange;
+use crate::change::{format_lsn, parse_lsn, Op, Position};
 use crate::sql::plan::SourceTable;
-use crate::sql::{Connector, PostgresCdcOptions};
+use crate::sql::PostgresCdcOptions;
 
 /// Errors of the postgres-cdc source.
 #[derive(Debug, thiserror::Error)]
@@ -272,10 +271,7 @@ impl SlotNames {
 }
 
 pub fn cdc_options(source: &SourceTable) -> Option<&PostgresCdcOptions> {
-    match &source.def.connector {
-        Connector::PostgresCdc(options) => Some(options),
-        _ => None,
-    }
+    source.def.connector.postgres_cdc()
 }
 
 fn quoted(schema: &str, table: &str) -> String {
@@ -508,7 +504,7 @@ pub async fn slot_status(
 
 /// Bytes of WAL between the server's current position and `lsn`.
 pub async fn wal_behind(client: &tokio_postgres::Client, lsn: u64) -> Option<u64> {
-    let text = super::format_lsn(lsn);
+    let text = format_lsn(lsn);
     let row = client
         .query_one(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::text::pg_lsn)::bigint",
@@ -560,7 +556,7 @@ impl NewSlot {
         })?;
         let snapshot = text(2)
             .ok_or_else(|| target.check("CREATE_REPLICATION_SLOT returned no snapshot".into()))?;
-        tracing::info!(slot = %names.slot, lsn = %super::format_lsn(consistent_lsn), "replication slot created");
+        tracing::info!(slot = %names.slot, lsn = %format_lsn(consistent_lsn), "replication slot created");
         Ok(NewSlot {
             client,
             consistent_lsn,

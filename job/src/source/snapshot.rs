@@ -15,9 +15,10 @@ use arrow::record_batch::RecordBatch;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::pgoutput::{self, Message, Op, Relation, RelationColumn, TableDecoder};
+use super::pgoutput::{self, Message, Relation, RelationColumn, TableDecoder};
 use super::replication::{cdc_options, PgTarget, SourceError};
 use super::{Position, RejectedChange};
+use crate::change::Op;
 use crate::sql::plan::SourceTable;
 
 /// Reads `source`'s current rows inside `snapshot` (an exported snapshot name)

@@ -17,7 +17,7 @@ use datafusion::prelude::SessionContext;
 
 use super::plan::{collect_tables, JobPlan, SourceTable};
 use super::SqlError;
-use crate::source::{LSN_COLUMN, SEQ_COLUMN};
+use crate::change::{LSN_COLUMN, SEQ_COLUMN};
 
 /// The checks of one source table, planned.
 #[derive(Debug)]

@@ -32,7 +32,10 @@ use arrow::datatypes::{DataType, Field, IntervalUnit, TimeUnit};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
-pub use options::{Connector, FilesystemOptions, PostgresCdcOptions, RedisOptions, RedisTarget};
+pub use options::{
+    Connector, FilesystemOptions, PostgresCdcOptions, RedisOptions, RedisTarget, SinkConnector,
+    SourceConnector,
+};
 
 /// A parsed and validated job script.
 #[derive(Debug, Clone)]
@@ -652,7 +655,7 @@ fn validate(spec: &JobSpec) -> Result<(), SqlError> {
     }
     let mut connection: Option<&str> = None;
     for table in &spec.tables {
-        if let Connector::PostgresCdc(options) = &table.connector {
+        if let Some(options) = table.connector.postgres_cdc() {
             match connection {
                 None => connection = Some(options.connection.expose()),
                 Some(first) if first != options.connection.expose() => {
@@ -690,7 +693,7 @@ fn validate(spec: &JobSpec) -> Result<(), SqlError> {
                 message: format!("no table named `{}` is defined", insert.sink),
             });
         };
-        if matches!(table.connector, Connector::PostgresCdc(_)) {
+        if table.connector.as_source().is_some() {
             return Err(SqlError::Plan {
                 context: format!("INSERT INTO {} ({})", insert.sink, insert.location),
                 message: "a postgres-cdc table is a source and cannot be written to".into(),

@@ -9,7 +9,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
-use arrow::datatypes::Field;
+use arrow::datatypes::{Field, Schema};
+
+use crate::change::OP_COLUMN;
+use crate::values;
 
 /// A string that may hold credentials: `Debug`/`Display` hide the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -47,15 +50,68 @@ impl fmt::Display for Redacted {
     }
 }
 
-/// The connector of a table, with its validated options.
+/// The connector of a table, with its validated options: a source the job
+/// reads changes from, or a sink an `INSERT` writes to.
 #[derive(Debug, Clone)]
 pub enum Connector {
+    Source(SourceConnector),
+    Sink(SinkConnector),
+}
+
+/// Where changes come from.
+#[derive(Debug, Clone)]
+pub enum SourceConnector {
     PostgresCdc(PostgresCdcOptions),
+}
+
+/// Where a query's rows go.
+#[derive(Debug, Clone)]
+pub enum SinkConnector {
     Filesystem(FilesystemOptions),
     Redis(RedisOptions),
-    /// A sink that discards its rows (as Flink's and Arroyo's `blackhole`):
-    /// the cost of a pipeline without the cost of its outputs.
+    /// Discards its rows (as Flink's and Arroyo's `blackhole`): the cost of
+    /// a pipeline without the cost of its outputs.
     Blackhole,
+}
+
+impl Connector {
+    pub fn as_source(&self) -> Option<&SourceConnector> {
+        match self {
+            Connector::Source(source) => Some(source),
+            Connector::Sink(_) => None,
+        }
+    }
+
+    pub fn as_sink(&self) -> Option<&SinkConnector> {
+        match self {
+            Connector::Sink(sink) => Some(sink),
+            Connector::Source(_) => None,
+        }
+    }
+
+    /// The filesystem sink's options, if the table is one.
+    pub fn filesystem(&self) -> Option<&FilesystemOptions> {
+        match self {
+            Connector::Sink(SinkConnector::Filesystem(options)) => Some(options),
+            _ => None,
+        }
+    }
+
+    /// The Redis sink's options, if the table is one.
+    pub fn redis(&self) -> Option<&RedisOptions> {
+        match self {
+            Connector::Sink(SinkConnector::Redis(options)) => Some(options),
+            _ => None,
+        }
+    }
+
+    /// The postgres-cdc source's options, if the table is one.
+    pub fn postgres_cdc(&self) -> Option<&PostgresCdcOptions> {
+        match self {
+            Connector::Source(SourceConnector::PostgresCdc(options)) => Some(options),
+            _ => None,
+        }
+    }
 }
 
 pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis", "blackhole"];
@@ -137,6 +193,67 @@ pub struct RedisOptions {
     /// removes the entries whose field equals the row's (`_op` itself is not
     /// written).
     pub id_column: Option<String>,
+}
+
+impl RedisOptions {
+    /// Checks the sink's column options against the query's output: every named
+    /// column must be an output column that can be written as text, and the score
+    /// column must be numeric.
+    pub fn check_columns(&self, schema: &Schema) -> Result<(), String> {
+        for (option, column) in [
+            ("target.key_column", &self.key_column),
+            ("target.field_column", &self.field_column),
+            ("target.value_column", &self.value_column),
+            ("target.member_column", &self.member_column),
+            ("target.score_column", &self.score_column),
+            ("target.id_column", &self.id_column),
+        ] {
+            let Some(column) = column else { continue };
+            let Ok(index) = schema.index_of(column) else {
+                let names: Vec<_> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                return Err(format!(
+                    "`{option}` names `{column}`, which is not an output column; output columns: {}",
+                    names.join(", ")
+                ));
+            };
+            let data_type = schema.field(index).data_type();
+            if option == "target.score_column" {
+                if !data_type.is_numeric() {
+                    return Err(format!(
+                        "`target.score_column` names `{column}`, of type {data_type}; a score must be \
+                         numeric (an integer, float or decimal column)"
+                    ));
+                }
+            } else if !values::has_text(data_type) {
+                return Err(format!(
+                    "`{option}` names `{column}`, of type {data_type}, which cannot be written as text"
+                ));
+            }
+        }
+        if let Some(id) = &self.id_column {
+            if schema.index_of(OP_COLUMN).is_err() {
+                return Err(format!(
+                    "`target.id_column` makes a list follow changes, so the query must select `{OP_COLUMN}` \
+                     (rows with `d` remove the entries whose `{id}` equals theirs)"
+                ));
+            }
+        }
+        if self.target == RedisTarget::Hash && self.field_column.is_none() {
+            if let Some(field) = schema
+                .fields()
+                .iter()
+                .find(|f| !values::has_text(f.data_type()))
+            {
+                return Err(format!(
+                    "a redis `hash` without `target.field_column` writes every column as a field, \
+                     but `{}` (of type {}) cannot be written as text",
+                    field.name(),
+                    field.data_type()
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 const POSTGRES_OPTIONS: &[&str] = &[
@@ -282,14 +399,16 @@ impl Connector {
                     ));
                 }
                 options.finish(&connector, POSTGRES_OPTIONS)?;
-                Ok(Connector::PostgresCdc(PostgresCdcOptions {
-                    connection,
-                    schema,
-                    table: name,
-                    slot,
-                    publication,
-                    autoset_full_identity: autoset.is_some(),
-                }))
+                Ok(Connector::Source(SourceConnector::PostgresCdc(
+                    PostgresCdcOptions {
+                        connection,
+                        schema,
+                        table: name,
+                        slot,
+                        publication,
+                        autoset_full_identity: autoset.is_some(),
+                    },
+                )))
             }
             "filesystem" => {
                 one_of("type", options.take("type"), &["sink"], "sink")?;
@@ -316,12 +435,14 @@ impl Connector {
                 if !columns.is_empty() {
                     return Err("a filesystem sink takes its columns from its INSERT query; declare it without a column list".into());
                 }
-                Ok(Connector::Filesystem(FilesystemOptions {
-                    path,
-                    compression,
-                    time_pattern,
-                    time_column,
-                }))
+                Ok(Connector::Sink(SinkConnector::Filesystem(
+                    FilesystemOptions {
+                        path,
+                        compression,
+                        time_pattern,
+                        time_column,
+                    },
+                )))
             }
             "blackhole" => {
                 one_of("type", options.take("type"), &["sink"], "sink")?;
@@ -329,7 +450,7 @@ impl Connector {
                 if !columns.is_empty() {
                     return Err("a blackhole sink takes its columns from its INSERT query; declare it without a column list".into());
                 }
-                Ok(Connector::Blackhole)
+                Ok(Connector::Sink(SinkConnector::Blackhole))
             }
             "redis" => {
                 one_of("type", options.take("type"), &["sink"], "sink")?;
@@ -421,7 +542,7 @@ impl Connector {
                 if !columns.is_empty() {
                     return Err("a redis sink takes its columns from its INSERT query; declare it without a column list".into());
                 }
-                Ok(Connector::Redis(RedisOptions {
+                Ok(Connector::Sink(SinkConnector::Redis(RedisOptions {
                     address,
                     target,
                     key_prefix,
@@ -434,7 +555,7 @@ impl Connector {
                     max_length,
                     operation,
                     id_column,
-                }))
+                })))
             }
             other => Err(format!(
                 "unknown connector `{other}`; valid connectors: {}",

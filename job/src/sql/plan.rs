@@ -39,8 +39,8 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use super::check::{plan_checks, CheckPlan};
 use super::view::{materialize, MaterializedView};
 use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
-use super::{Connector, JobSpec, SqlError, TableDef};
-use crate::source::metadata_fields;
+use super::{Connector, JobSpec, SinkConnector, SqlError, TableDef};
+use crate::change::metadata_fields;
 
 /// A table whose contents are set by the engine before each query runs.
 #[derive(Debug)]
@@ -112,6 +112,8 @@ pub struct SourceTable {
 #[derive(Debug, Clone)]
 pub struct SinkTable {
     pub def: TableDef,
+    /// The def's connector, known to be a sink's.
+    pub connector: SinkConnector,
 }
 
 /// One `INSERT INTO sink SELECT ...`, planned.
@@ -181,15 +183,16 @@ impl JobPlan {
         let mut sinks = Vec::new();
         for def in &spec.tables {
             match &def.connector {
-                Connector::PostgresCdc(_) => {
+                Connector::Source(_) => {
                     let source = source_table(def)?;
                     ctx.register_table(def.name.as_str(), source.provider.clone())
                         .map_err(|e| plan_error(format!("table `{}`", def.name), e))?;
                     sources.push(source);
                 }
-                Connector::Filesystem(_) | Connector::Redis(_) | Connector::Blackhole => {
-                    sinks.push(SinkTable { def: def.clone() })
-                }
+                Connector::Sink(connector) => sinks.push(SinkTable {
+                    def: def.clone(),
+                    connector: connector.clone(),
+                }),
             }
         }
         let checks = plan_checks(&ctx, &mut sources).await?;
@@ -307,14 +310,10 @@ impl JobPlan {
                         }
                     }
                 }
-                if matches!(
-                    sinks
-                        .iter()
-                        .find(|s| s.def.name == insert.sink)
-                        .map(|s| &s.def.connector),
-                    Some(Connector::Redis(_))
-                ) && windows.len() > 1
-                {
+                let to_redis = sinks
+                    .iter()
+                    .any(|s| s.def.name == insert.sink && s.def.connector.redis().is_some());
+                if to_redis && windows.len() > 1 {
                     return Err(plan_error_here(
                         "a redis sink takes one windowed aggregate per query (each key holds one window)".into(),
                     ));
@@ -709,7 +708,7 @@ fn check_sink_columns(
     output: &Schema,
 ) -> Result<Option<usize>, String> {
     match &sink.connector {
-        Connector::Filesystem(options) => {
+        Connector::Sink(SinkConnector::Filesystem(options)) => {
             let Some(_) = &options.time_pattern else {
                 return Ok(None);
             };
@@ -732,10 +731,10 @@ fn check_sink_columns(
             }
             Ok(Some(index))
         }
-        Connector::Redis(options) => {
-            crate::sink::redis::check_columns(options, output)?;
+        Connector::Sink(SinkConnector::Redis(options)) => {
+            options.check_columns(output)?;
             Ok(None)
         }
-        Connector::PostgresCdc(_) | Connector::Blackhole => Ok(None),
+        Connector::Source(_) | Connector::Sink(SinkConnector::Blackhole) => Ok(None),
     }
 }

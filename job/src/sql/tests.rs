@@ -25,12 +25,12 @@ fn mission_pipeline_parses_with_watermark_key_and_options() {
         watermark.expression,
         "event_ts - INTERVAL '200 milliseconds'"
     );
-    let Connector::Filesystem(fs) = &spec.tables[2].connector else {
+    let Some(fs) = spec.tables[2].connector.filesystem() else {
         panic!("filesystem expected")
     };
     assert_eq!(fs.path, "./data/enriched_events");
     assert_eq!(fs.time_pattern.as_deref(), Some("event_date=%Y-%m-%d"));
-    let Connector::Redis(redis) = &spec.tables[3].connector else {
+    let Some(redis) = spec.tables[3].connector.redis() else {
         panic!("redis expected")
     };
     assert_eq!(redis.max_length, Some(50));
@@ -83,9 +83,10 @@ fn replica_identity_autoset_takes_full_only() {
         )
     };
     let spec = parse_job("j", &table("full"), &env).unwrap();
-    match &spec.tables[0].connector {
-        Connector::PostgresCdc(options) => assert!(options.autoset_full_identity),
-        other => panic!("{other:?}"),
+    let connector = &spec.tables[0].connector;
+    match connector.postgres_cdc() {
+        Some(options) => assert!(options.autoset_full_identity),
+        None => panic!("{connector:?}"),
     }
     let error = parse_job("j", &table("index"), &env)
         .unwrap_err()
@@ -227,7 +228,7 @@ fn redis_sink(options: &str) -> Result<RedisOptions, String> {
     map.insert("connector".into(), "redis".into());
     map.insert("address".into(), "redis://127.0.0.1:6379".into());
     match Connector::from_options("t", &[], map)? {
-        Connector::Redis(options) => Ok(options),
+        Connector::Sink(SinkConnector::Redis(options)) => Ok(options),
         other => panic!("redis expected, got {other:?}"),
     }
 }
@@ -480,7 +481,10 @@ async fn a_blackhole_sink_plans_and_refuses_options_it_does_not_have() {
         .iter()
         .find(|t| t.name == "recent_events")
         .unwrap();
-    assert!(matches!(table.connector, Connector::Blackhole));
+    assert!(matches!(
+        table.connector.as_sink(),
+        Some(SinkConnector::Blackhole)
+    ));
     plan::JobPlan::new(&spec).await.unwrap();
 
     let sql = sql.replace(

@@ -22,7 +22,7 @@ use super::plan::{
     collect_tables, leftmost_table, refuse_unwindowed_state, BatchTable, SourceTable,
 };
 use super::window::inline_views;
-use crate::source::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
+use crate::change::{LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 
 /// A view computed once per change batch of its driving table.
 #[derive(Debug)]

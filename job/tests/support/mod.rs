@@ -190,7 +190,7 @@ impl World {
         // Looked at before the session reads the directories: a file the job
         // commits in between must not turn "absent" into a failure.
         let absent = spec.tables.iter().any(|table| {
-            let engage::sql::Connector::Filesystem(options) = &table.connector else {
+            let Some(options) = table.connector.filesystem() else {
                 return false;
             };
             sql.contains(table.name.as_str()) && !has_committed_files(Path::new(&options.path))

@@ -32,7 +32,7 @@ impl Outputs {
         let (ctx, unavailable) = crate::query::session_for(&spec).await;
         let mut absent = Vec::new();
         for table in &spec.tables {
-            if let crate::sql::Connector::Filesystem(options) = &table.connector {
+            if let Some(options) = table.connector.filesystem() {
                 if !crate::sink::parquet::has_committed_files(std::path::Path::new(&options.path)) {
                     absent.push(table.name.clone());
                 }

@@ -39,6 +39,7 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 
+use crate::checkpoint::WindowMeta;
 use crate::sql::window::{AggKind, AggSpec, WindowKind, WindowedAggregate};
 
 /// Accumulators of one aggregate for all entries of a bucket (or the totals).
@@ -798,14 +799,6 @@ impl WindowState {
         }
         Ok(())
     }
-}
-
-/// Window bookkeeping stored in the checkpoint manifest.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct WindowMeta {
-    pub last_end: Option<i64>,
-    pub last_emission_empty: bool,
-    pub max_event_time: Option<i64>,
 }
 
 fn merge_into(totals: &mut Partials, bucket: &Partials, sign: i64) {

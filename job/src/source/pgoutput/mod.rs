@@ -53,9 +53,9 @@ use std::fmt;
 
 use arrow::datatypes::DataType;
 
-use super::Position;
+use crate::change::Position;
 
-pub use table::{Op, TableDecoder, PG_EPOCH_OFFSET_MICROS};
+pub use table::{TableDecoder, PG_EPOCH_OFFSET_MICROS};
 pub use text::SESSION_SETTINGS;
 
 /// Declared Arrow types the decoder can fill, for error messages.

@@ -26,28 +26,11 @@ use super::text::{
     parse_interval, parse_time, parse_timestamp, to_unit, unescape_element, Element,
 };
 use super::{DecodeError, Relation, Tuple, Value};
-use crate::source::{metadata_fields, Position, RejectedChange};
+use crate::change::{metadata_fields, Op, Position};
+use crate::source::RejectedChange;
 
 /// Microseconds from the Unix epoch to Postgres' epoch, 2000-01-01 00:00:00 UTC.
 pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800 * 1_000_000;
-
-/// The kind of change, written to `_op` with Debezium's letters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    Insert,
-    Update,
-    Delete,
-}
-
-impl Op {
-    pub fn letter(self) -> &'static str {
-        match self {
-            Op::Insert => "c",
-            Op::Update => "u",
-            Op::Delete => "d",
-        }
-    }
-}
 
 /// Appends tuples of one source table into Arrow builders whose schema is the
 /// job's declared columns (by name) plus the metadata columns from

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use super::table::{recycle, Cell};
 use super::text::{parse_float, parse_int, parse_timestamp, to_unit};
 use super::*;
+use crate::change::Op;
 
 mod types;
 
@@ -298,7 +299,7 @@ fn relation_remap_follows_names_after_reorder_and_added_column() {
     assert_eq!((ids.value(1), scores.value(1)), (2, 2.0));
     assert_eq!(
         batch.num_columns(),
-        3 + crate::source::metadata_fields().len()
+        3 + crate::change::metadata_fields().len()
     );
 }
 

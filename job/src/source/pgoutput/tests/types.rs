@@ -9,7 +9,7 @@ use super::super::text::{
     unescape_element, Element,
 };
 use super::*;
-use crate::sink::values::iso_interval;
+use crate::values::iso_interval;
 
 #[test]
 fn decimals_keep_their_digits_and_reject_what_does_not_fit() {

@@ -102,8 +102,8 @@ const RECENT_LENGTH: isize = 50;
 /// 20 markers per second: the generator's batch rate.
 const MARKER_INTERVAL: Duration = Duration::from_millis(50);
 /// Markers stop this long before the generator: a marker's window closes only
-/// once events 700 ms younger arrive (slide + watermark delay), and without
-/// them the job waits a second to call the source idle.
+/// once events 700 ms younger arrive (slide + watermark delay), or the wall
+/// clock passes it on a quiet stream.
 const MARKER_MARGIN: Duration = Duration::from_secs(1);
 const POLL_INTERVAL: Duration = Duration::from_millis(3);
 /// How long after its phase a marker may still resolve.
@@ -394,6 +394,7 @@ impl World {
         };
         step("stopping the job (final checkpoint)");
         let live_job = job.terminate(STOP_TIMEOUT).await?;
+        let live_late_events = self.late_events().await?;
         if let Some(blackhole) = &self.blackhole {
             // Its slot must exist before the backlogs are written.
             step("starting and stopping the blackhole job (its slot)");
@@ -424,6 +425,7 @@ impl World {
                 cpu_secs: ((live_job.cpu_secs + burst.job.cpu_secs) * 100.0).round() / 100.0,
             },
             live_job,
+            live_late_events,
             idle,
             burst,
             large_transactions,
@@ -611,6 +613,47 @@ impl World {
             job: usage,
             blackhole,
         })
+    }
+
+    /// Rows of the job's `late_events` output (`None`: the SQL has none).
+    /// The generator stamps every event with its batch's time, so each one
+    /// is an event the wall clock declared late (engine/clock.rs).
+    async fn late_events(&self) -> Result<Option<u64>, BenchError> {
+        let script = std::fs::read_to_string(&self.sql)
+            .map_err(context(format!("failed to read {}", self.sql.display())))?;
+        let data = self.root.join("data").display().to_string();
+        let spec = crate::sql::parse_job(&self.job, &script, &|name| {
+            Some(match name {
+                "ENGAGE_DATA_DIR" => data.clone(),
+                "ENGAGE_POSTGRES_URL" => self.postgres_url.clone(),
+                _ => self.redis_url.clone(),
+            })
+        })
+        .map_err(context("failed to parse the job SQL"))?;
+        let Some(table) = spec.tables.iter().find(|t| t.name == "late_events") else {
+            return Ok(None);
+        };
+        let Some(options) = table.connector.filesystem() else {
+            return Ok(None);
+        };
+        if !crate::sink::parquet::has_committed_files(Path::new(&options.path)) {
+            return Ok(Some(0));
+        }
+        let (ctx, _) = crate::query::session_for(&spec).await;
+        let count = async {
+            let batches = ctx
+                .sql("SELECT count(*) FROM late_events")
+                .await?
+                .collect()
+                .await?;
+            let column = batches[0].column(0).as_any();
+            let count = column.downcast_ref::<arrow::array::Int64Array>();
+            Ok::<_, datafusion::error::DataFusionError>(count.map_or(0, |c| c.value(0) as u64))
+        };
+        let count = count.await;
+        count
+            .map(Some)
+            .map_err(context("failed to count the late events"))
     }
 
     /// Sizes from the job's newest checkpoint.

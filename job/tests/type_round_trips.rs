@@ -456,17 +456,31 @@ async fn decimal_windows_keep_their_scale_through_updates_and_deletes() {
     let (job, path) = world.start_named_job("sales", &sql).await;
     // Cents a double would not keep (0.1 + 0.2), an amount near the
     // precision's limit, an update and a delete inside the window; then an
-    // event a minute later closes it.
+    // event a minute later closes it. The window is a few minutes ahead: on
+    // an idle job the wall clock drives the watermark, and would find events
+    // of a past minute late.
+    let minute = (chrono::Utc::now() + chrono::Duration::minutes(5)).timestamp() / 60 * 60;
+    let at = |seconds: i64| {
+        let t = chrono::DateTime::from_timestamp(minute + seconds, 0).unwrap();
+        format!("'{}'", t.format("%Y-%m-%d %H:%M:%S+00"))
+    };
     client
-        .batch_execute(
+        .batch_execute(&format!(
             "INSERT INTO sales VALUES
-               (1, 'a', 0.10, '2026-11-29 10:00:01+00'), (2, 'a', 0.20, '2026-11-29 10:00:02+00'),
-               (3, 'a', 9999999999.99, '2026-11-29 10:00:03+00'), (4, 'b', 1.00, '2026-11-29 10:00:04+00'),
-               (5, 'b', 2.00, '2026-11-29 10:00:05+00'), (6, 'b', NULL, '2026-11-29 10:00:06+00');
+               (1, 'a', 0.10, {}), (2, 'a', 0.20, {}),
+               (3, 'a', 9999999999.99, {}), (4, 'b', 1.00, {}),
+               (5, 'b', 2.00, {}), (6, 'b', NULL, {});
              UPDATE sales SET amount = 0.30 WHERE id = 2;
              DELETE FROM sales WHERE id = 5;
-             INSERT INTO sales VALUES (7, 'c', 0.01, '2026-11-29 10:01:30+00');",
-        )
+             INSERT INTO sales VALUES (7, 'c', 0.01, {});",
+            at(1),
+            at(2),
+            at(3),
+            at(4),
+            at(5),
+            at(6),
+            at(90)
+        ))
         .await
         .unwrap();
     wait_for("the closed window", Duration::from_secs(60), || async {
@@ -485,8 +499,11 @@ async fn decimal_windows_keep_their_scale_through_updates_and_deletes() {
     // DataFusion's avg of a DECIMAL(12, 2) is a DECIMAL(16, 6)).
     let rows = client
         .query(
-            "SELECT shop, sum(amount)::text, trunc(avg(amount), 6)::text, count(*)
-             FROM sales WHERE at < '2026-11-29 10:01:00+00' GROUP BY shop ORDER BY shop",
+            &format!(
+                "SELECT shop, sum(amount)::text, trunc(avg(amount), 6)::text, count(*)
+                 FROM sales WHERE at < {} GROUP BY shop ORDER BY shop",
+                at(60)
+            ),
             &[],
         )
         .await

@@ -23,6 +23,9 @@ pub struct BenchReport {
     pub large_transactions: Option<BurstReport>,
     /// The streaming job of the freshness phases, from start to stop.
     pub live_job: Usage,
+    /// Rows its `late_events` output got: events the wall clock declared
+    /// late, as the generator stamps every event with its batch's time.
+    pub live_late_events: Option<u64>,
     /// Both job processes: the higher peak RSS, the sum of CPU seconds.
     pub job_overall: Usage,
     /// The newest checkpoint, after the burst.
@@ -199,6 +202,9 @@ pub(super) fn print_figures(report: &BenchReport) {
                 p.unresolved
             );
         }
+    }
+    if let Some(late) = report.live_late_events {
+        println!("late events while streaming (the generator makes none): {late}");
     }
     print_burst("burst", &report.burst);
     if let Some(large) = &report.large_transactions {

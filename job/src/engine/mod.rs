@@ -42,6 +42,7 @@
 //! what they lack (a sink added to the SQL since, a flushed Redis).
 
 mod checkpointing;
+pub mod clock;
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
@@ -52,7 +53,7 @@ pub mod supervise;
 pub mod window;
 mod windowed;
 
-pub use windowed::IDLE_AFTER;
+pub use clock::MIN_ALLOWANCE;
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -252,6 +253,8 @@ async fn run_once(
         last_windows: Vec::new(),
         last_change: Instant::now(),
         caught_up: false,
+        live_batch: false,
+        arrival_lag: clock::ArrivalLag::new(Instant::now()),
         late_sink: None,
         dead_letter_sink: None,
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
@@ -511,6 +514,10 @@ struct Engine {
     /// The source said it has nothing pending since the last change batch
     /// (see [`windowed`]: only then does the wall clock drive watermarks).
     caught_up: bool,
+    /// The batch being processed arrived while the job was caught up.
+    live_batch: bool,
+    /// How late live events arrive: the wall clock's allowance (clock.rs).
+    arrival_lag: clock::ArrivalLag,
     /// Where late events go, if the job declares a `late_events` table.
     late_sink: Option<SinkTask>,
     /// Where rows failing a CHECK go, if the job declares a `dead_letter` table.
@@ -548,7 +555,7 @@ impl Engine {
             .checked_sub(Duration::from_secs(3600))
             .unwrap_or_else(Instant::now);
         let has_windows = self.plan.queries.iter().any(|q| q.is_windowed());
-        let mut window_ticker = tokio::time::interval(Duration::from_millis(100));
+        let mut window_ticker = tokio::time::interval(Duration::from_millis(50));
         window_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
@@ -650,6 +657,7 @@ impl Engine {
                     commit_end,
                 } => {
                     tracing::trace!(source, rows = batch.num_rows(), commit_end = ?commit_end.map(format_lsn), "changes");
+                    self.live_batch = self.caught_up;
                     self.caught_up = false;
                     self.divert_rejected(source, &rejected).await?;
                     let (batch, before) = self.drop_resent(batch, before)?;

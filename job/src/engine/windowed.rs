@@ -14,11 +14,13 @@
 //! Per query: the newest event time seen minus the `WATERMARK` delay; within
 //! a batch it moves row by row (see `split_late`), so lateness never depends
 //! on batch boundaries. When the source has caught up (it says it has nothing
-//! pending) and no change has arrived for [`IDLE_AFTER`], the wall clock
-//! stands in for event time (minus the delay and [`IDLE_AFTER`]), so windows
-//! keep closing and stale content leaves the rankings. The watermark never
-//! moves back below a window already emitted: an insert behind it is late
-//! and goes to the late-events output, never silently into a closed window.
+//! pending) and has been silent for [`clock::QUIET`], the wall clock stands in
+//! for event time, minus the delay and an allowance learnt from how late the
+//! stream's events arrive ([`clock`]), so windows close within a few hundred
+//! milliseconds on a quiet stream and stale content leaves the rankings. The
+//! watermark never moves back below a window already emitted: an insert
+//! behind it is late and goes to the late-events output, never silently into
+//! a closed window.
 //!
 //! # Exactly once
 //!
@@ -30,7 +32,7 @@
 //! window state).
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arrow::array::{Array, BooleanArray, StringArray};
 use arrow::compute::{concat_batches, filter_record_batch};
@@ -38,13 +40,10 @@ use arrow::record_batch::RecordBatch;
 
 use super::checkpointing::read_state;
 use super::window::WindowState;
-use super::{Engine, JobError};
+use super::{clock, Engine, JobError};
 use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{Manifest, StateFile, WindowCheckpoint, WindowOutput};
 use crate::sql::plan::JobPlan;
-
-/// No change for this long makes the wall clock drive the watermark.
-pub const IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// The window state of a job: one [`WindowState`] per distinct windowed
 /// aggregate. Aggregates of different queries that read the same input and
@@ -336,6 +335,10 @@ impl Engine {
             .min()
             .unwrap_or(0);
         let mut watermark = driven.iter().filter_map(|&q| self.watermark(q)).max();
+        // How late on-time inserts arrive, measured only on a live stream
+        // (the batch came while the job was caught up): see `clock`.
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut lag: Option<i64> = None;
         // Per row: the watermark it met, if it is a late insert. Rows are
         // visited in stream order: a view's join need not keep it.
         let mut missed: Vec<Option<i64>> = vec![None; rows.num_rows()];
@@ -350,10 +353,16 @@ impl Engine {
                 ("c", None, w) => *missed = Some(w.unwrap_or(0)),
                 ("c", Some(t), Some(w)) if t < w => *missed = Some(w),
                 (_, Some(t), _) => {
+                    if op == "c" && self.live_batch {
+                        lag = Some(lag.map_or(now - t, |l| l.max(now - t)));
+                    }
                     watermark = Some(watermark.map_or(t - delay, |w| w.max(t - delay)))
                 }
                 _ => {}
             }
+        }
+        if let Some(lag) = lag {
+            self.arrival_lag.observe(lag, Instant::now());
         }
         let late: BooleanArray = missed.iter().map(|m| Some(m.is_some())).collect();
         let on_time = arrow::compute::and(
@@ -391,12 +400,12 @@ impl Engine {
     }
 
     /// The watermark of query `q`: newest event time minus the delay, or the
-    /// wall clock when the source has been idle; never below the end of a
-    /// window already emitted, so it never moves back.
+    /// wall clock (see [`clock`]) when the source is idle; never below the end
+    /// of a window already emitted, so it never moves back.
     ///
     /// The clock stands in only once the source has said it has nothing
     /// pending (a keepalive with no transaction open) and no change came for
-    /// [`IDLE_AFTER`]: a job catching up on a backlog (after a restart, an
+    /// [`clock::QUIET`]: a job catching up on a backlog (after a restart, an
     /// outage) is never idle, however long its first batch takes, so its
     /// windows do not close before their events arrive.
     fn watermark(&self, q: usize) -> Option<i64> {
@@ -407,8 +416,10 @@ impl Engine {
             .filter_map(WindowState::max_event_time)
             .max();
         let from_events = event_time.map(|t| t - delay);
-        let idle = (self.caught_up && self.last_change.elapsed() >= IDLE_AFTER)
-            .then(|| chrono::Utc::now().timestamp_micros() - delay - IDLE_AFTER.as_micros() as i64);
+        let idle = (self.caught_up && self.last_change.elapsed() >= clock::QUIET).then(|| {
+            let allowance = self.arrival_lag.allowance_micros(Instant::now());
+            chrono::Utc::now().timestamp_micros() - delay - allowance
+        });
         let emitted = self
             .windows
             .of_query(q)

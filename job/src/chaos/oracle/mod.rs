@@ -40,8 +40,8 @@ pub(super) const JOB: &str = "engagement";
 pub(super) const MINUTE: i64 = 60 * 1_000_000;
 pub(super) const WINDOW_MICROS: i64 = 10 * MINUTE;
 pub(super) const SLIDE_MICROS: i64 = 500_000;
-/// How long a job waits without changes before the wall clock drives its watermark.
-const IDLE_MICROS: i64 = crate::engine::IDLE_AFTER.as_micros() as i64;
+/// The least an idle job's wall clock trails behind now, beyond the delay.
+const CLOCK_MIN_MICROS: i64 = crate::engine::MIN_ALLOWANCE.as_micros() as i64;
 pub(super) const TOP_N: usize = 100;
 
 /// How one output compares with the oracle.
@@ -190,7 +190,7 @@ impl Bounds {
     fn new(expected: &Expected, stopped_at: i64) -> Bounds {
         Bounds {
             data: expected.final_watermark(),
-            wall: stopped_at - DELAY_MICROS - IDLE_MICROS,
+            wall: stopped_at - DELAY_MICROS - CLOCK_MIN_MICROS,
         }
     }
 

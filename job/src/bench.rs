@@ -670,14 +670,28 @@ impl World {
         };
         let mut counted = std::collections::BTreeSet::new();
         for (name, window) in &manifest.windows {
-            // Windows shared by several sinks name the same file: count it once.
+            // Its layers: the files of earlier checkpoints it builds on, then its own.
+            let own = checkpoint::EpochFile {
+                epoch: manifest.epoch,
+                file: window.state.clone(),
+            };
+            let layers: Vec<&checkpoint::EpochFile> =
+                window.base.iter().chain(std::iter::once(&own)).collect();
+            // Windows shared by several sinks name the same files: count them once.
             if counted.insert(window.state.file.as_str()) {
-                report.window_rows += window.state.rows;
-                report.window_bytes += window.state.bytes;
+                report.window_written_bytes += window.state.bytes;
+                for layer in &layers {
+                    report.window_rows += layer.file.rows;
+                    report.window_bytes += layer.file.bytes;
+                }
             }
             if name.split('/').next() == Some(TOP_CONTENT_SINK) {
-                let bytes = store.read_file(manifest.epoch, &window.state.file).await?;
-                report.top_content_distinct_content += distinct_keys(bytes)?;
+                let mut keys = HashSet::new();
+                for layer in &layers {
+                    let bytes = store.read_file(layer.epoch, &layer.file.file).await?;
+                    distinct_keys(bytes, &mut keys)?;
+                }
+                report.top_content_distinct_content += keys.len();
             }
         }
         for file in manifest.dimensions.values() {
@@ -700,17 +714,17 @@ struct Phase {
 }
 
 /// Distinct values of the `key` column (group keys) of a window state file.
-fn distinct_keys(state: bytes::Bytes) -> Result<usize, BenchError> {
+/// Adds the group keys of a window state file to `keys`.
+fn distinct_keys(state: bytes::Bytes, keys: &mut HashSet<Vec<u8>>) -> Result<(), BenchError> {
     let batches = checkpoint::decode_ipc(state);
     let batches = batches.map_err(context("a window state file is unreadable"))?;
-    let mut keys = HashSet::new();
     for batch in &batches {
         let column = batch.column_by_name("key").map(|c| c.as_any());
         if let Some(column) = column.and_then(|c| c.downcast_ref::<BinaryArray>()) {
-            keys.extend(column.iter().flatten());
+            keys.extend(column.iter().flatten().map(<[u8]>::to_vec));
         }
     }
-    Ok(keys.len())
+    Ok(())
 }
 
 async fn connect(url: &str) -> Result<Client, BenchError> {

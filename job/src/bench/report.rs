@@ -115,8 +115,12 @@ pub struct StateReport {
     pub epoch: u64,
     /// Distinct group keys (content ids) in the `top_content` window state.
     pub top_content_distinct_content: usize,
+    /// Window state as a restore reads it: whole snapshots and the layers of
+    /// changes over them.
     pub window_rows: u64,
     pub window_bytes: u64,
+    /// Window state the checkpoint itself wrote (its layers of changes).
+    pub window_written_bytes: u64,
     pub dimension_rows: u64,
     pub dimension_bytes: u64,
     pub capture_rows: u64,
@@ -229,10 +233,11 @@ pub(super) fn print_figures(report: &BenchReport) {
         s.top_content_distinct_content, s.epoch
     );
     println!(
-        "state: windows {} rows, {}; dimension {} rows, {}; capture {} rows, {}; \
-         checkpoint {}",
+        "state: windows {} rows, {} ({} written by that checkpoint); dimension {} rows, {}; \
+         capture {} rows, {}; checkpoint {}",
         s.window_rows,
         mib(s.window_bytes),
+        mib(s.window_written_bytes),
         s.dimension_rows,
         mib(s.dimension_bytes),
         s.capture_rows,

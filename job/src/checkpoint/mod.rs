@@ -105,11 +105,25 @@ pub struct WindowOutput {
     pub state: StateFile,
 }
 
-/// The state of one windowed aggregate in a checkpoint.
+/// The state of one windowed aggregate in a checkpoint: `state` alone (a
+/// whole snapshot), or the buckets changed since the checkpoint before, over
+/// the layers in `base` (engine/window's module docs).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowCheckpoint {
     pub state: StateFile,
     pub meta: WindowMeta,
+    /// The layers `state` goes over, oldest (a whole snapshot) first, each in
+    /// the checkpoint that wrote it. Empty: `state` is whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base: Vec<EpochFile>,
+}
+
+/// A file of another checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochFile {
+    pub epoch: u64,
+    #[serde(flatten)]
+    pub file: StateFile,
 }
 
 /// Window bookkeeping kept beside a window's state (engine/window).
@@ -579,9 +593,14 @@ mod tests {
                 .insert("t".into(), file("capture-t.arrows"));
             let meta = WindowMeta::default();
             let state = file("window-w.arrows");
-            manifest
-                .windows
-                .insert("w/0".into(), WindowCheckpoint { state, meta });
+            manifest.windows.insert(
+                "w/0".into(),
+                WindowCheckpoint {
+                    state,
+                    meta,
+                    base: Vec::new(),
+                },
+            );
             let names = ["dimension-d.arrows", "capture-t.arrows", "window-w.arrows"];
             let files = names
                 .iter()
@@ -628,6 +647,46 @@ mod tests {
         let later = "2026-11-21T02:00:00Z".parse::<DateTime<Utc>>().unwrap();
         store.prune(retention, None, later).await.unwrap();
         assert_eq!(epochs(&store).await, vec![5, 6]);
+    }
+
+    #[tokio::test]
+    async fn checkpoints_whose_window_files_a_whole_one_builds_on_stay_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        let file = |name: &str| StateFile {
+            file: name.into(),
+            rows: 1,
+            bytes: 1,
+        };
+        for epoch in 1..=5 {
+            let mut manifest = manifest("job", epoch);
+            let base = match epoch {
+                // Changes over checkpoint 2's whole snapshot and 3's changes.
+                4 | 5 => (2..epoch)
+                    .map(|e| EpochFile {
+                        epoch: e,
+                        file: file("window-w-0.arrows"),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let state = file("window-w-0.arrows");
+            let meta = WindowMeta::default();
+            manifest
+                .windows
+                .insert("w/0".into(), WindowCheckpoint { state, meta, base });
+            let files = vec![("window-w-0.arrows".into(), Bytes::from_static(b"x"))];
+            store.write(&manifest, files).await.unwrap();
+        }
+        store.prune(keep(2), None, Utc::now()).await.unwrap();
+        assert_eq!(
+            kept(&store).await,
+            (2..=5).map(|e| (e, Kept::Everything)).collect::<Vec<_>>()
+        );
+        assert!(dir
+            .path()
+            .join("job/epoch-000000000002/window-w-0.arrows")
+            .exists());
     }
 
     #[tokio::test]

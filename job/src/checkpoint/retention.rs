@@ -5,7 +5,10 @@
 //! 1. **Whole.** The newest `keep` checkpoints (`--keep-checkpoints`) hold
 //!    everything: dimension tables, window state, the last window of each
 //!    windowed sink and the capture of their epoch. A job resumes from the
-//!    newest; `engage replay` can start from any of them.
+//!    newest; `engage replay` can start from any of them. Window state is
+//!    written as changes over earlier checkpoints' files (at most
+//!    `WHOLE_EVERY` layers), so the checkpoints those files are in stay
+//!    whole too while a whole one builds on them.
 //! 2. **Thinned.** An older checkpoint younger than the capture retention
 //!    (`--capture-retention`) keeps its manifest and its capture, the changes
 //!    read during its epoch. Its window state goes. Its dimension tables stay
@@ -121,16 +124,26 @@ impl CheckpointStore {
         now: DateTime<Utc>,
     ) -> Result<(), CheckpointError> {
         let epochs = self.epochs().await?;
-        // The newest `keep` complete checkpoints stay whole.
+        // The newest `keep` complete checkpoints stay whole, and so do the
+        // older ones whose window files they build on (incremental window
+        // state: WindowCheckpoint::base).
         let mut whole = 0;
         let mut below = epochs.len();
+        let mut needed = u64::MAX;
         while below > 0 && whole < retention.keep.max(1) {
             below -= 1;
             match self.load(epochs[below]).await {
-                Ok(_) => whole += 1,
+                Ok(manifest) => {
+                    whole += 1;
+                    let bases = manifest.windows.values().flat_map(|w| &w.base);
+                    needed = bases.map(|b| b.epoch).fold(needed, u64::min);
+                }
                 Err(CheckpointError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }
+        }
+        while below > 0 && epochs[below - 1] >= needed {
+            below -= 1;
         }
         let older = &epochs[..below];
         let expired = self.expire(older, retention.capture, floor, now).await?;

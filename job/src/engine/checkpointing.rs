@@ -62,7 +62,7 @@ impl Engine {
             )))?;
             dimensions.insert(source.def.name.clone(), state);
         }
-        let windows = self.snapshot_windows(&mut files)?;
+        let windows = self.snapshot_windows(epoch, &mut files)?;
         let window_outputs = self.snapshot_window_outputs(&mut files)?;
         let manifest = Manifest {
             job: self.job.clone(),

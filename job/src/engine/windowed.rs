@@ -42,7 +42,7 @@ use super::checkpointing::read_state;
 use super::window::WindowState;
 use super::{clock, Engine, JobError};
 use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
-use crate::checkpoint::{Manifest, StateFile, WindowCheckpoint, WindowOutput};
+use crate::checkpoint::{EpochFile, Manifest, StateFile, WindowCheckpoint, WindowOutput};
 use crate::sql::plan::JobPlan;
 
 /// The window state of a job: one [`WindowState`] per distinct windowed
@@ -62,7 +62,14 @@ pub struct WindowStates {
     /// Per query and aggregate: windows its shared state closed while
     /// another reader was being closed, not yet written to this query's sink.
     pending: Vec<Vec<Vec<(i64, RecordBatch)>>>,
+    /// Per state: the checkpoint files its next snapshot of changes goes
+    /// over, a whole snapshot first (empty: the next one is whole).
+    layers: Vec<Vec<EpochFile>>,
 }
+
+/// A whole window snapshot is written at least every this many checkpoints,
+/// so a restore reads a bounded number of layers.
+pub const WHOLE_EVERY: usize = 10;
 
 impl WindowStates {
     /// Empty window state for every windowed aggregate of `plan`.
@@ -86,6 +93,7 @@ impl WindowStates {
                             .map_err(JobError::state("window state"))?;
                         shared.states.push(state);
                         shared.readers.push(Vec::new());
+                        shared.layers.push(Vec::new());
                         shared.states.len() - 1
                     }
                 };
@@ -491,24 +499,36 @@ impl Engine {
         }
     }
 
-    /// Serialises window state into checkpoint files.
+    /// Serialises window state into the files of checkpoint `epoch`: per
+    /// state, the buckets changed since the last checkpoint over the layers
+    /// before, or a whole snapshot every [`WHOLE_EVERY`] checkpoints and
+    /// whenever the changes written since the last whole one outweigh it.
     pub(super) fn snapshot_windows(
-        &self,
+        &mut self,
+        epoch: u64,
         files: &mut Vec<(String, bytes::Bytes)>,
     ) -> Result<std::collections::BTreeMap<String, WindowCheckpoint>, JobError> {
         let mut out = std::collections::BTreeMap::new();
         // A shared state is written once; every reader's entry names its file.
         let mut written: Vec<Option<WindowCheckpoint>> = vec![None; self.windows.len()];
-        for (q, slots) in self.windows.slots.iter().enumerate() {
+        for q in 0..self.windows.slots.len() {
             let sink = &self.plan.sinks[self.plan.queries[q].sink].def.name;
-            for (w, &s) in slots.iter().enumerate() {
+            for w in 0..self.windows.slots[q].len() {
+                let s = self.windows.slots[q][w];
                 debug_assert!(
                     self.windows.pending[q][w].is_empty(),
                     "closed windows not written"
                 );
                 if written[s].is_none() {
-                    let (batch, meta) =
-                        self.windows.states[s].snapshot().map_err(JobError::Arrow)?;
+                    let layers = &mut self.windows.layers[s];
+                    let changes: u64 = layers.iter().skip(1).map(|l| l.file.bytes).sum();
+                    let whole = match layers.first() {
+                        None => true,
+                        Some(first) => layers.len() >= WHOLE_EVERY || changes > first.file.bytes,
+                    };
+                    let (batch, meta) = self.windows.states[s]
+                        .snapshot_changes(whole)
+                        .map_err(JobError::Arrow)?;
                     let state = StateFile::encode(
                         format!("window-{sink}-{w}.arrows"),
                         &batch.schema(),
@@ -516,7 +536,15 @@ impl Engine {
                         files,
                     )
                     .map_err(JobError::Arrow)?;
-                    written[s] = Some(WindowCheckpoint { state, meta });
+                    if whole {
+                        layers.clear();
+                    }
+                    let base = layers.clone();
+                    layers.push(EpochFile {
+                        epoch,
+                        file: state.clone(),
+                    });
+                    written[s] = Some(WindowCheckpoint { state, meta, base });
                 }
                 out.insert(
                     window_key(sink, w),
@@ -600,12 +628,23 @@ impl Engine {
                 let key = window_key(&sink, w);
                 match restore.windows.get(&key) {
                     Some(saved) if !restored[s] => {
-                        let what = format!("window {key}");
-                        let batches =
-                            read_state(&self.store, restore.epoch, &saved.state, what).await?;
+                        let mut layers = saved.base.clone();
+                        layers.push(EpochFile {
+                            epoch: restore.epoch,
+                            file: saved.state.clone(),
+                        });
+                        let mut batches = Vec::new();
+                        for layer in &layers {
+                            let what = format!("window {key} (checkpoint {})", layer.epoch);
+                            batches.push(
+                                read_state(&self.store, layer.epoch, &layer.file, what).await?,
+                            );
+                        }
                         self.windows.states[s]
                             .restore(&batches, &saved.meta)
                             .map_err(JobError::state(format!("window {key}")))?;
+                        // The next checkpoint writes its changes over these.
+                        self.windows.layers[s] = layers;
                         restored[s] = true;
                     }
                     _ => {}

@@ -19,8 +19,18 @@
 //!
 //! Group keys are interned once (Arrow row format bytes -> `u32`), so buckets
 //! store small integer ids and flat accumulator columns.
+//!
+//! # Checkpoints
+//!
+//! A snapshot is one row per (bucket, key). Buckets change only where events
+//! land, which on a live stream is the newest few, so the state remembers
+//! which buckets changed since its last snapshot and can write just those
+//! ([`WindowState::snapshot_changes`]). A restore reads such layers oldest
+//! first (a whole snapshot, then the changes): a bucket in a layer replaces
+//! what earlier layers held for it, and buckets every window of which was
+//! emitted by then (they were dropped, not rewritten) are left out.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 // Group keys, entry indexes and distinct values are hashed for every input
 // row of every window: foldhash (seeded per process, as DataFusion's own hash
@@ -266,6 +276,10 @@ pub struct WindowState {
     distinct_converters: Vec<Option<RowConverter>>,
     keys: Keys,
     buckets: BTreeMap<i64, Partials>,
+    /// Buckets changed since the last snapshot, and the last one added (rows
+    /// mostly land in the same bucket as the row before).
+    changed: BTreeSet<i64>,
+    last_changed: Option<i64>,
     /// Hop only: the aggregates of the window ending at `last_end`.
     totals: Partials,
     /// End of the last emitted window.
@@ -303,6 +317,8 @@ impl WindowState {
             distinct_converters,
             keys: Keys::default(),
             buckets: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            last_changed: None,
             last_end: None,
             last_emission_empty: true,
             max_event_time: None,
@@ -439,6 +455,10 @@ impl WindowState {
                 filters: &filters,
                 row,
             };
+            if self.last_changed != Some(bucket) {
+                self.changed.insert(bucket);
+                self.last_changed = Some(bucket);
+            }
             let aggregates = &self.aggregates;
             let partials = self
                 .buckets
@@ -658,6 +678,34 @@ impl WindowState {
 
     /// The state as a batch (bucket, key, rows, then accumulators), for checkpoints.
     pub fn snapshot(&self) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+        self.snapshot_of(self.buckets.iter())
+    }
+
+    /// For a checkpoint: the whole state, or only the buckets changed since
+    /// the last call (a layer over the snapshots before it; see the module
+    /// docs). Either way, changes are counted afresh from here.
+    pub fn snapshot_changes(
+        &mut self,
+        whole: bool,
+    ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+        let snapshot = if whole {
+            self.snapshot()
+        } else {
+            let changed = self
+                .changed
+                .iter()
+                .filter_map(|b| self.buckets.get_key_value(b));
+            self.snapshot_of(changed)
+        };
+        self.changed.clear();
+        self.last_changed = None;
+        snapshot
+    }
+
+    fn snapshot_of<'a>(
+        &self,
+        selected: impl Iterator<Item = (&'a i64, &'a Partials)>,
+    ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
         let mut fields = vec![
             Field::new("bucket", DataType::Int64, false),
             Field::new("key", DataType::Binary, false),
@@ -676,7 +724,7 @@ impl WindowState {
             .iter()
             .map(|_| (Vec::new(), Vec::new(), BinaryBuilder::new()))
             .collect();
-        for (bucket, partials) in &self.buckets {
+        for (bucket, partials) in selected {
             for i in 0..partials.len() {
                 buckets.push(*bucket);
                 keys.append_value(&self.keys.bytes[partials.keys[i] as usize]);
@@ -713,80 +761,33 @@ impl WindowState {
         Ok((batch, meta))
     }
 
-    /// Restores what [`WindowState::snapshot`] wrote.
+    /// Restores what [`WindowState::snapshot`] (the first layer) and
+    /// [`WindowState::snapshot_changes`] (the layers after it) wrote, oldest
+    /// first; `meta` is the newest layer's.
     pub fn restore(
         &mut self,
-        batches: &[RecordBatch],
+        layers: &[Vec<RecordBatch>],
         meta: &WindowMeta,
     ) -> Result<(), ArrowError> {
         self.last_end = meta.last_end;
         self.last_emission_empty = meta.last_emission_empty;
         self.max_event_time = meta.max_event_time;
-        for batch in batches {
-            let column = |i: usize| batch.column(i).clone();
-            let buckets = column(0);
-            let buckets = buckets
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .expect("bucket column");
-            let keys = column(1);
-            let keys = keys
-                .as_any()
-                .downcast_ref::<BinaryArray>()
-                .expect("key column");
-            let rows = column(2);
-            let rows = rows
-                .as_any()
-                .downcast_ref::<Int64Array>()
-                .expect("rows column");
-            for r in 0..batch.num_rows() {
-                let key = self.keys.intern(keys.value(r));
-                let aggregates = &self.aggregates;
-                let partials = self
-                    .buckets
-                    .entry(buckets.value(r))
-                    .or_insert_with(|| Partials::new(aggregates));
-                let (i, _) = partials.entry(key);
-                partials.rows[i] = rows.value(r);
-                for (a, column) in partials.columns.iter_mut().enumerate() {
-                    let base = 3 + 3 * a;
-                    let v = batch
-                        .column(base)
-                        .as_any()
-                        .downcast_ref::<Float64Array>()
-                        .expect("v")
-                        .value(r);
-                    let n = batch
-                        .column(base + 1)
-                        .as_any()
-                        .downcast_ref::<Int64Array>()
-                        .expect("n")
-                        .value(r);
-                    let d = batch
-                        .column(base + 2)
-                        .as_any()
-                        .downcast_ref::<BinaryArray>()
-                        .expect("d")
-                        .value(r);
-                    match column {
-                        Column::Count(c) => c[i] = n,
-                        Column::Sum(s, c) | Column::Extreme(s, c) => {
-                            s[i] = v;
-                            c[i] = n;
-                        }
-                        Column::DecimalSum(s, c) => {
-                            s[i] = d.try_into().map(i128::from_le_bytes).map_err(|_| {
-                                ArrowError::InvalidArgumentError(format!(
-                                    "checkpointed decimal sum has {} bytes, not 16",
-                                    d.len()
-                                ))
-                            })?;
-                            c[i] = n;
-                        }
-                        Column::Distinct(maps) => maps[i] = decode_distinct(d),
-                    }
-                }
+        self.changed.clear();
+        self.last_changed = None;
+        for layer in layers {
+            // A bucket in this layer replaces what the layers before held.
+            let mut replaced = BTreeSet::new();
+            for batch in layer {
+                self.restore_batch(batch, &mut replaced)?;
             }
+        }
+        // Buckets dropped once every window holding them was emitted.
+        if let Some(end) = self.last_end {
+            let first_kept = match self.kind {
+                WindowKind::Tumble { .. } => end,
+                WindowKind::Hop { width, .. } => end - width,
+            };
+            self.buckets = self.buckets.split_off(&first_kept);
         }
         // The running totals are those of the window ending at `last_end`.
         if let (WindowKind::Hop { width, .. }, Some(end)) = (self.kind, self.last_end) {
@@ -796,6 +797,82 @@ impl WindowState {
             }
             compact(&mut totals);
             self.totals = totals;
+        }
+        Ok(())
+    }
+
+    fn restore_batch(
+        &mut self,
+        batch: &RecordBatch,
+        replaced: &mut BTreeSet<i64>,
+    ) -> Result<(), ArrowError> {
+        let column = |i: usize| batch.column(i).clone();
+        let buckets = column(0);
+        let buckets = buckets
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("bucket column");
+        let keys = column(1);
+        let keys = keys
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .expect("key column");
+        let rows = column(2);
+        let rows = rows
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("rows column");
+        for r in 0..batch.num_rows() {
+            let key = self.keys.intern(keys.value(r));
+            let aggregates = &self.aggregates;
+            let bucket = buckets.value(r);
+            if replaced.insert(bucket) {
+                self.buckets.insert(bucket, Partials::new(aggregates));
+            }
+            let partials = self
+                .buckets
+                .entry(bucket)
+                .or_insert_with(|| Partials::new(aggregates));
+            let (i, _) = partials.entry(key);
+            partials.rows[i] = rows.value(r);
+            for (a, column) in partials.columns.iter_mut().enumerate() {
+                let base = 3 + 3 * a;
+                let v = batch
+                    .column(base)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .expect("v")
+                    .value(r);
+                let n = batch
+                    .column(base + 1)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("n")
+                    .value(r);
+                let d = batch
+                    .column(base + 2)
+                    .as_any()
+                    .downcast_ref::<BinaryArray>()
+                    .expect("d")
+                    .value(r);
+                match column {
+                    Column::Count(c) => c[i] = n,
+                    Column::Sum(s, c) | Column::Extreme(s, c) => {
+                        s[i] = v;
+                        c[i] = n;
+                    }
+                    Column::DecimalSum(s, c) => {
+                        s[i] = d.try_into().map(i128::from_le_bytes).map_err(|_| {
+                            ArrowError::InvalidArgumentError(format!(
+                                "checkpointed decimal sum has {} bytes, not 16",
+                                d.len()
+                            ))
+                        })?;
+                        c[i] = n;
+                    }
+                    Column::Distinct(maps) => maps[i] = decode_distinct(d),
+                }
+            }
         }
         Ok(())
     }

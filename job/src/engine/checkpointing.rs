@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 
@@ -13,6 +13,7 @@ use crate::change::format_lsn;
 use crate::checkpoint::{self, CheckpointStore, Manifest, SourceState, StateFile};
 use crate::sink::task::SinkTask;
 use crate::sink::SinkState;
+use crate::sql::plan::JobPlan;
 
 impl Engine {
     /// Takes checkpoint `epoch + 1`. The caller confirms the slot afterwards.
@@ -167,4 +168,49 @@ pub(super) async fn read_state(
 ) -> Result<Vec<RecordBatch>, JobError> {
     let bytes = store.read_file(epoch, &file.file).await?;
     checkpoint::decode_ipc(bytes).map_err(JobError::state(what))
+}
+
+/// The checkpoint `engage replay --from-checkpoint epoch` starts from: whole,
+/// or thinned to a base (its dimension tables are still there).
+pub(super) async fn replay_start(
+    store: &CheckpointStore,
+    epoch: u64,
+) -> Result<checkpoint::Manifest, JobError> {
+    let manifest = store.load(epoch).await?;
+    if manifest.holds_dimensions() {
+        return Ok(manifest);
+    }
+    let bases: Vec<u64> = store
+        .list()
+        .await?
+        .iter()
+        .filter(|m| m.holds_dimensions())
+        .map(|m| m.epoch)
+        .collect();
+    let before = bases.iter().rev().find(|&&b| b < epoch);
+    let suggestion = match before {
+        Some(base) => format!("the nearest before it is {base}"),
+        None => format!("the oldest is {}", bases.first().copied().unwrap_or(epoch)),
+    };
+    Err(JobError::Restore(format!(
+        "checkpoint {epoch} keeps only its captured changes (it is older than the checkpoints kept whole, \
+         --keep-checkpoints), so a replay cannot start there. Start from a checkpoint that still holds its \
+         dimension tables (`engage checkpoints` marks them `whole` or `base`): {suggestion}"
+    )))
+}
+
+/// The shortest default capture retention.
+pub const MIN_CAPTURE_RETENTION: Duration = Duration::from_secs(60 * 60);
+
+/// Captures are kept for the job's longest window (at least an hour): a
+/// sink rebuilt from them gets every change its windows could still show.
+pub(super) fn default_capture_retention(plan: &JobPlan) -> Duration {
+    let longest_us = plan
+        .queries
+        .iter()
+        .flat_map(|q| &q.windows)
+        .map(|w| w.kind.width())
+        .max()
+        .unwrap_or(0);
+    Duration::from_micros(longest_us.max(0) as u64).max(MIN_CAPTURE_RETENTION)
 }

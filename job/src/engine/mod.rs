@@ -40,12 +40,24 @@
 //! of the epochs after K through the current SQL; sinks keep the state of
 //! the newest checkpoint, so they skip what they already hold and fill in
 //! what they lack (a sink added to the SQL since, a flushed Redis).
+//!
+//! # Files
+//!
+//! This file starts a run (`run_once`) and holds the streaming loop;
+//! `open_sinks.rs` opens the sinks, `process.rs` runs one change batch,
+//! `windowed.rs` feeds and closes windows (`window/` is their state, `clock.rs`
+//! when the wall clock drives watermarks), `checkpointing.rs` takes and
+//! restores checkpoints, `replay.rs` replays captures and rebuilds lost sinks,
+//! `supervise.rs` restarts a run after a curable failure.
 
 mod checkpointing;
 pub mod clock;
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
+mod open_sinks;
+mod process;
+use process::{after, last_position, position_columns, ViewOutputs, BEFORE_SUFFIX};
 mod replay;
 pub mod side_output;
 pub mod stats;
@@ -53,6 +65,7 @@ pub mod supervise;
 pub mod window;
 mod windowed;
 
+pub use checkpointing::MIN_CAPTURE_RETENTION;
 pub use clock::MIN_ALLOWANCE;
 
 use std::future::Future;
@@ -60,14 +73,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, BooleanArray, Int64Array};
-use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
-use crate::change::{format_lsn, Position, LSN_COLUMN, SEQ_COLUMN};
+use crate::change::{format_lsn, Position};
 use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore, Retention};
 use crate::sink::task::SinkTask;
-use crate::sink::{Sink, SinkError};
+use crate::sink::SinkError;
 use crate::source::postgres::{self, Start};
 use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
 use crate::sql::plan::JobPlan;
@@ -190,7 +201,7 @@ async fn run_once(
     let store = CheckpointStore::open(&options.checkpoint_dir, &spec.name)?;
     let latest = store.latest().await?;
     let restore = match options.replay_from {
-        Some(epoch) => Some(replay_start(&store, epoch).await?),
+        Some(epoch) => Some(checkpointing::replay_start(&store, epoch).await?),
         None => latest.clone(),
     };
     let windowed: Vec<Vec<String>> = (0..plan.sources.len())
@@ -228,7 +239,7 @@ async fn run_once(
     }
     let capture_retention = options
         .capture_retention
-        .unwrap_or_else(|| default_capture_retention(&plan));
+        .unwrap_or_else(|| checkpointing::default_capture_retention(&plan));
     let mut engine = Engine {
         job: spec.name.clone(),
         sql_hash: sql_hash(script),
@@ -311,68 +322,7 @@ async fn run_once(
         .processed_lsn
         .store(engine.resume_lsn, Ordering::Relaxed);
 
-    // Redis addresses found unreachable while opening: the other sinks
-    // there start detached without waiting for a connection again.
-    let mut unreachable: Vec<String> = Vec::new();
-    for (index, query) in engine.plan.queries.iter().enumerate() {
-        let sink_table = &engine.plan.sinks[query.sink];
-        let table = &sink_table.def;
-        let restored = latest.as_ref().and_then(|m| m.sinks.get(&table.name));
-        if let (Some(options), Some(restored)) = (table.connector.redis(), restored) {
-            if unreachable.iter().any(|a| a == options.address.expose()) {
-                tracing::warn!(sink = %table.name, position = %restored.position, "sink detached at start: redis is unreachable");
-                let sink = SinkTask::unreachable(&table.name, options.address.expose(), restored);
-                engine.sinks.push(sink);
-                continue;
-            }
-        }
-        let sink = match (
-            Sink::open(&spec.name, sink_table, query, restored).await,
-            restored,
-        ) {
-            (Ok(sink), _) => {
-                tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
-                SinkTask::spawn(sink)
-            }
-            // A job that ran before, restarting while Redis is down: the
-            // sink starts detached, and the others do not wait for Redis.
-            (Err(error), Some(restored)) if error.is_transient() => match table.connector.redis() {
-                Some(options) => {
-                    tracing::warn!(
-                        sink = %table.name,
-                        error = %error,
-                        position = %restored.position,
-                        "sink detached at start: redis is unreachable; the other sinks go on, and once it \
-                         answers again the job restarts and catches this sink up from its checkpoints"
-                    );
-                    unreachable.push(options.address.expose().to_string());
-                    SinkTask::unreachable(&table.name, options.address.expose(), restored)
-                }
-                _ => return Err(error.into()),
-            },
-            (Err(error), _) => return Err(error.into()),
-        };
-        debug_assert_eq!(engine.sinks.len(), index);
-        engine.sinks.push(sink);
-    }
-
-    engine.late_sink = late::open(
-        spec,
-        latest
-            .as_ref()
-            .and_then(|m| m.sinks.get(late::LATE_EVENTS_TABLE)),
-    )
-    .await?
-    .map(SinkTask::spawn);
-
-    engine.dead_letter_sink = dead_letter::open(
-        spec,
-        latest
-            .as_ref()
-            .and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
-    )
-    .await?
-    .map(SinkTask::spawn);
+    engine.open_sinks(spec, latest.as_ref()).await?;
     for (source, rejected) in snapshot_rejected {
         engine.divert_rejected(source, &rejected).await?;
     }
@@ -434,51 +384,6 @@ async fn run_once(
     summary.changes = engine.stats.changes_in.load(Ordering::Relaxed);
     summary.last_checkpoint = Some(engine.epoch);
     Ok(summary)
-}
-
-/// The checkpoint `engage replay --from-checkpoint epoch` starts from: whole,
-/// or thinned to a base (its dimension tables are still there).
-async fn replay_start(
-    store: &CheckpointStore,
-    epoch: u64,
-) -> Result<checkpoint::Manifest, JobError> {
-    let manifest = store.load(epoch).await?;
-    if manifest.holds_dimensions() {
-        return Ok(manifest);
-    }
-    let bases: Vec<u64> = store
-        .list()
-        .await?
-        .iter()
-        .filter(|m| m.holds_dimensions())
-        .map(|m| m.epoch)
-        .collect();
-    let before = bases.iter().rev().find(|&&b| b < epoch);
-    let suggestion = match before {
-        Some(base) => format!("the nearest before it is {base}"),
-        None => format!("the oldest is {}", bases.first().copied().unwrap_or(epoch)),
-    };
-    Err(JobError::Restore(format!(
-        "checkpoint {epoch} keeps only its captured changes (it is older than the checkpoints kept whole, \
-         --keep-checkpoints), so a replay cannot start there. Start from a checkpoint that still holds its \
-         dimension tables (`engage checkpoints` marks them `whole` or `base`): {suggestion}"
-    )))
-}
-
-/// The shortest default capture retention.
-pub const MIN_CAPTURE_RETENTION: Duration = Duration::from_secs(60 * 60);
-
-/// Captures are kept for the job's longest window (at least an hour): a
-/// sink rebuilt from them gets every change its windows could still show.
-fn default_capture_retention(plan: &JobPlan) -> Duration {
-    let longest_us = plan
-        .queries
-        .iter()
-        .flat_map(|q| &q.windows)
-        .map(|w| w.kind.width())
-        .max()
-        .unwrap_or(0);
-    Duration::from_micros(longest_us.max(0) as u64).max(MIN_CAPTURE_RETENTION)
 }
 
 struct Engine {
@@ -712,176 +617,6 @@ impl Engine {
             Ok(())
         }
     }
-
-    /// Runs the queries driven by `source` over `batch`, then updates its dimension.
-    async fn process(
-        &mut self,
-        source: usize,
-        batch: RecordBatch,
-        before: Option<RecordBatch>,
-    ) -> Result<(), JobError> {
-        if batch.num_rows() == 0 {
-            return Ok(());
-        }
-        let last = last_position(&batch);
-        let read = batch.num_rows() as u64;
-        let (batch, before) = self.divert_bad_rows(source, batch, before).await?;
-        let views = self.compute_views(source, &batch, before.as_ref()).await?;
-        for (index, query) in self.plan.queries.iter().enumerate() {
-            if query.driving != source || query.is_windowed() {
-                continue;
-            }
-            if self
-                .rebuilding
-                .as_ref()
-                .is_some_and(|r| !r.contains(&index))
-            {
-                continue;
-            }
-            let full = match query.view {
-                Some(v) => {
-                    &views[v]
-                        .as_ref()
-                        .expect("computed for its driving source")
-                        .0
-                }
-                None => &batch,
-            };
-            if full.num_rows() == 0 {
-                continue;
-            }
-            let dimensions = self.dimension_contents(&query.dimensions);
-            let sink = &mut self.sinks[index];
-            let input = after(full, sink.position()).map_err(JobError::Arrow)?;
-            if input.num_rows() == 0 {
-                continue;
-            }
-            let output = self
-                .plan
-                .execute(index, input, &dimensions)
-                .await
-                .map_err(|e| JobError::Query {
-                    sink: sink.name().to_string(),
-                    message: e.to_string(),
-                })?;
-            let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-            sink.write(output, last).await?;
-            self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
-            if !sink.detached() {
-                self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
-            }
-        }
-        if self.rebuilding.is_some() {
-            if let Some(dimension) = &mut self.dimensions[source] {
-                dimension.apply(&batch).map_err(JobError::Arrow)?;
-            }
-            return Ok(());
-        }
-        self.position = self.position.max(last);
-        self.process_windowed(source, &batch, before.as_ref(), &views)
-            .await?;
-        if let Some(dimension) = &mut self.dimensions[source] {
-            dimension.apply(&batch).map_err(JobError::Arrow)?;
-        }
-        self.dirty = true;
-        self.stats.changes_in.fetch_add(read, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// The current contents of the dimension sources `indexes`, for a query.
-    fn dimension_contents(&self, indexes: &[usize]) -> Vec<(usize, RecordBatch)> {
-        indexes
-            .iter()
-            .map(|&d| {
-                (
-                    d,
-                    self.dimensions[d]
-                        .as_ref()
-                        .expect("planned dimension")
-                        .contents()
-                        .clone(),
-                )
-            })
-            .collect()
-    }
-
-    /// Computes the shared views driven by `source` over `batch` (and over the
-    /// old images in `before`), by view index.
-    async fn compute_views(
-        &mut self,
-        source: usize,
-        batch: &RecordBatch,
-        before: Option<&RecordBatch>,
-    ) -> Result<ViewOutputs, JobError> {
-        let mut outputs = vec![None; self.plan.views.len()];
-        for (v, view) in self.plan.views.iter().enumerate() {
-            let used = self.plan.queries.iter().any(|q| q.view == Some(v));
-            if view.driving != source || !used {
-                continue;
-            }
-            let dimensions = self.dimension_contents(&view.dimensions);
-            let error = |e: datafusion::error::DataFusionError| JobError::Query {
-                sink: format!("view {}", view.name),
-                message: e.to_string(),
-            };
-            let rows = self
-                .plan
-                .execute_view(v, batch.clone(), &dimensions)
-                .await
-                .map_err(error)?;
-            let old = match before {
-                Some(before) => Some(
-                    self.plan
-                        .execute_view(v, before.clone(), &dimensions)
-                        .await
-                        .map_err(error)?,
-                ),
-                None => None,
-            };
-            outputs[v] = Some((rows, old));
-        }
-        Ok(outputs)
-    }
-}
-
-/// Per shared view: its rows for the current batch, and for the batch's old images.
-type ViewOutputs = Vec<Option<(RecordBatch, Option<RecordBatch>)>>;
-
-/// Capture log entries of update old images are named `<table>` + this.
-const BEFORE_SUFFIX: &str = "#before";
-
-/// Position of the last row of a change batch.
-fn last_position(batch: &RecordBatch) -> Position {
-    let (lsn, seq) = position_columns(batch);
-    let last = batch.num_rows() - 1;
-    Position::new(lsn.value(last) as u64, seq.value(last) as u64)
-}
-
-fn position_columns(batch: &RecordBatch) -> (&Int64Array, &Int64Array) {
-    let column = |name| {
-        batch
-            .column_by_name(name)
-            .and_then(|c| c.as_any().downcast_ref::<Int64Array>())
-            .expect("change batches carry _lsn and _seq")
-    };
-    (column(LSN_COLUMN), column(SEQ_COLUMN))
-}
-
-/// The rows of `batch` strictly after `position`.
-fn after(batch: &RecordBatch, position: Position) -> Result<RecordBatch, arrow::error::ArrowError> {
-    let (lsn, seq) = position_columns(batch);
-    let at = |row: usize| Position::new(lsn.value(row) as u64, seq.value(row) as u64);
-    if at(0) > position {
-        return Ok(batch.clone());
-    }
-    if at(batch.num_rows() - 1) <= position {
-        return Ok(batch.slice(0, 0));
-    }
-    let keep: BooleanArray = (0..batch.num_rows())
-        .map(|row| Some(at(row) > position))
-        .collect();
-    filter_record_batch(batch, &keep)
 }
 
 /// A short stable hash of the job SQL (FNV-1a), recorded in manifests.
@@ -892,38 +627,4 @@ fn sql_hash(script: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use arrow::datatypes::{DataType, Field, Schema};
-
-    fn changes(positions: &[(i64, i64)]) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new(LSN_COLUMN, DataType::Int64, false),
-            Field::new(SEQ_COLUMN, DataType::Int64, false),
-        ]));
-        RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(Int64Array::from(
-                    positions.iter().map(|p| p.0).collect::<Vec<_>>(),
-                )),
-                Arc::new(Int64Array::from(
-                    positions.iter().map(|p| p.1).collect::<Vec<_>>(),
-                )),
-            ],
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn input_at_or_below_a_sink_position_is_dropped() {
-        let batch = changes(&[(10, 0), (10, 1), (20, 0), (20, 1)]);
-        assert_eq!(after(&batch, Position::new(10, 1)).unwrap().num_rows(), 2);
-        assert_eq!(after(&batch, Position::new(5, 9)).unwrap().num_rows(), 4);
-        assert_eq!(after(&batch, Position::new(20, 1)).unwrap().num_rows(), 0);
-        assert_eq!(last_position(&batch), Position::new(20, 1));
-    }
 }

@@ -1,0 +1,84 @@
+//! Opening a run's sinks: one task per query's sink, then the side outputs.
+//!
+//! A Redis sink whose store does not answer when a job that has checkpoints
+//! starts is opened *detached* (sink/task.rs): the other sinks go on, and the
+//! run restarts to catch it up once Redis answers. The other sinks at the same
+//! address then start detached without waiting for a connection again.
+
+use super::{dead_letter, late, Engine, JobError};
+use crate::checkpoint::Manifest;
+use crate::sink::task::SinkTask;
+use crate::sink::Sink;
+use crate::sql::JobSpec;
+
+impl Engine {
+    /// Opens every sink of the job as of checkpoint `latest` (none: a fresh job).
+    pub(super) async fn open_sinks(
+        &mut self,
+        spec: &JobSpec,
+        latest: Option<&Manifest>,
+    ) -> Result<(), JobError> {
+        // Redis addresses found unreachable while opening: the other sinks
+        // there start detached without waiting for a connection again.
+        let mut unreachable: Vec<String> = Vec::new();
+        for (index, query) in self.plan.queries.iter().enumerate() {
+            let sink_table = &self.plan.sinks[query.sink];
+            let table = &sink_table.def;
+            let restored = latest.and_then(|m| m.sinks.get(&table.name));
+            if let (Some(options), Some(restored)) = (table.connector.redis(), restored) {
+                if unreachable.iter().any(|a| a == options.address.expose()) {
+                    tracing::warn!(sink = %table.name, position = %restored.position, "sink detached at start: redis is unreachable");
+                    let sink =
+                        SinkTask::unreachable(&table.name, options.address.expose(), restored);
+                    self.sinks.push(sink);
+                    continue;
+                }
+            }
+            let sink = match (
+                Sink::open(&spec.name, sink_table, query, restored).await,
+                restored,
+            ) {
+                (Ok(sink), _) => {
+                    tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
+                    SinkTask::spawn(sink)
+                }
+                // A job that ran before, restarting while Redis is down: the
+                // sink starts detached, and the others do not wait for Redis.
+                (Err(error), Some(restored)) if error.is_transient() => {
+                    match table.connector.redis() {
+                        Some(options) => {
+                            tracing::warn!(
+                                sink = %table.name,
+                                error = %error,
+                                position = %restored.position,
+                                "sink detached at start: redis is unreachable; the other sinks go on, and once it \
+                                 answers again the job restarts and catches this sink up from its checkpoints"
+                            );
+                            unreachable.push(options.address.expose().to_string());
+                            SinkTask::unreachable(&table.name, options.address.expose(), restored)
+                        }
+                        _ => return Err(error.into()),
+                    }
+                }
+                (Err(error), _) => return Err(error.into()),
+            };
+            debug_assert_eq!(self.sinks.len(), index);
+            self.sinks.push(sink);
+        }
+
+        self.late_sink = late::open(
+            spec,
+            latest.and_then(|m| m.sinks.get(late::LATE_EVENTS_TABLE)),
+        )
+        .await?
+        .map(SinkTask::spawn);
+
+        self.dead_letter_sink = dead_letter::open(
+            spec,
+            latest.and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
+        )
+        .await?
+        .map(SinkTask::spawn);
+        Ok(())
+    }
+}

@@ -23,7 +23,7 @@ use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use crate::engine::stats::JobStats;
 use crate::engine::{self, RunOptions};
 use crate::generate::{self, GenerateOptions, GenerateProgress};
-use crate::source::replication::PgTarget;
+use crate::source::setup::PgTarget;
 use crate::sql;
 
 /// The mission's job SQL, embedded so the demo runs from any directory.

@@ -80,7 +80,8 @@ use crate::checkpoint::{self, CaptureLog, CheckpointError, CheckpointStore, Rete
 use crate::sink::task::SinkTask;
 use crate::sink::SinkError;
 use crate::source::postgres::{self, Start};
-use crate::source::replication::{self, BatchOptions, SourceError, SourceEvent, SourceHandle};
+use crate::source::replication::{BatchOptions, SourceError, SourceEvent, SourceHandle};
+use crate::source::setup;
 use crate::sql::plan::JobPlan;
 use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
@@ -503,7 +504,7 @@ impl Engine {
             );
             if lag_probe.elapsed() > Duration::from_secs(5) {
                 lag_probe = Instant::now();
-                if let Some(behind) = replication::wal_behind(control, self.resume_lsn).await {
+                if let Some(behind) = setup::wal_behind(control, self.resume_lsn).await {
                     let confirmed = self.stats.confirmed_lsn.load(Ordering::Relaxed);
                     self.stats
                         .server_wal_end

@@ -11,8 +11,10 @@
 //! [`RecordBatch`]: arrow::record_batch::RecordBatch
 //!
 //! - [`pgoutput`]: decodes pgoutput messages straight into Arrow builders.
-//! - [`replication`]: the `postgres-cdc` connector (slot, publication, checks,
-//!   the streaming loop that cuts batches at transaction boundaries).
+//! - [`setup`]: what the `postgres-cdc` connector needs before it streams
+//!   (where to connect, checks, publication, slot).
+//! - [`replication`]: its streaming loop, which cuts batches at transaction
+//!   boundaries.
 //! - [`snapshot`]: the consistent initial load of dimension tables.
 //! - [`postgres`]: where a run starts (checks, the slot or checkpoint
 //!   decision, the snapshot), the boundary the engine opens a source through.
@@ -20,6 +22,7 @@
 pub mod pgoutput;
 pub mod postgres;
 pub mod replication;
+pub mod setup;
 pub mod snapshot;
 
 use crate::change::Position;

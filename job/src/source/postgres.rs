@@ -1,7 +1,7 @@
 //! Where a run of a `postgres-cdc` job starts: the source's boundary.
 //!
 //! [`open`] connects, checks the server and the publication (see
-//! [`replication::preflight`]), and decides from the job's newest checkpoint
+//! [`setup::preflight`]), and decides from the job's newest checkpoint
 //! and its replication slot where the stream starts:
 //!
 //! - neither exists: a new slot is created, and the dimension tables are read
@@ -19,9 +19,8 @@
 
 use arrow::record_batch::RecordBatch;
 
-use super::replication::{
-    self, BatchOptions, NewSlot, PgTarget, SlotNames, SourceError, SourceHandle,
-};
+use super::replication::{self, BatchOptions, SourceError, SourceHandle};
+use super::setup::{self, NewSlot, PgTarget, SlotNames};
 use super::{snapshot, RejectedChange};
 use crate::change::format_lsn;
 use crate::sql::plan::SourceTable;
@@ -69,15 +68,15 @@ pub async fn open(
 ) -> Result<(PostgresSource, Start), SourceError> {
     let connection = sources
         .iter()
-        .find_map(replication::cdc_options)
+        .find_map(setup::cdc_options)
         .ok_or(SourceError::NoSource)?
         .connection
         .clone();
     let target = PgTarget::parse(connection.expose())?;
     let control = target.connect().await?;
     let names = SlotNames::for_job(job, sources);
-    replication::preflight(&target, &control, sources, windowed, &names).await?;
-    let slot = replication::slot_status(&target, &control, &names.slot).await?;
+    setup::preflight(&target, &control, sources, windowed, &names).await?;
+    let slot = setup::slot_status(&target, &control, &names.slot).await?;
     let resume = |message: String| Err(SourceError::Resume(message));
     let (new_slot, start) = match (latest, &slot) {
         (None, None) => {

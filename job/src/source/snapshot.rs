@@ -16,7 +16,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
 use super::pgoutput::{self, Message, Relation, RelationColumn, TableDecoder};
-use super::replication::{cdc_options, PgTarget, SourceError};
+use super::replication::SourceError;
+use super::setup::{cdc_options, PgTarget};
 use super::{Position, RejectedChange};
 use crate::change::Op;
 use crate::sql::plan::SourceTable;

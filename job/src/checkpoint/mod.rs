@@ -675,13 +675,26 @@ mod tests {
             manifest
                 .windows
                 .insert("w/0".into(), WindowCheckpoint { state, meta, base });
+            // Another state, whose chain at checkpoint 3 starts at 1.
+            if epoch == 3 {
+                let state = file("window-v-0.arrows");
+                let base = vec![EpochFile {
+                    epoch: 1,
+                    file: file("window-v-0.arrows"),
+                }];
+                let meta = WindowMeta::default();
+                manifest
+                    .windows
+                    .insert("v/0".into(), WindowCheckpoint { state, meta, base });
+            }
             let files = vec![("window-w-0.arrows".into(), Bytes::from_static(b"x"))];
             store.write(&manifest, files).await.unwrap();
         }
         store.prune(keep(2), None, Utc::now()).await.unwrap();
+        // 4 and 5 are the newest; they build on 2 and 3, and 3 on 1.
         assert_eq!(
             kept(&store).await,
-            (2..=5).map(|e| (e, Kept::Everything)).collect::<Vec<_>>()
+            (1..=5).map(|e| (e, Kept::Everything)).collect::<Vec<_>>()
         );
         assert!(dir
             .path()

@@ -142,8 +142,18 @@ impl CheckpointStore {
                 Err(e) => return Err(e),
             }
         }
+        // Those stay whole in turn, with what they build on (one state's
+        // older chain can start before another's newer one).
         while below > 0 && epochs[below - 1] >= needed {
             below -= 1;
+            match self.load(epochs[below]).await {
+                Ok(manifest) => {
+                    let bases = manifest.windows.values().flat_map(|w| &w.base);
+                    needed = bases.map(|b| b.epoch).fold(needed, u64::min);
+                }
+                Err(CheckpointError::NotFound { .. }) => {}
+                Err(e) => return Err(e),
+            }
         }
         let older = &epochs[..below];
         let expired = self.expire(older, retention.capture, floor, now).await?;

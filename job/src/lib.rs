@@ -41,6 +41,7 @@ pub mod embedded;
 pub mod engine;
 pub mod failpoint;
 pub mod generate;
+pub mod harness;
 pub mod query;
 pub mod sink;
 pub mod source;

@@ -17,7 +17,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::task::JoinHandle;
 
-use super::{context, lock, run_tool, BenchError, Usage, World};
+use super::{context, lock, BenchError, Usage, World};
+use crate::harness;
 
 /// Units of the times in `/proc/<pid>/stat` (`USER_HZ`, 100 on every Linux ABI).
 const CLOCK_TICKS: f64 = 100.0;
@@ -48,18 +49,18 @@ impl JobProcess {
         log_name: &str,
     ) -> Result<JobProcess, BenchError> {
         let exe = std::env::current_exe().map_err(context("failed to locate this binary"))?;
-        let mut command = Command::new(exe);
-        command.arg("run").arg(&world.sql).arg("--checkpoint-dir");
-        command
-            .arg(world.root.join("checkpoints"))
-            .arg("--progress");
+        let services = harness::Services {
+            postgres_url: world.postgres_url.clone(),
+            redis_url: world.redis_url.clone(),
+            data_dir: world.root.join("data"),
+        };
+        let checkpoints = world.root.join("checkpoints");
+        let mut command = harness::job_command(&exe, &["run"], &world.sql, &checkpoints, &services);
+        command.arg("--progress");
         if let Some(lsn) = end_lsn {
             command.args(["--end-lsn", lsn]);
         }
-        let mut child = command
-            .env("ENGAGE_POSTGRES_URL", &world.postgres_url)
-            .env("ENGAGE_REDIS_URL", &world.redis_url)
-            .env("ENGAGE_DATA_DIR", world.root.join("data"))
+        let mut child = Command::from(command)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -140,8 +141,7 @@ impl JobProcess {
 
     /// Sends SIGTERM (a graceful stop with a final checkpoint) and waits for the exit.
     pub(super) async fn terminate(&mut self, timeout: Duration) -> Result<Usage, BenchError> {
-        let pid = self.pid.to_string();
-        run_tool(Command::new("kill").args(["-s", "TERM", &pid])).await?;
+        harness::sigterm(self.pid).map_err(context("failed to signal the job"))?;
         self.wait_exit(timeout).await
     }
 

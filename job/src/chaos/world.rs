@@ -15,6 +15,7 @@ use super::{context, ChaosError, Settings};
 use crate::change::Position;
 use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions};
 use crate::generate;
+use crate::harness;
 
 /// Content items seeded: enough for long-tail rankings, small enough that
 /// the oracle reads every recent list.
@@ -120,18 +121,19 @@ impl World {
             .append(true)
             .open(&self.log)
             .map_err(context(format!("failed to open {}", self.log.display())))?;
-        let mut command = Command::new(exe);
-        command
-            .arg("run")
-            .arg(&self.sql)
-            .arg("--checkpoint-dir")
-            .arg(self.root.join("checkpoints"))
-            .args([
-                "--checkpoint-interval",
-                "1",
-                "--keep-checkpoints",
-                "1000000",
-            ]);
+        let services = harness::Services {
+            postgres_url: self.postgres_url.clone(),
+            redis_url: self.redis.url(),
+            data_dir: self.data_dir(),
+        };
+        let checkpoints = self.root.join("checkpoints");
+        let mut command = harness::job_command(&exe, &["run"], &self.sql, &checkpoints, &services);
+        command.args([
+            "--checkpoint-interval",
+            "1",
+            "--keep-checkpoints",
+            "1000000",
+        ]);
         if let Some(lsn) = end_lsn {
             command.args(["--end-lsn", lsn]);
         }
@@ -139,10 +141,7 @@ impl World {
         if let Some(point) = failpoint {
             command.env(crate::failpoint::FAILPOINT_ENV, point);
         }
-        let child = command
-            .env("ENGAGE_POSTGRES_URL", &self.postgres_url)
-            .env("ENGAGE_REDIS_URL", self.redis.url())
-            .env("ENGAGE_DATA_DIR", self.data_dir())
+        let child = Command::from(command)
             .env(
                 "RUST_LOG",
                 std::env::var("ENGAGE_CHAOS_JOB_LOG").unwrap_or_else(|_| "info".into()),
@@ -329,10 +328,7 @@ impl JobChild {
     /// the job's last `stopped after ...` line.
     pub async fn terminate(self) -> Result<Option<String>, ChaosError> {
         if let Some(pid) = self.child.id() {
-            // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-            unsafe {
-                libc::kill(pid as i32, libc::SIGTERM);
-            }
+            harness::sigterm(pid).map_err(context("failed to signal the job"))?;
         }
         let log = self.log.clone();
         self.wait_success(STOP_TIMEOUT).await?;
@@ -358,9 +354,7 @@ impl JobChild {
 
 /// The last lines of a job log.
 pub fn log_tail(log: &Path) -> String {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
+    harness::log_tail(log, 20)
 }
 
 fn last_summary(log: &Path) -> Option<String> {

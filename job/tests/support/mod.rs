@@ -12,6 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use engage::harness;
 use engage::query;
 
 pub const MISSION_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/engagement.sql");
@@ -80,13 +81,19 @@ impl World {
     }
 
     /// An `engage` command with this world's environment.
+    /// Where this world's servers and outputs are, for a job's environment.
+    pub fn services(&self) -> harness::Services {
+        harness::Services {
+            postgres_url: self.postgres_url.clone(),
+            redis_url: self.redis.url(),
+            data_dir: self.data_dir(),
+        }
+    }
+
     pub fn engage(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_engage"));
-        command
-            .args(args)
-            .env("ENGAGE_POSTGRES_URL", &self.postgres_url)
-            .env("ENGAGE_REDIS_URL", self.redis.url())
-            .env("ENGAGE_DATA_DIR", self.data_dir())
+        self.services()
+            .apply(command.args(args))
             .env("RUST_LOG", "info,engage=debug")
             .current_dir(self.root.path());
         command
@@ -119,17 +126,17 @@ impl World {
             Instant::now().elapsed().as_nanos() ^ rand_suffix()
         ));
         let file = std::fs::File::create(&log).unwrap();
-        let checkpoint_dir = self.checkpoint_dir();
-        let mut args: Vec<&str> = subcommand.to_vec();
-        args.extend([
-            sql,
-            "--checkpoint-dir",
-            checkpoint_dir.to_str().unwrap(),
-            "--checkpoint-interval",
-            interval,
-        ]);
-        let child = self
-            .engage(&args)
+        let mut command = harness::job_command(
+            Path::new(env!("CARGO_BIN_EXE_engage")),
+            subcommand,
+            Path::new(sql),
+            &self.checkpoint_dir(),
+            &self.services(),
+        );
+        let child = command
+            .args(["--checkpoint-interval", interval])
+            .env("RUST_LOG", "info,engage=debug")
+            .current_dir(self.root.path())
             .stdout(Stdio::null())
             .stderr(Stdio::from(file))
             .spawn()
@@ -261,8 +268,7 @@ impl Job {
 
     /// SIGTERM, then waits for a clean exit (final checkpoint).
     pub fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        harness::sigterm(self.child.id()).expect("engage can be signalled");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -306,9 +312,7 @@ impl Job {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<_> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        harness::log_tail(&self.log, 40)
     }
 }
 

@@ -101,6 +101,13 @@ impl Manifest {
             .map(|t| t.timestamp().div_euclid(BASE_EVERY.as_secs() as i64))
     }
 
+    /// The oldest checkpoint whose window files this one builds on
+    /// (`u64::MAX`: none).
+    fn oldest_layer(&self) -> u64 {
+        let bases = self.windows.values().flat_map(|w| &w.base);
+        bases.map(|b| b.epoch).min().unwrap_or(u64::MAX)
+    }
+
     /// Every file the manifest names.
     fn files(&self) -> BTreeSet<String> {
         self.dimensions
@@ -135,8 +142,7 @@ impl CheckpointStore {
             match self.load(epochs[below]).await {
                 Ok(manifest) => {
                     whole += 1;
-                    let bases = manifest.windows.values().flat_map(|w| &w.base);
-                    needed = bases.map(|b| b.epoch).fold(needed, u64::min);
+                    needed = needed.min(manifest.oldest_layer());
                 }
                 Err(CheckpointError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
@@ -147,10 +153,7 @@ impl CheckpointStore {
         while below > 0 && epochs[below - 1] >= needed {
             below -= 1;
             match self.load(epochs[below]).await {
-                Ok(manifest) => {
-                    let bases = manifest.windows.values().flat_map(|w| &w.base);
-                    needed = bases.map(|b| b.epoch).fold(needed, u64::min);
-                }
+                Ok(manifest) => needed = needed.min(manifest.oldest_layer()),
                 Err(CheckpointError::NotFound { .. }) => {}
                 Err(e) => return Err(e),
             }

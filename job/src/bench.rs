@@ -27,8 +27,10 @@
 //!    job's `--progress` counter, between its first and last line of the phase)
 //!    and the job's CPU.
 //! 2. **Idle stream**: `--idle-markers` markers alone, each after [`IDLE_GAP`]
-//!    of nothing, resolved the same way: a single event's freshness when no
-//!    newer event closes its window (the wall clock has to).
+//!    of nothing (plus a random part of a slide, so the markers fall at every
+//!    point of their window's slide, not all at the same one), resolved the
+//!    same way: a single event's freshness when no newer event closes its
+//!    window (the wall clock has to).
 //! 3. **Burst**. The job is stopped (SIGTERM, final checkpoint); a
 //!    `pg_recvlogical` slot is created; `--burst-events` events are generated as
 //!    fast as Postgres takes them; `END = pg_current_wal_lsn()`; one more
@@ -505,7 +507,9 @@ impl World {
         let watch = Watch::start(redis, &self.job);
         let mut rng = StdRng::seed_from_u64(SEED + 200);
         for _ in 0..markers {
-            tokio::time::sleep(IDLE_GAP).await;
+            // A marker's freshness depends on where in its slide it falls.
+            let offset = rng.random_range(0..HOP_SLIDE_MICROS as u64);
+            tokio::time::sleep(IDLE_GAP + Duration::from_micros(offset)).await;
             job.check_running()?;
             let content_id = &content[rng.random_range(0..content.len())];
             watch.push(insert_marker(db, content_id).await?);

@@ -149,7 +149,9 @@ impl CheckpointStore {
             }
         }
         // Those stay whole in turn, with what they build on (one state's
-        // older chain can start before another's newer one).
+        // older layers can start before another's newer ones; all start at or
+        // after the last epoch that is a multiple of WHOLE_EVERY, so this
+        // stops within that many checkpoints).
         while below > 0 && epochs[below - 1] >= needed {
             below -= 1;
             match self.load(epochs[below]).await {

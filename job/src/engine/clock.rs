@@ -11,7 +11,7 @@
 //! [`ArrivalLag`] learns that margin from the stream itself. Every on-time
 //! change that arrives while the job was caught up (a backlog says nothing
 //! about live latency) is measured: how far behind the wall clock its event
-//! time is on arrival. The allowance is twice the largest such lag, decaying
+//! time is on arrival. The allowance is [`MARGIN`] times the largest such lag, decaying
 //! by half every [`HALF_LIFE`], and never below [`MIN_ALLOWANCE`]. An idle
 //! stream of prompt single events closes windows within a few hundred
 //! milliseconds of the delay; a stream whose events arrive late or out of
@@ -19,15 +19,20 @@
 //! ([`START_LAG`]) until it has seen its stream.
 //!
 //! The clock is a heuristic bound on what can still arrive, as every idle
-//! rule is: an event delayed by more than twice anything seen recently (a
+//! rule is: an event delayed by more than three times anything seen recently (a
 //! transaction held open for seconds, say) can be judged late, and then goes
 //! to the late-events output, never silently into a closed window.
 
 use std::time::{Duration, Instant};
 
-/// The least the clock trails the newest possible event time beyond the delay.
-pub const MIN_ALLOWANCE: Duration = Duration::from_millis(100);
-/// The lag a job assumes before it has measured any (an allowance of 1 s).
+/// The least the clock trails the newest possible event time beyond the
+/// delay: an event stamped by a client that then stalls (a busy machine, a
+/// slow commit) may arrive this much later without being judged late.
+pub const MIN_ALLOWANCE: Duration = Duration::from_millis(150);
+/// How many times the largest recent arrival lag the allowance is: room for
+/// a stall well beyond what the stream has shown.
+pub const MARGIN: f64 = 3.0;
+/// The lag a job assumes before it has measured any (an allowance of 1.5 s).
 pub const START_LAG: Duration = Duration::from_millis(500);
 /// A measured lag counts half as much this much later: a steady stream
 /// refreshes the peak with every batch, and the lag of a burst that has ended
@@ -68,7 +73,7 @@ impl ArrivalLag {
     /// How far behind `now - delay` the clock puts the watermark (µs).
     pub fn allowance_micros(&self, now: Instant) -> i64 {
         let min = MIN_ALLOWANCE.as_micros() as f64;
-        (2.0 * self.current(now)).max(min) as i64
+        (MARGIN * self.current(now)).max(min) as i64
     }
 }
 
@@ -82,7 +87,7 @@ mod tests {
     fn starts_cautious_and_learns_a_prompt_stream() {
         let start = Instant::now();
         let mut lag = ArrivalLag::new(start);
-        assert_eq!(lag.allowance_micros(start), 1000 * MS);
+        assert_eq!(lag.allowance_micros(start), 1500 * MS);
         // Prompt events: after a few half-lives only the floor is left.
         for s in 1..=60 {
             lag.observe(10 * MS, start + Duration::from_secs(s));
@@ -100,11 +105,11 @@ mod tests {
         let later = start + Duration::from_secs(120);
         lag.observe(0, later);
         lag.observe(300 * MS, later);
-        assert_eq!(lag.allowance_micros(later), 600 * MS);
+        assert_eq!(lag.allowance_micros(later), 900 * MS);
         let one_half_life = later + HALF_LIFE;
-        assert!((lag.allowance_micros(one_half_life) - 300 * MS).abs() < MS);
+        assert!((lag.allowance_micros(one_half_life) - 450 * MS).abs() < MS);
         // A smaller lag does not shrink it faster than the decay.
         lag.observe(5 * MS, one_half_life);
-        assert!((lag.allowance_micros(one_half_life) - 300 * MS).abs() < MS);
+        assert!((lag.allowance_micros(one_half_life) - 450 * MS).abs() < MS);
     }
 }

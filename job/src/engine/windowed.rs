@@ -67,9 +67,11 @@ pub struct WindowStates {
     layers: Vec<Vec<EpochFile>>,
 }
 
-/// A whole window snapshot is written at least every this many checkpoints,
-/// so a restore reads a bounded number of layers.
-pub const WHOLE_EVERY: usize = 10;
+/// Every window state is written whole at the checkpoints whose epoch is a
+/// multiple of this, so a restore reads a bounded number of layers, and all
+/// states' layers start at or after the same checkpoint: pruning keeps at
+/// most this many checkpoints more for them (checkpoint/retention.rs).
+pub const WHOLE_EVERY: u64 = 10;
 
 impl WindowStates {
     /// Empty window state for every windowed aggregate of `plan`.
@@ -501,8 +503,9 @@ impl Engine {
 
     /// Serialises window state into the files of checkpoint `epoch`: per
     /// state, the buckets changed since the last checkpoint over the layers
-    /// before, or a whole snapshot every [`WHOLE_EVERY`] checkpoints and
-    /// whenever the changes written since the last whole one outweigh it.
+    /// before, or a whole snapshot at every [`WHOLE_EVERY`]th epoch and
+    /// whenever the changes written since the state's last whole one
+    /// outweigh it.
     pub(super) fn snapshot_windows(
         &mut self,
         epoch: u64,
@@ -524,7 +527,7 @@ impl Engine {
                     let changes: u64 = layers.iter().skip(1).map(|l| l.file.bytes).sum();
                     let whole = match layers.first() {
                         None => true,
-                        Some(first) => layers.len() >= WHOLE_EVERY || changes > first.file.bytes,
+                        Some(first) => epoch % WHOLE_EVERY == 0 || changes > first.file.bytes,
                     };
                     let (batch, meta) = self.windows.states[s]
                         .snapshot_changes(whole)

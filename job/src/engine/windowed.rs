@@ -527,7 +527,9 @@ impl Engine {
                     let changes: u64 = layers.iter().skip(1).map(|l| l.file.bytes).sum();
                     let whole = match layers.first() {
                         None => true,
-                        Some(first) => epoch % WHOLE_EVERY == 0 || changes > first.file.bytes,
+                        Some(first) => {
+                            epoch.is_multiple_of(WHOLE_EVERY) || changes > first.file.bytes
+                        }
                     };
                     let (batch, meta) = self.windows.states[s]
                         .snapshot_changes(whole)

@@ -359,16 +359,7 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
 
     // Replaying from the first checkpoint re-reads every captured change: the
     // sinks already hold them all, so nothing changes.
-    let last = world.latest_checkpoint();
-    let mut replay = world.start_job(&["replay", "--from-checkpoint", &first.to_string()]);
-    wait_for(
-        "a checkpoint after the replay",
-        Duration::from_secs(30),
-        || async { world.latest_checkpoint() > last },
-    )
-    .await;
-    replay.assert_running();
-    replay.stop();
+    replay_to_a_new_checkpoint(&world, first).await.stop();
     assert_matches_oracle(&world, &[]).await;
 
     // With Redis emptied, the same replay rebuilds the recent lists exactly,
@@ -378,14 +369,7 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
         .query_async(&mut redis)
         .await
         .unwrap();
-    let last = world.latest_checkpoint();
-    let replay = world.start_job(&["replay", "--from-checkpoint", &first.to_string()]);
-    wait_for(
-        "a checkpoint after the second replay",
-        Duration::from_secs(30),
-        || async { world.latest_checkpoint() > last },
-    )
-    .await;
+    let replay = replay_to_a_new_checkpoint(&world, first).await;
     let log = std::fs::read_to_string(&replay.log).unwrap();
     replay.stop();
     assert!(
@@ -476,8 +460,15 @@ async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoin
         )) && log.contains(&format!("the nearest before it is {base}")),
         "{log}"
     );
+    replay_to_a_new_checkpoint(&world, base).await.stop();
+    assert_matches_oracle(&world, &[]).await;
+}
+
+/// Starts `engage replay --from-checkpoint epoch`, and returns it running
+/// once it has taken a checkpoint (the replay is done by then).
+async fn replay_to_a_new_checkpoint(world: &World, epoch: u64) -> support::Job {
     let last = world.latest_checkpoint();
-    let mut replay = world.start_job(&["replay", "--from-checkpoint", &base.to_string()]);
+    let mut replay = world.start_job(&["replay", "--from-checkpoint", &epoch.to_string()]);
     wait_for(
         "a checkpoint after the replay",
         Duration::from_secs(30),
@@ -485,8 +476,7 @@ async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoin
     )
     .await;
     replay.assert_running();
-    replay.stop();
-    assert_matches_oracle(&world, &[]).await;
+    replay
 }
 
 fn kept(manifests: &[engage::checkpoint::Manifest]) -> Vec<(u64, Kept)> {

@@ -505,6 +505,15 @@ mod tests {
         manifests.iter().map(|m| (m.epoch, m.kept)).collect()
     }
 
+    /// A one-row file named `name`.
+    fn file(name: &str) -> StateFile {
+        StateFile {
+            file: name.into(),
+            rows: 1,
+            bytes: 1,
+        }
+    }
+
     async fn epochs(store: &CheckpointStore) -> Vec<u64> {
         store
             .list()
@@ -576,11 +585,6 @@ mod tests {
     async fn older_checkpoints_keep_their_capture_for_the_retention_and_a_base_every_span() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
-        let file = |name: &str| StateFile {
-            file: name.into(),
-            rows: 1,
-            bytes: 1,
-        };
         // One checkpoint every 4 minutes: spans of 10 minutes start at 1, 4 and 6.
         for epoch in 1..=6u64 {
             let mut manifest = manifest("job", epoch);
@@ -653,11 +657,6 @@ mod tests {
     async fn checkpoints_whose_window_files_a_whole_one_builds_on_stay_whole() {
         let dir = tempfile::tempdir().unwrap();
         let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
-        let file = |name: &str| StateFile {
-            file: name.into(),
-            rows: 1,
-            bytes: 1,
-        };
         for epoch in 1..=5 {
             let mut manifest = manifest("job", epoch);
             let base = match epoch {

@@ -349,13 +349,7 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
     let first = world.latest_checkpoint();
     // 4 s of changes: longer than the 3 s at the end of a minute in which the
     // workload makes no update or delete, so the run always has some.
-    workload(&world, 8_000, 2_000, 20)
-        .wait_done()
-        .await
-        .expect("the workload ran");
-    wait_caught_up(&world, &mut job).await;
-    job.stop();
-    assert_matches_oracle(&world, &[]).await;
+    four_seconds_of_changes_then_stop(&world, job).await;
 
     // Replaying from the first checkpoint re-reads every captured change: the
     // sinks already hold them all, so nothing changes.
@@ -394,13 +388,7 @@ async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoin
     // than the 2 kept whole and the up to 10 whose window files those build on.
     let mut job = world.start_job_with_interval(&run, "0.1");
     wait_started(&world, &mut job).await;
-    workload(&world, 8_000, 2_000, 20)
-        .wait_done()
-        .await
-        .expect("the workload ran");
-    wait_caught_up(&world, &mut job).await;
-    job.stop();
-    assert_matches_oracle(&world, &[]).await;
+    four_seconds_of_changes_then_stop(&world, job).await;
 
     // Two checkpoints are whole (and those whose window files they build
     // on); the older ones keep their capture, and the first (taken at start,
@@ -462,6 +450,19 @@ async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoin
     );
     replay_to_a_new_checkpoint(&world, base).await.stop();
     assert_matches_oracle(&world, &[]).await;
+}
+
+/// Runs the workload for 4 s (8,000 inserts with every other kind of change
+/// among them) under `job`, lets the job catch up, stops it and checks every
+/// output against the oracle.
+async fn four_seconds_of_changes_then_stop(world: &World, mut job: support::Job) {
+    workload(world, 8_000, 2_000, 20)
+        .wait_done()
+        .await
+        .expect("the workload ran");
+    wait_caught_up(world, &mut job).await;
+    job.stop();
+    assert_matches_oracle(world, &[]).await;
 }
 
 /// Starts `engage replay --from-checkpoint epoch`, and returns it running

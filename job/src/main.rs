@@ -453,3 +453,21 @@ async fn shutdown_signal() {
         _ = terminate.recv() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_take_a_unit() {
+        assert_eq!(parse_span("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_span("90m"), Ok(Duration::from_secs(5_400)));
+        assert_eq!(parse_span("7d"), Ok(Duration::from_secs(604_800)));
+        assert_eq!(parse_span("0"), Ok(Duration::ZERO));
+        assert!(parse_span("24").unwrap_err().contains("needs a unit"));
+        assert!(parse_span("2w")
+            .unwrap_err()
+            .contains("the unit is s, m, h or d"));
+        assert!(parse_span("h").unwrap_err().contains("not a span"));
+    }
+}

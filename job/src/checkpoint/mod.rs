@@ -60,6 +60,15 @@ pub enum CheckpointError {
         epoch: u64,
         location: String,
     },
+    #[error(
+        "checkpoint {epoch} in {location} was written by a newer engage (manifest format {format}; this \
+         version reads up to {FORMAT}): run that version, or start the job under a new name (--name)"
+    )]
+    NewerFormat {
+        epoch: u64,
+        location: String,
+        format: u32,
+    },
     #[error("checkpoint {epoch} in {location} is unreadable: {message}")]
     Corrupt {
         epoch: u64,
@@ -68,9 +77,18 @@ pub enum CheckpointError {
     },
 }
 
+/// The manifest format this version writes, and the newest it reads:
+/// 1, the first; 2, window state in layers (`WindowCheckpoint::base`) and
+/// thinned checkpoints (`kept`), which a version reading only 1 would
+/// misread.
+pub const FORMAT: u32 = 2;
+
 /// The manifest of one checkpoint.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
+    /// See [`FORMAT`]; manifests without one are format 1.
+    #[serde(default = "first_format")]
+    pub format: u32,
     pub job: String,
     pub epoch: u64,
     /// RFC 3339, UTC.
@@ -95,6 +113,10 @@ pub struct Manifest {
     /// What the checkpoint still holds: older ones are thinned (retention.rs).
     #[serde(default, skip_serializing_if = "Kept::is_everything")]
     pub kept: Kept,
+}
+
+fn first_format() -> u32 {
+    1
 }
 
 /// The rows of the last window written to a windowed sink.
@@ -314,11 +336,20 @@ impl CheckpointStore {
             }
             Err(e) => return Err(self.storage_error(format!("failed to read {path}: {e}"))),
         };
-        serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
-            epoch,
-            location: self.location.display.clone(),
-            message: e.to_string(),
-        })
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Corrupt {
+                epoch,
+                location: self.location.display.clone(),
+                message: e.to_string(),
+            })?;
+        if manifest.format > FORMAT {
+            return Err(CheckpointError::NewerFormat {
+                epoch,
+                location: self.location.display.clone(),
+                format: manifest.format,
+            });
+        }
+        Ok(manifest)
     }
 
     /// Writes a checkpoint: `files` (name, contents) first, the manifest last.
@@ -526,6 +557,7 @@ mod tests {
 
     fn manifest(job: &str, epoch: u64) -> Manifest {
         Manifest {
+            format: FORMAT,
             job: job.into(),
             epoch,
             created_at: "2026-11-21T00:00:00Z".into(),
@@ -699,6 +731,32 @@ mod tests {
             .path()
             .join("job/epoch-000000000002/window-w-0.arrows")
             .exists());
+    }
+
+    #[tokio::test]
+    async fn manifests_say_their_format_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CheckpointStore::open(dir.path().to_str().unwrap(), "job").unwrap();
+        store.write(&manifest("job", 1), vec![]).await.unwrap();
+        let path = dir.path().join("job/epoch-000000000001/manifest.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(json["format"], FORMAT);
+        // Written before formats were recorded: the first.
+        json.as_object_mut().unwrap().remove("format");
+        std::fs::write(&path, json.to_string()).unwrap();
+        assert_eq!(store.load(1).await.unwrap().format, 1);
+        json["format"] = (FORMAT + 1).into();
+        std::fs::write(&path, json.to_string()).unwrap();
+        let error = store.load(1).await.unwrap_err();
+        assert!(
+            matches!(error, CheckpointError::NewerFormat { .. }),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("written by a newer engage"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

@@ -66,6 +66,7 @@ impl Engine {
         let windows = self.snapshot_windows(epoch, &mut files)?;
         let window_outputs = self.snapshot_window_outputs(&mut files)?;
         let manifest = Manifest {
+            format: checkpoint::FORMAT,
             job: self.job.clone(),
             epoch,
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

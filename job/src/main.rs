@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use engage::change::format_lsn;
-use engage::checkpoint::CheckpointStore;
+use engage::checkpoint::{CheckpointStore, Kept, Manifest};
 use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use engage::engine::stats::JobStats;
 use engage::engine::{self, RunOptions};
@@ -65,10 +65,14 @@ enum Command {
         #[command(flatten)]
         running: RunArgs,
     },
-    /// List a job's checkpoints: id, time, source position, sizes.
+    /// List a job's checkpoints: id, time, what it keeps, source position, sizes.
+    /// Runs of checkpoints thinned to their capture are summed up in one line each.
     Checkpoints {
         #[command(flatten)]
         job: JobArgs,
+        /// One line per checkpoint, capture-only ones too.
+        #[arg(long)]
+        all: bool,
     },
     /// Run DataFusion SQL over a job's filesystem sinks (each registered under its table name).
     Query {
@@ -155,6 +159,70 @@ struct RunArgs {
     /// Warn when the replication slot retains more WAL than this many MiB.
     #[arg(long, default_value_t = 1024)]
     warn_retained_wal_mib: u64,
+}
+
+/// The lines of `engage checkpoints`: a header, then every checkpoint kept
+/// whole or as a base, and each run of capture-only ones summed up in one
+/// line (or listed one by one with `all`).
+fn checkpoint_lines(manifests: &[Manifest], all: bool) -> Vec<String> {
+    let row = |id: &str, time: &str, kept: &str, lsn: &str, rows: u64, bytes: u64, rest: &str| {
+        format!("{id:>8}  {time:<24}  {kept:<7}  {lsn:>14}  {rows:>10}  {bytes:>12}  {rest}")
+    };
+    let mut lines = vec![format!(
+        "{:>8}  {:<24}  {:<7}  {:>14}  {:>10}  {:>12}  sinks",
+        "id", "time", "kept", "resume lsn", "captured", "state bytes"
+    )];
+    let mut index = 0;
+    while index < manifests.len() {
+        let m = &manifests[index];
+        let run = manifests[index..]
+            .iter()
+            .take_while(|m| m.kept == Kept::Capture)
+            .count();
+        if run > 1 && !all {
+            let (first, last) = (m, &manifests[index + run - 1]);
+            let rows = manifests[index..index + run]
+                .iter()
+                .map(Manifest::captured_rows)
+                .sum();
+            let bytes = manifests[index..index + run]
+                .iter()
+                .map(Manifest::state_bytes)
+                .sum();
+            let time = format!("{} ..", first.created_at);
+            let rest = format!(
+                "{run} checkpoints thinned to their capture, to {} at {} (--all lists them)",
+                last.epoch, last.created_at
+            );
+            lines.push(row(
+                &first.epoch.to_string(),
+                &time,
+                Kept::Capture.label(),
+                &format_lsn(last.source.resume_lsn),
+                rows,
+                bytes,
+                &rest,
+            ));
+            index += run;
+            continue;
+        }
+        let sinks: Vec<String> = m
+            .sinks
+            .iter()
+            .map(|(n, s)| format!("{n}@{}", s.position))
+            .collect();
+        lines.push(row(
+            &m.epoch.to_string(),
+            &m.created_at,
+            m.kept.label(),
+            &format_lsn(m.source.resume_lsn),
+            m.captured_rows(),
+            m.state_bytes(),
+            &sinks.join(" "),
+        ));
+        index += 1;
+    }
+    lines
 }
 
 /// A span like `90s`, `30m`, `24h` or `7d` (`0` alone is allowed).
@@ -253,7 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             from_checkpoint,
             running,
         } => run_job(job, running, Some(from_checkpoint)).await,
-        Command::Checkpoints { job } => {
+        Command::Checkpoints { job, all } => {
             let (name, _) = job.load()?;
             let store = CheckpointStore::open(&job.checkpoint_dir, &name)?;
             let manifests = store.list().await?;
@@ -261,26 +329,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("job `{name}` has no checkpoints in {}", store.display());
                 return Ok(());
             }
-            println!(
-                "{:>8}  {:<24}  {:<7}  {:>14}  {:>10}  {:>12}  sinks",
-                "id", "time", "kept", "resume lsn", "captured", "state bytes"
-            );
-            for m in manifests {
-                let sinks: Vec<String> = m
-                    .sinks
-                    .iter()
-                    .map(|(n, s)| format!("{n}@{}", s.position))
-                    .collect();
-                println!(
-                    "{:>8}  {:<24}  {:<7}  {:>14}  {:>10}  {:>12}  {}",
-                    m.epoch,
-                    m.created_at,
-                    m.kept.label(),
-                    format_lsn(m.source.resume_lsn),
-                    m.captured_rows(),
-                    m.state_bytes(),
-                    sinks.join(" ")
-                );
+            for line in checkpoint_lines(&manifests, all) {
+                println!("{line}");
             }
             Ok(())
         }
@@ -457,6 +507,47 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(epoch: u64, kept: &str) -> Manifest {
+        serde_json::from_value(serde_json::json!({
+            "job": "j", "epoch": epoch, "created_at": format!("2026-11-30T00:00:{epoch:02}Z"),
+            "source": {"slot": "s", "resume_lsn": epoch, "resume_lsn_text": "0/1",
+                       "position": {"lsn": epoch, "seq": 0}},
+            "sinks": {}, "dimensions": {}, "capture_files": {},
+            "capture_order": [["t", 10]], "sql_hash": "", "kept": kept,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn runs_of_capture_only_checkpoints_are_summed_up() {
+        let manifests: Vec<Manifest> = [
+            (1, "capture_and_dimensions"),
+            (2, "capture"),
+            (3, "capture"),
+            (4, "capture"),
+            (5, "capture_and_dimensions"),
+            (6, "capture"),
+            (7, "everything"),
+        ]
+        .into_iter()
+        .map(|(epoch, kept)| manifest(epoch, kept))
+        .collect();
+        let lines = checkpoint_lines(&manifests, false);
+        // Header, 1, the run 2-4, 5, 6 (a run of one is listed), 7.
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+        assert!(
+            lines[2].contains("3 checkpoints thinned to their capture, to 4"),
+            "{}",
+            lines[2]
+        );
+        assert!(
+            lines[2].contains("  30  "),
+            "30 changes captured: {}",
+            lines[2]
+        );
+        assert_eq!(checkpoint_lines(&manifests, true).len(), 8);
+    }
 
     #[test]
     fn spans_take_a_unit() {

@@ -19,23 +19,27 @@
 //! `ENGAGE_DATA_DIR` defaults to `./data`.
 
 pub mod check;
+mod cursor;
 pub mod functions;
 pub mod options;
 pub mod plan;
+mod types;
 pub mod view;
 pub mod window;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow::datatypes::{DataType, Field, IntervalUnit, TimeUnit};
+use arrow::datatypes::{DataType, Field};
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
+use cursor::{location_of, padded_text, Cursor, LineIndex};
 pub use options::{
     Connector, FilesystemOptions, PostgresCdcOptions, RedisOptions, RedisTarget, SinkConnector,
     SourceConnector,
 };
+pub use types::{declared_type, sql_type_to_arrow, SUPPORTED_TYPES, UNCONSTRAINED_NUMERIC_SCALE};
 
 /// A parsed and validated job script.
 #[derive(Debug, Clone)]
@@ -541,71 +545,6 @@ fn parse_column(cursor: &mut Cursor<'_>) -> Result<(Field, bool), SqlError> {
     Ok((Field::new(name, data_type, nullable), is_key))
 }
 
-/// The types a source column may be declared with, for error messages.
-pub const SUPPORTED_TYPES: &str = "BIGINT, INT, SMALLINT, DOUBLE, REAL, BOOLEAN, \
-    NUMERIC(p, s) / DECIMAL(p, s), TEXT (also VARCHAR, CHAR, UUID, JSON, JSONB), TIMESTAMP, \
-    TIMESTAMPTZ, DATE, TIME, INTERVAL, BYTEA, and one-dimensional arrays of these (`TEXT[]`)";
-
-/// Scale of an unconstrained `NUMERIC`: Decimal128(38, 10), so values keep up
-/// to 28 integer and 10 fractional digits; others are decode errors.
-pub const UNCONSTRAINED_NUMERIC_SCALE: i8 = 10;
-
-/// Maps a declared SQL type name (upper case, words joined by one space) and
-/// its parenthesised numbers to the Arrow type sources produce; the error says
-/// what is wrong.
-pub fn declared_type(sql_type: &str, args: &[String]) -> Result<DataType, String> {
-    let numbers = args
-        .iter()
-        .map(|a| a.parse::<u32>())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|_| format!("`{sql_type}` takes whole numbers in parentheses"))?;
-    if matches!(sql_type, "NUMERIC" | "DECIMAL" | "DEC") {
-        let (precision, scale) = match numbers[..] {
-            [] => (38, UNCONSTRAINED_NUMERIC_SCALE as u32),
-            [p] => (p, 0),
-            [p, s] => (p, s),
-            _ => return Err(format!("`{sql_type}` takes (precision[, scale])")),
-        };
-        if !(1..=38).contains(&precision) || scale > precision {
-            return Err(format!(
-                "`{sql_type}({precision}, {scale})` is out of range: engage reads decimals as \
-                 Arrow Decimal128, with a precision of 1 to 38 and a scale from 0 to the \
-                 precision"
-            ));
-        }
-        return Ok(DataType::Decimal128(precision as u8, scale as i8));
-    }
-    // Other numbers (VARCHAR(255), TIMESTAMP(3)) do not change the Arrow type:
-    // text has no length, and times keep Postgres' microseconds.
-    sql_type_to_arrow(sql_type)
-        .ok_or_else(|| format!("unsupported type `{sql_type}`; supported: {SUPPORTED_TYPES}"))
-}
-
-/// Maps a declared SQL type to the Arrow type sources produce. Timestamps are
-/// microseconds in UTC (Postgres' own precision), whatever the declaration says.
-pub fn sql_type_to_arrow(sql_type: &str) -> Option<DataType> {
-    let utc_micros = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-    Some(match sql_type {
-        "BIGINT" | "INT8" | "BIGSERIAL" => DataType::Int64,
-        "INT" | "INTEGER" | "INT4" | "SERIAL" => DataType::Int32,
-        "SMALLINT" | "INT2" => DataType::Int16,
-        "DOUBLE" | "DOUBLE PRECISION" | "FLOAT8" | "FLOAT" => DataType::Float64,
-        "REAL" | "FLOAT4" => DataType::Float32,
-        "BOOLEAN" | "BOOL" => DataType::Boolean,
-        "TEXT" | "VARCHAR" | "STRING" | "CHAR" | "CHARACTER VARYING" | "UUID" | "JSON"
-        | "JSONB" => DataType::Utf8,
-        "TIMESTAMP"
-        | "TIMESTAMPTZ"
-        | "TIMESTAMP WITH TIME ZONE"
-        | "TIMESTAMP WITHOUT TIME ZONE" => utc_micros,
-        "DATE" => DataType::Date32,
-        "TIME" | "TIME WITHOUT TIME ZONE" => DataType::Time64(TimeUnit::Microsecond),
-        "INTERVAL" => DataType::Interval(IntervalUnit::MonthDayNano),
-        "BYTEA" => DataType::Binary,
-        _ => return None,
-    })
-}
-
 /// Replaces every `${NAME}`; returns the first missing variable's name.
 /// `ENGAGE_DATA_DIR` falls back to `./data`.
 pub fn substitute_env(value: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
@@ -708,176 +647,6 @@ fn validate(spec: &JobSpec) -> Result<(), SqlError> {
         }
     }
     Ok(())
-}
-
-fn location_of(token: &TokenWithSpan) -> SqlLocation {
-    SqlLocation {
-        line: token.span.start.line,
-        column: token.span.start.column,
-    }
-}
-
-/// The script text from the first to the last token, preceded by newlines and
-/// spaces so that it starts at the same line and column as in the script.
-fn padded_text(script: &str, lines: &LineIndex, tokens: &[TokenWithSpan]) -> String {
-    let (Some(first), Some(last)) = (tokens.first(), tokens.last()) else {
-        return String::new();
-    };
-    let start = lines.offset(first.span.start.line, first.span.start.column, script);
-    let end = lines.offset(last.span.end.line, last.span.end.column, script);
-    let mut text = String::new();
-    for _ in 1..first.span.start.line {
-        text.push('\n');
-    }
-    for _ in 1..first.span.start.column {
-        text.push(' ');
-    }
-    text.push_str(&script[start..end.max(start)]);
-    text
-}
-
-/// Byte offsets of line starts, to turn (line, column) into a byte offset.
-struct LineIndex {
-    starts: Vec<usize>,
-}
-
-impl LineIndex {
-    fn new(script: &str) -> Self {
-        let mut starts = vec![0];
-        starts.extend(script.match_indices('\n').map(|(i, _)| i + 1));
-        LineIndex { starts }
-    }
-
-    fn offset(&self, line: u64, column: u64, script: &str) -> usize {
-        let line_start = self
-            .starts
-            .get(line.saturating_sub(1) as usize)
-            .copied()
-            .unwrap_or(script.len());
-        let line_text = &script[line_start..];
-        line_text
-            .char_indices()
-            .nth(column.saturating_sub(1) as usize)
-            .map(|(i, _)| line_start + i)
-            .unwrap_or(script.len())
-    }
-}
-
-/// A cursor over one statement's significant tokens.
-struct Cursor<'a> {
-    tokens: &'a [TokenWithSpan],
-    at: usize,
-}
-
-static END: std::sync::LazyLock<TokenWithSpan> =
-    std::sync::LazyLock::new(|| TokenWithSpan::wrap(Token::EOF));
-
-impl<'a> Cursor<'a> {
-    fn peek_token(&self) -> &TokenWithSpan {
-        self.tokens
-            .get(self.at)
-            .unwrap_or_else(|| self.tokens.last().unwrap_or(&END))
-    }
-
-    fn eat(&mut self, expected: &Token) -> bool {
-        if self.tokens.get(self.at).map(|t| &t.token) == Some(expected) {
-            self.at += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn expect(&mut self, expected: &Token, what: &str) -> Result<(), SqlError> {
-        if self.eat(expected) {
-            Ok(())
-        } else {
-            let found = self.peek_token();
-            Err(SqlError::syntax(
-                found,
-                format!("expected {what}, found `{}`", found.token),
-            ))
-        }
-    }
-
-    fn eat_keyword(&mut self, keyword: &str) -> bool {
-        match self.tokens.get(self.at).map(|t| &t.token) {
-            Some(Token::Word(word))
-                if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(keyword) =>
-            {
-                self.at += 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    fn expect_keyword(&mut self, keyword: &str) -> Result<(), SqlError> {
-        if self.eat_keyword(keyword) {
-            Ok(())
-        } else {
-            let found = self.peek_token();
-            Err(SqlError::syntax(
-                found,
-                format!("expected {keyword}, found `{}`", found.token),
-            ))
-        }
-    }
-
-    /// An identifier; unquoted ones are folded to lower case as DataFusion does.
-    fn identifier(&mut self, what: &str) -> Result<String, SqlError> {
-        match self.tokens.get(self.at).map(|t| &t.token) {
-            Some(Token::Word(word)) => {
-                self.at += 1;
-                Ok(if word.quote_style.is_some() {
-                    word.value.clone()
-                } else {
-                    word.value.to_ascii_lowercase()
-                })
-            }
-            _ => {
-                let found = self.peek_token();
-                Err(SqlError::syntax(
-                    found,
-                    format!("expected {what}, found `{}`", found.token),
-                ))
-            }
-        }
-    }
-
-    /// An option name: `word`, `dotted.word` or `'quoted.name'`.
-    fn option_key(&mut self) -> Result<String, SqlError> {
-        if let Some(Token::SingleQuotedString(text)) = self.tokens.get(self.at).map(|t| &t.token) {
-            self.at += 1;
-            return Ok(text.clone());
-        }
-        let mut key = self.identifier("an option name")?;
-        while self.eat(&Token::Period) {
-            key.push('.');
-            key.push_str(&self.identifier("an option name after `.`")?);
-        }
-        Ok(key)
-    }
-
-    /// An option value: a quoted string, a number or a bare word (true/false).
-    fn option_value(&mut self) -> Result<String, SqlError> {
-        let token = self.peek_token().clone();
-        let value = match &token.token {
-            Token::SingleQuotedString(text) => text.clone(),
-            Token::Number(text, _) => text.clone(),
-            Token::Word(word) => word.value.clone(),
-            other => {
-                return Err(SqlError::syntax(
-                    &token,
-                    format!(
-                        "expected an option value (a quoted string or a number), found `{other}`"
-                    ),
-                ))
-            }
-        };
-        self.at += 1;
-        Ok(value)
-    }
 }
 
 #[cfg(test)]

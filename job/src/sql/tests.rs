@@ -1,6 +1,7 @@
 //! Tests of job SQL parsing and planning (no IO).
 
 use super::*;
+use arrow::datatypes::{IntervalUnit, TimeUnit};
 
 fn env(name: &str) -> Option<String> {
     match name {

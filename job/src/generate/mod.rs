@@ -8,7 +8,7 @@
 //! buffer on the blocking pool, so the runtime never spends long in formatting and
 //! the hot loop allocates nothing per row.
 //!
-//! Everything random comes from a [`StdRng`] seeded with [`GenerateOptions::seed`]:
+//! Everything random comes from a [`StdRng`](rand::rngs::StdRng) seeded with [`GenerateOptions::seed`]:
 //! the same seed against the same `content` table yields the same content ids,
 //! slugs and event sequence; only `event_ts` (wall-clock time of the batch) differs.
 //! Popularity is Zipf-like over the catalogue (a CDF built once, sampled by binary

@@ -18,6 +18,7 @@
 //! environment here (a missing variable is an error naming it);
 //! `ENGAGE_DATA_DIR` defaults to `./data`.
 
+mod batch_table;
 pub mod check;
 mod cursor;
 pub mod functions;
@@ -25,6 +26,7 @@ pub mod options;
 pub mod plan;
 mod types;
 pub mod view;
+mod walk;
 pub mod window;
 
 use std::collections::HashMap;

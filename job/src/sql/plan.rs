@@ -21,77 +21,23 @@
 //! functions is refused at plan time rather than computed per batch.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use async_trait::async_trait;
-use datafusion::catalog::Session;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::datasource::memory::MemorySourceConfig;
-use datafusion::datasource::{source_as_provider, TableProvider, TableType};
 use datafusion::error::{DataFusionError, Result as DfResult};
-use datafusion::logical_expr::{Expr, LogicalPlan};
-use datafusion::physical_plan::{collect, ExecutionPlan};
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::collect;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+pub use super::batch_table::BatchTable;
 use super::check::{plan_checks, CheckPlan};
 use super::view::{materialize, MaterializedView};
+pub(crate) use super::walk::{collect_tables, leftmost_table, refuse_unwindowed_state};
 use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
 use super::{Connector, JobSpec, SinkConnector, SqlError, TableDef};
 use crate::change::metadata_fields;
-
-/// A table whose contents are set by the engine before each query runs.
-#[derive(Debug)]
-pub struct BatchTable {
-    schema: SchemaRef,
-    batches: RwLock<Vec<RecordBatch>>,
-}
-
-impl BatchTable {
-    pub fn new(schema: SchemaRef) -> Self {
-        BatchTable {
-            schema,
-            batches: RwLock::new(Vec::new()),
-        }
-    }
-
-    /// Replaces the contents seen by the next physical plan.
-    pub fn set(&self, batches: Vec<RecordBatch>) {
-        *self.batches.write().expect("batch table lock poisoned") = batches;
-    }
-}
-
-#[async_trait]
-impl TableProvider for BatchTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> DfResult<Arc<dyn ExecutionPlan>> {
-        let batches = self
-            .batches
-            .read()
-            .expect("batch table lock poisoned")
-            .clone();
-        Ok(MemorySourceConfig::try_new_exec(
-            &[batches],
-            self.schema.clone(),
-            projection.cloned(),
-        )?)
-    }
-}
 
 /// A CDC source table of the job.
 #[derive(Debug)]
@@ -589,78 +535,6 @@ fn source_table(def: &TableDef) -> Result<SourceTable, SqlError> {
         primary_key,
         is_dimension: false,
     })
-}
-
-/// The table a plan is driven by: its leftmost scan, looking through views.
-pub(crate) fn leftmost_table(plan: &LogicalPlan) -> Option<String> {
-    match plan {
-        LogicalPlan::TableScan(scan) => {
-            if let Ok(provider) = source_as_provider(&scan.source) {
-                if let Some(view) = provider.get_logical_plan() {
-                    return leftmost_table(&view);
-                }
-            }
-            Some(scan.table_name.table().to_string())
-        }
-        other => other
-            .inputs()
-            .first()
-            .and_then(|input| leftmost_table(input)),
-    }
-}
-
-/// Every table a plan reads, looking through views and subqueries.
-pub(crate) fn collect_tables(plan: &LogicalPlan, out: &mut Vec<String>) {
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            match source_as_provider(&scan.source)
-                .ok()
-                .and_then(|p| p.get_logical_plan().map(|v| v.into_owned()))
-            {
-                Some(view) => collect_tables(&view, out),
-                None => out.push(scan.table_name.table().to_string()),
-            }
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-}
-
-/// Refuses operators whose result depends on more than one batch.
-pub(crate) fn refuse_unwindowed_state(plan: &LogicalPlan) -> Result<(), String> {
-    let mut found = None;
-    let mut check = |node: &LogicalPlan| {
-        let what = match node {
-            LogicalPlan::Aggregate(_) => Some("GROUP BY / aggregate functions"),
-            LogicalPlan::Window(_) => Some("window functions (OVER)"),
-            LogicalPlan::Sort(_) => Some("ORDER BY"),
-            LogicalPlan::Limit(_) => Some("LIMIT"),
-            LogicalPlan::Distinct(_) => Some("DISTINCT"),
-            _ => None,
-        };
-        if let Some(what) = what {
-            found.get_or_insert(what);
-            return Ok(TreeNodeRecursion::Stop);
-        }
-        Ok(TreeNodeRecursion::Continue)
-    };
-    let _ = plan.apply_with_subqueries(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            if let Some(view) = source_as_provider(&scan.source)
-                .ok()
-                .and_then(|p| p.get_logical_plan().map(|v| v.into_owned()))
-            {
-                let _ = view.apply_with_subqueries(&mut check);
-            }
-        }
-        check(node)
-    });
-    match found {
-        None => Ok(()),
-        Some(what) => Err(format!(
-            "{what} over a stream needs a time window (tumble/hop), which this version does not run yet; \
-             stateless queries (filters, projections, joins with CDC dimension tables) are supported"
-        )),
-    }
 }
 
 /// The schema sinks receive: DataFusion may produce Utf8View strings and

@@ -189,7 +189,7 @@ fn checkpoint_lines(manifests: &[Manifest], all: bool) -> Vec<String> {
                 .iter()
                 .map(Manifest::state_bytes)
                 .sum();
-            let time = format!("{} ..", first.created_at);
+            let time = first.created_at.clone();
             let rest = format!(
                 "{run} checkpoints thinned to their capture, to {} at {} (--all lists them)",
                 last.epoch, last.created_at

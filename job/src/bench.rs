@@ -625,15 +625,8 @@ impl World {
     async fn late_events(&self) -> Result<Option<u64>, BenchError> {
         let script = std::fs::read_to_string(&self.sql)
             .map_err(context(format!("failed to read {}", self.sql.display())))?;
-        let data = self.root.join("data").display().to_string();
-        let spec = crate::sql::parse_job(&self.job, &script, &|name| {
-            Some(match name {
-                "ENGAGE_DATA_DIR" => data.clone(),
-                "ENGAGE_POSTGRES_URL" => self.postgres_url.clone(),
-                _ => self.redis_url.clone(),
-            })
-        })
-        .map_err(context("failed to parse the job SQL"))?;
+        let spec = crate::query::parse_outputs_under(&self.job, &script, &self.root.join("data"))
+            .map_err(context("failed to parse the job SQL"))?;
         let Some(table) = spec.tables.iter().find(|t| t.name == "late_events") else {
             return Ok(None);
         };

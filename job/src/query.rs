@@ -34,18 +34,37 @@ pub enum QueryError {
 /// placeholders of the right scheme.
 pub fn parse_for_outputs(job: &str, script: &str) -> Result<JobSpec, sql::SqlError> {
     sql::parse_job(job, script, &|name| {
-        std::env::var(name).ok().or_else(|| {
-            if name == "ENGAGE_DATA_DIR" {
-                None
-            } else if name.contains("REDIS") {
-                Some("redis://unset".into())
-            } else if name.contains("POSTGRES") || name.contains("DATABASE") {
-                Some("postgres://unset/unset".into())
-            } else {
-                Some(format!("unset-{name}"))
-            }
-        })
+        std::env::var(name).ok().or_else(|| placeholder(name))
     })
+}
+
+/// [`parse_for_outputs`] for the outputs of a job run with
+/// `ENGAGE_DATA_DIR=data_dir` (the benchmark's and the fault suite's jobs),
+/// whatever this process' environment holds.
+pub fn parse_outputs_under(
+    job: &str,
+    script: &str,
+    data_dir: &std::path::Path,
+) -> Result<JobSpec, sql::SqlError> {
+    let data_dir = data_dir.display().to_string();
+    sql::parse_job(job, script, &|name| match name {
+        "ENGAGE_DATA_DIR" => Some(data_dir.clone()),
+        _ => placeholder(name),
+    })
+}
+
+/// A value of the right scheme for a variable that only connections use
+/// (`ENGAGE_DATA_DIR` has its own default).
+fn placeholder(name: &str) -> Option<String> {
+    if name == "ENGAGE_DATA_DIR" {
+        None
+    } else if name.contains("REDIS") {
+        Some("redis://unset".into())
+    } else if name.contains("POSTGRES") || name.contains("DATABASE") {
+        Some("postgres://unset/unset".into())
+    } else {
+        Some(format!("unset-{name}"))
+    }
 }
 
 /// Registers the job's filesystem sinks in a new session. Tables without

@@ -20,15 +20,9 @@ pub struct Outputs {
 impl Outputs {
     /// Registers every filesystem table of the mission SQL under `data_dir`.
     pub async fn open(data_dir: &std::path::Path) -> Result<Outputs, ChaosError> {
-        let data = data_dir.display().to_string();
-        let spec = crate::sql::parse_job("engagement", crate::demo::ENGAGEMENT_SQL, &|name| {
-            Some(match name {
-                "ENGAGE_DATA_DIR" => data.clone(),
-                "ENGAGE_POSTGRES_URL" => "postgres://unused/unused".into(),
-                _ => "redis://unused".into(),
-            })
-        })
-        .map_err(context("failed to parse the mission SQL"))?;
+        let spec =
+            crate::query::parse_outputs_under("engagement", crate::demo::ENGAGEMENT_SQL, data_dir)
+                .map_err(context("failed to parse the mission SQL"))?;
         let (ctx, unavailable) = crate::query::session_for(&spec).await;
         let mut absent = Vec::new();
         for table in &spec.tables {

@@ -269,14 +269,19 @@ impl CheckpointStore {
     pub async fn list(&self) -> Result<Vec<Manifest>, CheckpointError> {
         let mut manifests = Vec::new();
         for epoch in self.epochs().await? {
-            match self.load(epoch).await {
-                Ok(manifest) => manifests.push(manifest),
-                // A directory without a manifest is a checkpoint that never completed.
-                Err(CheckpointError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
-            }
+            manifests.extend(self.load_complete(epoch).await?);
         }
         Ok(manifests)
+    }
+
+    /// The manifest of checkpoint `epoch`, or `None` if it never completed
+    /// (a directory without a manifest).
+    pub async fn load_complete(&self, epoch: u64) -> Result<Option<Manifest>, CheckpointError> {
+        match self.load(epoch).await {
+            Ok(manifest) => Ok(Some(manifest)),
+            Err(CheckpointError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The epochs that have a directory (complete or not), oldest first,
@@ -308,11 +313,20 @@ impl CheckpointStore {
 
     /// The newest complete checkpoint.
     pub async fn latest(&self) -> Result<Option<Manifest>, CheckpointError> {
+        self.newest_where(|_| true).await
+    }
+
+    /// The newest complete checkpoint for which `wanted` holds. Manifests are
+    /// read newest first, and none older than the one found.
+    pub async fn newest_where(
+        &self,
+        wanted: impl Fn(&Manifest) -> bool,
+    ) -> Result<Option<Manifest>, CheckpointError> {
         for epoch in self.epochs().await?.into_iter().rev() {
-            match self.load(epoch).await {
-                Ok(manifest) => return Ok(Some(manifest)),
-                Err(CheckpointError::NotFound { .. }) => continue,
-                Err(e) => return Err(e),
+            if let Some(manifest) = self.load_complete(epoch).await? {
+                if wanted(&manifest) {
+                    return Ok(Some(manifest));
+                }
             }
         }
         Ok(None)

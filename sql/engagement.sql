@@ -2,7 +2,9 @@
 -- with its content as it stood at that moment, delivered to
 --   * Parquet (`enriched_events`, one row per change, partitioned by event date)
 --     for BigQuery load jobs and DataFusion queries;
---   * Redis (`engage:recent:{content_id}`: the 50 newest events of each content).
+--   * Redis (`engage:recent:{content_id}`: the 50 newest events of each content);
+--   * Kafka (topic `engage.enriched_events`, one JSON message per change, keyed
+--     by content id) for outside systems.
 -- Names of sink tables and Redis keys are a contract other tools rely on.
 
 CREATE TABLE engagement_events (
@@ -293,6 +295,21 @@ CREATE TABLE kpi_24h_latest WITH (
 );
 
 INSERT INTO kpi_24h_latest SELECT * FROM kpi_24h;
+
+-- Every change of every event, for outside systems: one JSON message per
+-- change (the row, with `_op`, `_lsn`, `_seq`), keyed by `content_id` so one
+-- content's events stay in commit order. Exactly once to any consumer across
+-- crashes (see job/src/sink/kafka/mod.rs); the topic is created if missing.
+CREATE TABLE enriched_events_topic WITH (
+    connector         = 'kafka',
+    bootstrap_servers = '${ENGAGE_KAFKA_BROKERS}',
+    topic             = 'engage.enriched_events',
+    type              = 'sink',
+    format            = 'json',
+    'sink.key_field'  = 'content_id'
+);
+
+INSERT INTO enriched_events_topic SELECT * FROM enriched;
 
 -- Inserts that arrive behind a windowed query's watermark are not aggregated;
 -- the job writes them here (the query they missed, the watermark, their source

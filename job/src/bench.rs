@@ -20,7 +20,9 @@
 //!      `engage:job:<job>:window_end`, field `top_content`) reaches the end of
 //!      the first hop window holding the event time `t`,
 //!      `E = floor(t / 500 ms) * 500 ms + 500 ms`;
-//!    - `engage:recent:{content_id}` once the list's 50 entries hold the id.
+//!    - `engage:recent:{content_id}` once the list's 50 entries hold the id;
+//!    - `engage.enriched_events` once a `read_committed` consumer of the
+//!      topic receives the marker's message (`bench/topic_watch.rs`).
 //!
 //!    Freshness = the poll reply that showed the effect minus the return of the
 //!    `INSERT`. Per phase also: events generated and processed per second (the
@@ -81,11 +83,14 @@ use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls};
 
 use crate::checkpoint::{self, CheckpointError, CheckpointStore};
-use crate::embedded::{EmbeddedError, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use crate::embedded::{
+    EmbeddedError, EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions,
+};
 use crate::generate::{self, GenerateError, GenerateOptions, GenerateProgress};
 
 mod process;
 mod report;
+mod topic_watch;
 
 use process::JobProcess;
 pub use report::{
@@ -269,6 +274,7 @@ struct World {
     job: String,
     postgres_url: String,
     redis_url: String,
+    kafka_brokers: String,
     /// The same job with every sink a blackhole, in a directory of its own:
     /// it drains each backlog after the real one.
     blackhole: Option<Box<World>>,
@@ -301,7 +307,7 @@ fn blackhole_sql(sql: &str) -> String {
 }
 
 async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, BenchError> {
-    step("starting postgres and redis");
+    step("starting postgres, redis and a kafka broker");
     // Walsenders send only flushed WAL: with `synchronous_commit = off` (what
     // `fsync: false` implies) a commit would wait up to `wal_writer_delay`
     // (200 ms) before any reader sees it. On, as on production servers.
@@ -313,6 +319,7 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
     let mut postgres = EmbeddedPostgres::start(&root.join("postgres"), settings).await?;
     let postgres_url = postgres.create_database("engage").await?;
     let mut redis = EmbeddedRedis::start(&root.join("redis")).await?;
+    let mut kafka = EmbeddedKafka::start(&root.join("kafka")).await?;
     let sql = match &options.sql {
         Some(path) => path.clone(),
         None => {
@@ -342,6 +349,7 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
             sql: path,
             postgres_url: postgres_url.clone(),
             redis_url: redis.url(),
+            kafka_brokers: kafka.bootstrap(),
             blackhole: None,
         }))
     };
@@ -351,11 +359,13 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
         sql,
         postgres_url,
         redis_url: redis.url(),
+        kafka_brokers: kafka.bootstrap(),
         blackhole,
     };
     let report = world.measure(options).await;
     postgres.stop()?;
     redis.stop()?;
+    kafka.stop();
     report
 }
 
@@ -459,7 +469,7 @@ impl World {
         job: &mut JobProcess,
         phase: Phase,
     ) -> Result<PhaseReport, BenchError> {
-        let watch = Watch::start(redis, &self.job);
+        let watch = Watch::start(redis, &self.job, &self.kafka_brokers).await?;
         let usage_before = job.sample_usage();
         let start = Instant::now();
         let options = GenerateOptions {
@@ -487,6 +497,7 @@ impl World {
             job_rss_kb: usage.rss_kb,
             top_content: Percentiles::of(samples.iter().map(|s| s.top)),
             recent: Percentiles::of(samples.iter().map(|s| s.recent)),
+            kafka: Percentiles::of(samples.iter().map(|s| s.kafka)),
         })
     }
 
@@ -504,7 +515,7 @@ impl World {
         job: &mut JobProcess,
         markers: u64,
     ) -> Result<IdleReport, BenchError> {
-        let watch = Watch::start(redis, &self.job);
+        let watch = Watch::start(redis, &self.job, &self.kafka_brokers).await?;
         let mut rng = StdRng::seed_from_u64(SEED + 200);
         for _ in 0..markers {
             // A marker's freshness depends on where in its slide it falls.
@@ -518,6 +529,7 @@ impl World {
         Ok(IdleReport {
             top_content: Percentiles::of(samples.iter().map(|s| s.top)),
             recent: Percentiles::of(samples.iter().map(|s| s.recent)),
+            kafka: Percentiles::of(samples.iter().map(|s| s.kafka)),
         })
     }
 
@@ -780,11 +792,13 @@ struct Sample {
     window_end: i64,
     top: Option<Duration>,
     recent: Option<Duration>,
+    /// To a `read_committed` consumer of `engage.enriched_events`.
+    kafka: Option<Duration>,
 }
 
 impl Sample {
     fn resolved(&self) -> bool {
-        self.top.is_some() && self.recent.is_some()
+        self.top.is_some() && self.recent.is_some() && self.kafka.is_some()
     }
 
     /// Whether an entry of `engage:recent:*` (a JSON row) is this event.
@@ -809,6 +823,7 @@ async fn insert_marker(db: &Client, content_id: &str) -> Result<Sample, BenchErr
         window_end: first_window_end(row.get(1)),
         top: None,
         recent: None,
+        kafka: None,
     })
 }
 
@@ -834,24 +849,34 @@ async fn mark(
     }
 }
 
-/// The markers of one phase and the task that polls Redis for their effects.
+/// The markers of one phase, the task that polls Redis for their effects and
+/// the one that consumes the Kafka topic.
 struct Watch {
     samples: Arc<Mutex<Vec<Sample>>>,
     stop: Arc<AtomicBool>,
     task: JoinHandle<Result<(), BenchError>>,
+    topic: JoinHandle<Result<(), String>>,
 }
 
 impl Watch {
-    fn start(redis: &MultiplexedConnection, job: &str) -> Watch {
+    async fn start(
+        redis: &MultiplexedConnection,
+        job: &str,
+        kafka_brokers: &str,
+    ) -> Result<Watch, BenchError> {
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let window_end_key = format!("engage:job:{job}:window_end");
         let polling = poll(redis.clone(), window_end_key, samples.clone(), stop.clone());
-        Watch {
+        let topic = topic_watch::spawn(kafka_brokers.to_string(), samples.clone(), stop.clone())
+            .await
+            .map_err(BenchError::Failed)?;
+        Ok(Watch {
             samples,
             stop,
             task: tokio::spawn(polling),
-        }
+            topic,
+        })
     }
 
     fn push(&self, sample: Sample) {
@@ -876,6 +901,10 @@ impl Watch {
         self.stop.store(true, Ordering::Relaxed);
         let polled = self.task.await;
         polled.map_err(|e| BenchError::Failed(format!("the redis watcher failed: {e}")))??;
+        let consumed = self.topic.await;
+        consumed
+            .map_err(|e| BenchError::Failed(format!("the topic watcher failed: {e}")))?
+            .map_err(|e| BenchError::Failed(format!("the topic watcher failed: {e}")))?;
         Ok(std::mem::take(&mut *lock(&self.samples)))
     }
 }
@@ -988,6 +1017,7 @@ mod tests {
             window_end: 0,
             top: None,
             recent: None,
+            kafka: None,
         };
         assert!(sample.is_in(br#"{"id":12,"content_id":"x"}"#));
         assert!(!sample.is_in(br#"{"id":123,"content_id":"x"}"#));

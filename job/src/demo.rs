@@ -1,6 +1,7 @@
 //! `engage demo`: the mission pipeline on an embedded default, one command.
 //!
-//! Uses `ENGAGE_POSTGRES_URL` / `ENGAGE_REDIS_URL` when set; otherwise starts
+//! Uses `ENGAGE_POSTGRES_URL` / `ENGAGE_REDIS_URL` / `ENGAGE_KAFKA_BROKERS`
+//! when set; otherwise starts
 //! throwaway servers from the machine's own binaries on free ports (their
 //! data lives in a temporary directory and goes away with them). Then it
 //! creates the source tables, seeds content, starts `sql/engagement.sql`
@@ -19,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use crate::embedded::{EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use crate::engine::stats::JobStats;
 use crate::engine::{self, RunOptions};
 use crate::generate::{self, GenerateOptions, GenerateProgress};
@@ -67,11 +68,23 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
             url
         }
     };
+    let mut embedded_kafka = None;
+    let kafka_brokers = match std::env::var("ENGAGE_KAFKA_BROKERS") {
+        Ok(brokers) => brokers,
+        Err(_) => {
+            eprintln!("starting a throwaway Kafka-protocol broker (Tansu) ...");
+            let server = EmbeddedKafka::start(&root.path().join("kafka")).await?;
+            let brokers = server.bootstrap();
+            embedded_kafka = Some(server);
+            brokers
+        }
+    };
     let fresh_world = embedded_postgres.is_some();
     let data_dir = std::env::var("ENGAGE_DATA_DIR").unwrap_or(options.data_dir.clone());
     let env = |name: &str| match name {
         "ENGAGE_POSTGRES_URL" => Some(postgres_url.clone()),
         "ENGAGE_REDIS_URL" => Some(redis_url.clone()),
+        "ENGAGE_KAFKA_BROKERS" => Some(kafka_brokers.clone()),
         "ENGAGE_DATA_DIR" => Some(data_dir.clone()),
         other => std::env::var(other).ok(),
     };
@@ -196,6 +209,7 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
     );
     drop(embedded_postgres);
     drop(embedded_redis);
+    drop(embedded_kafka);
     let data = PathBuf::from(&data_dir);
     eprintln!(
         "outputs are in {}; try:\n  engage query \"SELECT content_type, count(*) AS events, round(avg(engagement_pct), 2) AS avg_pct FROM enriched_events GROUP BY content_type\"",
@@ -231,6 +245,8 @@ fn print_status(
         let rows = rows.load(Ordering::Relaxed);
         if name == "enriched_events" || name == "recent_events" {
             sinks.push(format!("{name} {rows}"));
+        } else if name == "enriched_events_topic" {
+            sinks.push(format!("kafka messages {rows}"));
         } else {
             window_rows += rows;
         }

@@ -14,6 +14,8 @@
 //! | --- | --- |
 //! | `after_sink_write` | a sink has applied a batch; no checkpoint covers it yet |
 //! | `redis_in_flight` | a Redis write was sent; its reply was never read |
+//! | `kafka_in_flight` | a Kafka sink queued a batch's messages; none is known to be acknowledged |
+//! | `kafka_acked` | the broker acknowledged every message of the epoch; no manifest holds it yet |
 //! | `before_sink_commit` | the manifest is durable; the sinks have not committed |
 //! | `parquet_commit` | a Parquet sink published one staged file of several |
 //! | `before_slot_confirm` | the checkpoint is complete; the slot is not confirmed |
@@ -25,9 +27,11 @@ use std::sync::OnceLock;
 pub const FAILPOINT_ENV: &str = "ENGAGE_FAILPOINT";
 
 /// Every failpoint, for `--help` texts and the fault suite.
-pub const POINTS: [&str; 5] = [
+pub const POINTS: [&str; 7] = [
     "after_sink_write",
     "redis_in_flight",
+    "kafka_in_flight",
+    "kafka_acked",
     "before_sink_commit",
     "parquet_commit",
     "before_slot_confirm",

@@ -18,18 +18,21 @@ use std::process::Command;
 pub struct Services {
     pub postgres_url: String,
     pub redis_url: String,
+    /// `ENGAGE_KAFKA_BROKERS`: the brokers of the mission SQL's Kafka sink.
+    pub kafka_brokers: String,
     /// `ENGAGE_DATA_DIR`: where the filesystem sinks of the mission SQL write.
     pub data_dir: PathBuf,
 }
 
 impl Services {
     /// Puts the services in `command`'s environment, where job SQL's
-    /// `${ENGAGE_POSTGRES_URL}`, `${ENGAGE_REDIS_URL}` and `${ENGAGE_DATA_DIR}`
-    /// find them.
+    /// `${ENGAGE_POSTGRES_URL}`, `${ENGAGE_REDIS_URL}`, `${ENGAGE_KAFKA_BROKERS}`
+    /// and `${ENGAGE_DATA_DIR}` find them.
     pub fn apply<'c>(&self, command: &'c mut Command) -> &'c mut Command {
         command
             .env("ENGAGE_POSTGRES_URL", &self.postgres_url)
             .env("ENGAGE_REDIS_URL", &self.redis_url)
+            .env("ENGAGE_KAFKA_BROKERS", &self.kafka_brokers)
             .env("ENGAGE_DATA_DIR", &self.data_dir)
     }
 }

@@ -6,7 +6,7 @@
 //! Data flows left to right:
 //!
 //! ```text
-//!  Postgres WAL ──► source::replication ──► engine ──► sink::{parquet, redis}
+//!  Postgres WAL ──► source::replication ──► engine ──► sink::{parquet, redis, kafka}
 //!   (pgoutput)      (decode into Arrow,     (job SQL    (exactly-once effects:
 //!                    cut at commits)         per batch)  staged files, Lua + position)
 //!                                 │             │
@@ -28,7 +28,8 @@
 //! - [`sink`] holds one file per sink and the delivery contract they share.
 //! - [`checkpoint`] writes and reads checkpoint manifests atomically, and the
 //!   capture log that `engage replay` reprocesses.
-//! - [`embedded`] starts throwaway Postgres and Redis servers (demo, tests, [`bench`],
+//! - [`tail`] prints a Kafka topic's committed messages (`engage tail`).
+//! - [`embedded`] starts throwaway Postgres, Redis and Kafka (Tansu) servers (demo, tests, [`bench`],
 //!   and [`chaos`], the fault suite that proves exactly-once effects);
 //!   [`generate`] is the load generator; [`query`] runs DataFusion SQL over outputs.
 
@@ -47,4 +48,5 @@ pub mod sink;
 pub mod source;
 pub mod sql;
 pub mod storage;
+pub mod tail;
 pub mod values;

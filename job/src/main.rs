@@ -8,7 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use engage::change::format_lsn;
 use engage::checkpoint::{CheckpointStore, Kept, Manifest};
-use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use engage::embedded::{EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use engage::engine::stats::JobStats;
 use engage::engine::{self, RunOptions};
 use engage::generate::{self, GenerateOptions, GenerateProgress};
@@ -28,8 +28,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the mission pipeline (sql/engagement.sql) with throwaway Postgres and Redis
-    /// (or ENGAGE_POSTGRES_URL / ENGAGE_REDIS_URL) and a load generator, until Ctrl-C.
+    /// Run the mission pipeline (sql/engagement.sql) with throwaway Postgres, Redis and a
+    /// Kafka-protocol broker (or ENGAGE_POSTGRES_URL / ENGAGE_REDIS_URL /
+    /// ENGAGE_KAFKA_BROKERS) and a load generator, until Ctrl-C.
     Demo {
         /// Events per second to generate.
         #[arg(long, default_value_t = 2000)]
@@ -74,6 +75,9 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// Print a Kafka topic's committed messages (values, one per line), e.g.
+    /// `engage tail engage.enriched_events --from-beginning --count 10`.
+    Tail(engage::tail::TailOptions),
     /// Run DataFusion SQL over a job's filesystem sinks (each registered under its table name).
     Query {
         /// The SQL query, e.g. "SELECT count(*) FROM enriched_events".
@@ -84,8 +88,9 @@ enum Command {
         #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
         format: OutputFormat,
     },
-    /// Start throwaway PostgreSQL (wal_level=logical) and Redis servers on free ports,
-    /// print their URLs as shell exports, and keep them until Ctrl-C / SIGTERM.
+    /// Start throwaway PostgreSQL (wal_level=logical), Redis and Kafka-protocol (Tansu)
+    /// servers on free ports, print their addresses as shell exports, and keep them
+    /// until Ctrl-C / SIGTERM.
     Services {
         /// Directory for their data and logs (default: a new temporary directory).
         #[arg(long)]
@@ -334,6 +339,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Tail(options) => {
+            let read = tokio::task::spawn_blocking(move || engage::tail::run(&options))
+                .await?
+                .map_err(|message| anyhow::anyhow!(message))?;
+            eprintln!("{read} messages");
+            Ok(())
+        }
         Command::Query { query, sql, format } => {
             let script = std::fs::read_to_string(&sql).with_context(|| {
                 format!("failed to read job SQL {} (pass --sql)", sql.display())
@@ -356,15 +368,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 EmbeddedPostgres::start(&root.join("postgres"), PostgresOptions::default()).await?;
             let url = postgres.create_database("engage").await?;
             let mut redis = EmbeddedRedis::start(&root.join("redis")).await?;
+            let mut kafka = EmbeddedKafka::start(&root.join("kafka")).await?;
             println!("export ENGAGE_POSTGRES_URL={url}");
             println!("export ENGAGE_REDIS_URL={}", redis.url());
+            println!("export ENGAGE_KAFKA_BROKERS={}", kafka.bootstrap());
             eprintln!(
-                "postgres log: {}; Ctrl-C stops both",
+                "postgres log: {}; Ctrl-C stops all three",
                 postgres.log_path().display()
             );
             shutdown_signal().await;
             postgres.stop()?;
             redis.stop()?;
+            kafka.stop();
             Ok(())
         }
         Command::Chaos(options) => {

@@ -39,6 +39,11 @@ pub fn json_writer<W: std::io::Write>(out: W) -> Writer<W, LineDelimited> {
         .build(out)
 }
 
+/// engage's JSON value forms, for JSON encoders built outside [`json_writer`].
+pub fn json_encoder_factory() -> Arc<dyn EncoderFactory> {
+    Arc::new(EngageJson)
+}
+
 /// Every value of `array` as text (NULL stays NULL).
 pub fn text_column(array: &dyn Array) -> Result<StringArray, ArrowError> {
     let mut out = StringBuilder::with_capacity(array.len(), array.len() * 8);

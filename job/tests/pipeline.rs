@@ -420,7 +420,7 @@ async fn a_flushed_redis_is_rebuilt_from_captures_older_than_the_whole_checkpoin
     let log = std::fs::read_to_string(&job.log).unwrap();
     job.stop();
     assert!(
-        log.contains("rebuilding sinks whose redis lost its data")
+        log.contains("rebuilding sinks whose store lost its data")
             && log.contains("from_checkpoint=1"),
         "the lists were not rebuilt from checkpoint 1:\n{log}"
     );

@@ -52,6 +52,7 @@ impl JobProcess {
         let services = harness::Services {
             postgres_url: world.postgres_url.clone(),
             redis_url: world.redis_url.clone(),
+            kafka_brokers: world.kafka_brokers.clone(),
             data_dir: world.root.join("data"),
         };
         let checkpoints = world.root.join("checkpoints");

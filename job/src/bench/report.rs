@@ -46,6 +46,8 @@ pub struct PhaseReport {
     pub job_rss_kb: u64,
     pub top_content: Percentiles,
     pub recent: Percentiles,
+    /// Commit to a `read_committed` consumer of `engage.enriched_events`.
+    pub kafka: Percentiles,
 }
 
 /// Freshness of single events on an idle stream.
@@ -53,6 +55,7 @@ pub struct PhaseReport {
 pub struct IdleReport {
     pub top_content: Percentiles,
     pub recent: Percentiles,
+    pub kafka: Percentiles,
 }
 
 /// Freshness in milliseconds (nearest-rank percentiles).
@@ -171,6 +174,7 @@ pub(super) fn print_figures(report: &BenchReport) {
         for (name, p) in [
             ("top_content", &phase.top_content),
             ("recent", &phase.recent),
+            ("kafka", &phase.kafka),
         ] {
             println!(
                 "freshness {name} @{rate}/s: p50 {}, p95 {}, p99 {}, p99.9 {}, max {} (n={}, {} not seen)",
@@ -195,7 +199,11 @@ pub(super) fn print_figures(report: &BenchReport) {
         );
     }
     if let Some(idle) = &report.idle {
-        for (name, p) in [("top_content", &idle.top_content), ("recent", &idle.recent)] {
+        for (name, p) in [
+            ("top_content", &idle.top_content),
+            ("recent", &idle.recent),
+            ("kafka", &idle.kafka),
+        ] {
             println!(
                 "freshness {name} idle stream: p50 {}, p95 {}, p99 {}, max {} (n={}, {} not seen)",
                 ms(p.p50_ms),

@@ -1,5 +1,6 @@
 //! `engage chaos`: the fault suite. It runs a seeded workload through the
-//! mission SQL against real Postgres and Redis on private ports, injects
+//! mission SQL against real Postgres, Redis and a Kafka-protocol broker
+//! (Tansu) on private ports, injects
 //! faults, and then compares every sink with an oracle (see [`oracle`]).
 //!
 //! # Scenarios
@@ -19,6 +20,9 @@
 //!    (append-only, `appendfsync always`); then restarted again *without*
 //!    its data, which the job must detect and rebuild.
 //! 5. `bad-input`: ~1% bad events of every kind the mission SQL checks.
+//! 6. `kafka-outage`: the Kafka broker hangs (SIGSTOP) for `--outage-secs`,
+//!    then resumes with its data; then it restarts *without* its data, which
+//!    the job must detect and rebuild (`chaos/scenarios/kafka.rs`).
 //!
 //! Every scenario runs the same seeded workload ([`workload`]): inserts,
 //! updates, deletes, content changes, out-of-order and late events (and bad
@@ -31,8 +35,8 @@
 //!
 //! The workload stops after its quiet tail. Kill storm, crash points and bad
 //! input then stop the running job with SIGTERM and drain the stream in a
-//! fresh `engage run --end-lsn END`. The Postgres restart and Redis outage
-//! scenarios end *in place*: the job that restarted itself or rebuilt a sink
+//! fresh `engage run --end-lsn END`. The Postgres restart and the Redis and
+//! Kafka outage scenarios end *in place*: the job that restarted itself or rebuilt a sink
 //! runs until its slot is confirmed past END, and is checked as it is. Then
 //! the oracle ([`oracle`]) runs. A scenario passes when every output matches
 //! it: lost = 0, duplicated = 0, no wrong value or window.
@@ -92,7 +96,7 @@ pub struct ChaosOptions {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Scenarios to run, comma-separated [default: all]: kill-storm,
-    /// crash-points, postgres-restart, redis-outage, bad-input.
+    /// crash-points, postgres-restart, redis-outage, bad-input, kafka-outage.
     #[arg(long, value_delimiter = ',')]
     pub scenarios: Vec<String>,
     /// Where to write the JSON report.
@@ -104,12 +108,13 @@ pub struct ChaosOptions {
 }
 
 /// Every scenario, in the order they run.
-pub const SCENARIOS: [&str; 5] = [
+pub const SCENARIOS: [&str; 6] = [
     "kill-storm",
     "crash-points",
     "postgres-restart",
     "redis-outage",
     "bad-input",
+    "kafka-outage",
 ];
 
 /// Options with every default filled in.

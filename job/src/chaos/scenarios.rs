@@ -23,6 +23,8 @@ use super::{ChaosError, ScenarioReport, Settings};
 use crate::failpoint;
 use crate::sink::parquet::committed_files;
 
+mod kafka;
+
 /// Injected bad events: id → the CHECK of `sql/engagement.sql` it fails.
 type Injected = BTreeMap<i64, String>;
 
@@ -53,6 +55,7 @@ pub async fn run(name: &str, settings: &Settings) -> ScenarioReport {
             "postgres-restart" => postgres_restart(&mut world, settings, &mut report).await?,
             "redis-outage" => redis_outage(&mut world, settings, &mut report).await?,
             "bad-input" => bad_input(&world, settings, &mut report).await?,
+            "kafka-outage" => kafka::kafka_outage(&mut world, settings, &mut report).await?,
             other => return Err(ChaosError::UnknownScenario(other.to_string())),
         };
         let stopped_at = chrono::Utc::now().timestamp_micros();
@@ -77,6 +80,7 @@ async fn verify(
     let target = oracle::Target {
         postgres_url: world.postgres_url.clone(),
         redis_url: world.redis.url(),
+        kafka_brokers: world.kafka.bootstrap(),
         data_dir: world.data_dir(),
         stopped_at_micros,
     };

@@ -13,7 +13,9 @@ use tokio_postgres::{Client, NoTls};
 use super::workload::{self, Workload, WorkloadOptions};
 use super::{context, ChaosError, Settings};
 use crate::change::Position;
-use crate::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions};
+use crate::embedded::{
+    EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions, RedisOptions,
+};
 use crate::generate;
 use crate::harness;
 
@@ -34,6 +36,7 @@ pub struct World {
     sql: PathBuf,
     pub postgres: EmbeddedPostgres,
     pub redis: EmbeddedRedis,
+    pub kafka: EmbeddedKafka,
     pub postgres_url: String,
     /// Every job process of the scenario appends its stderr here.
     pub log: PathBuf,
@@ -58,6 +61,9 @@ impl World {
         let redis = EmbeddedRedis::start_with(&root.join("redis"), RedisOptions { durable: true })
             .await
             .map_err(context("failed to start redis"))?;
+        let kafka = EmbeddedKafka::start(&root.join("kafka"))
+            .await
+            .map_err(context("failed to start the kafka broker (tansu)"))?;
         let sql = root.join("engagement.sql");
         std::fs::write(&sql, crate::demo::ENGAGEMENT_SQL)
             .map_err(context(format!("failed to write {}", sql.display())))?;
@@ -66,6 +72,7 @@ impl World {
             sql,
             postgres,
             redis,
+            kafka,
             postgres_url,
             _dir: if settings.keep {
                 let _ = dir.keep();
@@ -124,6 +131,7 @@ impl World {
         let services = harness::Services {
             postgres_url: self.postgres_url.clone(),
             redis_url: self.redis.url(),
+            kafka_brokers: self.kafka.bootstrap(),
             data_dir: self.data_dir(),
         };
         let checkpoints = self.root.join("checkpoints");

@@ -1,10 +1,12 @@
-//! Throwaway PostgreSQL and Redis servers for the demo, the tests and the benchmarks.
+//! Throwaway PostgreSQL, Redis and Kafka-protocol servers for the demo, the tests and the
+//! benchmarks.
 //!
 //! [`EmbeddedPostgres`] initialises a private cluster under a directory the caller owns
 //! (`wal_level=logical`, trust authentication, superuser `postgres`) and starts it on a free
-//! loopback port (in `postgres.rs`); [`EmbeddedRedis`] starts a Redis server (in `redis.rs`). Both run
+//! loopback port (in `postgres.rs`); [`EmbeddedRedis`] starts a Redis server (in `redis.rs`);
+//! [`EmbeddedKafka`] a Tansu broker (in `kafka.rs`). They run
 //! the machine's own binaries (`scripts/install-deps.sh` installs them; our machines have no
-//! containers) and both stop their server when dropped, so a failing test leaves nothing
+//! containers) and each stops its server when dropped, so a failing test leaves nothing
 //! running. A missing binary is an error naming the package to install, never a skip: CI
 //! installs them, and a test that silently skips proves nothing.
 //!
@@ -33,9 +35,11 @@
 //! `start` and `create_database` are async. `stop`, `restart_immediate` and `Drop` are
 //! blocking: they run `pg_ctl` or `redis-cli`, which take a fraction of a second.
 
+mod kafka;
 mod postgres;
 mod redis;
 
+pub use kafka::{find_tansu, EmbeddedKafka};
 pub use postgres::{EmbeddedPostgres, PostgresOptions};
 pub use redis::{EmbeddedRedis, RedisOptions};
 

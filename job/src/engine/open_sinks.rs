@@ -35,7 +35,14 @@ impl Engine {
                 }
             }
             let sink = match (
-                Sink::open(&spec.name, sink_table, query, restored).await,
+                Sink::open(
+                    &spec.name,
+                    sink_table,
+                    query,
+                    &self.plan.sources[query.driving].def,
+                    restored,
+                )
+                .await,
                 restored,
             ) {
                 (Ok(sink), _) => {

@@ -108,13 +108,13 @@ impl Engine {
                 .map(|m| m.epoch)
                 .unwrap_or(latest.epoch);
             return Err(JobError::Restore(format!(
-                "redis lost what sink(s) {names} had applied (it holds position {floor}), and the oldest retained \
-                 checkpoint a rebuild can start from ({oldest}) is newer than that, so the keys cannot be rebuilt \
-                 exactly. To refill them with the changes still captured, run `engage replay --from-checkpoint \
-                 {oldest}`; keep captures longer (--capture-retention) to make this automatic"
+                "the store of sink(s) {names} lost what they had applied (it holds position {floor}), and the \
+                 oldest retained checkpoint a rebuild can start from ({oldest}) is newer than that, so they cannot \
+                 be rebuilt exactly. To refill them with the changes still captured, run `engage replay \
+                 --from-checkpoint {oldest}`; keep captures longer (--capture-retention) to make this automatic"
             )));
         };
-        tracing::warn!(sinks = %names, from_checkpoint = base.epoch, to_checkpoint = latest.epoch, "rebuilding sinks whose redis lost its data");
+        tracing::warn!(sinks = %names, from_checkpoint = base.epoch, to_checkpoint = latest.epoch, "rebuilding sinks whose store lost its data");
         // The dimensions as of `latest` (already restored), put back afterwards.
         let current: Vec<Option<RecordBatch>> = self
             .dimensions

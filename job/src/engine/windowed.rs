@@ -677,6 +677,7 @@ mod tests {
         let env = |name: &str| match name {
             "ENGAGE_POSTGRES_URL" => Some("postgres://engage@127.0.0.1:5432/app".to_string()),
             "ENGAGE_REDIS_URL" => Some("redis://127.0.0.1:6379".to_string()),
+            "ENGAGE_KAFKA_BROKERS" => Some("127.0.0.1:9092".to_string()),
             _ => None,
         };
         let sql = include_str!("../../../sql/engagement.sql");

@@ -38,6 +38,11 @@
 //!   and the commit renames it into place. Readers see whole files of whole
 //!   epochs only; a crash before the manifest discards the staged files and
 //!   the epoch is replayed. Windowed output is appended like any other rows.
+//! - **Kafka** ([`kafka`]): one message per change, sent in position order by
+//!   an idempotent producer, each carrying its position in a header; a
+//!   checkpoint waits until the broker acknowledged everything sent before
+//!   it. On open the sink reads the newest position of each partition and
+//!   skips what the topic holds (the argument is in `kafka/mod.rs`).
 //!
 //! A sink whose store is unreachable does not stall the others. A Redis sink
 //! whose write still fails after a short retry is *detached*
@@ -58,6 +63,7 @@
 //! reach it in stream order through the same channel.
 
 pub mod blackhole;
+pub mod kafka;
 pub mod parquet;
 pub mod redis;
 pub mod task;
@@ -67,7 +73,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::change::Position;
 use crate::sql::plan::{QueryPlan, SinkTable};
-use crate::sql::SinkConnector;
+use crate::sql::{SinkConnector, TableDef};
 
 /// What a checkpoint records for one sink.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -82,6 +88,11 @@ pub struct SinkState {
     /// up from the captured changes before streaming.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub detached: bool,
+    /// Kafka sinks: per partition, one past the highest offset the broker
+    /// acknowledged by this checkpoint. A topic found ending below it has
+    /// lost data (see [`SinkError::Lost`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offsets: Vec<i64>,
 }
 
 /// A file written under a staging name, to be renamed to its final name.
@@ -134,17 +145,20 @@ pub(crate) fn forward_only(
 pub enum Sink {
     Parquet(Box<parquet::ParquetSink>),
     Redis(Box<redis::RedisSink>),
+    Kafka(Box<kafka::KafkaSink>),
     Blackhole(blackhole::BlackholeSink),
 }
 
 impl Sink {
-    /// Opens the sink for table `table` fed by `query`. `job` names the job
-    /// (Redis keeps the sink position under it); `restored` is the state of the
-    /// checkpoint the job resumes from, if any.
+    /// Opens the sink for table `table` fed by `query`, whose driving table
+    /// is `driving`. `job` names the job (Redis keeps the sink position under
+    /// it); `restored` is the state of the checkpoint the job resumes from, if
+    /// any.
     pub async fn open(
         job: &str,
         table: &SinkTable,
         query: &QueryPlan,
+        driving: &TableDef,
         restored: Option<&SinkState>,
     ) -> Result<Sink, SinkError> {
         let name = &table.def.name;
@@ -155,6 +169,23 @@ impl Sink {
             SinkConnector::Redis(options) => Ok(Sink::Redis(Box::new(
                 redis::RedisSink::open(job, name, options, query, restored).await?,
             ))),
+            SinkConnector::Kafka(options) => {
+                let source = match driving.connector.postgres_cdc() {
+                    Some(cdc) => kafka::encode::SourceInfo {
+                        name: job.to_string(),
+                        schema: cdc.schema.clone(),
+                        table: cdc.table.clone(),
+                    },
+                    None => kafka::encode::SourceInfo {
+                        name: job.to_string(),
+                        schema: String::new(),
+                        table: driving.name.clone(),
+                    },
+                };
+                Ok(Sink::Kafka(Box::new(
+                    kafka::KafkaSink::open(job, name, options, query, source, restored).await?,
+                )))
+            }
             SinkConnector::Blackhole => Ok(Sink::Blackhole(blackhole::BlackholeSink::open(
                 name, restored,
             ))),
@@ -165,6 +196,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.name(),
             Sink::Redis(sink) => sink.name(),
+            Sink::Kafka(sink) => sink.name(),
             Sink::Blackhole(sink) => sink.name(),
         }
     }
@@ -181,7 +213,7 @@ impl Sink {
     /// other sink waits. False for sinks that cannot be caught up that way.
     pub fn detach_after(&mut self, budget: std::time::Duration) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => false,
+            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => {
                 sink.set_retry_budget(budget);
                 true
@@ -192,7 +224,7 @@ impl Sink {
     /// Whether the sink's store answers (always true for local files).
     pub async fn reachable(&mut self) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => true,
+            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => true,
             Sink::Redis(sink) => sink.reachable().await,
         }
     }
@@ -204,6 +236,7 @@ impl Sink {
         match self {
             Sink::Parquet(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => sink.lost(),
+            Sink::Kafka(sink) => sink.lost(),
         }
     }
 
@@ -212,6 +245,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.position(),
             Sink::Redis(sink) => sink.position(),
+            Sink::Kafka(sink) => sink.position(),
             Sink::Blackhole(sink) => sink.position(),
         }
     }
@@ -227,6 +261,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.write(batches, upto),
             Sink::Redis(sink) => sink.write(batches, upto).await,
+            Sink::Kafka(sink) => sink.write(batches, upto).await,
             Sink::Blackhole(sink) => {
                 sink.write(batches, upto);
                 Ok(())
@@ -251,6 +286,11 @@ impl Sink {
                 sink.write(batches, upto)
             }
             Sink::Redis(sink) => sink.write_window(batches, window_end_micros, upto).await,
+            // Refused when the job is planned (`KafkaOptions::check_columns`).
+            Sink::Kafka(sink) => Err(SinkError::Permanent {
+                sink: sink.name().to_string(),
+                message: "a kafka sink cannot take a windowed query's output".into(),
+            }),
             Sink::Blackhole(sink) => {
                 sink.write(batches, upto);
                 Ok(())
@@ -262,8 +302,18 @@ impl Sink {
     /// it (Redis, read at open); `None` otherwise or if it never wrote one.
     pub fn window_end(&self) -> Option<i64> {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => None,
+            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => None,
             Sink::Redis(sink) => sink.window_end(),
+        }
+    }
+
+    /// Called when no write came for a while ([`task::IDLE_TICK`]): a Kafka
+    /// sink commits a transaction older than its commit interval, so the
+    /// last changes before a pause do not wait for the next checkpoint.
+    pub async fn idle(&mut self) -> Result<(), SinkError> {
+        match self {
+            Sink::Kafka(sink) => sink.idle().await,
+            Sink::Parquet(_) | Sink::Redis(_) | Sink::Blackhole(_) => Ok(()),
         }
     }
 
@@ -271,6 +321,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.prepare_checkpoint(epoch).await,
             Sink::Redis(sink) => Ok(sink.state()),
+            Sink::Kafka(sink) => sink.prepare_checkpoint(epoch).await,
             Sink::Blackhole(sink) => Ok(sink.state()),
         }
     }
@@ -278,7 +329,7 @@ impl Sink {
     pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
         match self {
             Sink::Parquet(sink) => sink.commit(state).await,
-            Sink::Redis(_) | Sink::Blackhole(_) => Ok(()),
+            Sink::Redis(_) | Sink::Kafka(_) | Sink::Blackhole(_) => Ok(()),
         }
     }
 
@@ -287,6 +338,7 @@ impl Sink {
         match self {
             Sink::Parquet(sink) => sink.rows_written(),
             Sink::Redis(sink) => sink.rows_written(),
+            Sink::Kafka(sink) => sink.rows_written(),
             Sink::Blackhole(sink) => sink.rows_written(),
         }
     }

@@ -39,6 +39,10 @@ use crate::change::Position;
 /// Writes (or barriers) a sink's channel holds before the engine waits.
 pub const QUEUE: usize = 4;
 
+/// How long a sink's task waits for a command before it tells the sink it
+/// is idle ([`Sink::idle`]).
+pub const IDLE_TICK: Duration = Duration::from_millis(50);
+
 /// How long a detachable sink retries an unreachable store before it is
 /// detached: a blip (a failover, a restart) rides through, an outage does not
 /// stall the other sinks for longer.
@@ -291,7 +295,19 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
 ) -> Result<(), SinkError> {
     let mut detached = false;
-    while let Some(command) = commands.recv().await {
+    loop {
+        let command = match tokio::time::timeout(IDLE_TICK, commands.recv()).await {
+            Ok(Some(command)) => command,
+            Ok(None) => break,
+            Err(_) => {
+                // Nothing to do for a while: let the sink finish what it
+                // holds back (a Kafka sink commits its open transaction).
+                if !detached {
+                    sink.idle().await?;
+                }
+                continue;
+            }
+        };
         let written = match command {
             Command::Write { .. } | Command::WriteWindow { .. } if detached => Ok(()),
             Command::Write { batches, upto } => {

@@ -38,8 +38,8 @@ use datafusion::sql::sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use cursor::{location_of, padded_text, Cursor, LineIndex};
 pub use options::{
-    Connector, FilesystemOptions, PostgresCdcOptions, RedisOptions, RedisTarget, SinkConnector,
-    SourceConnector,
+    CommitMode, Connector, FilesystemOptions, KafkaFormat, KafkaOptions, PostgresCdcOptions,
+    RedisOptions, RedisTarget, SinkConnector, SourceConnector,
 };
 pub use types::{declared_type, sql_type_to_arrow, SUPPORTED_TYPES, UNCONSTRAINED_NUMERIC_SCALE};
 

@@ -80,7 +80,8 @@ pub struct QueryPlan {
     pub watermark_delay: i64,
     /// What the sink receives: strings as Utf8, timestamps as UTC microseconds, all nullable.
     pub output_schema: SchemaRef,
-    /// For filesystem sinks: the output column naming the time partition.
+    /// For filesystem sinks: the output column naming the time partition;
+    /// for Kafka sinks: the column holding the message timestamp.
     pub time_column: Option<usize>,
 }
 
@@ -273,12 +274,16 @@ impl JobPlan {
                 .iter()
                 .position(|s| s.def.name == insert.sink)
                 .expect("validated: INSERT targets a sink table");
-            let time_column =
-                check_sink_columns(&sinks[sink].def, &sources[driving].def, &output_schema)
-                    .map_err(|message| SqlError::Plan {
-                        context: context.clone(),
-                        message,
-                    })?;
+            let time_column = check_sink_columns(
+                &sinks[sink].def,
+                &sources[driving].def,
+                &output_schema,
+                !windows.is_empty(),
+            )
+            .map_err(|message| SqlError::Plan {
+                context: context.clone(),
+                message,
+            })?;
             for index in &dimensions {
                 sources[*index].is_dimension = true;
             }
@@ -575,11 +580,13 @@ fn conform(batch: &RecordBatch, schema: &SchemaRef) -> DfResult<RecordBatch> {
 }
 
 /// Checks a sink's column options against the query output; returns the
-/// filesystem sink's time column, if it partitions by time.
+/// filesystem sink's time column, if it partitions by time, or the Kafka
+/// sink's message timestamp column.
 fn check_sink_columns(
     sink: &TableDef,
     driving: &TableDef,
     output: &Schema,
+    windowed: bool,
 ) -> Result<Option<usize>, String> {
     match &sink.connector {
         Connector::Sink(SinkConnector::Filesystem(options)) => {
@@ -608,6 +615,10 @@ fn check_sink_columns(
         Connector::Sink(SinkConnector::Redis(options)) => {
             options.check_columns(output)?;
             Ok(None)
+        }
+        Connector::Sink(SinkConnector::Kafka(options)) => {
+            let watermark = driving.watermark.as_ref().map(|w| w.column.as_str());
+            options.check_columns(output, watermark, windowed)
         }
         Connector::Source(_) | Connector::Sink(SinkConnector::Blackhole) => Ok(None),
     }

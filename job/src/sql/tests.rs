@@ -7,6 +7,7 @@ fn env(name: &str) -> Option<String> {
     match name {
         "ENGAGE_POSTGRES_URL" => Some("postgres://engage:secret@127.0.0.1:5432/app".into()),
         "ENGAGE_REDIS_URL" => Some("redis://127.0.0.1:6379".into()),
+        "ENGAGE_KAFKA_BROKERS" => Some("127.0.0.1:9092".into()),
         _ => None,
     }
 }
@@ -16,7 +17,7 @@ const MISSION: &str = include_str!("../../../sql/engagement.sql");
 #[test]
 fn mission_pipeline_parses_with_watermark_key_and_options() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
-    assert_eq!(spec.tables.len(), 14);
+    assert_eq!(spec.tables.len(), 15);
     let events = &spec.tables[0];
     assert_eq!(events.name, "engagement_events");
     assert_eq!(events.primary_key, vec!["id"]);
@@ -35,7 +36,7 @@ fn mission_pipeline_parses_with_watermark_key_and_options() {
         panic!("redis expected")
     };
     assert_eq!(redis.max_length, Some(50));
-    assert_eq!(spec.inserts.len(), 10);
+    assert_eq!(spec.inserts.len(), 11);
 }
 
 #[test]
@@ -138,7 +139,7 @@ async fn mission_plan_drives_by_events_and_looks_up_content() {
     let plan = plan::JobPlan::new(&spec).await.unwrap();
     assert_eq!(plan.sources.len(), 2);
     let windowed: Vec<usize> = plan.queries.iter().map(|q| q.windows.len()).collect();
-    assert_eq!(windowed, vec![0, 0, 1, 1, 1, 4, 1, 1, 1, 1]);
+    assert_eq!(windowed, vec![0, 0, 1, 1, 1, 4, 1, 1, 1, 1, 0]);
     // `enriched` is computed once per batch and shared: the join with
     // `content` (a dimension) lives in the view, and every query reads it.
     assert_eq!(plan.views.len(), 1);
@@ -497,4 +498,114 @@ async fn a_blackhole_sink_plans_and_refuses_options_it_does_not_have() {
         error.contains("unknown option `path` for connector `blackhole`; valid options: type"),
         "{error}"
     );
+}
+
+/// The mission SQL with its Kafka sink's options replaced by `options`.
+fn mission_with_kafka(options: &str) -> String {
+    let head = "CREATE TABLE enriched_events_topic WITH (";
+    let start = MISSION.find(head).expect("the mission has a kafka sink");
+    let end = start + MISSION[start..].find(");").unwrap() + 2;
+    format!("{}{head}{options});{}", &MISSION[..start], &MISSION[end..])
+}
+
+#[tokio::test]
+async fn the_mission_kafka_sink_is_keyed_by_content_with_its_timestamp_from_the_watermark() {
+    let spec = parse_job("engagement", MISSION, &env).unwrap();
+    let table = spec
+        .tables
+        .iter()
+        .find(|t| t.name == "enriched_events_topic")
+        .unwrap();
+    let Some(SinkConnector::Kafka(kafka)) = table.connector.as_sink() else {
+        panic!("a kafka sink expected");
+    };
+    assert_eq!(kafka.topic, "engage.enriched_events");
+    assert_eq!(kafka.bootstrap_servers, "127.0.0.1:9092");
+    assert_eq!(kafka.key_field.as_deref(), Some("content_id"));
+    assert_eq!(kafka.commit_mode, CommitMode::ExactlyOnce);
+    assert_eq!(kafka.format, KafkaFormat::Json);
+    let plan = plan::JobPlan::new(&spec).await.unwrap();
+    let query = plan
+        .queries
+        .iter()
+        .find(|q| plan.sinks[q.sink].def.name == "enriched_events_topic")
+        .unwrap();
+    let timestamp = query
+        .time_column
+        .expect("event_ts is the message timestamp");
+    assert_eq!(query.output_schema.field(timestamp).name(), "event_ts");
+}
+
+#[tokio::test]
+async fn kafka_options_are_checked_and_errors_say_what_to_do() {
+    let base = "connector = 'kafka', bootstrap_servers = 'b:9092', topic = 't', type = 'sink'";
+    let error_of = |options: &str| {
+        parse_job("engagement", &mission_with_kafka(options), &env)
+            .unwrap_err()
+            .to_string()
+    };
+    let error = error_of(&format!("{base}, 'sink.colour' = 'red'"));
+    assert!(error.contains("unknown option `sink.colour`"), "{error}");
+    assert!(
+        error.contains("sink.commit_mode") && error.contains("kafka.<librdkafka setting>"),
+        "{error}"
+    );
+    let error = error_of(&format!("{base}, 'kafka.enable.idempotence' = 'false'"));
+    assert!(
+        error.contains("engage sets `enable.idempotence` itself"),
+        "{error}"
+    );
+    let error = error_of(&format!("{base}, 'sink.commit_mode' = 'twice'"));
+    assert!(error.contains("exactly_once, at_least_once"), "{error}");
+    let error = error_of("connector = 'kafka', bootstrap_servers = 'b:9092', topic = 't'");
+    assert!(error.contains("needs option `type`"), "{error}");
+    let error = error_of(
+        "connector = 'kafka', bootstrap_servers = 'b:9092', topic = 'a topic', type = 'sink'",
+    );
+    assert!(error.contains("option `topic` must be"), "{error}");
+    let error =
+        error_of("connector = 'kafka', bootstrap_servers = 'b:9092', topic = 't', type = 'source'");
+    assert!(error.contains("not supported yet"), "{error}");
+
+    // Client settings pass through; their values never reach Debug output.
+    let sql = mission_with_kafka(&format!(
+        "{base}, 'kafka.sasl.password' = 'hunter2', 'kafka.compression.type' = 'zstd'"
+    ));
+    let spec = parse_job("engagement", &sql, &env).unwrap();
+    let debug = format!("{:?}", spec.tables);
+    assert!(
+        debug.contains("sasl.password") && !debug.contains("hunter2"),
+        "{debug}"
+    );
+
+    // Planning checks the columns against the query.
+    let plan_error = |options: &str, insert: &str| {
+        let sql = mission_with_kafka(options).replace(
+            "INSERT INTO enriched_events_topic SELECT * FROM enriched;",
+            insert,
+        );
+        async move {
+            let spec = parse_job("engagement", &sql, &env).unwrap();
+            plan::JobPlan::new(&spec).await.unwrap_err().to_string()
+        }
+    };
+    let error = plan_error(
+        base,
+        "INSERT INTO enriched_events_topic SELECT id, content_id FROM enriched;",
+    )
+    .await;
+    assert!(error.contains("needs `_lsn` and `_seq`"), "{error}");
+    let error = plan_error(
+        &format!("{base}, 'sink.key_field' = 'nope'"),
+        "INSERT INTO enriched_events_topic SELECT * FROM enriched;",
+    )
+    .await;
+    assert!(error.contains("`sink.key_field` names `nope`"), "{error}");
+    let error = plan_error(
+        base,
+        "INSERT INTO enriched_events_topic SELECT device, count(*) AS n, 0 AS _lsn, 0 AS _seq \
+         FROM enriched GROUP BY device, tumble(INTERVAL '1 minute');",
+    )
+    .await;
+    assert!(error.contains("windowed query"), "{error}");
 }

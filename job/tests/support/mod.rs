@@ -1,4 +1,4 @@
-//! Test harness: real Postgres and Redis on private ports, and the `engage`
+//! Test harness: real Postgres, Redis and a Kafka-protocol broker on private ports, and the `engage`
 //! binary run as a child process (so tests can SIGKILL it).
 //!
 //! Every test gets its own servers, database, checkpoint and data
@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use engage::embedded::{EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
+use engage::embedded::{EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
 use engage::harness;
 use engage::query;
 
@@ -21,6 +21,7 @@ pub const MISSION_SQL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../sql/engag
 pub struct World {
     pub postgres: EmbeddedPostgres,
     pub redis: EmbeddedRedis,
+    pub kafka: EmbeddedKafka,
     pub postgres_url: String,
     /// Declared last: fields drop in order, and the servers must stop before
     /// their directory goes.
@@ -47,10 +48,14 @@ impl World {
         let redis = EmbeddedRedis::start(&root.path().join("redis"))
             .await
             .expect("redis starts");
+        let kafka = EmbeddedKafka::start(&root.path().join("kafka"))
+            .await
+            .expect("kafka (tansu) starts");
         World {
             root,
             postgres,
             redis,
+            kafka,
             postgres_url,
         }
     }
@@ -86,6 +91,7 @@ impl World {
         harness::Services {
             postgres_url: self.postgres_url.clone(),
             redis_url: self.redis.url(),
+            kafka_brokers: self.kafka.bootstrap(),
             data_dir: self.data_dir(),
         }
     }
@@ -119,8 +125,24 @@ impl World {
         (job, path)
     }
 
+    /// Starts `engage run` on the mission SQL with failpoint `point` (`name:n`) armed.
+    pub fn start_job_failing_at(&self, point: &str) -> Job {
+        self.start_job_env(&["run"], MISSION_SQL, "0.3", &[("ENGAGE_FAILPOINT", point)])
+    }
+
     /// Starts a job subcommand on any job SQL file.
     pub fn start_job_sql(&self, subcommand: &[&str], sql: &str, interval: &str) -> Job {
+        self.start_job_env(subcommand, sql, interval, &[])
+    }
+
+    /// Starts a job subcommand on any job SQL file, with `env` added.
+    pub fn start_job_env(
+        &self,
+        subcommand: &[&str],
+        sql: &str,
+        interval: &str,
+        env: &[(&str, &str)],
+    ) -> Job {
         let log = self.root.path().join(format!(
             "job-{}.log",
             Instant::now().elapsed().as_nanos() ^ rand_suffix()
@@ -133,6 +155,7 @@ impl World {
             &self.checkpoint_dir(),
             &self.services(),
         );
+        command.envs(env.iter().copied());
         let child = command
             .args(["--checkpoint-interval", interval])
             .env("RUST_LOG", "info,engage=debug")
@@ -419,6 +442,7 @@ pub async fn assert_matches_oracle(world: &World, skip: &[&str]) -> engage::chao
     let target = engage::chaos::oracle::Target {
         postgres_url: world.postgres_url.clone(),
         redis_url: world.redis.url(),
+        kafka_brokers: world.kafka.bootstrap(),
         data_dir: world.data_dir(),
         stopped_at_micros: chrono::Utc::now().timestamp_micros(),
     };

@@ -12,6 +12,7 @@
 //! | output | what must hold |
 //! | --- | --- |
 //! | `enriched_events` | every change (`c`, `u`, `d`) exactly once, every column equal, joined with content as of the change's commit |
+//! | `enriched_events_topic` (Kafka) | the same, read `read_committed`; each content item's changes in commit order, keyed by its id |
 //! | `recent_events` | per content item, its 50 newest inserts less the deleted ones, newest first, with their joined columns |
 //! | `top_content`, `top_devices`, `content_type_engagement` | the aggregate of the window they hold, from the contributions the model derives |
 //! | `kpi` (Parquet) | every closed tumbling window of every timeframe exactly once, every figure equal |
@@ -24,6 +25,7 @@
 //! [`model`] computes the expectation, [`outputs`] reads Parquet, this file
 //! checks the per-change outputs and [`windows`] the windowed ones.
 
+mod kafka;
 mod model;
 mod outputs;
 mod windows;
@@ -82,6 +84,8 @@ impl SinkCheck {
 pub struct Target {
     pub postgres_url: String,
     pub redis_url: String,
+    /// The brokers of the mission's Kafka sink.
+    pub kafka_brokers: String,
     pub data_dir: std::path::PathBuf,
     /// When the last job process stopped (µs since the epoch): bounds how far
     /// an idle job's wall clock can have moved its watermark.
@@ -155,6 +159,9 @@ pub async fn check(
     verdict
         .sinks
         .push(enriched_events(&outputs, &expected).await?);
+    verdict
+        .sinks
+        .push(kafka::enriched_topic(&target.kafka_brokers, &expected).await?);
     verdict.sinks.push(late_events(&outputs, &expected).await?);
     verdict.sinks.push(dead_letter(&outputs, &expected).await?);
     verdict
@@ -253,8 +260,6 @@ fn same(a: &Enriched, b: &Enriched) -> Result<(), String> {
 
 /// `enriched_events`: every change exactly once with every column equal.
 async fn enriched_events(outputs: &Outputs, expected: &Expected) -> Result<SinkCheck, ChaosError> {
-    let mut check = SinkCheck::new("enriched_events");
-    check.expected = expected.enriched.len() as u64;
     let batches = outputs
         .rows(
             "enriched_events",
@@ -312,6 +317,18 @@ async fn enriched_events(outputs: &Outputs, expected: &Expected) -> Result<SinkC
             ));
         }
     }
+    Ok(compare_changes("enriched_events", found, expected))
+}
+
+/// Compares the changes an output holds (`found`: id → `(lsn, seq, change)`)
+/// with the oracle's: every change exactly once, every column equal.
+pub(super) fn compare_changes(
+    sink: &str,
+    mut found: HashMap<i64, Vec<(i64, i64, Enriched)>>,
+    expected: &Expected,
+) -> SinkCheck {
+    let mut check = SinkCheck::new(sink);
+    check.expected = expected.enriched.len() as u64;
     let mut wanted: HashMap<i64, Vec<&Enriched>> = HashMap::new();
     for change in &expected.enriched {
         wanted.entry(change.id).or_default().push(change);
@@ -347,7 +364,7 @@ async fn enriched_events(outputs: &Outputs, expected: &Expected) -> Result<SinkC
             check.note
         );
     }
-    Ok(check)
+    check
 }
 
 /// `(id of the JSON row, text column)` of a side output.

@@ -14,6 +14,10 @@ use arrow::datatypes::{Field, Schema};
 use crate::change::OP_COLUMN;
 use crate::values;
 
+mod kafka;
+
+pub use kafka::{ClientSettings, CommitMode, KafkaFormat, KafkaOptions};
+
 /// A string that may hold credentials: `Debug`/`Display` hide the password.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Redacted(String);
@@ -69,6 +73,8 @@ pub enum SourceConnector {
 pub enum SinkConnector {
     Filesystem(FilesystemOptions),
     Redis(RedisOptions),
+    /// A Kafka topic, one message per change.
+    Kafka(KafkaOptions),
     /// Discards its rows (as Flink's and Arroyo's `blackhole`): the cost of
     /// a pipeline without the cost of its outputs.
     Blackhole,
@@ -105,6 +111,14 @@ impl Connector {
         }
     }
 
+    /// The Kafka sink's options, if the table is one.
+    pub fn kafka(&self) -> Option<&KafkaOptions> {
+        match self {
+            Connector::Sink(SinkConnector::Kafka(options)) => Some(options),
+            _ => None,
+        }
+    }
+
     /// The postgres-cdc source's options, if the table is one.
     pub fn postgres_cdc(&self) -> Option<&PostgresCdcOptions> {
         match self {
@@ -114,7 +128,7 @@ impl Connector {
     }
 }
 
-pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis", "blackhole"];
+pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis", "kafka", "blackhole"];
 
 #[derive(Debug, Clone)]
 pub struct PostgresCdcOptions {
@@ -556,6 +570,14 @@ impl Connector {
                     operation,
                     id_column,
                 })))
+            }
+            "kafka" => {
+                let parsed = KafkaOptions::parse(&mut options)?;
+                options.finish(&connector, kafka::KAFKA_OPTIONS)?;
+                if !columns.is_empty() {
+                    return Err("a kafka sink takes its columns from its INSERT query; declare it without a column list".into());
+                }
+                Ok(Connector::Sink(SinkConnector::Kafka(parsed)))
             }
             other => Err(format!(
                 "unknown connector `{other}`; valid connectors: {}",

@@ -1,0 +1,87 @@
+//! Times marker events to a `read_committed` consumer of the mission's Kafka
+//! topic, `engage.enriched_events`: the moment a consumer could act on them.
+//!
+//! A thread of its own runs one consumer (librdkafka's calls block), assigned
+//! every partition at its end when the phase starts. For each message it reads
+//! the id at the front of the row (`{"id":N,...`, the first column of
+//! `enriched`) and resolves the marker with that id, if any.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::{lock, Sample};
+use crate::sink::kafka::topic;
+
+/// The mission's topic (a contract).
+pub(super) const TOPIC: &str = "engage.enriched_events";
+
+/// Consumes [`TOPIC`] until `stop`, setting each marker's `kafka` freshness.
+/// Returns once the consumer is assigned at the partitions' ends.
+pub(super) async fn spawn(
+    brokers: String,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::task::spawn_blocking(move || {
+        let config = topic::client_config(&brokers, &Default::default(), true);
+        let partitions = topic::partitions(&config, &brokers, TOPIC)?
+            .ok_or_else(|| format!("topic {TOPIC} does not exist on {brokers}"))?;
+        let mut config = config;
+        config
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("fetch.wait.max.ms", "5")
+            .set("group.id", "engage-bench");
+        let consumer = topic::reader(&config, &brokers)?;
+        let mut assignment = TopicPartitionList::new();
+        for p in 0..partitions {
+            assignment
+                .add_partition_offset(TOPIC, p, Offset::End)
+                .map_err(|e| e.to_string())?;
+        }
+        consumer.assign(&assignment).map_err(|e| e.to_string())?;
+        // The first poll resolves the end offsets.
+        let _ = consumer.poll(Duration::from_millis(100));
+        let _ = ready_tx.send(());
+        while !stop.load(Ordering::Relaxed) {
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(20)) else {
+                continue;
+            };
+            let seen = Instant::now();
+            let Some(id) = message.payload().and_then(leading_id) else {
+                continue;
+            };
+            let mut samples = lock(&samples);
+            if let Some(sample) = samples.iter_mut().find(|s| s.id == id && s.kafka.is_none()) {
+                sample.kafka = Some(seen - sample.committed);
+            }
+        }
+        Ok(())
+    });
+    ready_rx
+        .await
+        .map_err(|_| "the topic watcher stopped before it started".to_string())?;
+    Ok(task)
+}
+
+/// `N` of a row that starts `{"id":N,`.
+fn leading_id(row: &[u8]) -> Option<i64> {
+    let rest = row.strip_prefix(b"{\"id\":")?;
+    let end = rest.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&rest[..end]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_leading_id_is_read_from_the_front_of_a_row() {
+        assert_eq!(super::leading_id(b"{\"id\":42,\"x\":1}"), Some(42));
+        assert_eq!(super::leading_id(b"{\"x\":1}"), None);
+    }
+}

@@ -1,0 +1,84 @@
+//! Scenario 6, `kafka-outage`: the Kafka broker hangs (SIGSTOP) for the
+//! outage while changes flow, then comes back with its data; later it
+//! restarts *without* its data (Tansu keeps the topic in memory). The job
+//! must ride through the hang (librdkafka retries; the job waits, bounded,
+//! and loses nothing) and must notice the emptied topic and rebuild it from
+//! its checkpoints rather than go on appending to it. It ends in place.
+
+use std::time::{Duration, Instant};
+
+use super::{
+    ensure_running, record_summary, start_job, ChaosError, Injected, ScenarioReport, Settings,
+    World,
+};
+
+pub(super) async fn kafka_outage(
+    world: &mut World,
+    settings: &Settings,
+    report: &mut ScenarioReport,
+) -> Result<Injected, ChaosError> {
+    let mut job = start_job(world, None).await?;
+    let rate = settings.rate.min(5_000);
+    let workload = world.workload(None, rate, settings.seed);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    world
+        .kafka
+        .pause()
+        .map_err(crate::chaos::context("failed to pause the broker"))?;
+    tokio::time::sleep(settings.outage).await;
+    // The job waits for the broker; it must not have given up.
+    ensure_running(world, &mut job, "while the broker hung")?;
+    world
+        .kafka
+        .resume()
+        .map_err(crate::chaos::context("failed to resume the broker"))?;
+    let back = Instant::now();
+    let behind = world.wal_position().await?;
+    world
+        .wait_slot_past(
+            &mut job,
+            &behind,
+            Duration::from_secs(300),
+            "drain the broker outage's backlog",
+        )
+        .await?;
+    report.figure("outage_s", settings.outage.as_secs() as f64);
+    report.figure(
+        "drain_after_outage_s",
+        (back.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    );
+
+    // The broker comes back empty: the job must rebuild the topic.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    world
+        .kafka
+        .restart_empty()
+        .await
+        .map_err(crate::chaos::context("failed to restart the broker empty"))?;
+    let lost_at = Instant::now();
+    let behind = world.wal_position().await?;
+    world
+        .wait_slot_past(
+            &mut job,
+            &behind,
+            Duration::from_secs(300),
+            "rebuild the topic after the broker lost it",
+        )
+        .await?;
+    report.figure(
+        "rebuild_after_broker_loss_s",
+        (lost_at.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let finished = workload.stop().await;
+    ensure_running(world, &mut job, "during the broker faults")?;
+    report.faults = format!(
+        "{} s broker hang + restart without data, ended in place",
+        settings.outage.as_secs()
+    );
+    finished.map_err(ChaosError::Failed)?;
+    let summary = world.finish_in_place(job).await?.unwrap_or_default();
+    record_summary(report, &summary);
+    Ok(Injected::new())
+}

@@ -1,0 +1,155 @@
+//! docker-compose.yml (no Docker engine runs on our machines): the file
+//! parses, wires the services the job needs with the variables the mission
+//! SQL reads, and agrees with what the README says about it.
+
+use std::collections::BTreeSet;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(format!("{ROOT}/{path}")).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn compose() -> serde_yaml::Value {
+    serde_yaml::from_str(&read("docker-compose.yml")).expect("docker-compose.yml is YAML")
+}
+
+/// The `${ENGAGE_*}` variables the mission SQL substitutes.
+fn variables_of_mission_sql() -> BTreeSet<String> {
+    let sql = read("sql/engagement.sql");
+    sql.split("${")
+        .skip(1)
+        .filter_map(|rest| rest.split('}').next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn text(value: &serde_yaml::Value) -> String {
+    match value {
+        serde_yaml::Value::String(s) => s.clone(),
+        other => serde_yaml::to_string(other).unwrap(),
+    }
+}
+
+#[test]
+fn compose_runs_the_job_with_every_service_and_variable_it_needs() {
+    let compose = compose();
+    let services = compose["services"].as_mapping().expect("services");
+    let names: BTreeSet<String> = services.keys().map(text).collect();
+    for needed in ["postgres", "redis", "kafka", "engage", "generator"] {
+        assert!(names.contains(needed), "no service {needed}: {names:?}");
+    }
+    let postgres = &compose["services"]["postgres"];
+    assert!(text(&postgres["image"]).starts_with("postgres:16"));
+    let command: Vec<String> = postgres["command"]
+        .as_sequence()
+        .expect("postgres command")
+        .iter()
+        .map(text)
+        .collect();
+    assert!(
+        command.contains(&"wal_level=logical".to_string()),
+        "{command:?}"
+    );
+    let kafka = text(&compose["services"]["kafka"]["image"]);
+    assert!(
+        kafka.starts_with("apache/kafka") || kafka.contains("redpanda"),
+        "{kafka}"
+    );
+    for service in ["postgres", "redis", "kafka"] {
+        assert!(
+            compose["services"][service]["healthcheck"]["test"].is_sequence(),
+            "{service} has no health check"
+        );
+    }
+
+    let engage = &compose["services"]["engage"];
+    assert_eq!(text(&engage["build"]), ".");
+    let environment = engage["environment"]
+        .as_mapping()
+        .expect("engage environment");
+    let set: BTreeSet<String> = environment.keys().map(text).collect();
+    for variable in variables_of_mission_sql() {
+        assert!(set.contains(&variable), "engage does not set {variable}");
+    }
+    // Every address points at a service of the file.
+    for (variable, service) in [
+        ("ENGAGE_POSTGRES_URL", "@postgres:5432/"),
+        ("ENGAGE_REDIS_URL", "//redis:6379"),
+        ("ENGAGE_KAFKA_BROKERS", "kafka:9092"),
+    ] {
+        let value = text(&engage["environment"][variable]);
+        assert!(value.contains(service), "{variable}={value}");
+    }
+    for dependency in ["postgres", "redis", "kafka"] {
+        assert_eq!(
+            text(&engage["depends_on"][dependency]["condition"]),
+            "service_healthy",
+            "engage must wait for {dependency} to be healthy"
+        );
+    }
+    let volumes: Vec<String> = engage["volumes"]
+        .as_sequence()
+        .expect("engage volumes")
+        .iter()
+        .map(text)
+        .collect();
+    let data_dir = text(&engage["environment"]["ENGAGE_DATA_DIR"]);
+    assert!(
+        volumes.iter().any(|v| v.starts_with("checkpoints:")),
+        "{volumes:?}"
+    );
+    assert!(
+        volumes.iter().any(|v| v.ends_with(&format!(":{data_dir}"))),
+        "{volumes:?}"
+    );
+    let command: Vec<String> = engage["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let checkpoints = command
+        .iter()
+        .skip_while(|a| *a != "--checkpoint-dir")
+        .nth(1)
+        .expect("engage runs with --checkpoint-dir");
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v.ends_with(&format!(":{checkpoints}"))),
+        "{volumes:?}"
+    );
+    assert!(std::path::Path::new(&format!("{ROOT}/Dockerfile")).exists());
+}
+
+#[test]
+fn the_readme_describes_the_compose_file_as_it_is() {
+    let readme = read("README.md");
+    let compose = compose();
+    assert!(
+        readme.contains("docker compose up"),
+        "the README does not say how to start it"
+    );
+    for (name, service) in compose["services"].as_mapping().unwrap() {
+        let name = text(name);
+        assert!(
+            readme.contains(&format!("`{name}`")),
+            "the README does not name service `{name}`"
+        );
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let published = text(port);
+            let host = published.split(':').next().unwrap();
+            assert!(
+                readme.contains(host),
+                "the README does not give port {host} of `{name}`"
+            );
+        }
+    }
+    for variable in variables_of_mission_sql() {
+        assert!(
+            readme.contains(&variable),
+            "the README does not document {variable}"
+        );
+    }
+}

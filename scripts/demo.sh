@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the demo end to end on this machine: installs what is missing, then
-# `engage demo`, which starts private PostgreSQL and Redis servers, generates load
+# `engage demo`, which starts private PostgreSQL, Redis and Kafka (Tansu) servers, generates load
 # and runs the job. Arguments go to `engage demo` (see `engage demo --help`).
 set -euo pipefail
 

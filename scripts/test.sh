@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The checks CI runs: formatting, clippy with warnings denied, and the whole test
-# suite (which starts private PostgreSQL and Redis servers; see job/src/embedded.rs).
+# suite (which starts private PostgreSQL, Redis and Kafka-protocol servers; see
+# job/src/embedded/).
 # Extra arguments go to `cargo test`, e.g. `scripts/test.sh -- embedded`.
 set -euo pipefail
 

@@ -1,5 +1,5 @@
 //! The fault suite's reduced form (`engage chaos --quick`), as CI runs it:
-//! every scenario against real Postgres and Redis, with updates, deletes,
+//! every scenario against real Postgres, Redis and Kafka (Tansu), with updates, deletes,
 //! content changes and late events under the faults, every output compared
 //! with the oracle. The full run (`engage chaos`, `--full`) is for our machines;
 //! its figures are in the README's "Guarantees".
@@ -63,7 +63,7 @@ fn every_scenario_loses_nothing_and_duplicates_nothing() {
     // Each scenario printed its line of figures.
     assert_eq!(
         stdout.lines().filter(|l| l.contains(" PASS ")).count(),
-        5,
+        engage::chaos::SCENARIOS.len(),
         "{stdout}"
     );
     let bad = &scenarios[4];

@@ -21,17 +21,28 @@ use crate::sink::kafka::topic;
 pub(super) const TOPIC: &str = "engage.enriched_events";
 
 /// Consumes [`TOPIC`] until `stop`, setting each marker's `kafka` freshness.
-/// Returns once the consumer is assigned at the partitions' ends.
+/// Returns once the consumer is assigned at the partitions' ends; `None` if
+/// the topic does not exist (a `--sql` without the mission's Kafka sink).
 pub(super) async fn spawn(
     brokers: String,
     samples: Arc<Mutex<Vec<Sample>>>,
     stop: Arc<AtomicBool>,
-) -> Result<tokio::task::JoinHandle<Result<(), String>>, String> {
+) -> Result<Option<tokio::task::JoinHandle<Result<(), String>>>, String> {
+    let exists = {
+        let brokers = brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            let config = topic::client_config(&brokers, &Default::default(), true);
+            topic::partitions(&config, &brokers, TOPIC)
+        })
+        .await
+        .map_err(|e| e.to_string())??
+    };
+    let Some(partitions) = exists else {
+        return Ok(None);
+    };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::task::spawn_blocking(move || {
         let config = topic::client_config(&brokers, &Default::default(), true);
-        let partitions = topic::partitions(&config, &brokers, TOPIC)?
-            .ok_or_else(|| format!("topic {TOPIC} does not exist on {brokers}"))?;
         let mut config = config;
         config
             .set("enable.auto.commit", "false")
@@ -64,10 +75,14 @@ pub(super) async fn spawn(
         }
         Ok(())
     });
-    ready_rx
-        .await
-        .map_err(|_| "the topic watcher stopped before it started".to_string())?;
-    Ok(task)
+    if ready_rx.await.is_err() {
+        // The task ended before it was ready: its error says why.
+        return match task.await {
+            Ok(Err(error)) => Err(error),
+            _ => Err("the topic watcher stopped before it started".into()),
+        };
+    }
+    Ok(Some(task))
 }
 
 /// `N` of a row that starts `{"id":N,`.

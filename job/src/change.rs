@@ -78,6 +78,19 @@ impl Position {
         format!("{:016X}/{:016X}", self.lsn, self.seq)
     }
 
+    /// [`Position::to_sortable`] in a fixed array, without allocating (for
+    /// per-message headers).
+    pub fn sortable_bytes(self) -> [u8; 33] {
+        const HEX: &[u8; 16] = b"0123456789ABCDEF";
+        let mut out = [b'/'; 33];
+        for i in 0..16 {
+            let shift = 60 - 4 * i;
+            out[i] = HEX[((self.lsn >> shift) & 0xF) as usize];
+            out[17 + i] = HEX[((self.seq >> shift) & 0xF) as usize];
+        }
+        out
+    }
+
     pub fn from_sortable(text: &str) -> Option<Position> {
         let (lsn, seq) = text.split_once('/')?;
         Some(Position {
@@ -121,6 +134,9 @@ mod tests {
         assert!(a < b);
         assert!(a.to_sortable() < b.to_sortable());
         assert_eq!(Position::from_sortable(&a.to_sortable()), Some(a));
+        for p in [a, b, Position::ZERO, Position::new(u64::MAX, 0xABC)] {
+            assert_eq!(p.sortable_bytes(), p.to_sortable().as_bytes());
+        }
     }
 
     #[test]

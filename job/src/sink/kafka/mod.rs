@@ -220,29 +220,20 @@ impl KafkaSink {
         let recorded = restored.map(|s| s.offsets.as_slice()).unwrap_or_default();
         let partitions = match found {
             Some(count) => count,
-            None if recorded.iter().any(|&end| end > 0) => {
-                // The topic held our messages at the last checkpoint and is
-                // gone: lost, like a Redis that lost its keys.
-                tracing::warn!(sink = %name, topic = %options.topic, "the kafka topic the sink wrote is gone");
-                topic::create(
-                    &consumer_config,
-                    &bootstrap,
-                    &options.topic,
-                    options.partitions,
-                )
-                .await
-                .map_err(permanent)?
-            }
             None => {
+                if recorded.iter().any(|&end| end > 0) {
+                    // The topic held our messages at the last checkpoint and
+                    // is gone: lost (found below), like a Redis that lost its keys.
+                    tracing::warn!(sink = %name, topic = %options.topic, "the kafka topic the sink wrote is gone");
+                }
                 tracing::info!(sink = %name, topic = %options.topic, partitions = options.partitions, "creating kafka topic");
-                topic::create(
+                let created = topic::create(
                     &consumer_config,
                     &bootstrap,
                     &options.topic,
                     options.partitions,
-                )
-                .await
-                .map_err(permanent)?
+                );
+                created.await.map_err(permanent)?
             }
         };
         let reader =
@@ -480,13 +471,13 @@ impl KafkaSink {
                 continue;
             }
             encoded.value(row, &mut self.value);
-            let header = position.to_sortable();
+            let header = position.sortable_bytes();
             let mut record = BaseRecord::to(&self.options.topic)
                 .partition(partition)
                 .payload(&self.value[..])
                 .headers(OwnedHeaders::new_with_capacity(1).insert(Header {
                     key: POSITION_HEADER,
-                    value: Some(header.as_bytes()),
+                    value: Some(&header[..]),
                 }));
             if let Some(key) = key {
                 record = record.key(key);

@@ -9,7 +9,10 @@
 
 use std::fmt;
 
-use arrow::datatypes::{DataType, Field, TimeUnit};
+use arrow::array::{AsArray, RecordBatch};
+use arrow::compute::{lexsort_to_indices, take_record_batch, SortColumn};
+use arrow::datatypes::{DataType, Field, Int64Type, TimeUnit};
+use arrow::error::ArrowError;
 use serde::{Deserialize, Serialize};
 
 /// Change operation column: `c` (insert), `u` (update) or `d` (delete), Debezium's letters.
@@ -112,6 +115,41 @@ impl fmt::Display for Position {
     }
 }
 
+/// `batch` with its rows in position order (`_lsn`, then `_seq`): as it is
+/// when they are already, or when it lacks those columns. A query's output
+/// need not keep its input's order (a hash join may permute a batch), while
+/// the engine's position filters and the sinks rely on it.
+pub fn in_position_order(batch: RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let (Some(lsn), Some(seq)) = (
+        batch.column_by_name(LSN_COLUMN).cloned(),
+        batch.column_by_name(SEQ_COLUMN).cloned(),
+    ) else {
+        return Ok(batch);
+    };
+    let (Some(lsns), Some(seqs)) = (
+        lsn.as_primitive_opt::<Int64Type>(),
+        seq.as_primitive_opt::<Int64Type>(),
+    ) else {
+        return Ok(batch);
+    };
+    let key = |row: usize| (lsns.value(row), seqs.value(row));
+    if (1..batch.num_rows()).all(|row| key(row - 1) <= key(row)) {
+        return Ok(batch);
+    }
+    let columns = [
+        SortColumn {
+            values: lsn.clone(),
+            options: None,
+        },
+        SortColumn {
+            values: seq.clone(),
+            options: None,
+        },
+    ];
+    let order = lexsort_to_indices(&columns, None)?;
+    take_record_batch(&batch, &order)
+}
+
 /// Postgres' text form of an LSN: `16B3/748` (two hex halves).
 pub fn format_lsn(lsn: u64) -> String {
     format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
@@ -137,6 +175,33 @@ mod tests {
         for p in [a, b, Position::ZERO, Position::new(u64::MAX, 0xABC)] {
             assert_eq!(p.sortable_bytes(), p.to_sortable().as_bytes());
         }
+    }
+
+    #[test]
+    fn batches_are_put_in_position_order_and_left_alone_when_they_are() {
+        use arrow::array::Int64Array;
+        use std::sync::Arc;
+        let schema = Arc::new(arrow::datatypes::Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new(LSN_COLUMN, DataType::Int64, false),
+            Field::new(SEQ_COLUMN, DataType::Int64, false),
+        ]));
+        let batch = |ids: Vec<i64>, lsns: Vec<i64>, seqs: Vec<i64>| {
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(ids)),
+                    Arc::new(Int64Array::from(lsns)),
+                    Arc::new(Int64Array::from(seqs)),
+                ],
+            )
+            .unwrap()
+        };
+        let sorted = in_position_order(batch(vec![1, 2, 3], vec![9, 5, 5], vec![0, 1, 0])).unwrap();
+        let ids = sorted.column(0).as_primitive::<Int64Type>();
+        assert_eq!(ids.values(), &[3, 2, 1]);
+        let already = batch(vec![1, 2], vec![5, 5], vec![0, 1]);
+        assert_eq!(in_position_order(already.clone()).unwrap(), already);
     }
 
     #[test]

@@ -426,7 +426,10 @@ impl JobPlan {
             .iter()
             .map(|b| conform(b, &view.schema))
             .collect::<DfResult<Vec<_>>>()?;
-        Ok(arrow::compute::concat_batches(&view.schema, &batches)?)
+        let rows = arrow::compute::concat_batches(&view.schema, &batches)?;
+        // Every query reads the view as a change batch: in position order,
+        // which the join may have permuted.
+        Ok(crate::change::in_position_order(rows)?)
     }
 }
 

@@ -76,7 +76,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use arrow::array::AsArray;
 use arrow::record_batch::RecordBatch;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
@@ -413,30 +412,9 @@ impl KafkaSink {
         } else {
             arrow::compute::concat_batches(&first.schema(), &batches).map_err(arrow_error)?
         };
-        let (lsn, seq) = (self.columns.lsn, self.columns.seq);
-        let ints = |i: usize| {
-            batch
-                .column(i)
-                .as_primitive::<arrow::datatypes::Int64Type>()
-        };
-        let (lsns, seqs) = (ints(lsn), ints(seq));
-        let key = |row: usize| (lsns.value(row), seqs.value(row));
-        if (1..batch.num_rows()).all(|row| key(row - 1) <= key(row)) {
-            return Ok(Some(batch));
-        }
-        let columns = [
-            arrow::compute::SortColumn {
-                values: batch.column(lsn).clone(),
-                options: None,
-            },
-            arrow::compute::SortColumn {
-                values: batch.column(seq).clone(),
-                options: None,
-            },
-        ];
-        let order = arrow::compute::lexsort_to_indices(&columns, None).map_err(arrow_error)?;
-        let sorted = arrow::compute::take_record_batch(&batch, &order).map_err(arrow_error)?;
-        Ok(Some(sorted))
+        crate::change::in_position_order(batch)
+            .map(Some)
+            .map_err(arrow_error)
     }
 
     /// Sends `batch`'s rows. Blocking while librdkafka's queue is full (the

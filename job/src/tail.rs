@@ -9,10 +9,9 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 
 use crate::change::Position;
 use crate::sink::kafka::topic;
@@ -65,25 +64,17 @@ pub fn read(
                 options.topic, options.brokers
             )
         })?;
-    let mut config = config;
-    config
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .set("group.id", "engage-tail");
-    let consumer = topic::reader(&config, &options.brokers)?;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        let start = if options.from_beginning {
-            Offset::Beginning
-        } else {
-            Offset::End
-        };
-        assignment
-            .add_partition_offset(&options.topic, p, start)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer.assign(&assignment).map_err(|e| e.to_string())?;
+    let consumer = topic::committed_reader(&config, &options.brokers, "engage-tail")?;
+    let start = if options.from_beginning {
+        Offset::Beginning
+    } else {
+        Offset::End
+    };
+    topic::assign(
+        &consumer,
+        &options.topic,
+        (0..partitions).map(|p| (p, start)),
+    )?;
     // Partitions whose end the reader has not reached yet (`--until-end`).
     // The end is where a fetch reports the partition's end (partition EOF),
     // never an offset from ListOffsets, which some brokers (Tansu 0.6)
@@ -134,6 +125,25 @@ pub fn read(
         }
     }
     Ok(read)
+}
+
+/// Every committed message of `topic` on `brokers`, from the beginning to
+/// the end of every partition (for checks and tests).
+pub fn read_all(brokers: &str, topic: &str) -> Result<Vec<TailMessage>, String> {
+    let options = TailOptions {
+        topic: topic.to_string(),
+        brokers: brokers.to_string(),
+        from_beginning: true,
+        count: None,
+        until_end: true,
+        metadata: false,
+    };
+    let mut messages = Vec::new();
+    read(&options, |message| {
+        messages.push(message);
+        true
+    })?;
+    Ok(messages)
 }
 
 /// `engage tail`: prints each message's value (a tombstone prints `null`),

@@ -11,26 +11,12 @@ mod support;
 
 use std::time::Duration;
 
-use engage::tail::{self, TailMessage, TailOptions};
+use engage::tail::{self, TailMessage};
 use support::*;
 
 /// Every committed message of `topic`, read as a `read_committed` consumer.
 fn messages(world: &World, topic: &str) -> Vec<TailMessage> {
-    let options = TailOptions {
-        topic: topic.to_string(),
-        brokers: world.kafka.bootstrap(),
-        from_beginning: true,
-        count: None,
-        until_end: true,
-        metadata: false,
-    };
-    let mut out = Vec::new();
-    tail::read(&options, |m| {
-        out.push(m);
-        true
-    })
-    .expect("the topic can be read");
-    out
+    tail::read_all(&world.kafka.bootstrap(), topic).expect("the topic can be read")
 }
 
 /// Waits until the running `job` has taken a checkpoint of its own (a

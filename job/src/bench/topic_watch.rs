@@ -10,9 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::Offset;
 
 use super::{lock, Sample};
 use crate::sink::kafka::topic;
@@ -42,21 +41,10 @@ pub(super) async fn spawn(
     };
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let task = tokio::task::spawn_blocking(move || {
-        let config = topic::client_config(&brokers, &Default::default(), true);
-        let mut config = config;
-        config
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "5")
-            .set("group.id", "engage-bench");
-        let consumer = topic::reader(&config, &brokers)?;
-        let mut assignment = TopicPartitionList::new();
-        for p in 0..partitions {
-            assignment
-                .add_partition_offset(TOPIC, p, Offset::End)
-                .map_err(|e| e.to_string())?;
-        }
-        consumer.assign(&assignment).map_err(|e| e.to_string())?;
+        let mut config = topic::client_config(&brokers, &Default::default(), true);
+        config.set("fetch.wait.max.ms", "5");
+        let consumer = topic::committed_reader(&config, &brokers, "engage-bench")?;
+        topic::assign(&consumer, TOPIC, (0..partitions).map(|p| (p, Offset::End)))?;
         // The first poll resolves the end offsets.
         let _ = consumer.poll(Duration::from_millis(100));
         let _ = ready_tx.send(());

@@ -456,18 +456,10 @@ async fn redis_outage(
         .restart()
         .await
         .map_err(super::context("failed to restart redis"))?;
-    let back = Instant::now();
-    let behind = world.wal_position().await?;
     // Drained: the slot is confirmed past the WAL written while Redis was down.
-    world
-        .wait_slot_past(
-            &mut job,
-            &behind,
-            Duration::from_secs(300),
-            "drain the outage's backlog",
-        )
+    let drained = world
+        .wait_drained(&mut job, "drain the outage's backlog")
         .await?;
-    let drained = back.elapsed();
     report.figure("outage_s", settings.outage.as_secs() as f64);
     report.figure(
         "drain_after_outage_s",

@@ -251,6 +251,21 @@ impl World {
         job.terminate().await
     }
 
+    /// Waits until the running `job` has made durable in every sink all that
+    /// Postgres holds now (its slot confirmed past the current WAL position),
+    /// within 300 s; returns how long that took (`what`: for the message).
+    pub async fn wait_drained(
+        &self,
+        job: &mut JobChild,
+        what: &str,
+    ) -> Result<Duration, ChaosError> {
+        let from = Instant::now();
+        let behind = self.wal_position().await?;
+        self.wait_slot_past(job, &behind, Duration::from_secs(300), what)
+            .await?;
+        Ok(from.elapsed())
+    }
+
     /// Waits until the job's slot is confirmed past `lsn` (every sink holds
     /// what came before it durably); fails if `job` stops first or `timeout`
     /// passes (`what` the job was to do, for the message).

@@ -307,6 +307,15 @@ impl Sink {
         }
     }
 
+    /// Whether the sink's task should call [`Sink::idle`] when no command
+    /// comes for [`task::IDLE_TICK`] (the others wait for commands alone).
+    pub fn wants_idle(&self) -> bool {
+        match self {
+            Sink::Kafka(sink) => sink.wants_idle(),
+            Sink::Parquet(_) | Sink::Redis(_) | Sink::Blackhole(_) => false,
+        }
+    }
+
     /// Called when no write came for a while ([`task::IDLE_TICK`]): a Kafka
     /// sink commits a transaction older than its commit interval, so the
     /// last changes before a pause do not wait for the next checkpoint.

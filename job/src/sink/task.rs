@@ -295,8 +295,16 @@ async fn run(
     mut commands: mpsc::Receiver<Command>,
 ) -> Result<(), SinkError> {
     let mut detached = false;
+    // Only a sink that holds messages back between writes pays for a timer
+    // on every command.
+    let wants_idle = sink.wants_idle();
     loop {
-        let command = match tokio::time::timeout(IDLE_TICK, commands.recv()).await {
+        let next = if wants_idle {
+            tokio::time::timeout(IDLE_TICK, commands.recv()).await
+        } else {
+            Ok(commands.recv().await)
+        };
+        let command = match next {
             Ok(Some(command)) => command,
             Ok(None) => break,
             Err(_) => {

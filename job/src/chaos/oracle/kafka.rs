@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use super::model::{Enriched, Expected};
 use super::{compare_changes, SinkCheck};
 use crate::chaos::{context, ChaosError};
-use crate::tail::{self, TailOptions};
+use crate::tail;
 
 /// The mission SQL's topic (a contract).
 pub const TOPIC: &str = "engage.enriched_events";
@@ -20,25 +20,11 @@ pub(super) async fn enriched_topic(
     brokers: &str,
     expected: &Expected,
 ) -> Result<SinkCheck, ChaosError> {
-    let options = TailOptions {
-        topic: TOPIC.to_string(),
-        brokers: brokers.to_string(),
-        from_beginning: true,
-        count: None,
-        until_end: true,
-        metadata: false,
-    };
-    let messages = tokio::task::spawn_blocking(move || {
-        let mut messages = Vec::new();
-        tail::read(&options, |m| {
-            messages.push(m);
-            true
-        })
-        .map(|_| messages)
-    })
-    .await
-    .map_err(context("the topic reader failed"))?
-    .map_err(ChaosError::Failed)?;
+    let brokers = brokers.to_string();
+    let messages = tokio::task::spawn_blocking(move || tail::read_all(&brokers, TOPIC))
+        .await
+        .map_err(context("the topic reader failed"))?
+        .map_err(ChaosError::Failed)?;
 
     let mut found: HashMap<i64, Vec<(i64, i64, Enriched)>> = HashMap::new();
     let mut out_of_order = 0;

@@ -5,7 +5,7 @@
 //! and loses nothing) and must notice the emptied topic and rebuild it from
 //! its checkpoints rather than go on appending to it. It ends in place.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::{
     ensure_running, record_summary, start_job, ChaosError, Injected, ScenarioReport, Settings,
@@ -33,20 +33,13 @@ pub(super) async fn kafka_outage(
         .kafka
         .resume()
         .map_err(crate::chaos::context("failed to resume the broker"))?;
-    let back = Instant::now();
-    let behind = world.wal_position().await?;
-    world
-        .wait_slot_past(
-            &mut job,
-            &behind,
-            Duration::from_secs(300),
-            "drain the broker outage's backlog",
-        )
+    let drained = world
+        .wait_drained(&mut job, "drain the broker outage's backlog")
         .await?;
     report.figure("outage_s", settings.outage.as_secs() as f64);
     report.figure(
         "drain_after_outage_s",
-        (back.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        (drained.as_secs_f64() * 10.0).round() / 10.0,
     );
 
     // The broker comes back empty: the job must rebuild the topic.
@@ -56,19 +49,12 @@ pub(super) async fn kafka_outage(
         .restart_empty()
         .await
         .map_err(crate::chaos::context("failed to restart the broker empty"))?;
-    let lost_at = Instant::now();
-    let behind = world.wal_position().await?;
-    world
-        .wait_slot_past(
-            &mut job,
-            &behind,
-            Duration::from_secs(300),
-            "rebuild the topic after the broker lost it",
-        )
+    let rebuilt = world
+        .wait_drained(&mut job, "rebuild the topic after the broker lost it")
         .await?;
     report.figure(
         "rebuild_after_broker_loss_s",
-        (lost_at.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+        (rebuilt.as_secs_f64() * 10.0).round() / 10.0,
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     let finished = workload.stop().await;

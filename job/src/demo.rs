@@ -39,6 +39,8 @@ pub struct DemoOptions {
     pub content_items: usize,
     pub checkpoint_dir: String,
     pub data_dir: String,
+    /// The dashboard, metrics and JSON API (`--http`).
+    pub http: crate::http::HttpOptions,
 }
 
 /// Runs the demo until `shutdown` resolves (or `duration` passes).
@@ -104,6 +106,16 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
     );
 
     let stats = Arc::new(JobStats::for_job(&spec));
+    let progress = Arc::new(GenerateProgress::default());
+    progress.target_rate.store(options.rate, Ordering::Relaxed);
+    let server =
+        crate::http::serve(&options.http, &spec, stats.clone(), Some(progress.clone())).await?;
+    if let Some(server) = &server {
+        eprintln!(
+            "dashboard: http://{0}/   metrics: http://{0}/metrics   API: http://{0}/api/pipeline",
+            server.addr
+        );
+    }
     let (stop_job, job_stopped) = tokio::sync::oneshot::channel::<()>();
     let run_options = RunOptions {
         checkpoint_dir: options.checkpoint_dir.clone(),
@@ -135,7 +147,6 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let progress = Arc::new(GenerateProgress::default());
     let (stop_generator, generator_stopped) = tokio::sync::oneshot::channel::<()>();
     let generator_options = GenerateOptions {
         rate: Some(options.rate),

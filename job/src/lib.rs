@@ -43,6 +43,7 @@ pub mod engine;
 pub mod failpoint;
 pub mod generate;
 pub mod harness;
+pub mod http;
 pub mod query;
 pub mod sink;
 pub mod source;

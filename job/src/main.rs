@@ -46,6 +46,8 @@ enum Command {
         /// Where outputs go (ENGAGE_DATA_DIR wins when set).
         #[arg(long, default_value = "data")]
         data_dir: String,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Run a job until SIGINT/SIGTERM, which takes a final checkpoint. A restarted
     /// job resumes from its newest checkpoint.
@@ -164,6 +166,30 @@ struct RunArgs {
     /// Warn when the replication slot retains more WAL than this many MiB.
     #[arg(long, default_value_t = 1024)]
     warn_retained_wal_mib: u64,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+#[derive(Args)]
+struct HttpArgs {
+    /// Serve /health, /ready, /metrics (Prometheus), the JSON API (/api/...) and the
+    /// dashboard (/) here: IP:PORT, 127.0.0.1:0 for a free port, or `off`.
+    /// Default 127.0.0.1:9464, or a free port (logged) if another job holds it.
+    #[arg(long, env = "ENGAGE_HTTP_ADDR")]
+    http: Option<String>,
+    /// Bearer token the HTTP server asks for on everything but /health; required
+    /// when --http is not a loopback address.
+    #[arg(long, env = "ENGAGE_HTTP_TOKEN", hide_env_values = true)]
+    http_token: Option<String>,
+}
+
+impl HttpArgs {
+    fn options(&self) -> anyhow::Result<engage::http::HttpOptions> {
+        Ok(engage::http::HttpOptions::parse(
+            self.http.as_deref(),
+            self.http_token.clone(),
+        )?)
+    }
 }
 
 /// The lines of `engage checkpoints`: a header, then every checkpoint kept
@@ -310,6 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             content_items,
             checkpoint_dir,
             data_dir,
+            http,
         } => {
             let options = demo::DemoOptions {
                 rate,
@@ -317,6 +344,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 content_items,
                 checkpoint_dir,
                 data_dir,
+                http: http.options()?,
             };
             demo::run(options, shutdown_signal()).await
         }
@@ -452,7 +480,9 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
         warn_retained_wal_bytes: running.warn_retained_wal_mib << 20,
         ..RunOptions::default()
     };
+    let http = running.http.options()?;
     let stats = Arc::new(JobStats::for_job(&spec));
+    let _server = engage::http::serve(&http, &spec, stats.clone(), None).await?;
     let reporter =
         running.progress.then(|| {
             let stats = stats.clone();

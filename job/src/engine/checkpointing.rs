@@ -29,9 +29,10 @@ impl Engine {
         )
         .await?;
         let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
+        let now_ms = crate::engine::stats::unix_ms() as u64;
         for (index, name) in self.stats.sink_names.iter().enumerate() {
             let detached = sinks.get(name).is_some_and(|state| state.detached);
-            self.stats.sink_detached[index].store(u64::from(detached), Ordering::Relaxed);
+            self.stats.set_detached(index, detached, now_ms);
             if detached {
                 // What the sink holds, not what it was sent.
                 let held = sinks[name].position.lsn;
@@ -80,6 +81,7 @@ impl Engine {
             window_outputs,
             kept: checkpoint::Kept::Everything,
         };
+        let bytes: usize = files.iter().map(|(_, bytes)| bytes.len()).sum();
         self.store.write(&manifest, files).await?;
         crate::failpoint::hit("before_sink_commit");
         futures::future::try_join_all(self.all_sinks().into_iter().map(|sink| {
@@ -90,6 +92,16 @@ impl Engine {
         self.epoch = epoch;
         self.dirty = false;
         self.stats.checkpoint_epoch.store(epoch, Ordering::Relaxed);
+        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .checkpoint_resume_lsn
+            .store(self.resume_lsn, Ordering::Relaxed);
+        self.stats
+            .checkpoint_bytes
+            .store(bytes as u64, Ordering::Relaxed);
+        self.stats
+            .checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
         self.stats.checkpoint_unix_ms.store(
             chrono::Utc::now().timestamp_millis() as u64,
             Ordering::Relaxed,

@@ -137,7 +137,8 @@ impl super::Engine {
                     self.stats
                         .dead_lettered
                         .fetch_add(rows.num_rows() as u64, Ordering::Relaxed);
-                    sink.write_window(vec![rows], 0, self.position).await?;
+                    self.stats.dead_letters.record(&rows);
+                    sink.write_window(vec![rows], 0, self.position, None).await?;
                     self.dirty = true;
                 }
             }
@@ -211,7 +212,9 @@ impl super::Engine {
                 let rows = rows(&table, &reasons, &bad)
                     .and_then(|rows| side_output::unheld(&rows, sink.position()))
                     .map_err(JobError::Arrow)?;
-                sink.write_window(vec![rows], 0, self.position).await?;
+                self.stats.dead_letters.record(&rows);
+                sink.write_window(vec![rows], 0, self.position, None)
+                    .await?;
                 self.stats
                     .dead_lettered
                     .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);

@@ -55,6 +55,7 @@ pub mod clock;
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
+pub mod metrics;
 mod open_sinks;
 mod process;
 use process::{after, last_position, position_columns, ViewOutputs, BEFORE_SUFFIX};
@@ -263,6 +264,7 @@ async fn run_once(
         windows: windowed::WindowStates::default(),
         window_guards: Vec::new(),
         last_windows: Vec::new(),
+        window_commits: Vec::new(),
         last_change: Instant::now(),
         caught_up: false,
         live_batch: false,
@@ -282,6 +284,9 @@ async fn run_once(
         .map(|q| vec![None; q.windows.len()])
         .collect();
     engine.last_windows = vec![None; engine.plan.queries.len()];
+    engine.window_commits = (0..engine.plan.queries.len())
+        .map(|_| Default::default())
+        .collect();
 
     // Snapshot rows the declared types cannot hold, per source: diverted to
     // dead_letter once its sink is open (below).
@@ -412,6 +417,9 @@ struct Engine {
     windows: windowed::WindowStates,
     /// Per query and aggregate: windows ending at or before this are already in the sink.
     window_guards: Vec<Vec<Option<i64>>>,
+    /// Per windowed query: commit times of the changes no window written to
+    /// its sink reflects yet (for the commit → visible histograms).
+    window_commits: Vec<crate::engine::stats::CommitTimes>,
     /// Per query: the last window written to its sink (end, rows), kept in
     /// checkpoints so a sink whose store lost its data can be rewritten.
     last_windows: Vec<Option<(i64, Vec<RecordBatch>)>>,
@@ -451,6 +459,23 @@ impl Engine {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), JobError> {
         tokio::pin!(shutdown);
+        self.stats.streaming.store(true, Ordering::Relaxed);
+        self.stats
+            .checkpoint_interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+        let result = self.stream_until(source, control, interval, shutdown).await;
+        self.stats.streaming.store(false, Ordering::Relaxed);
+        result
+    }
+
+    async fn stream_until(
+        &mut self,
+        source: &mut SourceHandle,
+        control: &tokio_postgres::Client,
+        interval: Duration,
+        shutdown: std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<(), JobError> {
+        let mut shutdown = shutdown;
         // Checked after every event too: under a backlog the source branch is
         // always ready and would starve a timer, letting one epoch grow unbounded.
         let mut next_checkpoint = Instant::now() + interval;

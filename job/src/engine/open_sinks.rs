@@ -47,7 +47,13 @@ impl Engine {
             ) {
                 (Ok(sink), _) => {
                     tracing::info!(sink = %table.name, position = %sink.position(), "sink open");
-                    SinkTask::spawn(sink)
+                    let visibility = self
+                        .stats
+                        .commit_to_visible
+                        .get(index)
+                        .cloned()
+                        .zip(self.stats.recent_visible.get(index).cloned());
+                    SinkTask::spawn(sink, visibility)
                 }
                 // A job that ran before, restarting while Redis is down: the
                 // sink starts detached, and the others do not wait for Redis.
@@ -78,14 +84,14 @@ impl Engine {
             latest.and_then(|m| m.sinks.get(late::LATE_EVENTS_TABLE)),
         )
         .await?
-        .map(SinkTask::spawn);
+        .map(|sink| SinkTask::spawn(sink, None));
 
         self.dead_letter_sink = dead_letter::open(
             spec,
             latest.and_then(|m| m.sinks.get(dead_letter::DEAD_LETTER_TABLE)),
         )
         .await?
-        .map(SinkTask::spawn);
+        .map(|sink| SinkTask::spawn(sink, None));
         Ok(())
     }
 }

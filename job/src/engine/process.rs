@@ -23,8 +23,17 @@ impl Engine {
         if batch.num_rows() == 0 {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let last = last_position(&batch);
         let read = batch.num_rows() as u64;
+        let ops = crate::engine::stats::JobStats::op_counts(&batch);
+        // Commit times for the commit → visible histograms; not while a
+        // rebuild replays old changes (their latency is the outage's).
+        let commits = if self.rebuilding.is_none() {
+            crate::engine::stats::CommitTimes::of(&batch)
+        } else {
+            None
+        };
         let (batch, before) = self.divert_bad_rows(source, batch, before).await?;
         let views = self.compute_views(source, &batch, before.as_ref()).await?;
         for (index, query) in self.plan.queries.iter().enumerate() {
@@ -56,6 +65,10 @@ impl Engine {
             if input.num_rows() == 0 {
                 continue;
             }
+            // Re-sent changes the sink held were dropped: they were visible long ago.
+            let commits = commits
+                .clone()
+                .filter(|_| input.num_rows() == full.num_rows());
             let output = self
                 .plan
                 .execute(index, input, &dimensions)
@@ -65,8 +78,10 @@ impl Engine {
                     message: e.to_string(),
                 })?;
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-            sink.write(output, last).await?;
+            sink.write(output, last, commits).await?;
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
+            self.stats.sink_last_write_ms[index]
+                .store(crate::engine::stats::unix_ms() as u64, Ordering::Relaxed);
             if !sink.detached() {
                 self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
             }
@@ -78,6 +93,13 @@ impl Engine {
             return Ok(());
         }
         self.position = self.position.max(last);
+        if let Some(commits) = &commits {
+            for (q, query) in self.plan.queries.iter().enumerate() {
+                if query.driving == source && query.is_windowed() {
+                    self.window_commits[q].absorb(commits);
+                }
+            }
+        }
         self.process_windowed(source, &batch, before.as_ref(), &views)
             .await?;
         if let Some(dimension) = &mut self.dimensions[source] {
@@ -85,7 +107,11 @@ impl Engine {
         }
         self.dirty = true;
         self.stats.changes_in.fetch_add(read, Ordering::Relaxed);
+        self.stats.add_ops(source, ops);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .batch_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 

@@ -113,6 +113,11 @@ impl WindowStates {
         self.states.len()
     }
 
+    /// Rows of state held, over every window state.
+    pub fn entries(&self) -> usize {
+        self.states.iter().map(WindowState::entries).sum()
+    }
+
     /// The states of query `q`, by aggregate.
     fn of_query(&self, q: usize) -> impl Iterator<Item = &WindowState> {
         self.slots[q].iter().map(|&s| &self.states[s])
@@ -395,7 +400,9 @@ impl Engine {
                     .and_then(|rows| super::side_output::unheld(&rows, late_sink.position()))
                     .map_err(JobError::state("late events"))?;
                 if rows.num_rows() > 0 {
-                    late_sink.write_window(vec![rows], 0, self.position).await?;
+                    late_sink
+                        .write_window(vec![rows], 0, self.position, None)
+                        .await?;
                     self.dirty = true;
                 }
             }
@@ -472,10 +479,21 @@ impl Engine {
             let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             let position = self.position;
             self.sinks[q]
-                .write_window(output.clone(), end, position)
+                .write_window(
+                    output.clone(),
+                    end,
+                    position,
+                    self.window_commits[q].take_before(end),
+                )
                 .await?;
+            let query = &self.plan.queries[q];
+            let start = end - query.windows[w].kind.width();
+            let sink = &self.plan.sinks[query.sink].def.name;
+            self.stats.windows.record(sink, start, end, &output);
             self.last_windows[q] = Some((end, output));
             self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
+            self.stats.sink_last_write_ms[q]
+                .store(crate::engine::stats::unix_ms() as u64, Ordering::Relaxed);
             if !self.sinks[q].detached() {
                 self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
             }
@@ -491,6 +509,9 @@ impl Engine {
                 self.close_windows(q).await?;
             }
         }
+        self.stats
+            .window_state_rows
+            .store(self.windows.entries() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -596,6 +617,14 @@ impl Engine {
             };
             let what = format!("window output of {sink}");
             let batches = read_state(&self.store, latest.epoch, &saved.state, what).await?;
+            // The JSON API shows the last window at once after a restart.
+            let width = self.plan.queries[q]
+                .windows
+                .first()
+                .map_or(0, |w| w.kind.width());
+            self.stats
+                .windows
+                .record(&sink, saved.end - width, saved.end, &batches);
             self.last_windows[q] = Some((saved.end, batches));
         }
         Ok(())
@@ -613,7 +642,9 @@ impl Engine {
             return Ok(false);
         };
         let position = self.position;
-        self.sinks[q].write_window(batches, end, position).await?;
+        self.sinks[q]
+            .write_window(batches, end, position, None)
+            .await?;
         Ok(true)
     }
 

@@ -189,13 +189,19 @@ pub struct ContentItem {
     pub length_seconds: Option<i32>,
 }
 
-/// Live counters readable from other tasks (the demo's status line, a progress bar).
+/// Live counters readable from other tasks (the demo's status line, a
+/// progress bar), and controls another task may set (the demo's dashboard).
 #[derive(Default, Debug)]
 pub struct GenerateProgress {
     /// Events committed so far.
     pub events: AtomicU64,
     /// COPY batches committed so far.
     pub batches: AtomicU64,
+    /// While true, no batch is sent.
+    pub paused: std::sync::atomic::AtomicBool,
+    /// Events per second asked for while running (0: the options' rate).
+    /// Only a paced run (`rate` set) follows it.
+    pub target_rate: AtomicU64,
 }
 
 /// What a finished run did.
@@ -302,9 +308,32 @@ pub async fn run(
     let start = Instant::now();
     let deadline = options.duration.map(|duration| start + duration);
     let mut pacer = options.rate.map(|rate| Pacer::new(rate, start));
+    let mut batch_rows = batch_rows;
     let mut buffer = String::with_capacity(batch_rows * 200);
     let mut sent: u64 = 0;
     loop {
+        if progress.paused.load(Ordering::Relaxed) {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            if let Some(pacer) = pacer.as_mut() {
+                pacer.restart(sent);
+            }
+            continue;
+        }
+        let asked = progress.target_rate.load(Ordering::Relaxed);
+        if let Some(pacer) = pacer.as_mut() {
+            if asked > 0 && asked as f64 != pacer.rate {
+                pacer.set_rate(asked, sent);
+                batch_rows = GenerateOptions {
+                    rate: Some(asked),
+                    ..options.clone()
+                }
+                .effective_batch_size();
+            }
+        }
         let rows = match options.count {
             Some(count) => (count - sent).min(batch_rows as u64) as usize,
             None => batch_rows,
@@ -405,6 +434,17 @@ impl Pacer {
             base: start,
             base_events: 0,
         }
+    }
+
+    /// Paces from now on at `rate`, `sent` events in.
+    fn set_rate(&mut self, rate: u64, sent: u64) {
+        self.rate = rate.max(1) as f64;
+        self.restart(sent);
+    }
+
+    /// Paces from now, `sent` events in (after a pause: no catching up).
+    fn restart(&mut self, sent: u64) {
+        (self.base, self.base_events) = (Instant::now(), sent);
     }
 
     fn next_due(&mut self, sent: u64) -> Instant {

@@ -250,6 +250,17 @@ impl Sink {
         }
     }
 
+    /// Readers of the sink's store see the effect of every change up to here
+    /// (Redis: applied; Kafka: committed; Parquet: published at a checkpoint).
+    pub fn visible(&self) -> Position {
+        match self {
+            Sink::Parquet(sink) => sink.visible(),
+            Sink::Redis(sink) => sink.position(),
+            Sink::Kafka(sink) => sink.visible(),
+            Sink::Blackhole(sink) => sink.position(),
+        }
+    }
+
     /// Writes the query output for input up to `upto` (which must be above
     /// [`Sink::position`]). `batches` may be empty: the position still moves.
     pub async fn write(

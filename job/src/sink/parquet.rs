@@ -79,6 +79,8 @@ pub struct ParquetSink {
     /// Open writers of the current epoch, by partition directory ("" when unpartitioned).
     writers: BTreeMap<String, (ArrowWriter<Vec<u8>>, u64)>,
     position: Position,
+    /// Readers see everything up to here: the last committed checkpoint's position.
+    visible: Position,
     rows_written: u64,
 }
 
@@ -135,6 +137,7 @@ impl ParquetSink {
             partitioner,
             writers: BTreeMap::new(),
             position: restored.map(|s| s.position).unwrap_or_default(),
+            visible: restored.map(|s| s.position).unwrap_or_default(),
             rows_written: 0,
         };
         if let Some(state) = restored {
@@ -154,6 +157,11 @@ impl ParquetSink {
 
     pub fn rows_written(&self) -> u64 {
         self.rows_written
+    }
+
+    /// Readers see every change up to here (published files).
+    pub fn visible(&self) -> Position {
+        self.visible
     }
 
     /// Encodes `batches` into the current epoch's writers (CPU only, no IO).
@@ -264,6 +272,7 @@ impl ParquetSink {
                 }
             }
         }
+        self.visible = self.visible.max(state.position);
         Ok(())
     }
 

@@ -24,17 +24,27 @@
 //! the sink really holds, marked `detached`, and after each checkpoint asks
 //! the store whether it answers again ([`SinkTask::reachable_again`]); then
 //! the engine restarts the run to catch the sink up (see `sink/mod.rs`).
+//!
+//! The task also measures **commit → visible** latency: a write carries the
+//! commit times of the changes it covers ([`CommitTimes`]); the task keeps
+//! them until the sink reports the write's position visible to its readers
+//! ([`Sink::visible`]: at once for Redis, at the transaction's commit for
+//! Kafka, at the checkpoint's commit for Parquet), then observes, per change,
+//! the seconds since its commit in the sink's histogram.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Sink, SinkError, SinkState};
 use crate::change::Position;
+use crate::engine::stats::{unix_ms, CommitTimes, RecentLatencies};
 
 /// Writes (or barriers) a sink's channel holds before the engine waits.
 pub const QUEUE: usize = 4;
@@ -52,11 +62,13 @@ enum Command {
     Write {
         batches: Vec<RecordBatch>,
         upto: Position,
+        commits: Option<Arc<CommitTimes>>,
     },
     WriteWindow {
         batches: Vec<RecordBatch>,
         end: i64,
         upto: Position,
+        commits: Option<Arc<CommitTimes>>,
     },
     Prepare {
         epoch: u64,
@@ -128,8 +140,13 @@ impl SinkTask {
         }
     }
 
-    /// Moves `sink` onto a task of its own.
-    pub fn spawn(mut sink: Sink) -> SinkTask {
+    /// Moves `sink` onto a task of its own. With `visibility`, the task
+    /// observes there the commit → visible seconds of the changes written
+    /// (the histogram, and the newest ones for quantiles).
+    pub fn spawn(
+        mut sink: Sink,
+        visibility: Option<(Histogram, Arc<RecentLatencies>)>,
+    ) -> SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);
         let detachable = sink.detach_after(DETACH_AFTER);
         let reachable_again = Arc::new(AtomicBool::new(false));
@@ -149,6 +166,7 @@ impl SinkTask {
                     detached,
                     reachable_again,
                 },
+                visibility.map(Visibility::new),
                 receiver,
             ))),
         }
@@ -186,29 +204,39 @@ impl SinkTask {
     }
 
     /// Sends [`Sink::write`]; refused, as there, when `upto` is not above
-    /// [`SinkTask::position`].
+    /// [`SinkTask::position`]. `commits`: the commit times of the changes
+    /// the write covers, for the commit → visible histogram.
     pub async fn write(
         &mut self,
         batches: Vec<RecordBatch>,
         upto: Position,
+        commits: Option<Arc<CommitTimes>>,
     ) -> Result<(), SinkError> {
         super::forward_only(&self.name, self.position, upto)?;
-        self.send(Command::Write { batches, upto }).await?;
+        self.send(Command::Write {
+            batches,
+            upto,
+            commits,
+        })
+        .await?;
         self.position = upto;
         Ok(())
     }
 
-    /// Sends [`Sink::write_window`].
+    /// Sends [`Sink::write_window`]. `commits`: the commit times of the
+    /// changes the window is the first to reflect, for commit → visible.
     pub async fn write_window(
         &mut self,
         batches: Vec<RecordBatch>,
         window_end_micros: i64,
         upto: Position,
+        commits: Option<Arc<CommitTimes>>,
     ) -> Result<(), SinkError> {
         self.send(Command::WriteWindow {
             batches,
             end: window_end_micros,
             upto,
+            commits,
         })
         .await?;
         self.position = self.position.max(upto);
@@ -280,18 +308,53 @@ impl Drop for SinkTask {
     }
 }
 
-/// Applies commands in order until the engine drops its handle or a write
-/// fails; a `detachable` sink whose store is unreachable is detached instead.
 /// What the task tells its handle without being asked.
 struct Flags {
     detached: Arc<AtomicBool>,
     reachable_again: Arc<AtomicBool>,
 }
 
+/// Commit times of written changes not yet visible, and where their
+/// latency goes once they are.
+struct Visibility {
+    histogram: Histogram,
+    recent: Arc<RecentLatencies>,
+    /// (position a write covered, its changes' commit times), in order.
+    pending: VecDeque<(Position, Arc<CommitTimes>)>,
+}
+
+impl Visibility {
+    fn new((histogram, recent): (Histogram, Arc<RecentLatencies>)) -> Visibility {
+        Visibility {
+            histogram,
+            recent,
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Observes every pending write at or below `visible`.
+    fn observe_upto(&mut self, visible: Position) {
+        if self.pending.front().is_none_or(|(upto, _)| *upto > visible) {
+            return;
+        }
+        let now = unix_ms();
+        while let Some((upto, commits)) = self.pending.front() {
+            if *upto > visible {
+                break;
+            }
+            commits.observe(&self.histogram, &self.recent, now);
+            self.pending.pop_front();
+        }
+    }
+}
+
+/// Applies commands in order until the engine drops its handle or a write
+/// fails; a `detachable` sink whose store is unreachable is detached instead.
 async fn run(
     mut sink: Sink,
     detachable: bool,
     flags: Flags,
+    mut visibility: Option<Visibility>,
     mut commands: mpsc::Receiver<Command>,
 ) -> Result<(), SinkError> {
     let mut detached = false;
@@ -312,21 +375,42 @@ async fn run(
                 // holds back (a Kafka sink commits its open transaction).
                 if !detached {
                     sink.idle().await?;
+                    if let Some(visibility) = &mut visibility {
+                        visibility.observe_upto(sink.visible());
+                    }
                 }
                 continue;
             }
         };
         let written = match command {
             Command::Write { .. } | Command::WriteWindow { .. } if detached => Ok(()),
-            Command::Write { batches, upto } => {
+            Command::Write {
+                batches,
+                upto,
+                commits,
+            } => {
                 let written = sink.write(batches, upto).await;
                 if written.is_ok() {
                     crate::failpoint::hit("after_sink_write");
+                    if let (Some(visibility), Some(commits)) = (&mut visibility, commits) {
+                        visibility.pending.push_back((upto, commits));
+                    }
                 }
                 written
             }
-            Command::WriteWindow { batches, end, upto } => {
-                sink.write_window(batches, end, upto).await
+            Command::WriteWindow {
+                batches,
+                end,
+                upto,
+                commits,
+            } => {
+                let written = sink.write_window(batches, end, upto).await;
+                if written.is_ok() {
+                    if let (Some(visibility), Some(commits)) = (&mut visibility, commits) {
+                        visibility.pending.push_back((upto, commits));
+                    }
+                }
+                written
             }
             Command::Prepare { epoch, reply } => {
                 let result = sink.prepare_checkpoint(epoch).await.map(|mut state| {
@@ -357,7 +441,11 @@ async fn run(
             }
         };
         match written {
-            Ok(()) => {}
+            Ok(()) => {
+                if let Some(visibility) = &mut visibility {
+                    visibility.observe_upto(sink.visible());
+                }
+            }
             Err(error) if detachable && error.is_transient() => {
                 tracing::warn!(
                     sink = %sink.name(),

@@ -195,7 +195,7 @@ pub fn cdc_options(source: &SourceTable) -> Option<&PostgresCdcOptions> {
     source.def.connector.postgres_cdc()
 }
 
-fn quoted(schema: &str, table: &str) -> String {
+pub fn quoted(schema: &str, table: &str) -> String {
     format!(
         "\"{}\".\"{}\"",
         schema.replace('"', "\"\""),

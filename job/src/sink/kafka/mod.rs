@@ -153,6 +153,8 @@ pub struct KafkaSink {
     /// end below it means the broker lost data while the job ran.
     ends: Vec<i64>,
     position: Position,
+    /// `read_committed` consumers see every change up to here.
+    visible: Position,
     lost: bool,
     rows_written: u64,
     /// Changes dropped because the topic held them already.
@@ -323,6 +325,7 @@ impl KafkaSink {
             held_max,
             ends: offsets.iter().map(|(_, high)| *high).collect(),
             position,
+            visible: position,
             lost,
             rows_written: 0,
             skipped: 0,
@@ -350,6 +353,12 @@ impl KafkaSink {
         self.rows_written
     }
 
+    /// Consumers see every change up to here: with exactly-once, up to the
+    /// last committed transaction; with at-least-once, everything sent.
+    pub fn visible(&self) -> Position {
+        self.visible
+    }
+
     /// Sends one message per row, in order; returns once librdkafka has
     /// queued them all (acknowledgements are awaited at the checkpoint).
     pub async fn write(
@@ -374,6 +383,9 @@ impl KafkaSink {
             crate::failpoint::die("kafka_in_flight");
         }
         self.position = upto;
+        if self.transaction.is_none() {
+            self.visible = upto;
+        }
         if self
             .transaction
             .is_some_and(|began| began.elapsed() >= COMMIT_EVERY)
@@ -511,7 +523,9 @@ impl KafkaSink {
                 })?;
         self.transaction = None;
         self.check_deliveries()?;
-        committed.map_err(|e| self.transaction_error("committing a transaction", e))
+        committed.map_err(|e| self.transaction_error("committing a transaction", e))?;
+        self.visible = self.position;
+        Ok(())
     }
 
     /// An error of librdkafka's transaction API, as the sink reports it. A

@@ -21,5 +21,7 @@ COPY --from=build /usr/local/bin/engage /usr/local/bin/engage
 COPY sql /opt/engage/sql
 USER engage
 WORKDIR /var/lib/engage
+# The dashboard, JSON API and Prometheus metrics (`--http`).
+EXPOSE 9464
 ENTRYPOINT ["engage"]
 CMD ["run", "/opt/engage/sql/engagement.sql", "--checkpoint-dir", "/var/lib/engage/checkpoints"]

@@ -1,6 +1,8 @@
 //! docker-compose.yml (no Docker engine runs on our machines): the file
 //! parses, wires the services the job needs with the variables the mission
-//! SQL reads, and agrees with what the README says about it.
+//! SQL reads, and agrees with what the README says about it; Prometheus
+//! scrapes the job with its token, and every metric the Grafana dashboard
+//! queries is one the job exports.
 
 use std::collections::BTreeSet;
 
@@ -151,5 +153,127 @@ fn the_readme_describes_the_compose_file_as_it_is() {
             readme.contains(&variable),
             "the README does not document {variable}"
         );
+    }
+}
+
+#[test]
+fn prometheus_scrapes_the_job_with_the_token_it_is_given() {
+    let compose = compose();
+    let engage = &compose["services"]["engage"];
+    let token = text(&engage["environment"]["ENGAGE_HTTP_TOKEN"]);
+    let command: Vec<String> = engage["command"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    let http = command
+        .iter()
+        .skip_while(|a| *a != "--http")
+        .nth(1)
+        .expect("engage runs with --http");
+    let port = http.rsplit(':').next().unwrap();
+    let prometheus: serde_yaml::Value =
+        serde_yaml::from_str(&read("job/monitoring/prometheus.yml")).unwrap();
+    let scrape = &prometheus["scrape_configs"][0];
+    assert_eq!(text(&scrape["authorization"]["credentials"]), token);
+    assert_eq!(
+        text(&scrape["static_configs"][0]["targets"][0]),
+        format!("engage:{port}")
+    );
+    let mounts: Vec<String> = compose["services"]["prometheus"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.starts_with("./job/monitoring/prometheus.yml:")),
+        "{mounts:?}"
+    );
+    let grafana: Vec<String> = compose["services"]["grafana"]["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(text)
+        .collect();
+    for mount in &grafana {
+        let local = mount.split(':').next().unwrap();
+        assert!(
+            std::path::Path::new(&format!("{ROOT}/{local}")).exists(),
+            "grafana mounts {local}, which does not exist"
+        );
+    }
+}
+
+/// Metric names a scrape of the mission job shows (`# TYPE` lines, plus a
+/// histogram's `_bucket`, `_sum` and `_count` series).
+fn exported_metrics() -> BTreeSet<String> {
+    let spec = engage::sql::parse_job("engagement", &read("sql/engagement.sql"), &|name| {
+        Some(match name {
+            "ENGAGE_POSTGRES_URL" => "postgres://u@127.0.0.1/db".to_string(),
+            "ENGAGE_REDIS_URL" => "redis://127.0.0.1:6379".to_string(),
+            "ENGAGE_KAFKA_BROKERS" => "127.0.0.1:9092".to_string(),
+            _ => "/tmp/engage".to_string(),
+        })
+    })
+    .unwrap();
+    let stats = std::sync::Arc::new(engage::engine::stats::JobStats::for_job(&spec));
+    let mut names = BTreeSet::new();
+    for line in stats.prometheus().lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (name, kind) = (parts.next().unwrap(), parts.next().unwrap());
+        names.insert(name.to_string());
+        if kind == "histogram" {
+            for suffix in ["_bucket", "_sum", "_count"] {
+                names.insert(format!("{name}{suffix}"));
+            }
+        }
+    }
+    names
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_the_job_exports() {
+    let exported = exported_metrics();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("job/monitoring/grafana/dashboards/engage.json")).unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(start) = rest.find("engage_") {
+                let tail = &rest[start..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                queried.insert(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    assert!(queried.len() >= 10, "{queried:?}");
+    let unknown: Vec<&String> = queried.difference(&exported).collect();
+    assert!(
+        unknown.is_empty(),
+        "the dashboard queries metrics the job does not export: {unknown:?}\nexported: {exported:?}"
+    );
+    // The figures the issue names are all on it.
+    for needed in [
+        "engage_source_changes_total",
+        "engage_commit_to_visible_seconds_bucket",
+        "engage_sink_lag_bytes",
+        "engage_replication_lag_bytes",
+        "engage_checkpoints_total",
+        "engage_dead_letters_total",
+        "engage_restarts_total",
+    ] {
+        assert!(queried.contains(needed), "the dashboard has no {needed}");
     }
 }

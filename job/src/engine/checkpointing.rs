@@ -29,7 +29,7 @@ impl Engine {
         )
         .await?;
         let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
-        let now_ms = crate::engine::stats::unix_ms() as u64;
+        let now_ms = crate::engine::latency::unix_ms() as u64;
         for (index, name) in self.stats.sink_names.iter().enumerate() {
             let detached = sinks.get(name).is_some_and(|state| state.detached);
             self.stats.set_detached(index, detached, now_ms);

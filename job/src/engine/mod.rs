@@ -55,9 +55,11 @@ pub mod clock;
 pub mod dead_letter;
 pub mod dimension;
 pub mod late;
+pub mod latency;
 pub mod metrics;
 mod open_sinks;
 mod process;
+pub mod recent;
 use process::{after, last_position, position_columns, ViewOutputs, BEFORE_SUFFIX};
 mod replay;
 pub mod side_output;
@@ -419,7 +421,7 @@ struct Engine {
     window_guards: Vec<Vec<Option<i64>>>,
     /// Per windowed query: commit times of the changes no window written to
     /// its sink reflects yet (for the commit → visible histograms).
-    window_commits: Vec<crate::engine::stats::CommitTimes>,
+    window_commits: Vec<crate::engine::latency::CommitTimes>,
     /// Per query: the last window written to its sink (end, rows), kept in
     /// checkpoints so a sink whose store lost its data can be rewritten.
     last_windows: Vec<Option<(i64, Vec<RecordBatch>)>>,

@@ -30,7 +30,7 @@ impl Engine {
         // Commit times for the commit → visible histograms; not while a
         // rebuild replays old changes (their latency is the outage's).
         let commits = if self.rebuilding.is_none() {
-            crate::engine::stats::CommitTimes::of(&batch)
+            crate::engine::latency::CommitTimes::of(&batch)
         } else {
             None
         };
@@ -81,7 +81,7 @@ impl Engine {
             sink.write(output, last, commits).await?;
             self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
             self.stats.sink_last_write_ms[index]
-                .store(crate::engine::stats::unix_ms() as u64, Ordering::Relaxed);
+                .store(crate::engine::latency::unix_ms() as u64, Ordering::Relaxed);
             if !sink.detached() {
                 self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
             }

@@ -6,16 +6,15 @@
 //! format with Prometheus' own Rust client (`prometheus-client`), which also
 //! keeps the histograms.
 
-use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use arrow::array::{Array, AsArray, RecordBatch};
-use arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use arrow::array::{AsArray, RecordBatch};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use serde::Serialize;
 
-use crate::change::{Position, COMMIT_TS_COLUMN, OP_COLUMN};
+use super::latency::{unix_ms, RecentLatencies};
+use super::recent::{DeadLetterLog, RecentWindows};
+use crate::change::OP_COLUMN;
 
 /// Counters and gauges of one job.
 #[derive(Debug)]
@@ -100,9 +99,11 @@ pub struct JobStats {
 /// Letters of [`JobStats::source_ops`], in order.
 pub const OPS: [&str; 3] = ["c", "u", "d"];
 
-/// Buckets of the latency histograms: 1 ms to about 65 s, doubling.
-fn latency_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+/// Buckets of the latency histograms: 1 ms to about 128 s, each 1.5 times
+/// the last, so a quantile read from them (`histogram_quantile`) is off by
+/// at most about a quarter.
+pub fn latency_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 1.5, 30))
 }
 
 impl Default for JobStats {
@@ -245,283 +246,6 @@ impl JobStats {
     }
 }
 
-/// Commit times of the changes one write carries, for the commit → visible
-/// histogram: runs of (commit time in Unix milliseconds, changes), in stream
-/// order. Changes committed in the same millisecond share a run, so the
-/// list stays short however many changes a batch holds.
-#[derive(Debug, Default)]
-pub struct CommitTimes {
-    runs: Vec<(i64, u32)>,
-}
-
-impl CommitTimes {
-    /// The commit times of the changes of `batch` (a change batch, with
-    /// `_commit_ts`); `None` if it has none.
-    pub fn of(batch: &RecordBatch) -> Option<Arc<CommitTimes>> {
-        let column = batch.column_by_name(COMMIT_TS_COLUMN)?;
-        let times = column.as_primitive_opt::<TimestampMicrosecondType>()?;
-        let mut commits = CommitTimes::default();
-        for micros in times.iter().flatten() {
-            commits.push(micros.div_euclid(1000), 1);
-        }
-        (!commits.runs.is_empty()).then(|| Arc::new(commits))
-    }
-
-    /// Most runs a [`CommitTimes`] that accumulates (a window's pending
-    /// changes) keeps: past it, neighbouring runs merge (a 24-hour window's
-    /// commit times are kept to about 20 s).
-    pub const MAX_RUNS: usize = 4096;
-
-    /// Appends `other`'s runs (later commits), merging neighbours past [`Self::MAX_RUNS`].
-    pub fn absorb(&mut self, other: &CommitTimes) {
-        for &(millis, changes) in &other.runs {
-            self.push(millis, changes);
-        }
-        if self.runs.len() > Self::MAX_RUNS {
-            let merged: Vec<(i64, u32)> = self
-                .runs
-                .chunks(2)
-                .map(|pair| {
-                    let changes: u64 = pair.iter().map(|(_, n)| u64::from(*n)).sum();
-                    let weighted: i128 = pair
-                        .iter()
-                        .map(|(ms, n)| i128::from(*ms) * i128::from(*n))
-                        .sum();
-                    let mean = (weighted / i128::from(changes.max(1))) as i64;
-                    (mean, changes.min(u64::from(u32::MAX)) as u32)
-                })
-                .collect();
-            self.runs = merged;
-        }
-    }
-
-    /// Takes the runs committed before `end_micros` (Unix µs), leaving the rest.
-    pub fn take_before(&mut self, end_micros: i64) -> Option<Arc<CommitTimes>> {
-        let end_ms = end_micros.div_euclid(1000);
-        let split = self.runs.partition_point(|(ms, _)| *ms < end_ms);
-        if split == 0 {
-            return None;
-        }
-        let rest = self.runs.split_off(split);
-        let taken = std::mem::replace(&mut self.runs, rest);
-        Some(Arc::new(CommitTimes { runs: taken }))
-    }
-
-    fn push(&mut self, millis: i64, changes: u32) {
-        match self.runs.last_mut() {
-            Some((last, count)) if *last == millis => *count = count.saturating_add(changes),
-            _ => self.runs.push((millis, changes)),
-        }
-    }
-
-    /// Observes, in `histogram` and `recent`, the seconds from each
-    /// change's commit to `now_ms` (Unix milliseconds).
-    pub fn observe(&self, histogram: &Histogram, recent: &RecentLatencies, now_ms: i64) {
-        let mut newest = recent.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for &(millis, changes) in &self.runs {
-            let seconds = (now_ms - millis).max(0) as f64 / 1000.0;
-            for _ in 0..changes {
-                histogram.observe(seconds);
-            }
-            if newest.len() == RecentLatencies::KEEP {
-                newest.pop_front();
-            }
-            newest.push_back((seconds, changes));
-        }
-    }
-}
-
-/// The latencies of the newest changes a sink made visible, as runs of
-/// (seconds, changes): the newest [`RecentLatencies::KEEP`] runs.
-#[derive(Debug, Default)]
-pub struct RecentLatencies {
-    inner: Mutex<VecDeque<(f64, u32)>>,
-}
-
-impl RecentLatencies {
-    pub const KEEP: usize = 4096;
-
-    /// The `q` quantile (0..=1) of the newest latencies, in seconds; `None`
-    /// before any change was made visible.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let mut runs: Vec<(f64, u32)> = inner.iter().copied().collect();
-        drop(inner);
-        let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
-        if total == 0 {
-            return None;
-        }
-        runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (seconds, changes) in runs {
-            seen += u64::from(changes);
-            if seen >= rank {
-                return Some(seconds);
-            }
-        }
-        None
-    }
-}
-
-/// Unix milliseconds now.
-pub fn unix_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
-/// One dead letter, as the JSON API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct DeadLetter {
-    /// When the job diverted it (RFC 3339).
-    pub at: String,
-    pub table: String,
-    pub reason: String,
-    /// The change's source position (`LSN/seq`), if known.
-    pub position: Option<String>,
-    /// The original row as JSON (cut at [`DeadLetterLog::ROW_LIMIT`] bytes).
-    pub row: String,
-}
-
-/// Dead letters per reason since the job started, and the newest
-/// [`DeadLetterLog::KEEP`] of them.
-#[derive(Debug, Default)]
-pub struct DeadLetterLog {
-    inner: Mutex<DeadLetterInner>,
-}
-
-#[derive(Debug, Default)]
-struct DeadLetterInner {
-    by_reason: BTreeMap<String, u64>,
-    newest: VecDeque<DeadLetter>,
-}
-
-impl DeadLetterLog {
-    pub const KEEP: usize = 100;
-    pub const ROW_LIMIT: usize = 2048;
-
-    /// Records the rows of a dead-letter batch (the `dead_letter` schema:
-    /// `table`, `reason`, `_lsn`, `_seq`, `_commit_ts`, `row`).
-    pub fn record(&self, rows: &RecordBatch) {
-        let text = |name: &str| {
-            rows.column_by_name(name)
-                .and_then(|c| c.as_string_opt::<i32>().cloned())
-        };
-        let int = |name: &str| {
-            rows.column_by_name(name)
-                .and_then(|c| c.as_primitive_opt::<Int64Type>().cloned())
-        };
-        let (Some(tables), Some(reasons), Some(row_texts)) =
-            (text("table"), text("reason"), text("row"))
-        else {
-            return;
-        };
-        let (lsns, seqs) = (
-            int(crate::change::LSN_COLUMN),
-            int(crate::change::SEQ_COLUMN),
-        );
-        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let first_kept = rows.num_rows().saturating_sub(Self::KEEP);
-        for row in 0..rows.num_rows() {
-            let reason = reasons.value(row);
-            match inner.by_reason.get_mut(reason) {
-                Some(count) => *count += 1,
-                None => {
-                    inner.by_reason.insert(reason.to_string(), 1);
-                }
-            }
-            if row < first_kept {
-                continue;
-            }
-            let position = match (&lsns, &seqs) {
-                (Some(l), Some(s)) if l.is_valid(row) && s.is_valid(row) => {
-                    Some(Position::new(l.value(row) as u64, s.value(row) as u64).to_string())
-                }
-                _ => None,
-            };
-            let mut text = row_texts.value(row);
-            if text.len() > Self::ROW_LIMIT {
-                let mut cut = Self::ROW_LIMIT;
-                while !text.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                text = &text[..cut];
-            }
-            if inner.newest.len() == Self::KEEP {
-                inner.newest.pop_front();
-            }
-            inner.newest.push_back(DeadLetter {
-                at: at.clone(),
-                table: tables.value(row).to_string(),
-                reason: reason.to_string(),
-                position,
-                row: text.to_string(),
-            });
-        }
-    }
-
-    /// Dead letters per reason.
-    pub fn by_reason(&self) -> Vec<(String, u64)> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner
-            .by_reason
-            .iter()
-            .map(|(r, c)| (r.clone(), *c))
-            .collect()
-    }
-
-    /// The newest `limit` dead letters, newest first.
-    pub fn newest(&self, limit: usize) -> Vec<DeadLetter> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.newest.iter().rev().take(limit).cloned().collect()
-    }
-}
-
-/// The newest windows written to each windowed sink, kept in memory for the
-/// JSON API and the dashboard (the last [`RecentWindows::KEEP`] per sink).
-#[derive(Debug, Default)]
-pub struct RecentWindows {
-    inner: Mutex<BTreeMap<String, VecDeque<WindowRows>>>,
-}
-
-/// The output of one closed window.
-#[derive(Debug, Clone)]
-pub struct WindowRows {
-    /// Window start and end, Unix microseconds.
-    pub start_micros: i64,
-    pub end_micros: i64,
-    pub batches: Vec<RecordBatch>,
-}
-
-impl RecentWindows {
-    pub const KEEP: usize = 120;
-
-    /// Records the output of the window `[start_micros, end_micros)` for `sink`.
-    pub fn record(&self, sink: &str, start_micros: i64, end_micros: i64, batches: &[RecordBatch]) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let windows = inner.entry(sink.to_string()).or_default();
-        if windows.back().is_some_and(|w| w.end_micros >= end_micros) {
-            return; // a replayed window, or one already recorded
-        }
-        if windows.len() == Self::KEEP {
-            windows.pop_front();
-        }
-        windows.push_back(WindowRows {
-            start_micros,
-            end_micros,
-            batches: batches.to_vec(),
-        });
-    }
-
-    /// The newest `limit` windows of `sink`, newest first (`None`: the sink
-    /// has written no window since the job started).
-    pub fn newest(&self, sink: &str, limit: usize) -> Option<Vec<WindowRows>> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let windows = inner.get(sink)?;
-        Some(windows.iter().rev().take(limit).cloned().collect())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,38 +273,6 @@ mod tests {
             text.contains("# TYPE engage_sink_lag_bytes gauge"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn commit_times_split_at_a_window_end_and_stay_bounded() {
-        let mut pending = CommitTimes::default();
-        let batch = CommitTimes {
-            runs: vec![(1_000, 2), (1_500, 1), (2_000, 3)],
-        };
-        pending.absorb(&batch);
-        let taken = pending.take_before(1_600_000).unwrap();
-        assert_eq!(taken.runs, vec![(1_000, 2), (1_500, 1)]);
-        assert_eq!(pending.runs, vec![(2_000, 3)]);
-        assert!(pending.take_before(1_000_000).is_none());
-        let histogram = latency_buckets();
-        let recent = RecentLatencies::default();
-        taken.observe(&histogram, &recent, 3_000);
-        // 2 s twice, 1.5 s once.
-        assert_eq!(recent.quantile(0.5), Some(2.0));
-        assert_eq!(recent.quantile(0.01), Some(1.5));
-        // A day of one change per millisecond stays within MAX_RUNS runs,
-        // and keeps its count.
-        let mut day = CommitTimes::default();
-        for second in 0..200 {
-            let runs = (0..1000).map(|ms| (second * 1000 + ms, 1)).collect();
-            day.absorb(&CommitTimes { runs });
-        }
-        assert!(day.runs.len() <= CommitTimes::MAX_RUNS);
-        assert_eq!(
-            day.runs.iter().map(|(_, n)| u64::from(*n)).sum::<u64>(),
-            200_000
-        );
-        assert!(day.runs.windows(2).all(|w| w[0].0 <= w[1].0));
     }
 
     /// Sinks declared in another order than their INSERTs, and a

@@ -493,7 +493,7 @@ impl Engine {
             self.last_windows[q] = Some((end, output));
             self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
             self.stats.sink_last_write_ms[q]
-                .store(crate::engine::stats::unix_ms() as u64, Ordering::Relaxed);
+                .store(crate::engine::latency::unix_ms() as u64, Ordering::Relaxed);
             if !self.sinks[q].detached() {
                 self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
             }

@@ -24,7 +24,9 @@ use serde_json::{json, Map, Value};
 
 use super::{error, AppState};
 use crate::change::format_lsn;
-use crate::engine::stats::{unix_ms, JobStats, WindowRows, OPS};
+use crate::engine::latency::unix_ms;
+use crate::engine::recent::WindowRows;
+use crate::engine::stats::{JobStats, OPS};
 
 /// The windowed sink holding the most engaged content of the last 10 minutes.
 pub const TOP_CONTENT_SINK: &str = "top_content";

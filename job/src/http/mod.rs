@@ -29,8 +29,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
+use crate::engine::latency::unix_ms;
 use crate::engine::metrics;
-use crate::engine::stats::{unix_ms, JobStats};
+use crate::engine::stats::JobStats;
 use crate::sql::JobSpec;
 
 /// The default address: loopback, the port Prometheus exporters of this

@@ -44,7 +44,7 @@ use tokio::task::JoinHandle;
 
 use super::{Sink, SinkError, SinkState};
 use crate::change::Position;
-use crate::engine::stats::{unix_ms, CommitTimes, RecentLatencies};
+use crate::engine::latency::{unix_ms, CommitTimes, RecentLatencies};
 
 /// Writes (or barriers) a sink's channel holds before the engine waits.
 pub const QUEUE: usize = 4;

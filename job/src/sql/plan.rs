@@ -34,7 +34,9 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 pub use super::batch_table::BatchTable;
 use super::check::{plan_checks, CheckPlan};
 use super::view::{materialize, MaterializedView};
-pub(crate) use super::walk::{collect_tables, leftmost_table, refuse_unwindowed_state};
+pub(crate) use super::walk::{
+    collect_tables, leftmost_table, refuse_unwindowed_state, sorted_by_position,
+};
 use super::window::{inline_views, reads_sources, split_windows, WindowedAggregate};
 use super::{Connector, JobSpec, SinkConnector, SqlError, TableDef};
 use crate::change::metadata_fields;
@@ -226,6 +228,13 @@ impl JobPlan {
             let optimized = if windows.is_empty() {
                 self_join(&plan)?;
                 refuse_unwindowed_state(&plan).map_err(plan_error_here)?;
+                // A view's rows are sorted after it runs (execute_view); a
+                // query joining without one sorts its own.
+                let plan = if view.is_none() && !dimensions.is_empty() {
+                    sorted_by_position(plan).map_err(|e| plan_error(context.clone(), e))?
+                } else {
+                    plan
+                };
                 ctx.state()
                     .optimize(&plan)
                     .map_err(|e| plan_error(context.clone(), e))?

@@ -145,7 +145,7 @@ impl ServerProcess {
         Self {
             pid,
             name,
-            _watchdog: Watchdog::spawn(pid, dying_signal),
+            _watchdog: Watchdog::spawn(pid, name, dying_signal),
         }
     }
 
@@ -189,15 +189,24 @@ impl ServerProcess {
 /// A `sh` that blocks reading a pipe whose only writer is this process, then signals a
 /// server: the read ends when this process exits, however it exits. Dropping the watchdog
 /// kills it without signalling. It runs in its own process group, so that the Ctrl-C that
-/// kills us does not kill it too.
+/// kills us does not kill it too. It signals the pid only while the process there still
+/// bears the server's name: a server that exited on its own may have left its pid to
+/// another process (pids wrap at 32,768 here, and a test run forks many more).
 #[derive(Debug)]
 struct Watchdog(std::process::Child);
 
 impl Watchdog {
-    fn spawn(pid: u32, signal: &str) -> Option<Self> {
-        let script = r#"read _ignored; kill -s "$1" "$2" 2>/dev/null"#;
+    fn spawn(pid: u32, name: &str, signal: &str) -> Option<Self> {
+        let script = r#"read _ignored; [ "$(cat /proc/$2/comm 2>/dev/null)" = "$3" ] && kill -s "$1" "$2" 2>/dev/null"#;
         Command::new("sh")
-            .args(["-c", script, "engage-watchdog", signal, &pid.to_string()])
+            .args([
+                "-c",
+                script,
+                "engage-watchdog",
+                signal,
+                &pid.to_string(),
+                name,
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -318,6 +327,35 @@ fn tail(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    /// The watchdog fires when its pipe closes (as when this process dies):
+    /// it signals the server, but not a process that took over its pid.
+    #[test]
+    fn the_watchdog_signals_only_the_process_it_was_set_for() {
+        use std::os::unix::process::ExitStatusExt;
+        for (name, signalled) in [("sleep", true), ("redis-server", false)] {
+            let mut server = Command::new("sleep").arg("30").spawn().unwrap();
+            let mut watchdog = Watchdog::spawn(server.id(), name, "TERM").unwrap();
+            drop(watchdog.0.stdin.take());
+            // The watchdog has sent its signal, if any, by the time it exits.
+            let _ = watchdog.0.wait();
+            if signalled {
+                let status = server.wait().unwrap();
+                assert_eq!(
+                    status.signal(),
+                    Some(libc::SIGTERM),
+                    "watchdog for `{name}`"
+                );
+            } else {
+                assert!(
+                    server.try_wait().unwrap().is_none(),
+                    "watchdog for `{name}`"
+                );
+                let _ = server.kill();
+                let _ = server.wait();
+            }
+        }
+    }
     use std::net::TcpStream;
 
     use super::*;

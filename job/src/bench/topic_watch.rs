@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use rdkafka::message::Message;
 use rdkafka::Offset;
 
-use super::{lock, Sample};
+use super::lock;
+use super::markers::Sample;
 use crate::sink::kafka::topic;
 
 /// The mission's topic (a contract).

@@ -242,6 +242,31 @@ async fn endpoints_serve_health_metrics_and_the_api_of_a_running_job() {
         assert!(kpi["timeframes"].get(timeframe).is_some(), "{kpi}");
     }
 
+    // Any windowed sink, as its rows were written; unknown tables are named.
+    let devices = get_json(&format!("{base}/api/windows/top_devices?limit=2")).await;
+    let newest = &devices["windows"][0];
+    let mut expected: Vec<(String, f64)> = redis
+        .zrevrange_withscores("engage:top_devices:10m", 0, -1)
+        .await
+        .unwrap();
+    let mut served: Vec<(String, f64)> = newest["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["device"].as_str().unwrap().to_string(),
+                row["events"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    served.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(served, expected, "{devices}");
+    let (status, body) = get(&format!("{base}/api/windows/nope"), None).await;
+    assert_eq!(status, 404);
+    assert!(body.contains("top_devices"), "{body}");
+
     let generator = get_json(&format!("{base}/api/generator")).await;
     assert_eq!(generator["available"], false, "{generator}");
 

@@ -4,14 +4,15 @@
 //! sink (`JobStats::windows`, the same rows Redis holds), named by the
 //! mission's sink tables (`sql/engagement.sql`): `top_content`, the
 //! `kpi_*_latest` tables, `content_type_engagement` and `top_devices`. A job
-//! without one of them answers 404 for the endpoint that needs it.
+//! without one of them answers 404 for the endpoint that needs it. Any job's
+//! windowed sink is served as it is by `/api/windows/{sink}`.
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use arrow::record_batch::RecordBatch;
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -25,7 +26,7 @@ use serde_json::{json, Map, Value};
 use super::{error, AppState};
 use crate::change::format_lsn;
 use crate::engine::latency::unix_ms;
-use crate::engine::recent::WindowRows;
+use crate::engine::recent::{RecentWindows, WindowRows};
 use crate::engine::stats::{JobStats, OPS};
 
 /// The windowed sink holding the most engaged content of the last 10 minutes.
@@ -50,6 +51,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/dead-letters", get(dead_letters))
         .route("/api/events", get(events))
         .route("/api/generator", get(generator).post(control_generator))
+        .route("/api/windows/{sink}", get(windows))
 }
 
 #[derive(Deserialize)]
@@ -417,4 +419,44 @@ async fn control_generator(
         progress.paused.store(!running, Ordering::Relaxed);
     }
     Json(generator_state(&state)).into_response()
+}
+
+/// The newest windows written to any windowed sink of the job, newest
+/// first, each with its start, end and rows as the sink received them.
+async fn windows(
+    State(state): State<AppState>,
+    Path(sink): Path<String>,
+    Query(limit): Query<Limit>,
+) -> Response {
+    let stats = &state.stats;
+    if !has_sink(stats, &sink) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "this job has no sink table `{sink}`; its tables are: {}",
+                stats.sink_names.join(", ")
+            ),
+        );
+    }
+    let limit = limit.limit.unwrap_or(1).clamp(1, RecentWindows::KEEP);
+    let Some(windows) = stats.windows.newest(&sink, limit) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "`{sink}` has been written no window since the job started (it is not windowed, \
+                 or none has closed yet)"
+            ),
+        );
+    };
+    let windows: Vec<Value> = windows
+        .iter()
+        .map(|w| {
+            json!({
+                "window_start": rfc3339(w.start_micros),
+                "window_end": rfc3339(w.end_micros),
+                "rows": rows_json(&w.batches),
+            })
+        })
+        .collect();
+    Json(json!({ "sink": sink, "windows": windows })).into_response()
 }

@@ -198,7 +198,7 @@ async fn not_found() -> Response {
     error(
         StatusCode::NOT_FOUND,
         "no such endpoint; see the README's HTTP section: /health, /ready, /metrics, /api/top-content, \
-         /api/kpi, /api/breakdown, /api/pipeline, /api/dead-letters, /api/events, /",
+         /api/kpi, /api/breakdown, /api/pipeline, /api/windows/{sink}, /api/dead-letters, /api/events, /",
     )
 }
 

@@ -278,59 +278,6 @@ async fn a_hung_broker_is_detached_while_the_other_sinks_go_on_then_caught_up() 
     assert_matches_oracle(&world, &[]).await;
 }
 
-/// A job restarted while the broker hangs opens its Kafka sink detached at
-/// its checkpoint's position (a job that never checkpointed stops instead,
-/// below): the other sinks go on, and once the broker answers the sink is
-/// caught up, every change once.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_job_restarted_while_the_broker_hangs_opens_its_kafka_sink_detached() {
-    let world = World::start().await;
-    seed_for_oracle(&world, 10, 31).await;
-    let mut job = world.start_job(&["run"]);
-    wait_started(&world, &mut job).await;
-    let mut changes = workload(&world, 500, 1_000, 31);
-    changes.wait_done().await.expect("the workload ran");
-    wait_caught_up(&world, &mut job).await;
-    job.stop();
-
-    world.kafka.pause().expect("the broker pauses");
-    let mut job = world.start_job(&["run"]);
-    wait_for(
-        "the kafka sink to open detached",
-        Duration::from_secs(60),
-        || {
-            job.assert_running();
-            let log = std::fs::read_to_string(&job.log).unwrap_or_default();
-            async move { log.contains("sink detached at start: the kafka brokers are unreachable") }
-        },
-    )
-    .await;
-    let mut changes = workload(&world, 3_000, 1_000, 32);
-    let count = || async {
-        world
-            .query_i64("SELECT count(*) FROM enriched_events")
-            .await[0][0]
-            .unwrap_or(0)
-    };
-    let before = count().await;
-    wait_for(
-        "enriched_events to grow while the broker hangs",
-        Duration::from_secs(30),
-        || async { count().await > before + 500 },
-    )
-    .await;
-    world.kafka.resume().expect("the broker resumes");
-    changes.wait_done().await.expect("the workload ran");
-    wait_caught_up(&world, &mut job).await;
-    let log = std::fs::read_to_string(&job.log).unwrap();
-    job.stop();
-    assert!(
-        log.contains("detached while the kafka broker was unreachable"),
-        "the sink was not caught up after the broker came back:\n{log}"
-    );
-    assert_matches_oracle(&world, &[]).await;
-}
-
 #[test]
 fn an_unreachable_broker_at_start_is_an_error_naming_the_address() {
     let runtime = tokio::runtime::Runtime::new().unwrap();

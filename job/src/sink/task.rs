@@ -95,56 +95,20 @@ pub struct SinkTask {
     detached: Arc<AtomicBool>,
 }
 
-/// The store of a sink that could not be opened, and how to ask whether it
-/// answers again.
-pub enum Store {
-    /// A Redis at this address.
-    Redis(String),
-    /// Kafka brokers, with the sink's `kafka.*` settings, and its topic.
-    Kafka {
-        bootstrap: String,
-        settings: std::collections::BTreeMap<String, String>,
-        topic: String,
-    },
-}
-
-impl Store {
-    /// Whether the store answers within about a second.
-    async fn answers(&self) -> bool {
-        match self {
-            Store::Redis(address) => super::redis::RedisSink::reachable_at(address).await,
-            Store::Kafka {
-                bootstrap,
-                settings,
-                topic,
-            } => {
-                let (bootstrap, settings, topic) =
-                    (bootstrap.clone(), settings.clone(), topic.clone());
-                tokio::task::spawn_blocking(move || {
-                    super::kafka::topic::answers(&bootstrap, &settings, &topic)
-                })
-                .await
-                .unwrap_or(false)
-            }
-        }
-    }
-}
-
 impl SinkTask {
-    /// A sink whose store (Redis, Kafka) could not be reached when the run
-    /// started, detached from the start at the position the checkpoint
-    /// `restored` recorded: it drops what it is sent, and asks `store` after
-    /// each checkpoint whether it answers again (then the run restarts and
+    /// A Redis sink whose store could not be reached when the run started,
+    /// detached from the start at the position the checkpoint `restored`
+    /// recorded: it drops what it is sent, and asks Redis at `address`
+    /// after each checkpoint whether it answers again (then the run restarts and
     /// opens it for real, catching it up).
-    pub fn unreachable(name: &str, store: Store, restored: &SinkState) -> SinkTask {
-        let is_redis = matches!(store, Store::Redis(_));
+    pub fn unreachable(name: &str, address: &str, restored: &SinkState) -> SinkTask {
         let (commands, mut receiver) = mpsc::channel(QUEUE);
         let reachable_again = Arc::new(AtomicBool::new(false));
         let state = SinkState {
             detached: true,
             ..restored.clone()
         };
-        let flag = reachable_again.clone();
+        let (flag, address) = (reachable_again.clone(), address.to_string());
         let held = state.clone();
         let task = tokio::spawn(async move {
             while let Some(command) = receiver.recv().await {
@@ -156,7 +120,7 @@ impl SinkTask {
                     Command::Commit { reply, .. } => {
                         let _ = reply.send(Ok(()));
                         // After the checkpoint, as for a detached sink (`run`).
-                        if store.answers().await {
+                        if super::redis::RedisSink::reachable_at(&address).await {
                             flag.store(true, Ordering::Relaxed);
                         }
                     }
@@ -166,7 +130,7 @@ impl SinkTask {
         });
         SinkTask {
             name: name.to_string(),
-            is_redis,
+            is_redis: true,
             lost: false,
             position: state.position,
             commands,

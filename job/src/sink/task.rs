@@ -374,17 +374,9 @@ async fn run(
                 // Nothing to do for a while: let the sink finish what it
                 // holds back (a Kafka sink commits its open transaction).
                 if !detached {
-                    match sink.idle().await {
-                        Ok(()) => {
-                            if let Some(visibility) = &mut visibility {
-                                visibility.observe_upto(sink.visible());
-                            }
-                        }
-                        Err(error) if detachable && error.is_transient() => {
-                            detach(&sink, &error, &flags);
-                            detached = true;
-                        }
-                        Err(error) => return Err(error),
+                    sink.idle().await?;
+                    if let Some(visibility) = &mut visibility {
+                        visibility.observe_upto(sink.visible());
                     }
                 }
                 continue;
@@ -421,21 +413,7 @@ async fn run(
                 written
             }
             Command::Prepare { epoch, reply } => {
-                let result = if detached {
-                    Ok(sink.held_state())
-                } else {
-                    match sink.prepare_checkpoint(epoch).await {
-                        // A Kafka broker that does not acknowledge: detach
-                        // rather than hold the checkpoint up.
-                        Err(error) if detachable && error.is_transient() => {
-                            detach(&sink, &error, &flags);
-                            detached = true;
-                            Ok(sink.held_state())
-                        }
-                        other => other,
-                    }
-                };
-                let result = result.map(|mut state| {
+                let result = sink.prepare_checkpoint(epoch).await.map(|mut state| {
                     state.detached = detached;
                     state
                 });
@@ -469,23 +447,18 @@ async fn run(
                 }
             }
             Err(error) if detachable && error.is_transient() => {
-                detach(&sink, &error, &flags);
+                tracing::warn!(
+                    sink = %sink.name(),
+                    position = %sink.position(),
+                    error = %error,
+                    "sink detached: its store is unreachable; the other sinks go on, and once it answers again \
+                     the job restarts and catches this sink up from its checkpoints"
+                );
                 detached = true;
+                flags.detached.store(true, Ordering::Relaxed);
             }
             Err(error) => return Err(error),
         }
     }
     Ok(())
-}
-
-/// Reports and flags a sink detached because its store is unreachable.
-fn detach(sink: &Sink, error: &SinkError, flags: &Flags) {
-    tracing::warn!(
-        sink = %sink.name(),
-        holds = %sink.held_state().position,
-        error = %error,
-        "sink detached: its store is unreachable; the other sinks go on, and once it answers again \
-         the job restarts and catches this sink up from its checkpoints"
-    );
-    flags.detached.store(true, Ordering::Relaxed);
 }

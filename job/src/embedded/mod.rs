@@ -244,7 +244,7 @@ fn io_error(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Embe
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16, EmbeddedError> {
+pub fn free_port() -> Result<u16, EmbeddedError> {
     let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(EmbeddedError::NoFreePort)?;
     let address = listener.local_addr().map_err(EmbeddedError::NoFreePort)?;
     Ok(address.port())

@@ -108,26 +108,25 @@ pub struct RecentLatencies {
 impl RecentLatencies {
     pub const KEEP: usize = 4096;
 
-    /// The `q` quantile (0..=1) of the newest latencies, in seconds; `None`
-    /// before any change was made visible.
-    pub fn quantile(&self, q: f64) -> Option<f64> {
+    /// The quantiles `qs` (each 0..=1) of the newest latencies, in
+    /// seconds, from one sorted copy; `None` before any change was made visible.
+    pub fn quantiles<const N: usize>(&self, qs: [f64; N]) -> [Option<f64>; N] {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let mut runs: Vec<(f64, u32)> = inner.iter().copied().collect();
         drop(inner);
         let total: u64 = runs.iter().map(|(_, n)| u64::from(*n)).sum();
-        if total == 0 {
-            return None;
-        }
         runs.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
-        let mut seen = 0;
-        for (seconds, changes) in runs {
-            seen += u64::from(changes);
-            if seen >= rank {
-                return Some(seconds);
+        qs.map(|q| {
+            if total == 0 {
+                return None;
             }
-        }
-        None
+            let rank = ((q.clamp(0.0, 1.0) * total as f64).ceil() as u64).max(1);
+            let mut seen = 0;
+            runs.iter().find_map(|&(seconds, changes)| {
+                seen += u64::from(changes);
+                (seen >= rank).then_some(seconds)
+            })
+        })
     }
 }
 
@@ -156,8 +155,7 @@ mod tests {
         let recent = RecentLatencies::default();
         taken.observe(&histogram, &recent, 3_000);
         // 2 s twice, 1.5 s once.
-        assert_eq!(recent.quantile(0.5), Some(2.0));
-        assert_eq!(recent.quantile(0.01), Some(1.5));
+        assert_eq!(recent.quantiles([0.5, 0.01]), [Some(2.0), Some(1.5)]);
         // A day of one change per millisecond stays within MAX_RUNS runs,
         // and keeps its count.
         let mut day = CommitTimes::default();

@@ -79,12 +79,8 @@ impl Engine {
                 })?;
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last, commits).await?;
-            self.stats.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
-            self.stats.sink_last_write_ms[index]
-                .store(crate::engine::latency::unix_ms() as u64, Ordering::Relaxed);
-            if !sink.detached() {
-                self.stats.sink_lsn[index].fetch_max(last.lsn, Ordering::Relaxed);
-            }
+            self.stats
+                .record_write(index, rows, last.lsn, sink.detached());
         }
         if self.rebuilding.is_some() {
             if let Some(dimension) = &mut self.dimensions[source] {

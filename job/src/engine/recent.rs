@@ -155,6 +155,11 @@ impl RecentWindows {
         });
     }
 
+    /// The newest window of `sink`, if it has written one since the job started.
+    pub fn latest(&self, sink: &str) -> Option<WindowRows> {
+        self.newest(sink, 1).and_then(|mut windows| windows.pop())
+    }
+
     /// The newest `limit` windows of `sink`, newest first (`None`: the sink
     /// has written no window since the job started).
     pub fn newest(&self, sink: &str, limit: usize) -> Option<Vec<WindowRows>> {

@@ -203,6 +203,17 @@ impl JobStats {
         }
     }
 
+    /// Records a write of `rows` rows to sink `index` covering input up to
+    /// commit LSN `lsn` (not counted as received while the sink is
+    /// `detached`: it drops what it is sent).
+    pub fn record_write(&self, index: usize, rows: u64, lsn: u64, detached: bool) {
+        self.sink_rows[index].fetch_add(rows, Ordering::Relaxed);
+        self.sink_last_write_ms[index].store(unix_ms() as u64, Ordering::Relaxed);
+        if !detached {
+            self.sink_lsn[index].fetch_max(lsn, Ordering::Relaxed);
+        }
+    }
+
     /// Bytes of WAL the slot still retains beyond the last confirmation.
     pub fn replication_lag_bytes(&self) -> u64 {
         self.server_wal_end

@@ -491,12 +491,8 @@ impl Engine {
             let sink = &self.plan.sinks[query.sink].def.name;
             self.stats.windows.record(sink, start, end, &output);
             self.last_windows[q] = Some((end, output));
-            self.stats.sink_rows[q].fetch_add(count, Ordering::Relaxed);
-            self.stats.sink_last_write_ms[q]
-                .store(crate::engine::latency::unix_ms() as u64, Ordering::Relaxed);
-            if !self.sinks[q].detached() {
-                self.stats.sink_lsn[q].fetch_max(position.lsn, Ordering::Relaxed);
-            }
+            self.stats
+                .record_write(q, count, position.lsn, self.sinks[q].detached());
             self.dirty = true;
         }
         Ok(())

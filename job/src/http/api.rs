@@ -106,7 +106,7 @@ fn latest_window(stats: &JobStats, sink: &str, what: &str) -> Result<WindowRows,
             format!("this job has no `{sink}` table, which {what} comes from"),
         ));
     }
-    match stats.windows.newest(sink, 1).and_then(|mut w| w.pop()) {
+    match stats.windows.latest(sink) {
         Some(window) => Ok(window),
         None => Err(ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -204,7 +204,7 @@ async fn kpi(State(state): State<AppState>, Query(history): Query<History>) -> R
 
 /// `{member: value}` of the latest window of `sink`, for two columns.
 fn breakdown_of(stats: &JobStats, sink: &str, key: &str, value: &str) -> Value {
-    let Some(window) = stats.windows.newest(sink, 1).and_then(|mut w| w.pop()) else {
+    let Some(window) = stats.windows.latest(sink) else {
         return Value::Null;
     };
     let mut out: Vec<(String, f64)> = rows_json(&window.batches)
@@ -256,6 +256,7 @@ fn pipeline_json(state: &AppState) -> Value {
         .enumerate()
         .map(|(i, name)| {
             let last_write = load(&stats.sink_last_write_ms[i]);
+            let [p50, p99] = stats.recent_visible[i].quantiles([0.5, 0.99]);
             json!({
                 "name": name,
                 "state": if load(&stats.sink_detached[i]) == 1 { "detached" } else { "ok" },
@@ -263,8 +264,8 @@ fn pipeline_json(state: &AppState) -> Value {
                 "position_lsn": format_lsn(load(&stats.sink_lsn[i])),
                 "lag_bytes": lags[i],
                 "last_write": (last_write > 0).then(|| rfc3339(last_write as i64 * 1000)),
-                "freshness_p50_seconds": stats.recent_visible[i].quantile(0.5),
-                "freshness_p99_seconds": stats.recent_visible[i].quantile(0.99),
+                "freshness_p50_seconds": p50,
+                "freshness_p99_seconds": p99,
             })
         })
         .collect();

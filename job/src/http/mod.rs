@@ -17,7 +17,7 @@
 mod api;
 mod titles;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -72,7 +72,7 @@ impl HttpOptions {
                 "--http `{text}` is not an address: give IP:PORT (e.g. 127.0.0.1:9464, 127.0.0.1:0 for a free port) or `off`"
             ))
         })?;
-        if !is_loopback(addr.ip()) && token.is_none() {
+        if !addr.ip().is_loopback() && token.is_none() {
             return Err(HttpError(format!(
                 "--http {addr} would expose the job beyond this machine without a token: pass --http-token \
                  (or ENGAGE_HTTP_TOKEN) with a secret, or bind 127.0.0.1"
@@ -84,10 +84,6 @@ impl HttpOptions {
             token,
         })
     }
-}
-
-fn is_loopback(ip: IpAddr) -> bool {
-    ip.is_loopback()
 }
 
 #[derive(Debug, thiserror::Error)]

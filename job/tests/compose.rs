@@ -26,6 +26,25 @@ fn variables_of_mission_sql() -> BTreeSet<String> {
         .collect()
 }
 
+/// The items of a YAML list, as text (`what` names it when it is not a list).
+fn strings(value: &serde_yaml::Value, what: &str) -> Vec<String> {
+    value
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{what} is not a list"))
+        .iter()
+        .map(text)
+        .collect()
+}
+
+/// The argument after `flag` in a service's command.
+fn argument_after<'a>(command: &'a [String], flag: &str) -> &'a str {
+    command
+        .iter()
+        .skip_while(|a| *a != flag)
+        .nth(1)
+        .unwrap_or_else(|| panic!("engage runs with {flag}"))
+}
+
 fn text(value: &serde_yaml::Value) -> String {
     match value {
         serde_yaml::Value::String(s) => s.clone(),
@@ -43,12 +62,7 @@ fn compose_runs_the_job_with_every_service_and_variable_it_needs() {
     }
     let postgres = &compose["services"]["postgres"];
     assert!(text(&postgres["image"]).starts_with("postgres:16"));
-    let command: Vec<String> = postgres["command"]
-        .as_sequence()
-        .expect("postgres command")
-        .iter()
-        .map(text)
-        .collect();
+    let command: Vec<String> = strings(&postgres["command"], "postgres command");
     assert!(
         command.contains(&"wal_level=logical".to_string()),
         "{command:?}"
@@ -90,12 +104,7 @@ fn compose_runs_the_job_with_every_service_and_variable_it_needs() {
             "engage must wait for {dependency} to be healthy"
         );
     }
-    let volumes: Vec<String> = engage["volumes"]
-        .as_sequence()
-        .expect("engage volumes")
-        .iter()
-        .map(text)
-        .collect();
+    let volumes: Vec<String> = strings(&engage["volumes"], "engage volumes");
     let data_dir = text(&engage["environment"]["ENGAGE_DATA_DIR"]);
     assert!(
         volumes.iter().any(|v| v.starts_with("checkpoints:")),
@@ -105,17 +114,8 @@ fn compose_runs_the_job_with_every_service_and_variable_it_needs() {
         volumes.iter().any(|v| v.ends_with(&format!(":{data_dir}"))),
         "{volumes:?}"
     );
-    let command: Vec<String> = engage["command"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
-    let checkpoints = command
-        .iter()
-        .skip_while(|a| *a != "--checkpoint-dir")
-        .nth(1)
-        .expect("engage runs with --checkpoint-dir");
+    let command: Vec<String> = strings(&engage["command"], "engage command");
+    let checkpoints = argument_after(&command, "--checkpoint-dir");
     assert!(
         volumes
             .iter()
@@ -161,17 +161,8 @@ fn prometheus_scrapes_the_job_with_the_token_it_is_given() {
     let compose = compose();
     let engage = &compose["services"]["engage"];
     let token = text(&engage["environment"]["ENGAGE_HTTP_TOKEN"]);
-    let command: Vec<String> = engage["command"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
-    let http = command
-        .iter()
-        .skip_while(|a| *a != "--http")
-        .nth(1)
-        .expect("engage runs with --http");
+    let command: Vec<String> = strings(&engage["command"], "engage command");
+    let http = argument_after(&command, "--http");
     let port = http.rsplit(':').next().unwrap();
     let prometheus: serde_yaml::Value =
         serde_yaml::from_str(&read("job/monitoring/prometheus.yml")).unwrap();
@@ -181,24 +172,20 @@ fn prometheus_scrapes_the_job_with_the_token_it_is_given() {
         text(&scrape["static_configs"][0]["targets"][0]),
         format!("engage:{port}")
     );
-    let mounts: Vec<String> = compose["services"]["prometheus"]["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
+    let mounts: Vec<String> = strings(
+        &compose["services"]["prometheus"]["volumes"],
+        "prometheus volumes",
+    );
     assert!(
         mounts
             .iter()
             .any(|m| m.starts_with("./job/monitoring/prometheus.yml:")),
         "{mounts:?}"
     );
-    let grafana: Vec<String> = compose["services"]["grafana"]["volumes"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(text)
-        .collect();
+    let grafana: Vec<String> = strings(
+        &compose["services"]["grafana"]["volumes"],
+        "grafana volumes",
+    );
     for mount in &grafana {
         let local = mount.split(':').next().unwrap();
         assert!(

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -16,13 +15,15 @@ use support::{wait_caught_up, wait_for, wait_started, World};
 
 const TOP_KEY: &str = "engage:top_content:10m";
 
-/// A free loopback port (bound, read, released).
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `engage run` on the mission SQL with its HTTP server on a free
+/// loopback port, with `env` added; returns the job and the server's base URL.
+fn start_http_job(world: &World, env: &[(&str, &str)]) -> (support::Job, String) {
+    let port = engage::embedded::free_port().expect("a free port");
+    let addr = format!("127.0.0.1:{port}");
+    let mut all = vec![("ENGAGE_HTTP_ADDR", addr.as_str())];
+    all.extend_from_slice(env);
+    let job = world.start_job_env(&["run"], support::MISSION_SQL, "0.3", &all);
+    (job, format!("http://{addr}"))
 }
 
 async fn get(url: &str, token: Option<&str>) -> (u16, String) {
@@ -64,19 +65,6 @@ async fn generate(world: &World, count: u64, rate: Option<u64>) -> u64 {
     report.events
 }
 
-fn python() -> PathBuf {
-    std::env::var_os("ENGAGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("ENGAGE_VENV")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/engage/venv")
-                })
-                .join("bin/python")
-        })
-}
-
 /// Parses Prometheus text with the official Python client's parser and
 /// returns `{sample name + labels: value}` as JSON.
 fn parse_with_prometheus_client(text: &str) -> serde_json::Value {
@@ -90,7 +78,7 @@ for family in text_string_to_metric_families(sys.stdin.read()):
         out[f"{sample.name}{{{labels}}}"] = sample.value
 print(json.dumps(out))
 "#;
-    let python = python();
+    let python = support::test_python();
     let mut child = Command::new(&python)
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
@@ -123,14 +111,7 @@ print(json.dumps(out))
 async fn endpoints_serve_health_metrics_and_the_api_of_a_running_job() {
     let world = World::start().await;
     generate::ensure_schema(&world.sql().await).await.unwrap();
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut job = world.start_job_env(
-        &["run"],
-        support::MISSION_SQL,
-        "0.3",
-        &[("ENGAGE_HTTP_ADDR", &format!("127.0.0.1:{port}"))],
-    );
+    let (mut job, base) = start_http_job(&world, &[]);
     wait_started(&world, &mut job).await;
     let (status, body) = get(&format!("{base}/health"), None).await;
     assert_eq!(status, 200, "{body}");
@@ -292,17 +273,7 @@ async fn a_token_guards_everything_but_health_and_a_public_bind_needs_one() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--http-token"), "{stderr}");
 
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut job = world.start_job_env(
-        &["run"],
-        support::MISSION_SQL,
-        "0.3",
-        &[
-            ("ENGAGE_HTTP_ADDR", &format!("127.0.0.1:{port}")),
-            ("ENGAGE_HTTP_TOKEN", "s3cret"),
-        ],
-    );
+    let (mut job, base) = start_http_job(&world, &[("ENGAGE_HTTP_TOKEN", "s3cret")]);
     wait_started(&world, &mut job).await;
     assert_eq!(get(&format!("{base}/health"), None).await.0, 200);
     for path in ["/metrics", "/ready", "/api/pipeline", "/"] {
@@ -323,7 +294,7 @@ async fn a_token_guards_everything_but_health_and_a_public_bind_needs_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_demo_generator_is_paused_and_paced_from_the_api() {
     let root = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let port = engage::embedded::free_port().expect("a free port");
     let base = format!("http://127.0.0.1:{port}");
     let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_engage"))
         .args([
@@ -420,13 +391,7 @@ async fn the_dashboard_renders_updates_and_shows_when_the_job_is_gone_in_chromiu
     let (chromium, node_modules) = browser_tools();
     let world = World::start().await;
     generate::ensure_schema(&world.sql().await).await.unwrap();
-    let port = free_port();
-    let mut job = world.start_job_env(
-        &["run"],
-        support::MISSION_SQL,
-        "0.3",
-        &[("ENGAGE_HTTP_ADDR", &format!("127.0.0.1:{port}"))],
-    );
+    let (mut job, base) = start_http_job(&world, &[]);
     wait_started(&world, &mut job).await;
     generate(&world, 2_000, None).await;
     // Events keep arriving while the page is open, so its figures must move.
@@ -469,7 +434,7 @@ async fn the_dashboard_renders_updates_and_shows_when_the_job_is_gone_in_chromiu
         .arg(script)
         .env("NODE_PATH", &node_modules)
         .env("ENGAGE_CHROMIUM", &chromium)
-        .env("DASHBOARD_URL", format!("http://127.0.0.1:{port}/"))
+        .env("DASHBOARD_URL", format!("{base}/"))
         .env("TITLES_FILE", &titles_file)
         .env("SCREENSHOT", &screenshot)
         .stdout(Stdio::piped())

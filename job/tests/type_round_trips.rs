@@ -9,7 +9,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use engage::query;
@@ -235,20 +235,9 @@ fn assert_same(source: &str, engage: &[Row], postgres: &[Row]) {
     }
 }
 
-/// Runs `script` with the Python that has pyarrow: `$ENGAGE_PYTHON`, else the
-/// virtualenv scripts/install-deps.sh makes (`$ENGAGE_VENV`, default
-/// `$HOME/.cache/engage/venv`).
+/// Runs `script` with the Python that has pyarrow ([`support::test_python`]).
 fn python(script: &str, argument: &Path) -> String {
-    let python = std::env::var_os("ENGAGE_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let venv = std::env::var_os("ENGAGE_VENV")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/engage/venv")
-                });
-            venv.join("bin/python")
-        });
+    let python = support::test_python();
     let output = std::process::Command::new(&python)
         .arg("-c")
         .arg(script)

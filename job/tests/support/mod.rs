@@ -489,3 +489,19 @@ pub async fn csv(path: &Path, query: &str) -> String {
         .await
         .unwrap_or_else(|e| panic!("`{query}` failed: {e}"))
 }
+
+/// The Python the tests run (pyarrow, prometheus_client): `$ENGAGE_PYTHON`,
+/// else the virtualenv scripts/install-deps.sh --test makes (`$ENGAGE_VENV`,
+/// default `$HOME/.cache/engage/venv`).
+pub fn test_python() -> PathBuf {
+    std::env::var_os("ENGAGE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("ENGAGE_VENV")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/engage/venv")
+                })
+                .join("bin/python")
+        })
+}

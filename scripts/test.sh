@@ -21,5 +21,11 @@ cargo fmt --all -- --check
 step "cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 
+# The UDF crates (udfs/, built against arrow 51): built ahead so no test waits
+# for arrow 51 to compile (the first time, about 2.5 minutes on 2 cores).
+step "engage udf build (udfs/*)"
+cargo build -p engage
+"$CARGO_TARGET_DIR/debug/engage" udf build
+
 step "cargo test --workspace $*"
 cargo test --workspace "$@"

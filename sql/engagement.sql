@@ -164,13 +164,34 @@ SELECT coalesce(device, 'unknown') AS device, count(*) AS events
 FROM enriched
 GROUP BY coalesce(device, 'unknown'), hop(INTERVAL '500 milliseconds', INTERVAL '10 minutes');
 
--- Multi-timeframe KPIs over tumbling windows: one view per timeframe.
+-- Events per device family over the last 10 minutes. `device_family` is a UDF:
+-- the crate udfs/device_family (arroyo-udf-plugin's #[udf]), built and loaded
+-- by engage at start (ios/android -> mobile, web-* -> web, tv/roku/... -> tv).
+CREATE TABLE top_device_families WITH (
+    connector = 'redis',
+    address   = '${ENGAGE_REDIS_URL}',
+    target    = 'sorted_set',
+    'target.key_prefix'    = 'engage:top_device_families:10m',
+    'target.member_column' = 'family',
+    'target.score_column'  = 'events'
+);
+
+INSERT INTO top_device_families
+SELECT coalesce(device_family(device), 'unknown') AS family, count(*) AS events
+FROM enriched
+GROUP BY coalesce(device_family(device), 'unknown'), hop(INTERVAL '500 milliseconds', INTERVAL '10 minutes');
+
+-- Multi-timeframe KPIs over tumbling windows: one view per timeframe. The
+-- 1-minute one has the median engagement too: `median_engagement` is a UDAF
+-- (udfs/median_engagement) that sees every value of the window, so longer
+-- timeframes leave it out (NULL) rather than keep a day of values.
 CREATE VIEW kpi_1m AS
 SELECT '1m' AS timeframe,
        window.start AS window_start,
        window.end   AS window_end,
        events, plays, finishes, distinct_users,
-       engagement_seconds, avg_engagement_seconds, avg_engagement_pct
+       engagement_seconds, avg_engagement_seconds, avg_engagement_pct,
+       median_engagement_seconds
 FROM (
     SELECT tumble(INTERVAL '1 minute') AS window,
            count(*) AS events,
@@ -179,7 +200,8 @@ FROM (
            count(DISTINCT user_id) AS distinct_users,
            coalesce(sum(engagement_seconds), 0) AS engagement_seconds,
            avg(engagement_seconds) AS avg_engagement_seconds,
-           avg(engagement_pct) AS avg_engagement_pct
+           avg(engagement_pct) AS avg_engagement_pct,
+           median_engagement(engagement_seconds) AS median_engagement_seconds
     FROM enriched
     GROUP BY window
 );
@@ -189,7 +211,8 @@ SELECT '15m' AS timeframe,
        window.start AS window_start,
        window.end   AS window_end,
        events, plays, finishes, distinct_users,
-       engagement_seconds, avg_engagement_seconds, avg_engagement_pct
+       engagement_seconds, avg_engagement_seconds, avg_engagement_pct,
+       CAST(NULL AS DOUBLE) AS median_engagement_seconds
 FROM (
     SELECT tumble(INTERVAL '15 minutes') AS window,
            count(*) AS events,
@@ -208,7 +231,8 @@ SELECT '1h' AS timeframe,
        window.start AS window_start,
        window.end   AS window_end,
        events, plays, finishes, distinct_users,
-       engagement_seconds, avg_engagement_seconds, avg_engagement_pct
+       engagement_seconds, avg_engagement_seconds, avg_engagement_pct,
+       CAST(NULL AS DOUBLE) AS median_engagement_seconds
 FROM (
     SELECT tumble(INTERVAL '1 hour') AS window,
            count(*) AS events,
@@ -227,7 +251,8 @@ SELECT '24h' AS timeframe,
        window.start AS window_start,
        window.end   AS window_end,
        events, plays, finishes, distinct_users,
-       engagement_seconds, avg_engagement_seconds, avg_engagement_pct
+       engagement_seconds, avg_engagement_seconds, avg_engagement_pct,
+       CAST(NULL AS DOUBLE) AS median_engagement_seconds
 FROM (
     SELECT tumble(INTERVAL '24 hours') AS window,
            count(*) AS events,

@@ -41,6 +41,8 @@ pub struct DemoOptions {
     pub data_dir: String,
     /// The dashboard, metrics and JSON API (`--http`).
     pub http: crate::http::HttpOptions,
+    /// Where the UDFs the mission SQL calls come from (`--udf`, `--udfs-dir`).
+    pub udfs: crate::udf::UdfOptions,
 }
 
 /// Runs the demo until `shutdown` resolves (or `duration` passes).
@@ -90,7 +92,10 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         "ENGAGE_DATA_DIR" => Some(data_dir.clone()),
         other => std::env::var(other).ok(),
     };
-    let spec = sql::parse_job("engagement", ENGAGEMENT_SQL, &env)?;
+    let mut spec = sql::parse_job("engagement", ENGAGEMENT_SQL, &env)?;
+    spec.udfs = crate::udf::prepare_async(ENGAGEMENT_SQL.to_string(), options.udfs.clone())
+        .await
+        .map_err(anyhow::Error::msg)?;
     if fresh_world {
         clear_previous_run(&spec, &options.checkpoint_dir)?;
     }

@@ -50,4 +50,5 @@ pub mod source;
 pub mod sql;
 pub mod storage;
 pub mod tail;
+pub mod udf;
 pub mod values;

@@ -48,6 +48,8 @@ enum Command {
         data_dir: String,
         #[command(flatten)]
         http: HttpArgs,
+        #[command(flatten)]
+        udfs: UdfArgs,
     },
     /// Run a job until SIGINT/SIGTERM, which takes a final checkpoint. A restarted
     /// job resumes from its newest checkpoint.
@@ -108,6 +110,13 @@ enum Command {
     /// bad input; every sink is then compared with an oracle. Prints one line
     /// per scenario, writes a JSON report, and exits non-zero if any failed.
     Chaos(engage::chaos::ChaosOptions),
+    /// User-defined functions written with arroyo-udf-plugin's #[udf] (see udfs/):
+    /// `engage udf build [CRATE...]`, `engage udf list` (also `engage udfs`).
+    #[command(alias = "udfs")]
+    Udf {
+        #[command(subcommand)]
+        action: Option<UdfCommand>,
+    },
     /// Insert realistic engagement events into Postgres (seeds `content` first).
     Generate {
         /// Postgres to write to.
@@ -141,6 +150,50 @@ struct JobArgs {
     checkpoint_dir: String,
 }
 
+#[derive(Args, Clone)]
+struct UdfArgs {
+    /// A UDF to load: a UDF crate directory (built first if needed) or a built library
+    /// (with the manifest `engage udf build` writes beside it). Repeatable;
+    /// ENGAGE_UDF_PATH adds more (`:`-separated).
+    #[arg(long = "udf", value_name = "PATH")]
+    udf: Vec<PathBuf>,
+    /// Directory of UDF crates: built ones are loaded, and one the SQL calls is built
+    /// first if it is not yet [default: ./udfs when it exists].
+    #[arg(long, value_name = "DIR")]
+    udfs_dir: Option<PathBuf>,
+}
+
+impl UdfArgs {
+    fn options(&self) -> engage::udf::UdfOptions {
+        engage::udf::UdfOptions::with_env(self.udf.clone(), self.udfs_dir.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum UdfCommand {
+    /// Build UDF crates (release) and write each library's manifest; prints where each
+    /// library is. Default: every crate under ./udfs.
+    Build {
+        /// UDF crate directories.
+        paths: Vec<PathBuf>,
+    },
+    /// List the UDFs a job would load, with their signatures and whether they are built.
+    List {
+        #[command(flatten)]
+        udfs: UdfArgs,
+    },
+    /// Rows/s of the shipped `device_family` through the plugin ABI beside the same
+    /// logic as a SQL CASE, over the same rows (best of --runs).
+    Bench {
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[command(flatten)]
+        udfs: UdfArgs,
+    },
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// Seconds between checkpoints.
@@ -168,6 +221,8 @@ struct RunArgs {
     warn_retained_wal_mib: u64,
     #[command(flatten)]
     http: HttpArgs,
+    #[command(flatten)]
+    udfs: UdfArgs,
 }
 
 #[derive(Args)]
@@ -298,6 +353,55 @@ impl JobArgs {
     }
 }
 
+fn udf_command(action: Option<UdfCommand>) -> anyhow::Result<()> {
+    match action.unwrap_or(UdfCommand::List {
+        udfs: UdfArgs {
+            udf: Vec::new(),
+            udfs_dir: None,
+        },
+    }) {
+        UdfCommand::Build { paths } => {
+            let paths = if paths.is_empty() {
+                let dir = Path::new("udfs");
+                if !dir.is_dir() {
+                    bail!("no ./udfs directory here: pass the UDF crate directories to build");
+                }
+                engage::udf::discover::crate_dirs(dir).map_err(anyhow::Error::msg)?
+            } else {
+                paths
+            };
+            for path in paths {
+                eprintln!("building UDF crate {} ...", path.display());
+                let built = engage::udf::discover::build(&path).map_err(anyhow::Error::msg)?;
+                println!(
+                    "{}\t{}\t{}",
+                    built.signature.name,
+                    built.library.display(),
+                    built.signature.display()
+                );
+            }
+            Ok(())
+        }
+        UdfCommand::Bench { .. } => unreachable!("run in the async dispatch"),
+        UdfCommand::List { udfs } => {
+            let listed =
+                engage::udf::discover::list(&udfs.options()).map_err(anyhow::Error::msg)?;
+            if listed.is_empty() {
+                println!("no UDFs: none under ./udfs, --udf or ENGAGE_UDF_PATH");
+            }
+            for l in listed {
+                println!(
+                    "{}\n    from: {}\n    {}",
+                    l.signature.display(),
+                    l.origin,
+                    l.status
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
 fn job_name(path: &Path) -> anyhow::Result<String> {
     let stem = path
         .file_stem()
@@ -337,6 +441,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             checkpoint_dir,
             data_dir,
             http,
+            udfs,
         } => {
             let options = demo::DemoOptions {
                 rate,
@@ -345,10 +450,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 checkpoint_dir,
                 data_dir,
                 http: http.options()?,
+                udfs: udfs.options(),
             };
             demo::run(options, shutdown_signal()).await
         }
         Command::Run { job, running } => run_job(job, running, None).await,
+        Command::Udf {
+            action: Some(UdfCommand::Bench { rows, runs, udfs }),
+        } => {
+            let (plugin, case) = engage::udf::bench::device_family(rows, runs, &udfs.options())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("device_family via the plugin: {plugin:.0} rows/s");
+            println!("the same logic as SQL CASE:   {case:.0} rows/s");
+            println!("ratio plugin / CASE: {:.2}", plugin / case);
+            Ok(())
+        }
+        Command::Udf { action } => udf_command(action),
         Command::Replay {
             job,
             from_checkpoint,
@@ -465,8 +583,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> anyhow::Result<()> {
     let (name, script) = job.load()?;
-    let spec = sql::parse_job(&name, &script, &|k| std::env::var(k).ok())
+    let mut spec = sql::parse_job(&name, &script, &|k| std::env::var(k).ok())
         .with_context(|| format!("in {}", job.sql.display()))?;
+    spec.udfs = engage::udf::prepare_async(script.clone(), running.udfs.options())
+        .await
+        .map_err(anyhow::Error::msg)?;
     if running.checkpoint_interval.is_nan() || running.checkpoint_interval <= 0.0 {
         bail!("--checkpoint-interval must be positive");
     }

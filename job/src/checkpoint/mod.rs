@@ -103,6 +103,9 @@ pub struct Manifest {
     pub capture_order: Vec<(String, u64)>,
     /// Hash of the job SQL the checkpoint was taken with.
     pub sql_hash: String,
+    /// The UDF libraries the job ran with: function name -> SHA-256 of the library.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub udfs: BTreeMap<String, String>,
     /// Window state per `<sink>/<aggregate index>`.
     #[serde(default)]
     pub windows: BTreeMap<String, WindowCheckpoint>,
@@ -581,6 +584,7 @@ mod tests {
             capture_files: BTreeMap::new(),
             capture_order: Vec::new(),
             sql_hash: String::new(),
+            udfs: BTreeMap::new(),
             windows: BTreeMap::new(),
             window_outputs: BTreeMap::new(),
             kept: Kept::Everything,

@@ -77,6 +77,7 @@ impl Engine {
             capture_files,
             capture_order,
             sql_hash: self.sql_hash.clone(),
+            udfs: self.udf_hashes(),
             windows,
             window_outputs,
             kept: checkpoint::Kept::Everything,

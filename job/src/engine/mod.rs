@@ -65,6 +65,7 @@ mod replay;
 pub mod side_output;
 pub mod stats;
 pub mod supervise;
+pub mod udf_errors;
 pub mod window;
 mod windowed;
 
@@ -157,6 +158,12 @@ pub enum JobError {
     /// `dead_letter` table to divert it to.
     #[error("{0}")]
     BadInput(String),
+    /// A UDF panicked on `rows` rows of a batch: they were found and will be
+    /// dead-lettered by the next run (see `udf_errors.rs`).
+    #[error(
+        "UDF `{udf}` panicked on {rows} row(s); they go to dead_letter (reason udf_error:{udf})"
+    )]
+    UdfPanicked { udf: String, rows: usize },
 }
 
 impl JobError {
@@ -187,8 +194,16 @@ pub async fn run(
     stats: Arc<JobStats>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<RunSummary, JobError> {
+    let poisoned = udf_errors::SharedPoisoned::default();
     supervise::supervise(&stats, shutdown, |stop| {
-        run_once(spec, script, options.clone(), stats.clone(), stop)
+        run_once(
+            spec,
+            script,
+            options.clone(),
+            stats.clone(),
+            poisoned.clone(),
+            stop,
+        )
     })
     .await
 }
@@ -199,6 +214,7 @@ async fn run_once(
     script: &str,
     options: RunOptions,
     stats: Arc<JobStats>,
+    poisoned: udf_errors::SharedPoisoned,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunSummary, JobError> {
     let plan = JobPlan::new(spec).await?;
@@ -277,6 +293,7 @@ async fn run_once(
         applied_upto: Position::ZERO,
         rebuilding: None,
         held_by: None,
+        poisoned,
     };
     engine.windows = windowed::WindowStates::new(&engine.plan)?;
     engine.window_guards = engine
@@ -306,6 +323,7 @@ async fn run_once(
         }
         Start::Resume => {
             let latest = latest.as_ref().expect("resumed from a checkpoint");
+            engine.warn_changed_udfs(&latest.udfs);
             let restore = restore.as_ref().expect("a latest checkpoint exists");
             engine.restore_dimensions(restore).await?;
             // A thinned checkpoint has no window state: the windows go on
@@ -450,9 +468,41 @@ struct Engine {
     /// While lost sinks are rebuilt: their query indexes. Only they are fed;
     /// windows, side outputs and every other sink are left alone.
     rebuilding: Option<Vec<usize>>,
+    /// Rows a UDF panicked on, left out of the steps calling it (udf_errors.rs).
+    poisoned: udf_errors::SharedPoisoned,
 }
 
 impl Engine {
+    /// Function name -> library hash of the UDFs this run loaded.
+    fn udf_hashes(&self) -> std::collections::BTreeMap<String, String> {
+        self.plan
+            .udfs
+            .iter()
+            .map(|u| (u.name().to_string(), u.library_sha256.clone()))
+            .collect()
+    }
+
+    /// A restart with other UDF libraries than the checkpoint's goes on, with
+    /// a warning: outputs before and after may differ (as with changed SQL).
+    fn warn_changed_udfs(&self, checkpointed: &std::collections::BTreeMap<String, String>) {
+        let now = self.udf_hashes();
+        for (name, hash) in &now {
+            match checkpointed.get(name) {
+                Some(old) if old != hash => tracing::warn!(
+                    udf = name,
+                    "the UDF library changed since the checkpoint: rows before and after may differ"
+                ),
+                None if !checkpointed.is_empty() => {
+                    tracing::info!(udf = name, "a UDF the checkpoint did not use")
+                }
+                _ => {}
+            }
+        }
+        for name in checkpointed.keys().filter(|n| !now.contains_key(*n)) {
+            tracing::warn!(udf = name, "a UDF of the checkpoint is not loaded any more");
+        }
+    }
+
     async fn stream(
         &mut self,
         source: &mut SourceHandle,

@@ -9,8 +9,10 @@ use arrow::array::{Array, BooleanArray, Int64Array};
 use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
+use super::udf_errors::Step;
 use super::{Engine, JobError};
 use crate::change::{Position, LSN_COLUMN, SEQ_COLUMN};
+use crate::udf::UdfPanicked;
 
 impl Engine {
     /// Runs the queries driven by `source` over `batch`, then updates its dimension.
@@ -35,6 +37,7 @@ impl Engine {
             None
         };
         let (batch, before) = self.divert_bad_rows(source, batch, before).await?;
+        self.dead_letter_poisoned(source, &batch).await?;
         let views = self.compute_views(source, &batch, before.as_ref()).await?;
         for (index, query) in self.plan.queries.iter().enumerate() {
             if query.driving != source || query.is_windowed() {
@@ -60,8 +63,7 @@ impl Engine {
                 continue;
             }
             let dimensions = self.dimension_contents(&query.dimensions);
-            let sink = &mut self.sinks[index];
-            let input = after(full, sink.position()).map_err(JobError::Arrow)?;
+            let input = after(full, self.sinks[index].position()).map_err(JobError::Arrow)?;
             if input.num_rows() == 0 {
                 continue;
             }
@@ -69,14 +71,22 @@ impl Engine {
             let commits = commits
                 .clone()
                 .filter(|_| input.num_rows() == full.num_rows());
-            let output = self
-                .plan
-                .execute(index, input, &dimensions)
-                .await
-                .map_err(|e| JobError::Query {
-                    sink: sink.name().to_string(),
-                    message: e.to_string(),
-                })?;
+            let input = self.unpoisoned(Step::Query(index), input)?;
+            let output = match self.plan.execute(index, input.clone(), &dimensions).await {
+                Ok(output) => output,
+                Err(e) if UdfPanicked::find(&e).is_some() => {
+                    return Err(self
+                        .udf_failure(Step::Query(index), &input, &dimensions, e)
+                        .await)
+                }
+                Err(e) => {
+                    return Err(JobError::Query {
+                        sink: self.sinks[index].name().to_string(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            let sink = &mut self.sinks[index];
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last, commits).await?;
             self.stats
@@ -147,18 +157,29 @@ impl Engine {
                 sink: format!("view {}", view.name),
                 message: e.to_string(),
             };
-            let rows = self
-                .plan
-                .execute_view(v, batch.clone(), &dimensions)
-                .await
-                .map_err(error)?;
+            let input = self.unpoisoned(Step::View(v), batch.clone())?;
+            let rows = match self.plan.execute_view(v, input.clone(), &dimensions).await {
+                Ok(rows) => rows,
+                Err(e) if UdfPanicked::find(&e).is_some() => {
+                    return Err(self
+                        .udf_failure(Step::View(v), &input, &dimensions, e)
+                        .await)
+                }
+                Err(e) => return Err(error(e)),
+            };
             let old = match before {
-                Some(before) => Some(
-                    self.plan
-                        .execute_view(v, before.clone(), &dimensions)
-                        .await
-                        .map_err(error)?,
-                ),
+                Some(before) => {
+                    let input = self.unpoisoned(Step::View(v), before.clone())?;
+                    match self.plan.execute_view(v, input.clone(), &dimensions).await {
+                        Ok(rows) => Some(rows),
+                        Err(e) if UdfPanicked::find(&e).is_some() => {
+                            return Err(self
+                                .udf_failure(Step::View(v), &input, &dimensions, e)
+                                .await)
+                        }
+                        Err(e) => return Err(error(e)),
+                    }
+                }
                 None => None,
             };
             outputs[v] = Some((rows, old));

@@ -40,6 +40,7 @@ pub fn is_restartable(error: &JobError) -> bool {
         error,
         JobError::Source(SourceError::Connect { .. } | SourceError::Stream { .. })
             | JobError::Sink(SinkError::Transient { .. } | SinkError::Lost { .. })
+            | JobError::UdfPanicked { .. }
     )
 }
 

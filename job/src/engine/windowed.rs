@@ -266,11 +266,15 @@ impl Engine {
                     if part.num_rows() == 0 {
                         continue;
                     }
-                    let rows = self
-                        .plan
-                        .execute_pre(q, w, part.clone(), &dimensions)
-                        .await
-                        .map_err(|e| self.query_error(q, e))?;
+                    let step = super::udf_errors::Step::Pre(q, w);
+                    let part = self.unpoisoned(step, part.clone())?;
+                    let rows = match self.plan.execute_pre(q, w, part.clone(), &dimensions).await {
+                        Ok(rows) => rows,
+                        Err(e) if crate::udf::UdfPanicked::find(&e).is_some() => {
+                            return Err(self.udf_failure(step, &part, &dimensions, e).await)
+                        }
+                        Err(e) => return Err(self.query_error(q, e)),
+                    };
                     for rows in rows {
                         let done = self.windows.states[s]
                             .accumulate(&rows, sign, None)
@@ -708,16 +712,17 @@ mod tests {
             _ => None,
         };
         let sql = include_str!("../../../sql/engagement.sql");
-        let spec = crate::sql::parse_job("engagement", sql, &env).unwrap();
+        let mut spec = crate::sql::parse_job("engagement", sql, &env).unwrap();
+        spec.udfs = crate::udf::prepare(sql, &Default::default()).unwrap();
         let plan = JobPlan::new(&spec).await.unwrap();
         let windows = WindowStates::new(&plan).unwrap();
-        // 3 rankings + 4 KPI timeframes, read by 11 windowed aggregates.
-        assert_eq!(windows.len(), 7);
-        for (i, latest) in (6..10).enumerate() {
-            assert_eq!(windows.slots[5][i], windows.slots[latest][0]);
+        // 4 rankings + 4 KPI timeframes, read by 12 windowed aggregates.
+        assert_eq!(windows.len(), 8);
+        for (i, latest) in (7..11).enumerate() {
+            assert_eq!(windows.slots[6][i], windows.slots[latest][0]);
             assert_eq!(
-                windows.readers[windows.slots[5][i]],
-                vec![(5, i), (latest, 0)]
+                windows.readers[windows.slots[6][i]],
+                vec![(6, i), (latest, 0)]
             );
         }
     }

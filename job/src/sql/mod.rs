@@ -51,6 +51,8 @@ pub struct JobSpec {
     pub tables: Vec<TableDef>,
     pub views: Vec<ViewDef>,
     pub inserts: Vec<InsertDef>,
+    /// The UDFs the job's SQL can call (loaded by [`crate::udf::prepare`]).
+    pub udfs: crate::udf::Udfs,
 }
 
 /// A `CREATE TABLE` with its connector.
@@ -170,6 +172,7 @@ pub fn parse_job(
         tables: Vec::new(),
         views: Vec::new(),
         inserts: Vec::new(),
+        udfs: Vec::new(),
     };
     for statement in split_statements(&tokens) {
         parse_statement(&statement, script, &lines, env, &mut spec)?;

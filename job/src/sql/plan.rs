@@ -103,6 +103,8 @@ pub struct JobPlan {
     pub views: Vec<MaterializedView>,
     /// Per source: its CHECK constraints, planned.
     pub checks: Vec<Option<CheckPlan>>,
+    /// The UDFs registered with `ctx`.
+    pub udfs: crate::udf::Udfs,
 }
 
 impl std::fmt::Debug for JobPlan {
@@ -127,6 +129,7 @@ impl JobPlan {
         for udf in super::window::window_udfs() {
             ctx.register_udf(udf);
         }
+        crate::udf::functions::register(&ctx, &spec.udfs);
 
         let mut sources = Vec::new();
         let mut sinks = Vec::new();
@@ -315,6 +318,7 @@ impl JobPlan {
             queries,
             views,
             checks,
+            udfs: spec.udfs.clone(),
         })
     }
 

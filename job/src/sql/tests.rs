@@ -14,10 +14,23 @@ fn env(name: &str) -> Option<String> {
 
 const MISSION: &str = include_str!("../../../sql/engagement.sql");
 
+/// [`super::parse_job`] with the UDFs the SQL calls loaded (the crates
+/// shipped in udfs/, built once into the cache).
+fn parse_job(
+    job_name: &str,
+    script: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<JobSpec, SqlError> {
+    let mut spec = super::parse_job(job_name, script, env)?;
+    spec.udfs = crate::udf::prepare(script, &crate::udf::UdfOptions::default())
+        .expect("the shipped UDFs build and load");
+    Ok(spec)
+}
+
 #[test]
 fn mission_pipeline_parses_with_watermark_key_and_options() {
     let spec = parse_job("engagement", MISSION, &env).unwrap();
-    assert_eq!(spec.tables.len(), 15);
+    assert_eq!(spec.tables.len(), 16);
     let events = &spec.tables[0];
     assert_eq!(events.name, "engagement_events");
     assert_eq!(events.primary_key, vec!["id"]);
@@ -36,7 +49,7 @@ fn mission_pipeline_parses_with_watermark_key_and_options() {
         panic!("redis expected")
     };
     assert_eq!(redis.max_length, Some(50));
-    assert_eq!(spec.inserts.len(), 11);
+    assert_eq!(spec.inserts.len(), 12);
 }
 
 #[test]
@@ -139,7 +152,7 @@ async fn mission_plan_drives_by_events_and_looks_up_content() {
     let plan = plan::JobPlan::new(&spec).await.unwrap();
     assert_eq!(plan.sources.len(), 2);
     let windowed: Vec<usize> = plan.queries.iter().map(|q| q.windows.len()).collect();
-    assert_eq!(windowed, vec![0, 0, 1, 1, 1, 4, 1, 1, 1, 1, 0]);
+    assert_eq!(windowed, vec![0, 0, 1, 1, 1, 1, 4, 1, 1, 1, 1, 0]);
     // `enriched` is computed once per batch and shared: the join with
     // `content` (a dimension) lives in the view, and every query reads it.
     assert_eq!(plan.views.len(), 1);

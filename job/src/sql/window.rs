@@ -100,6 +100,9 @@ pub enum AggKind {
     Avg,
     Min,
     Max,
+    /// A UDAF from a plugin ([`AggSpec::udaf`]): the window keeps its
+    /// group's values and calls it as the window closes.
+    Udaf,
 }
 
 impl AggKind {
@@ -122,6 +125,8 @@ pub struct AggSpec {
     /// The scale of a decimal argument of `sum`/`avg`: such sums are kept
     /// exactly, as integers of that scale.
     pub decimal_scale: Option<i8>,
+    /// The plugin UDAF of an [`AggKind::Udaf`].
+    pub udaf: Option<crate::udf::UdfRef>,
 }
 
 /// One windowed aggregate node of a query.
@@ -345,7 +350,12 @@ fn cut_aggregate(
             ));
         }
         let name = call.func.name().to_ascii_lowercase();
+        let udaf = crate::udf::functions::PluginAggregate::udf_of(&call.func);
         let kind = match (name.as_str(), params.distinct) {
+            (_, true) if udaf.is_some() => {
+                return Err(format!("DISTINCT is not supported for the UDAF `{expr}` in windows"))
+            }
+            _ if udaf.is_some() => AggKind::Udaf,
             ("count", false) => AggKind::Count,
             ("count", true) => AggKind::CountDistinct,
             ("sum", false) => AggKind::Sum,
@@ -354,7 +364,7 @@ fn cut_aggregate(
             ("max", _) => AggKind::Max,
             _ => {
                 return Err(format!(
-                    "`{expr}` is not supported in windows; supported: count, count(DISTINCT ..), sum, avg, min, max"
+                    "`{expr}` is not supported in windows; supported: count, count(DISTINCT ..), sum, avg, min, max, and UDAFs"
                 ))
             }
         };
@@ -379,6 +389,7 @@ fn cut_aggregate(
             filter: None,
             output_type: output_fields[group_count + i].data_type().clone(),
             decimal_scale: None,
+            udaf: udaf.map(crate::udf::UdfRef),
         });
     }
     for (spec, filter) in filters {

@@ -14,7 +14,7 @@
 //! | `enriched_events` | every change (`c`, `u`, `d`) exactly once, every column equal, joined with content as of the change's commit |
 //! | `enriched_events_topic` (Kafka) | the same, read `read_committed`; each content item's changes in commit order, keyed by its id |
 //! | `recent_events` | per content item, its 50 newest inserts less the deleted ones, newest first, with their joined columns |
-//! | `top_content`, `top_devices`, `content_type_engagement` | the aggregate of the window they hold, from the contributions the model derives |
+//! | `top_content`, `top_devices`, `top_device_families`, `content_type_engagement` | the aggregate of the window they hold, from the contributions the model derives |
 //! | `kpi` (Parquet) | every closed tumbling window of every timeframe exactly once, every figure equal |
 //! | `kpi_*_latest` (Redis) | the latest closed window of each timeframe |
 //! | `late_events`, `dead_letter` | exactly the late inserts, and the bad ones with their reasons |

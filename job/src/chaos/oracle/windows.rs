@@ -32,7 +32,7 @@ pub(super) struct HopSink {
     sum: bool,
 }
 
-pub(super) const HOP_SINKS: [HopSink; 3] = [
+pub(super) const HOP_SINKS: [HopSink; 4] = [
     HopSink {
         sink: "top_content",
         key: "engage:top_content:10m",
@@ -47,6 +47,14 @@ pub(super) const HOP_SINKS: [HopSink; 3] = [
         sorted_set: true,
         top: None,
         group: |e| e.device.clone().unwrap_or_else(|| "unknown".into()),
+        sum: false,
+    },
+    HopSink {
+        sink: "top_device_families",
+        key: "engage:top_device_families:10m",
+        sorted_set: true,
+        top: None,
+        group: |e| device_family(e.device.as_deref()).unwrap_or_else(|| "unknown".into()),
         sum: false,
     },
     HopSink {
@@ -173,6 +181,41 @@ pub(super) async fn hop_window(
     Ok(check)
 }
 
+/// What `device_family(device)` (udfs/device_family) returns, written again
+/// from its documentation.
+fn device_family(device: Option<&str>) -> Option<String> {
+    let device = device?.trim().to_ascii_lowercase();
+    let base = device.split('-').next().unwrap_or("");
+    let family = match base {
+        "ios" | "android" | "iphone" | "ipad" => "mobile",
+        "web" => "web",
+        "tv" | "roku" | "firetv" | "appletv" | "chromecast" | "smarttv" => "tv",
+        _ => "other",
+    };
+    Some(family.to_string())
+}
+
+/// The median of a multiset of values (counts may have been retracted to
+/// zero), as `percentile_cont(0.5)`: the mean of the middle two for an even count.
+fn median(values: &HashMap<u64, i64>) -> Option<f64> {
+    let mut all: Vec<f64> = Vec::new();
+    for (bits, count) in values {
+        for _ in 0..(*count).max(0) {
+            all.push(f64::from_bits(*bits));
+        }
+    }
+    if all.is_empty() {
+        return None;
+    }
+    all.sort_by(f64::total_cmp);
+    let middle = all.len() / 2;
+    Some(if all.len() % 2 == 1 {
+        all[middle]
+    } else {
+        (all[middle - 1] + all[middle]) / 2.0
+    })
+}
+
 /// The KPI figures of one tumbling window.
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct Kpi {
@@ -183,10 +226,12 @@ pub(super) struct Kpi {
     engagement_seconds: f64,
     avg_engagement_seconds: Option<f64>,
     avg_engagement_pct: Option<f64>,
+    /// Only the 1-minute KPI has it (the UDAF `median_engagement`).
+    median_engagement_seconds: Option<f64>,
 }
 
 impl Kpi {
-    fn of(contributions: &[&Contribution]) -> Option<Kpi> {
+    fn of(contributions: &[&Contribution], with_median: bool) -> Option<Kpi> {
         let mut kpi = Kpi {
             events: 0,
             plays: 0,
@@ -195,8 +240,10 @@ impl Kpi {
             engagement_seconds: 0.0,
             avg_engagement_seconds: None,
             avg_engagement_pct: None,
+            median_engagement_seconds: None,
         };
         let mut users: HashMap<&str, i64> = HashMap::new();
+        let mut seconds: HashMap<u64, i64> = HashMap::new();
         let (mut seconds_n, mut pct_sum, mut pct_n) = (0i64, 0.0, 0i64);
         for c in contributions {
             let row = &c.row;
@@ -212,6 +259,7 @@ impl Kpi {
             if let Some(s) = row.engagement_seconds {
                 kpi.engagement_seconds += c.sign as f64 * s;
                 seconds_n += c.sign;
+                *seconds.entry(s.to_bits()).or_default() += c.sign;
             }
             if let Some(p) = row.engagement_pct {
                 pct_sum += c.sign as f64 * p;
@@ -222,6 +270,9 @@ impl Kpi {
         kpi.avg_engagement_seconds =
             (seconds_n > 0).then(|| kpi.engagement_seconds / seconds_n as f64);
         kpi.avg_engagement_pct = (pct_n > 0).then(|| pct_sum / pct_n as f64);
+        if with_median {
+            kpi.median_engagement_seconds = median(&seconds);
+        }
         (kpi.events > 0).then_some(kpi)
     }
 
@@ -233,6 +284,10 @@ impl Kpi {
             && close(self.engagement_seconds, other.engagement_seconds)
             && close_opt(self.avg_engagement_seconds, other.avg_engagement_seconds)
             && close_opt(self.avg_engagement_pct, other.avg_engagement_pct)
+            && close_opt(
+                self.median_engagement_seconds,
+                other.median_engagement_seconds,
+            )
     }
 }
 
@@ -267,7 +322,7 @@ fn closed_windows(expected: &mut Expected, bounds: &Bounds, width: i64) -> Vec<C
     let mut out = Vec::new();
     for start in starts {
         let contributions = expected.window(start, start + width);
-        if let Some(kpi) = Kpi::of(&contributions) {
+        if let Some(kpi) = Kpi::of(&contributions, width == MINUTE) {
             out.push((start, kpi, start + width > data));
         }
     }
@@ -282,7 +337,7 @@ pub(super) async fn kpi_table(
     let mut check = SinkCheck::new("kpi");
     let mut found: HashMap<(String, i64), Vec<Kpi>> = HashMap::new();
     let sql = "SELECT timeframe, window_start, events, plays, finishes, distinct_users, engagement_seconds, \
-               avg_engagement_seconds, avg_engagement_pct FROM kpi";
+               avg_engagement_seconds, avg_engagement_pct, median_engagement_seconds FROM kpi";
     for batch in outputs.rows("kpi", sql).await? {
         let c = Columns(&batch);
         let (frames, starts) = (c.strings("timeframe")?, c.micros("window_start")?);
@@ -292,10 +347,11 @@ pub(super) async fn kpi_table(
             c.ints("finishes")?,
             c.ints("distinct_users")?,
         );
-        let (seconds, avg_s, avg_p) = (
+        let (seconds, avg_s, avg_p, median) = (
             c.floats("engagement_seconds")?,
             c.floats("avg_engagement_seconds")?,
             c.floats("avg_engagement_pct")?,
+            c.floats("median_engagement_seconds")?,
         );
         for row in 0..batch.num_rows() {
             found
@@ -312,6 +368,7 @@ pub(super) async fn kpi_table(
                     engagement_seconds: seconds[row].unwrap_or_default(),
                     avg_engagement_seconds: avg_s[row],
                     avg_engagement_pct: avg_p[row],
+                    median_engagement_seconds: median[row],
                 });
         }
     }
@@ -409,6 +466,7 @@ pub(super) async fn kpi_latest(
         engagement_seconds: number("engagement_seconds").unwrap_or(f64::NAN),
         avg_engagement_seconds: number("avg_engagement_seconds"),
         avg_engagement_pct: number("avg_engagement_pct"),
+        median_engagement_seconds: number("median_engagement_seconds"),
     };
     if fields.get("timeframe").map(String::as_str) != Some(timeframe) || !got.matches(want) {
         check.wrong(|| format!("{key} holds {got:?}, expected {want:?}"));

@@ -88,7 +88,8 @@ impl Partials {
                     }
                     AggKind::Sum | AggKind::Avg => Column::Sum(Vec::new(), Vec::new()),
                     AggKind::Min | AggKind::Max => Column::Extreme(Vec::new(), Vec::new()),
-                    AggKind::CountDistinct => Column::Distinct(Vec::new()),
+                    // A UDAF keeps its values as count(DISTINCT) does: a multiset.
+                    AggKind::CountDistinct | AggKind::Udaf => Column::Distinct(Vec::new()),
                 })
                 .collect(),
             ..Partials::default()
@@ -298,10 +299,12 @@ impl WindowState {
             .aggregates
             .iter()
             .map(|a| match (a.kind, a.argument) {
-                (AggKind::CountDistinct, Some(arg)) => RowConverter::new(vec![SortField::new(
-                    pre_schema.field(arg).data_type().clone(),
-                )])
-                .map(Some),
+                (AggKind::CountDistinct | AggKind::Udaf, Some(arg)) => {
+                    RowConverter::new(vec![SortField::new(
+                        pre_schema.field(arg).data_type().clone(),
+                    )])
+                    .map(Some)
+                }
                 _ => Ok(None),
             })
             .collect::<Result<_, _>>()?;
@@ -369,7 +372,7 @@ impl WindowState {
             .aggregates
             .iter()
             .map(|a| match (a.kind, a.argument) {
-                (AggKind::CountDistinct, _) | (_, None) => Ok(None),
+                (AggKind::CountDistinct | AggKind::Udaf, _) | (_, None) => Ok(None),
                 _ if a.decimal_scale.is_some() => Ok(None),
                 (_, Some(arg)) => cast(batch.column(arg), &DataType::Float64).map(|c| {
                     Some(
@@ -656,6 +659,9 @@ impl WindowState {
                             None => (c[i] > 0).then_some(v[i]),
                         },
                     ))),
+                    Column::Distinct(maps) if spec.kind == AggKind::Udaf => {
+                        self.udaf_results(a, spec, maps, &live, start, end)?
+                    }
                     Column::Distinct(maps) => Arc::new(Int64Array::from_iter_values(
                         live.iter().map(|&i| maps[i].len() as i64),
                     )),
@@ -674,6 +680,57 @@ impl WindowState {
             })
             .collect::<Result<Vec<_>, _>>()?;
         RecordBatch::try_new(self.output_schema.clone(), columns)
+    }
+
+    /// A UDAF's result per entry in `live`: one call per entry over its
+    /// values, in the order of their row encoding (so a restored state gives
+    /// the same result). A call that panics gives NULL, with a warning.
+    fn udaf_results(
+        &self,
+        a: usize,
+        spec: &AggSpec,
+        maps: &[HashMap<Box<[u8]>, i64>],
+        live: &[usize],
+        start: i64,
+        end: i64,
+    ) -> Result<ArrayRef, ArrowError> {
+        let udf = &spec.udaf.as_ref().expect("a UDAF spec names its UDAF").0;
+        let converter = self.distinct_converters[a]
+            .as_ref()
+            .expect("a UDAF has a value converter");
+        let parser = converter.parser();
+        let mut results = Vec::with_capacity(live.len());
+        for &i in live {
+            let mut values: Vec<(&[u8], i64)> =
+                maps[i].iter().map(|(v, n)| (v.as_ref(), *n)).collect();
+            values.sort_unstable();
+            let rows = values.iter().flat_map(|(bytes, count)| {
+                std::iter::repeat_n(parser.parse(bytes), (*count).max(0) as usize)
+            });
+            let column = converter.convert_rows(rows)?.remove(0);
+            match crate::udf::functions::call_aggregate(udf, column) {
+                Ok(result) => results.push(result),
+                Err(e) if crate::udf::UdfPanicked::find(&e).is_some() => {
+                    tracing::warn!(
+                        udf = udf.name(),
+                        window_start = start,
+                        window_end = end,
+                        "a UDAF panicked on one group of a window: its result is NULL"
+                    );
+                    results.push(arrow::array::new_null_array(&spec.output_type, 1));
+                }
+                Err(e) => return Err(ArrowError::ExternalError(Box::new(e))),
+            }
+        }
+        if results.is_empty() {
+            return Ok(arrow::array::new_empty_array(&spec.output_type));
+        }
+        let results = results
+            .iter()
+            .map(|r| cast(r, &spec.output_type))
+            .collect::<Result<Vec<_>, _>>()?;
+        let parts: Vec<&dyn Array> = results.iter().map(|r| r.as_ref()).collect();
+        arrow::compute::concat(&parts)
     }
 
     /// The state as a batch (bucket, key, rows, then accumulators), for checkpoints.

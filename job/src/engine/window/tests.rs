@@ -47,6 +47,7 @@ fn window_state(
 
 fn aggregate(kind: AggKind, argument: Option<usize>, output_type: DataType) -> AggSpec {
     AggSpec {
+        udaf: None,
         decimal_scale: None,
         kind,
         argument,

@@ -1,0 +1,274 @@
+//! Loaded UDFs as DataFusion functions: a scalar UDF as a `ScalarUDFImpl`, a
+//! UDAF as an `AggregateUDFImpl` (whose accumulator gathers the group's
+//! values and calls the plugin once, at evaluation). In windows the engine
+//! does not use that accumulator: it recognises the aggregate
+//! ([`PluginAggregate::udf_of`]) and keeps the values in its window state.
+
+use std::any::Any;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, ListArray};
+use arrow::datatypes::{DataType, Field, FieldRef};
+use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
+use datafusion::error::DataFusionError;
+use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
+use datafusion::logical_expr::{
+    Accumulator, AggregateUDF, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDF,
+    ScalarUDFImpl, Signature, Volatility,
+};
+
+use super::ffi::CallError;
+use super::{Udf, UdfPanicked};
+
+/// Registers every UDF of `udfs` with `ctx`.
+pub fn register(ctx: &datafusion::prelude::SessionContext, udfs: &[Arc<Udf>]) {
+    for udf in udfs {
+        if udf.signature.is_aggregate() {
+            ctx.register_udaf(AggregateUDF::new_from_impl(PluginAggregate::new(
+                udf.clone(),
+            )));
+        } else {
+            ctx.register_udf(ScalarUDF::new_from_impl(PluginScalar::new(udf.clone())));
+        }
+    }
+}
+
+fn signature_of(udf: &Udf) -> Signature {
+    let types = (0..udf.signature.args.len())
+        .map(|i| udf.signature.arg_field(i).data_type().clone())
+        .collect();
+    // Deterministic functions: DataFusion may fold calls on constants.
+    Signature::exact(types, Volatility::Immutable)
+}
+
+fn call_error(udf: &Udf, error: CallError) -> DataFusionError {
+    match error {
+        CallError::Panicked => DataFusionError::External(Box::new(UdfPanicked {
+            udf: udf.name().to_string(),
+        })),
+        CallError::Arrow(e) => DataFusionError::ArrowError(Box::new(e), None),
+    }
+}
+
+/// A scalar UDF from a plugin library.
+#[derive(Debug)]
+pub struct PluginScalar {
+    udf: Arc<Udf>,
+    signature: Signature,
+}
+
+impl PluginScalar {
+    pub fn new(udf: Arc<Udf>) -> PluginScalar {
+        PluginScalar {
+            signature: signature_of(&udf),
+            udf,
+        }
+    }
+}
+
+impl PartialEq for PluginScalar {
+    fn eq(&self, other: &Self) -> bool {
+        self.udf.name() == other.udf.name() && self.udf.library_sha256 == other.udf.library_sha256
+    }
+}
+
+impl Eq for PluginScalar {}
+
+impl Hash for PluginScalar {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.udf.name().hash(state);
+        self.udf.library_sha256.hash(state);
+    }
+}
+
+impl ScalarUDFImpl for PluginScalar {
+    fn name(&self) -> &str {
+        self.udf.name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        if let Some(options) = &self.udf.signature.asynchronous {
+            return plan_err!(
+                "`{}` is an async UDF ({}ordered, timeout {} ms): engage cannot run async UDFs yet \
+                 (they need an operator that keeps rows in flight across checkpoints); \
+                 make it a plain `fn`",
+                self.udf.name(),
+                if options.ordered { "" } else { "un" },
+                options.timeout_ms
+            );
+        }
+        Ok(self.udf.signature.ret.data_type.to_arrow())
+    }
+
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let arrays = ColumnarValue::values_to_arrays(&args.args)?;
+        if arrays.first().is_some_and(|a| a.is_empty()) {
+            let ret = self.udf.signature.ret.data_type.to_arrow();
+            return Ok(ColumnarValue::Array(arrow::array::new_empty_array(&ret)));
+        }
+        let out = self
+            .udf
+            .call(&arrays)
+            .map_err(|e| call_error(&self.udf, e))?;
+        if out.len() != args.number_rows.max(arrays[0].len()) {
+            return exec_err!(
+                "UDF `{}` returned {} rows for {}",
+                self.udf.name(),
+                out.len(),
+                arrays[0].len()
+            );
+        }
+        Ok(ColumnarValue::Array(out))
+    }
+}
+
+/// A UDAF from a plugin library.
+#[derive(Debug)]
+pub struct PluginAggregate {
+    udf: Arc<Udf>,
+    signature: Signature,
+}
+
+impl PluginAggregate {
+    pub fn new(udf: Arc<Udf>) -> PluginAggregate {
+        PluginAggregate {
+            signature: signature_of(&udf),
+            udf,
+        }
+    }
+
+    /// The plugin UDAF behind an aggregate function, if it is one.
+    pub fn udf_of(function: &AggregateUDF) -> Option<Arc<Udf>> {
+        let inner: &dyn Any = function.inner().as_ref();
+        inner
+            .downcast_ref::<PluginAggregate>()
+            .map(|p| p.udf.clone())
+    }
+}
+
+impl PartialEq for PluginAggregate {
+    fn eq(&self, other: &Self) -> bool {
+        self.udf.name() == other.udf.name() && self.udf.library_sha256 == other.udf.library_sha256
+    }
+}
+
+impl Eq for PluginAggregate {}
+
+impl Hash for PluginAggregate {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.udf.name().hash(state);
+        self.udf.library_sha256.hash(state);
+    }
+}
+
+impl AggregateUDFImpl for PluginAggregate {
+    fn name(&self) -> &str {
+        self.udf.name()
+    }
+
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    fn return_type(&self, _: &[DataType]) -> Result<DataType> {
+        Ok(self.udf.signature.ret.data_type.to_arrow())
+    }
+
+    fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
+        Ok(Box::new(Gathered {
+            udf: self.udf.clone(),
+            values: Vec::new(),
+        }))
+    }
+
+    fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
+        let item = Field::new_list_field(self.udf.signature.arg_field(0).data_type().clone(), true);
+        Ok(vec![Arc::new(Field::new(
+            format!("{}[values]", args.name),
+            DataType::List(Arc::new(item)),
+            true,
+        ))])
+    }
+}
+
+/// Every value of a group, for one call at the end.
+#[derive(Debug)]
+struct Gathered {
+    udf: Arc<Udf>,
+    values: Vec<ArrayRef>,
+}
+
+impl Gathered {
+    fn all(&self) -> Result<ArrayRef> {
+        let data_type = self.udf.signature.arg_field(0).data_type().clone();
+        if self.values.is_empty() {
+            return Ok(arrow::array::new_empty_array(&data_type));
+        }
+        let parts: Vec<&dyn Array> = self.values.iter().map(|a| a.as_ref()).collect();
+        Ok(arrow::compute::concat(&parts)?)
+    }
+}
+
+impl Accumulator for Gathered {
+    fn update_batch(&mut self, values: &[ArrayRef]) -> Result<()> {
+        let data_type = self.udf.signature.arg_field(0).data_type().clone();
+        self.values
+            .push(super::ffi::cast_to(&values[0], &data_type)?);
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<ScalarValue> {
+        let out = call_aggregate(&self.udf, self.all()?)?;
+        ScalarValue::try_from_array(&out, 0)
+    }
+
+    fn size(&self) -> usize {
+        self.values
+            .iter()
+            .map(|a| a.get_array_memory_size())
+            .sum::<usize>()
+            + std::mem::size_of::<Self>()
+    }
+
+    fn state(&mut self) -> Result<Vec<ScalarValue>> {
+        let all = self.all()?;
+        let list = ListArray::new(
+            Arc::new(Field::new_list_field(all.data_type().clone(), true)),
+            arrow::buffer::OffsetBuffer::from_lengths([all.len()]),
+            all,
+            None,
+        );
+        Ok(vec![ScalarValue::List(Arc::new(list))])
+    }
+
+    fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
+        let lists = states[0]
+            .as_any()
+            .downcast_ref::<ListArray>()
+            .ok_or_else(|| DataFusionError::Internal("UDAF state is not a list".into()))?;
+        for i in 0..lists.len() {
+            if lists.is_valid(i) {
+                self.values.push(lists.value(i));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Calls a UDAF over one group's values: a one-row result.
+pub fn call_aggregate(udf: &Udf, values: ArrayRef) -> Result<ArrayRef> {
+    let out = udf.call(&[values]).map_err(|e| call_error(udf, e))?;
+    if out.len() != 1 {
+        return exec_err!(
+            "UDAF `{}` returned {} rows for one group",
+            udf.name(),
+            out.len()
+        );
+    }
+    Ok(out)
+}

@@ -186,14 +186,15 @@ async fn mission_plan_drives_by_events_and_looks_up_content() {
     assert!(warehouse.time_column.is_some());
     // Each KPI window goes to Parquet (`kpi`, 4 windows) and to its own Redis
     // hash: the two keep the same state, which the engine keeps once.
-    let kpi = &plan.queries[5];
-    for (i, latest) in plan.queries[6..10].iter().enumerate() {
+    let kpi = &plan.queries[6];
+    for (i, latest) in plan.queries[7..11].iter().enumerate() {
         assert!(kpi.windows[i].same_state_as(&latest.windows[0]));
         assert!(!kpi.windows[(i + 1) % 4].same_state_as(&latest.windows[0]));
     }
-    // The three 10-minute rankings group differently: no sharing.
+    // The four 10-minute rankings group differently: no sharing.
     assert!(!plan.queries[2].windows[0].same_state_as(&plan.queries[3].windows[0]));
     assert!(!plan.queries[3].windows[0].same_state_as(&plan.queries[4].windows[0]));
+    assert!(!plan.queries[4].windows[0].same_state_as(&plan.queries[5].windows[0]));
 }
 
 #[tokio::test]

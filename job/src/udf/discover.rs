@@ -323,6 +323,12 @@ pub fn build(crate_dir: &Path) -> Result<Built, String> {
     let signature = signature::parse_crate(crate_dir)?;
     let package = package_name(crate_dir)?;
     let target = target_dir();
+    std::fs::create_dir_all(&target)
+        .map_err(|e| format!("cannot create {}: {e}", target.display()))?;
+    // Crates of the same name (udfs/x and its shipped copy in the cache)
+    // write the same file under the shared target directory: builds and
+    // copies of every process take turns.
+    let _lock = BuildLock::take(&target.join(".engage-udf-build.lock"))?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .args(["build", "--release", "--lib", "--manifest-path"])
@@ -388,6 +394,32 @@ pub fn build(crate_dir: &Path) -> Result<Built, String> {
         library,
         manifest: manifest_path,
     })
+}
+
+/// An exclusive `flock` on a file, released when dropped (or when the process dies).
+struct BuildLock {
+    _file: std::fs::File,
+}
+
+impl BuildLock {
+    fn take(path: &Path) -> Result<BuildLock, String> {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!(
+                "cannot lock {}: {}",
+                path.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(BuildLock { _file: file })
+    }
 }
 
 /// `[package] name` of a crate.

@@ -12,7 +12,8 @@
 //! allocator) and the arrays in it belong to the plugin once `__run` is
 //! called; the returned array belongs to us, and is released through its own
 //! release callback. The plugin catches a panic in the user's function and
-//! returns `RunResult::Err`.
+//! returns `RunResult::Err`. Because returned arrays are released by the
+//! plugin's code, a loaded library stays loaded until the process exits.
 
 use std::path::{Path, PathBuf};
 
@@ -53,11 +54,16 @@ pub enum CallError {
 }
 
 /// A loaded UDF library and its `__run` entry point.
+///
+/// A library is never unloaded: every array a call returns is released by
+/// the plugin's own code (its release callback), and such arrays live on in
+/// window outputs, the HTTP server's recent windows and sink buffers, up to
+/// the very end of the process. Unloading the library first would leave
+/// those callbacks pointing at unmapped code.
 pub struct Library {
     path: PathBuf,
     run: RunFn,
-    // Keeps the code `run` points into mapped; never unloaded before `run`.
-    _library: libloading::Library,
+    _library: std::mem::ManuallyDrop<libloading::Library>,
 }
 
 impl std::fmt::Debug for Library {
@@ -86,7 +92,7 @@ impl Library {
         Ok(Library {
             path: path.to_path_buf(),
             run,
-            _library: library,
+            _library: std::mem::ManuallyDrop::new(library),
         })
     }
 

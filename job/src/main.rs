@@ -423,6 +423,7 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    listen_for_shutdown();
     match run(Cli::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
@@ -661,13 +662,37 @@ fn progress_bar(count: Option<u64>) -> indicatif::ProgressBar {
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+type Shutdown = futures::future::Shared<futures::future::BoxFuture<'static, ()>>;
+
+/// SIGINT or SIGTERM, listened for from the start of the process.
+static SHUTDOWN: std::sync::OnceLock<Shutdown> = std::sync::OnceLock::new();
+
+/// Installs the SIGINT/SIGTERM handlers. Called first thing in `main`: a
+/// signal that arrives while the job is still starting up (loading UDFs,
+/// connecting) then stops it gracefully instead of killing it outright.
+fn listen_for_shutdown() {
+    use futures::FutureExt;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler installs");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .expect("SIGINT handler installs");
+    let signal = async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
     }
+    .boxed()
+    .shared();
+    let _ = SHUTDOWN.set(signal);
+}
+
+/// Resolves once SIGINT or SIGTERM has arrived (any time since `main` started).
+fn shutdown_signal() -> Shutdown {
+    SHUTDOWN
+        .get()
+        .expect("listen_for_shutdown ran in main")
+        .clone()
 }
 
 #[cfg(test)]

@@ -376,7 +376,7 @@ async fn replay_from_an_older_checkpoint_counts_nothing_twice_and_refills_a_flus
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert_eq!(windows.len(), 2, "{windows:?}");
+    assert_eq!(windows.len(), 3, "{windows:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,7 +12,6 @@ use arrow::record_batch::RecordBatch;
 use super::udf_errors::Step;
 use super::{Engine, JobError};
 use crate::change::{Position, LSN_COLUMN, SEQ_COLUMN};
-use crate::udf::UdfPanicked;
 
 impl Engine {
     /// Runs the queries driven by `source` over `batch`, then updates its dimension.
@@ -71,21 +70,16 @@ impl Engine {
             let commits = commits
                 .clone()
                 .filter(|_| input.num_rows() == full.num_rows());
-            let input = self.unpoisoned(Step::Query(index), input)?;
-            let output = match self.plan.execute(index, input.clone(), &dimensions).await {
-                Ok(output) => output,
-                Err(e) if UdfPanicked::find(&e).is_some() => {
-                    return Err(self
-                        .udf_failure(Step::Query(index), &input, &dimensions, e)
-                        .await)
-                }
-                Err(e) => {
-                    return Err(JobError::Query {
-                        sink: self.sinks[index].name().to_string(),
-                        message: e.to_string(),
-                    })
-                }
-            };
+            let step = Step::Query(index);
+            let input = self.unpoisoned(step, input)?;
+            let result = self.plan.execute(index, input.clone(), &dimensions).await;
+            let sink_name = self.sinks[index].name().to_string();
+            let output = self
+                .checked(step, &input, &dimensions, result, |e| JobError::Query {
+                    sink: sink_name,
+                    message: e.to_string(),
+                })
+                .await?;
             let sink = &mut self.sinks[index];
             let rows: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
             sink.write(output, last, commits).await?;
@@ -157,28 +151,20 @@ impl Engine {
                 sink: format!("view {}", view.name),
                 message: e.to_string(),
             };
-            let input = self.unpoisoned(Step::View(v), batch.clone())?;
-            let rows = match self.plan.execute_view(v, input.clone(), &dimensions).await {
-                Ok(rows) => rows,
-                Err(e) if UdfPanicked::find(&e).is_some() => {
-                    return Err(self
-                        .udf_failure(Step::View(v), &input, &dimensions, e)
-                        .await)
-                }
-                Err(e) => return Err(error(e)),
-            };
+            let step = Step::View(v);
+            let input = self.unpoisoned(step, batch.clone())?;
+            let result = self.plan.execute_view(v, input.clone(), &dimensions).await;
+            let rows = self
+                .checked(step, &input, &dimensions, result, error)
+                .await?;
             let old = match before {
                 Some(before) => {
-                    let input = self.unpoisoned(Step::View(v), before.clone())?;
-                    match self.plan.execute_view(v, input.clone(), &dimensions).await {
-                        Ok(rows) => Some(rows),
-                        Err(e) if UdfPanicked::find(&e).is_some() => {
-                            return Err(self
-                                .udf_failure(Step::View(v), &input, &dimensions, e)
-                                .await)
-                        }
-                        Err(e) => return Err(error(e)),
-                    }
+                    let input = self.unpoisoned(step, before.clone())?;
+                    let result = self.plan.execute_view(v, input.clone(), &dimensions).await;
+                    Some(
+                        self.checked(step, &input, &dimensions, result, error)
+                            .await?,
+                    )
                 }
                 None => None,
             };

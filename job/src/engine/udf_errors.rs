@@ -178,6 +178,25 @@ impl Engine {
         Ok(())
     }
 
+    /// `result` of running `step` over `input`: a UDF panic becomes
+    /// [`Engine::udf_failure`]'s error, any other error `other`'s.
+    pub(super) async fn checked<T>(
+        &self,
+        step: Step,
+        input: &RecordBatch,
+        dimensions: &[(usize, RecordBatch)],
+        result: datafusion::error::Result<T>,
+        other: impl FnOnce(datafusion::error::DataFusionError) -> JobError,
+    ) -> Result<T, JobError> {
+        match result {
+            Ok(value) => Ok(value),
+            Err(e) if UdfPanicked::find(&e).is_some() => {
+                Err(self.udf_failure(step, input, dimensions, e).await)
+            }
+            Err(e) => Err(other(e)),
+        }
+    }
+
     /// After `step` failed over `input` because a UDF panicked: finds the
     /// rows it panics on, records them, and returns the error that restarts
     /// the run (or, if that cannot help, the error that stops the job).

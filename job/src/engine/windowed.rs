@@ -268,13 +268,10 @@ impl Engine {
                     }
                     let step = super::udf_errors::Step::Pre(q, w);
                     let part = self.unpoisoned(step, part.clone())?;
-                    let rows = match self.plan.execute_pre(q, w, part.clone(), &dimensions).await {
-                        Ok(rows) => rows,
-                        Err(e) if crate::udf::UdfPanicked::find(&e).is_some() => {
-                            return Err(self.udf_failure(step, &part, &dimensions, e).await)
-                        }
-                        Err(e) => return Err(self.query_error(q, e)),
-                    };
+                    let result = self.plan.execute_pre(q, w, part.clone(), &dimensions).await;
+                    let rows = self
+                        .checked(step, &part, &dimensions, result, |e| self.query_error(q, e))
+                        .await?;
                     for rows in rows {
                         let done = self.windows.states[s]
                             .accumulate(&rows, sign, None)

@@ -106,8 +106,14 @@ impl ScalarUDFImpl for PluginScalar {
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        // All constants (e.g. folded at plan time): one call, one value.
+        let constant = args
+            .args
+            .iter()
+            .all(|a| matches!(a, ColumnarValue::Scalar(_)));
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
-        if arrays.first().is_some_and(|a| a.is_empty()) {
+        let rows = arrays.first().map_or(0, |a| a.len());
+        if rows == 0 {
             let ret = self.udf.signature.ret.data_type.to_arrow();
             return Ok(ColumnarValue::Array(arrow::array::new_empty_array(&ret)));
         }
@@ -115,13 +121,15 @@ impl ScalarUDFImpl for PluginScalar {
             .udf
             .call(&arrays)
             .map_err(|e| call_error(&self.udf, e))?;
-        if out.len() != args.number_rows.max(arrays[0].len()) {
+        if out.len() != rows {
             return exec_err!(
-                "UDF `{}` returned {} rows for {}",
+                "UDF `{}` returned {} rows for {rows}",
                 self.udf.name(),
-                out.len(),
-                arrays[0].len()
+                out.len()
             );
+        }
+        if constant {
+            return Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(&out, 0)?));
         }
         Ok(ColumnarValue::Array(out))
     }

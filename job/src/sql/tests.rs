@@ -721,3 +721,17 @@ async fn a_joining_query_without_a_view_keeps_the_changes_order() {
         &ids[..40.min(ids.len())]
     );
 }
+
+#[tokio::test]
+async fn a_udf_called_with_the_wrong_types_is_a_plan_error_naming_its_library() {
+    let call = "device_family(device)";
+    assert!(MISSION.contains(call), "test edit must apply");
+    let sql = MISSION.replace(call, "device_family(device, user_id)");
+    let spec = parse_job("engagement", &sql, &env).unwrap();
+    let error = plan::JobPlan::new(&spec).await.unwrap_err().to_string();
+    assert!(
+        error.contains("UDF `device_family` takes (TEXT) but is called with (Utf8, Utf8)"),
+        "{error}"
+    );
+    assert!(error.contains("libdevice_family"), "{error}");
+}

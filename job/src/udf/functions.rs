@@ -34,12 +34,43 @@ pub fn register(ctx: &datafusion::prelude::SessionContext, udfs: &[Arc<Udf>]) {
     }
 }
 
-fn signature_of(udf: &Udf) -> Signature {
-    let types = (0..udf.signature.args.len())
+fn signature_of(_: &Udf) -> Signature {
+    // Arguments are checked by `coerce` (for errors that name the library);
+    // deterministic functions: DataFusion may fold calls on constants.
+    Signature::user_defined(Volatility::Immutable)
+}
+
+/// The declared argument types, if `given` converts to them implicitly (as
+/// DataFusion coerces arguments of its own functions); otherwise a plan error
+/// that says what the function takes and which library it comes from.
+fn coerce(udf: &Udf, given: &[DataType]) -> Result<Vec<DataType>> {
+    let declared: Vec<DataType> = (0..udf.signature.args.len())
         .map(|i| udf.signature.arg_field(i).data_type().clone())
         .collect();
-    // Deterministic functions: DataFusion may fold calls on constants.
-    Signature::exact(types, Volatility::Immutable)
+    let fits = given.len() == declared.len()
+        && given
+            .iter()
+            .zip(&declared)
+            .all(|(from, to)| implicit(from, to));
+    if fits {
+        return Ok(declared);
+    }
+    let takes: Vec<&str> = udf
+        .signature
+        .args
+        .iter()
+        .map(|a| a.data_type.sql())
+        .collect();
+    let called: Vec<String> = given.iter().map(|t| t.to_string()).collect();
+    plan_err!(
+        "UDF `{}` takes ({}) but is called with ({}); it is declared in {} (built as {}): \
+         cast the arguments, or change its #[udf] signature and rebuild",
+        udf.name(),
+        takes.join(", "),
+        called.join(", "),
+        udf.crate_dir,
+        udf.library_path.display()
+    )
 }
 
 fn call_error(udf: &Udf, error: CallError) -> DataFusionError {
@@ -49,6 +80,27 @@ fn call_error(udf: &Udf, error: CallError) -> DataFusionError {
         })),
         CallError::Arrow(e) => DataFusionError::ArrowError(Box::new(e), None),
     }
+}
+
+/// Whether a `from` argument converts to a declared `to` without saying so:
+/// NULL, text to text, bytes to bytes, and numbers that lose nothing
+/// (integers widening, any number to a float), as in Postgres.
+fn implicit(from: &DataType, to: &DataType) -> bool {
+    use DataType::*;
+    let signed = |t: &DataType| matches!(t, Int8 | Int16 | Int32 | Int64);
+    let width = |t: &DataType| t.primitive_width().unwrap_or(usize::MAX);
+    from == to
+        || from.is_null()
+        || (matches!(from, Utf8 | LargeUtf8 | Utf8View) && matches!(to, Utf8))
+        || (matches!(from, Binary | LargeBinary | BinaryView) && matches!(to, Binary))
+        || (to.is_floating() && from.is_numeric())
+        || (from.is_integer()
+            && to.is_integer()
+            && match (signed(from), signed(to)) {
+                (true, true) | (false, false) => width(from) <= width(to),
+                (false, true) => width(from) < width(to),
+                (true, false) => false,
+            })
 }
 
 /// A scalar UDF from a plugin library.
@@ -89,6 +141,10 @@ impl ScalarUDFImpl for PluginScalar {
 
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        coerce(&self.udf, arg_types)
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
@@ -181,6 +237,10 @@ impl AggregateUDFImpl for PluginAggregate {
 
     fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        coerce(&self.udf, arg_types)
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
@@ -279,4 +339,25 @@ pub fn call_aggregate(udf: &Udf, values: ArrayRef) -> Result<ArrayRef> {
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn implicit_conversions_lose_nothing() {
+        use DataType::*;
+        assert!(implicit(&Utf8View, &Utf8));
+        assert!(implicit(&Null, &Int64));
+        assert!(implicit(&Int32, &Int64));
+        assert!(implicit(&UInt32, &Int64));
+        assert!(implicit(&Int64, &Float64));
+        assert!(implicit(&Decimal128(10, 2), &Float64));
+        assert!(!implicit(&Int64, &Int32));
+        assert!(!implicit(&Int32, &UInt64));
+        assert!(!implicit(&Float64, &Int64));
+        assert!(!implicit(&Int64, &Utf8));
+        assert!(!implicit(&Utf8, &Float64));
+    }
 }

@@ -51,6 +51,8 @@ pub struct Udf {
     pub signature: Signature,
     pub library_path: PathBuf,
     pub library_sha256: String,
+    /// The crate it was built from (for error messages).
+    pub crate_dir: String,
     /// `None` for an async UDF, which engage lists but cannot run yet.
     library: Option<Library>,
 }
@@ -94,6 +96,7 @@ impl Udf {
             signature: manifest.signature,
             library_path,
             library_sha256,
+            crate_dir: manifest.crate_dir,
             library,
         })
     }

@@ -1,7 +1,7 @@
 //! UDFs built from `#[udf]` crates and loaded at run time, checked against the
 //! same computation in Postgres: the shipped scalar `device_family`, the
 //! shipped UDAF `median_engagement` in a tumbling window with a delete
-//! retracting and NULLs, and a UDF crate the test writes itself, outside the
+//! retracting and NULLs, the shipped async UDF `engagement_label`, and a UDF crate the test writes itself, outside the
 //! repository, that panics on one input (that row is dead-lettered, the rest
 //! flow).
 
@@ -28,7 +28,8 @@ fn job_sql(data: &Path, extra: &str) -> String {
         ) WITH (connector = 'postgres-cdc', connection = '${{ENGAGE_POSTGRES_URL}}',
                 table = 'public.engagement_events');
         CREATE TABLE families WITH (connector = 'filesystem', path = '{data}/families', format = 'parquet');
-        INSERT INTO families SELECT id, device, device_family(device) AS family, device_family(' Roku') AS constant, _op FROM engagement_events;
+        INSERT INTO families SELECT id, device, device_family(device) AS family, device_family(' Roku') AS constant,
+                                    engagement_label(duration_ms) AS label, _op FROM engagement_events;
         CREATE TABLE medians WITH (connector = 'filesystem', path = '{data}/medians', format = 'parquet');
         INSERT INTO medians
         SELECT window.start AS window_start, events, median_seconds
@@ -118,6 +119,34 @@ async fn shipped_udfs_equal_the_same_computation_in_postgres() {
     }
     assert_eq!(ours, want);
 
+    // Async: `engagement_label` (one call per row, results in row order;
+    // NULL for a NULL duration, which the function does not take).
+    let ours = csv(
+        &path,
+        "SELECT id, coalesce(label, 'NULL') AS l FROM families WHERE _op = 'c' ORDER BY id",
+    )
+    .await;
+    let rows = client
+        .query(
+            "SELECT i::bigint, coalesce(CASE WHEN d IS NULL THEN NULL WHEN d < 10000 THEN 'bounce'
+                                             WHEN d < 60000 THEN 'short' WHEN d < 600000 THEN 'engaged'
+                                             ELSE 'deep' END, 'NULL')
+             FROM generate_series(0, 199) i,
+             LATERAL (SELECT CASE WHEN i % 11 = 0 THEN NULL ELSE (i * 7919) % 600000 END AS d) x ORDER BY i",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut want = String::from("id,l\n");
+    for row in rows {
+        want.push_str(&format!(
+            "{},{}\n",
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1)
+        ));
+    }
+    assert_eq!(ours, want);
+
     // A call on a constant is one value (DataFusion may fold it at plan time).
     let constant = csv(&path, "SELECT DISTINCT constant FROM families").await;
     assert_eq!(constant, "constant\ntv\n");
@@ -154,41 +183,72 @@ async fn shipped_udfs_equal_the_same_computation_in_postgres() {
     job.stop();
 }
 
-/// A UDF crate outside the repository, as a user would write it.
-fn write_crate(dir: &Path) {
+/// A UDF crate `name` outside the repository, as a user would write it,
+/// with `lib_rs` as its source.
+fn write_crate(dir: &Path, name: &str, lib_rs: &str) {
     std::fs::create_dir_all(dir.join("src")).unwrap();
     std::fs::write(
         dir.join("Cargo.toml"),
-        "[package]\nname = \"shout\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
-         [lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\narroyo-udf-plugin = \"0.2\"\n\n[workspace]\n",
+        format!(
+            "[package]\nname = \"{name}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\n\n[dependencies]\narroyo-udf-plugin = \"0.2\"\n\n[workspace]\n"
+        ),
     )
     .unwrap();
     // The repository's lock file: the same dependency versions, already built.
     std::fs::copy(
         concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../udfs/device_family/Cargo.lock"
+            "/../udfs/engagement_label/Cargo.lock"
         ),
         dir.join("Cargo.lock"),
     )
     .unwrap();
-    std::fs::write(
-        dir.join("src/lib.rs"),
-        "use arroyo_udf_plugin::udf;\n\n\
-         #[udf]\nfn shout(device: &str) -> String {\n    \
-             if device == \"boom\" {\n        panic!(\"cannot shout boom\");\n    }\n    \
-             device.to_uppercase()\n}\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("src/lib.rs"), lib_rs).unwrap();
 }
+
+const SHOUT: &str = "use arroyo_udf_plugin::udf;
+
+#[udf]
+fn shout(device: &str) -> String {
+    if device == \"boom\" {
+        panic!(\"cannot shout boom\");
+    }
+    device.to_uppercase()
+}
+";
+
+/// An async UDF that never answers for one input: its call times out.
+const SLEEPY: &str = "use arroyo_udf_plugin::async_udf::tokio;
+use arroyo_udf_plugin::udf;
+
+#[udf(unordered, timeout = \"300ms\")]
+async fn shout(device: &str) -> String {
+    if device == \"boom\" {
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    }
+    device.to_uppercase()
+}
+";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_udf_that_panics_dead_letters_only_its_rows() {
+    rows_a_udf_fails_on_are_dead_lettered("shout", SHOUT).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_async_udf_that_times_out_dead_letters_only_its_rows() {
+    rows_a_udf_fails_on_are_dead_lettered("sleepy", SLEEPY).await;
+}
+
+/// A crate `crate_name` whose UDF `shout` fails on the device "boom": that
+/// row is dead-lettered, every other flows.
+async fn rows_a_udf_fails_on_are_dead_lettered(crate_name: &str, lib_rs: &str) {
     let world = World::start().await;
     let client = world.sql().await;
     client.batch_execute(SCHEMA).await.unwrap();
     let crate_dir = tempfile::tempdir().unwrap();
-    write_crate(crate_dir.path());
+    write_crate(crate_dir.path(), crate_name, lib_rs);
     let data = world.data_dir();
     std::fs::create_dir_all(&data).unwrap();
     let extra = format!(

@@ -43,6 +43,12 @@ pub const SHIPPED: &[(&str, &str, &str, &str)] = &[
         include_str!("../../../udfs/median_engagement/Cargo.lock"),
         include_str!("../../../udfs/median_engagement/src/lib.rs"),
     ),
+    (
+        "engagement_label",
+        include_str!("../../../udfs/engagement_label/Cargo.toml"),
+        include_str!("../../../udfs/engagement_label/Cargo.lock"),
+        include_str!("../../../udfs/engagement_label/src/lib.rs"),
+    ),
 ];
 
 /// Where UDFs come from (see the module docs).

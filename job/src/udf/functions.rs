@@ -148,16 +148,6 @@ impl ScalarUDFImpl for PluginScalar {
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        if let Some(options) = &self.udf.signature.asynchronous {
-            return plan_err!(
-                "`{}` is an async UDF ({}ordered, timeout {} ms): engage cannot run async UDFs yet \
-                 (they need an operator that keeps rows in flight across checkpoints); \
-                 make it a plain `fn`",
-                self.udf.name(),
-                if options.ordered { "" } else { "un" },
-                options.timeout_ms
-            );
-        }
         Ok(self.udf.signature.ret.data_type.to_arrow())
     }
 

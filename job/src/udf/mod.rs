@@ -15,6 +15,12 @@
 //! a delete takes its value back out) and is called once per group as the
 //! window closes.
 //!
+//! An async UDF (`async fn`) runs batch by batch: each row of the batch is
+//! sent to the plugin's own runtime, and the call returns once every result
+//! is back, in row order (`ffi.rs`). No row is ever in flight at a
+//! checkpoint barrier, so exactly-once needs nothing more; a batch takes as
+//! long as its slowest call. A timeout is handled as a panic.
+//!
 //! # A UDF that panics
 //!
 //! The plugin catches a panic and fails the whole call. The engine then finds
@@ -53,8 +59,7 @@ pub struct Udf {
     pub library_sha256: String,
     /// The crate it was built from (for error messages).
     pub crate_dir: String,
-    /// `None` for an async UDF, which engage lists but cannot run yet.
-    library: Option<Library>,
+    library: Library,
 }
 
 impl Udf {
@@ -88,10 +93,7 @@ impl Udf {
                 manifest.crate_dir
             ));
         }
-        let library = match manifest.signature.asynchronous {
-            Some(_) => None,
-            None => Some(Library::open(&library_path)?),
-        };
+        let library = Library::open(&library_path, manifest.signature.asynchronous.is_some())?;
         Ok(Udf {
             signature: manifest.signature,
             library_path,
@@ -107,18 +109,74 @@ impl Udf {
 
     /// Calls the function over `args`, cast to the declared types first.
     pub fn call(&self, args: &[ArrayRef]) -> Result<ArrayRef, CallError> {
-        let library = self.library.as_ref().ok_or_else(|| {
-            CallError::Arrow(arrow::error::ArrowError::NotYetImplemented(format!(
-                "async UDF `{}`",
-                self.name()
-            )))
-        })?;
         let args = args
             .iter()
             .zip(&self.signature.args)
             .map(|(a, declared)| ffi::cast_to(a, &declared.data_type.to_arrow()))
             .collect::<Result<Vec<_>, _>>()?;
-        library.call(&args)
+        match &self.signature.asynchronous {
+            None => self.library.call(&args),
+            Some(options) => self.call_async(&args, options),
+        }
+    }
+
+    /// An async UDF over a batch: every row is sent, and the call returns
+    /// once every result is back (see the module docs). A row with NULL in
+    /// an argument that is not an `Option` gives NULL without a call, as the
+    /// synchronous ABI does (the async one would read the NULL as a value).
+    fn call_async(
+        &self,
+        args: &[ArrayRef],
+        options: &signature::AsyncOptions,
+    ) -> Result<ArrayRef, CallError> {
+        use arrow::array::{Array, UInt32Array};
+        let rows = args.first().map_or(0, |a| a.len());
+        let skipped: Vec<bool> = (0..rows)
+            .map(|row| {
+                args.iter()
+                    .zip(&self.signature.args)
+                    .any(|(a, declared)| !declared.nullable && a.is_null(row))
+            })
+            .collect();
+        let sent: UInt32Array = (0..rows as u32)
+            .filter(|&row| !skipped[row as usize])
+            .collect();
+        let sent_args = if sent.len() == rows {
+            args.to_vec()
+        } else {
+            args.iter()
+                .map(|a| arrow::compute::take(a, &sent, None))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let config = ffi::AsyncConfig {
+            ordered: options.ordered,
+            timeout: std::time::Duration::from_millis(options.timeout_ms),
+            allowed_in_flight: u32::try_from(options.allowed_in_flight).unwrap_or(u32::MAX),
+        };
+        let results = if sent.is_empty() {
+            Vec::new()
+        } else {
+            self.library.call_async(&sent_args, config)?
+        };
+        let ret = self.signature.ret.data_type.to_arrow();
+        let values = if results.is_empty() {
+            arrow::array::new_empty_array(&ret)
+        } else {
+            let parts: Vec<&dyn Array> = results.iter().map(|(_, a)| a.as_ref()).collect();
+            arrow::compute::concat(&parts)?
+        };
+        // Row `r` takes the next result, or NULL if it was not sent.
+        let mut next = 0u32;
+        let positions: UInt32Array = skipped
+            .iter()
+            .map(|&skip| {
+                (!skip).then(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        Ok(arrow::compute::take(&values, &positions, None)?)
     }
 }
 

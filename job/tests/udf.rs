@@ -42,13 +42,20 @@ fn job_sql(data: &Path, extra: &str) -> String {
     )
 }
 
-/// `device_family` as SQL, from the crate's documentation.
-const FAMILY_CASE: &str = "CASE
-    WHEN device IS NULL THEN NULL
-    WHEN split_part(lower(trim(device)), '-', 1) IN ('ios', 'android', 'iphone', 'ipad') THEN 'mobile'
-    WHEN split_part(lower(trim(device)), '-', 1) = 'web' THEN 'web'
-    WHEN split_part(lower(trim(device)), '-', 1) IN ('tv', 'roku', 'firetv', 'appletv', 'chromecast', 'smarttv') THEN 'tv'
-    ELSE 'other' END";
+use engage::udf::bench::FAMILY_CASE;
+
+/// `header` and then the (id, text) rows of a Postgres query, as CSV.
+async fn postgres_csv(client: &tokio_postgres::Client, header: &str, sql: &str) -> String {
+    let mut out = format!("{header}\n");
+    for row in client.query(sql, &[]).await.unwrap() {
+        out.push_str(&format!(
+            "{},{}\n",
+            row.get::<_, i64>(0),
+            row.get::<_, String>(1)
+        ));
+    }
+    out
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shipped_udfs_equal_the_same_computation_in_postgres() {
@@ -98,25 +105,16 @@ async fn shipped_udfs_equal_the_same_computation_in_postgres() {
         "SELECT id, coalesce(family, 'NULL') AS f FROM families WHERE _op = 'c' ORDER BY id",
     )
     .await;
-    let rows = client
-        .query(
-            &format!(
-                "SELECT i::bigint, coalesce(family, 'NULL') FROM generate_series(0, 199) i,
-                 LATERAL (SELECT (ARRAY['ios', 'Android-Tablet', ' web-chrome', 'roku', 'tv', 'fridge', NULL, 'IPAD'])[1 + i % 8] AS device) d,
-                 LATERAL (SELECT {FAMILY_CASE} AS family) f ORDER BY i"
-            ),
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut want = String::from("id,f\n");
-    for row in rows {
-        want.push_str(&format!(
-            "{},{}\n",
-            row.get::<_, i64>(0),
-            row.get::<_, String>(1)
-        ));
-    }
+    let want = postgres_csv(
+        &client,
+        "id,f",
+        &format!(
+            "SELECT i::bigint, coalesce(family, 'NULL') FROM generate_series(0, 199) i,
+             LATERAL (SELECT (ARRAY['ios', 'Android-Tablet', ' web-chrome', 'roku', 'tv', 'fridge', NULL, 'IPAD'])[1 + i % 8] AS device) d,
+             LATERAL (SELECT {FAMILY_CASE} AS family) f ORDER BY i"
+        ),
+    )
+    .await;
     assert_eq!(ours, want);
 
     // Async: `engagement_label` (one call per row, results in row order;
@@ -126,25 +124,16 @@ async fn shipped_udfs_equal_the_same_computation_in_postgres() {
         "SELECT id, coalesce(label, 'NULL') AS l FROM families WHERE _op = 'c' ORDER BY id",
     )
     .await;
-    let rows = client
-        .query(
-            "SELECT i::bigint, coalesce(CASE WHEN d IS NULL THEN NULL WHEN d < 10000 THEN 'bounce'
-                                             WHEN d < 60000 THEN 'short' WHEN d < 600000 THEN 'engaged'
-                                             ELSE 'deep' END, 'NULL')
-             FROM generate_series(0, 199) i,
-             LATERAL (SELECT CASE WHEN i % 11 = 0 THEN NULL ELSE (i * 7919) % 600000 END AS d) x ORDER BY i",
-            &[],
-        )
-        .await
-        .unwrap();
-    let mut want = String::from("id,l\n");
-    for row in rows {
-        want.push_str(&format!(
-            "{},{}\n",
-            row.get::<_, i64>(0),
-            row.get::<_, String>(1)
-        ));
-    }
+    let want = postgres_csv(
+        &client,
+        "id,l",
+        "SELECT i::bigint, coalesce(CASE WHEN d IS NULL THEN NULL WHEN d < 10000 THEN 'bounce'
+                                         WHEN d < 60000 THEN 'short' WHEN d < 600000 THEN 'engaged'
+                                         ELSE 'deep' END, 'NULL')
+         FROM generate_series(0, 199) i,
+         LATERAL (SELECT CASE WHEN i % 11 = 0 THEN NULL ELSE (i * 7919) % 600000 END AS d) x ORDER BY i",
+    )
+    .await;
     assert_eq!(ours, want);
 
     // A call on a constant is one value (DataFusion may fold it at plan time).

@@ -156,6 +156,33 @@ impl super::Engine {
         Ok(())
     }
 
+    /// Writes rows of source `table` (`bad`, one reason each) to the
+    /// dead-letter output, if the job has one; the sink skips what it holds.
+    pub(super) async fn write_dead_letters(
+        &mut self,
+        table: &str,
+        reasons: &[&str],
+        bad: &RecordBatch,
+    ) -> Result<(), JobError> {
+        // A rebuild re-reads changes the dead-letter output already holds.
+        if self.rebuilding.is_some() {
+            return Ok(());
+        }
+        let Some(sink) = &mut self.dead_letter_sink else {
+            return Ok(());
+        };
+        let rows = rows(table, reasons, bad)
+            .and_then(|rows| side_output::unheld(&rows, sink.position()))
+            .map_err(JobError::Arrow)?;
+        self.stats.dead_letters.record(&rows);
+        sink.write_window(vec![rows], 0, self.position, None)
+            .await?;
+        self.stats
+            .dead_lettered
+            .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Sends the rows of `batch` that fail a CHECK of `source` to the
     /// dead-letter output and returns the rest (old images of updates that
     /// fail are dropped too: their rows were never counted). As in SQL, a
@@ -200,24 +227,15 @@ impl super::Engine {
         let keep: BooleanArray = failed.iter().map(|f| Some(f.is_none())).collect();
         let bad_mask = arrow::compute::not(&keep).map_err(JobError::Arrow)?;
         let bad = filter_record_batch(&batch, &bad_mask).map_err(JobError::Arrow)?;
-        let reasons: Vec<&str> = failed
+        let reasons: Vec<String> = failed
             .iter()
             .flatten()
-            .map(|&i| check.names[i].as_str())
+            .map(|&i| check.names[i].clone())
             .collect();
-        match &mut self.dead_letter_sink {
-            // A rebuild re-reads changes the dead-letter output already holds.
-            Some(_) if self.rebuilding.is_some() => {}
-            Some(sink) => {
-                let rows = rows(&table, &reasons, &bad)
-                    .and_then(|rows| side_output::unheld(&rows, sink.position()))
-                    .map_err(JobError::Arrow)?;
-                self.stats.dead_letters.record(&rows);
-                sink.write_window(vec![rows], 0, self.position, None)
-                    .await?;
-                self.stats
-                    .dead_lettered
-                    .fetch_add(bad.num_rows() as u64, Ordering::Relaxed);
+        match &self.dead_letter_sink {
+            Some(_) => {
+                let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
+                self.write_dead_letters(&table, &reasons, &bad).await?
             }
             None => {
                 let position = last_position(&bad);

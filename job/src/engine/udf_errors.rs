@@ -19,7 +19,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::{Expr, LogicalPlan};
 
-use super::{dead_letter, side_output, Engine, JobError};
+use super::{dead_letter, Engine, JobError};
 use crate::change::{LSN_COLUMN, SEQ_COLUMN};
 use crate::udf::functions::PluginScalar;
 use crate::udf::UdfPanicked;
@@ -158,24 +158,10 @@ impl Engine {
                 reasons,
             )
         };
+        // (udf_failure refused to go on without a dead-letter output.)
         let table = self.plan.sources[source].def.name.clone();
-        let Some(sink) = &mut self.dead_letter_sink else {
-            return Ok(()); // udf_failure refused to go on without one
-        };
-        if self.rebuilding.is_some() {
-            return Ok(());
-        }
         let reasons: Vec<&str> = reasons.iter().map(String::as_str).collect();
-        let rows = dead_letter::rows(&table, &reasons, &bad)
-            .and_then(|rows| side_output::unheld(&rows, sink.position()))
-            .map_err(JobError::Arrow)?;
-        self.stats.dead_letters.record(&rows);
-        sink.write_window(vec![rows], 0, self.position, None)
-            .await?;
-        self.stats
-            .dead_lettered
-            .fetch_add(bad.num_rows() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        self.write_dead_letters(&table, &reasons, &bad).await
     }
 
     /// `result` of running `step` over `input`: a UDF panic becomes

@@ -10,7 +10,7 @@ use datafusion::prelude::SessionContext;
 use super::{discover, functions};
 
 /// The shipped `device_family` as SQL (see udfs/device_family/src/lib.rs).
-const FAMILY_CASE: &str = "CASE
+pub const FAMILY_CASE: &str = "CASE
     WHEN device IS NULL THEN NULL
     WHEN split_part(lower(trim(device)), '-', 1) IN ('ios', 'android', 'iphone', 'ipad') THEN 'mobile'
     WHEN split_part(lower(trim(device)), '-', 1) = 'web' THEN 'web'

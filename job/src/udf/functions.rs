@@ -5,7 +5,6 @@
 //! ([`PluginAggregate::udf_of`]) and keeps the values in its window state.
 
 use std::any::Any;
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, ListArray};
@@ -19,7 +18,7 @@ use datafusion::logical_expr::{
 };
 
 use super::ffi::CallError;
-use super::{Udf, UdfPanicked};
+use super::{Udf, UdfPanicked, UdfRef};
 
 /// Registers every UDF of `udfs` with `ctx`.
 pub fn register(ctx: &datafusion::prelude::SessionContext, udfs: &[Arc<Udf>]) {
@@ -104,9 +103,9 @@ fn implicit(from: &DataType, to: &DataType) -> bool {
 }
 
 /// A scalar UDF from a plugin library.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct PluginScalar {
-    udf: Arc<Udf>,
+    udf: UdfRef,
     signature: Signature,
 }
 
@@ -114,29 +113,14 @@ impl PluginScalar {
     pub fn new(udf: Arc<Udf>) -> PluginScalar {
         PluginScalar {
             signature: signature_of(&udf),
-            udf,
+            udf: UdfRef(udf),
         }
-    }
-}
-
-impl PartialEq for PluginScalar {
-    fn eq(&self, other: &Self) -> bool {
-        self.udf.name() == other.udf.name() && self.udf.library_sha256 == other.udf.library_sha256
-    }
-}
-
-impl Eq for PluginScalar {}
-
-impl Hash for PluginScalar {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.udf.name().hash(state);
-        self.udf.library_sha256.hash(state);
     }
 }
 
 impl ScalarUDFImpl for PluginScalar {
     fn name(&self) -> &str {
-        self.udf.name()
+        self.udf.0.name()
     }
 
     fn signature(&self) -> &Signature {
@@ -144,11 +128,11 @@ impl ScalarUDFImpl for PluginScalar {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        coerce(&self.udf, arg_types)
+        coerce(&self.udf.0, arg_types)
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(self.udf.signature.ret.data_type.to_arrow())
+        Ok(self.udf.0.signature.ret.data_type.to_arrow())
     }
 
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
@@ -160,17 +144,18 @@ impl ScalarUDFImpl for PluginScalar {
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let rows = arrays.first().map_or(0, |a| a.len());
         if rows == 0 {
-            let ret = self.udf.signature.ret.data_type.to_arrow();
+            let ret = self.udf.0.signature.ret.data_type.to_arrow();
             return Ok(ColumnarValue::Array(arrow::array::new_empty_array(&ret)));
         }
         let out = self
             .udf
+            .0
             .call(&arrays)
-            .map_err(|e| call_error(&self.udf, e))?;
+            .map_err(|e| call_error(&self.udf.0, e))?;
         if out.len() != rows {
             return exec_err!(
                 "UDF `{}` returned {} rows for {rows}",
-                self.udf.name(),
+                self.udf.0.name(),
                 out.len()
             );
         }
@@ -182,9 +167,9 @@ impl ScalarUDFImpl for PluginScalar {
 }
 
 /// A UDAF from a plugin library.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq, Hash)]
 pub struct PluginAggregate {
-    udf: Arc<Udf>,
+    udf: UdfRef,
     signature: Signature,
 }
 
@@ -192,7 +177,7 @@ impl PluginAggregate {
     pub fn new(udf: Arc<Udf>) -> PluginAggregate {
         PluginAggregate {
             signature: signature_of(&udf),
-            udf,
+            udf: UdfRef(udf),
         }
     }
 
@@ -201,28 +186,13 @@ impl PluginAggregate {
         let inner: &dyn Any = function.inner().as_ref();
         inner
             .downcast_ref::<PluginAggregate>()
-            .map(|p| p.udf.clone())
-    }
-}
-
-impl PartialEq for PluginAggregate {
-    fn eq(&self, other: &Self) -> bool {
-        self.udf.name() == other.udf.name() && self.udf.library_sha256 == other.udf.library_sha256
-    }
-}
-
-impl Eq for PluginAggregate {}
-
-impl Hash for PluginAggregate {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.udf.name().hash(state);
-        self.udf.library_sha256.hash(state);
+            .map(|p| p.udf.0.clone())
     }
 }
 
 impl AggregateUDFImpl for PluginAggregate {
     fn name(&self) -> &str {
-        self.udf.name()
+        self.udf.0.name()
     }
 
     fn signature(&self) -> &Signature {
@@ -230,22 +200,23 @@ impl AggregateUDFImpl for PluginAggregate {
     }
 
     fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
-        coerce(&self.udf, arg_types)
+        coerce(&self.udf.0, arg_types)
     }
 
     fn return_type(&self, _: &[DataType]) -> Result<DataType> {
-        Ok(self.udf.signature.ret.data_type.to_arrow())
+        Ok(self.udf.0.signature.ret.data_type.to_arrow())
     }
 
     fn accumulator(&self, _: AccumulatorArgs) -> Result<Box<dyn Accumulator>> {
         Ok(Box::new(Gathered {
-            udf: self.udf.clone(),
+            udf: self.udf.0.clone(),
             values: Vec::new(),
         }))
     }
 
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        let item = Field::new_list_field(self.udf.signature.arg_field(0).data_type().clone(), true);
+        let item =
+            Field::new_list_field(self.udf.0.signature.arg_field(0).data_type().clone(), true);
         Ok(vec![Arc::new(Field::new(
             format!("{}[values]", args.name),
             DataType::List(Arc::new(item)),

@@ -207,6 +207,15 @@ impl PartialEq for UdfRef {
     }
 }
 
+impl Eq for UdfRef {}
+
+impl std::hash::Hash for UdfRef {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.name().hash(state);
+        self.0.library_sha256.hash(state);
+    }
+}
+
 impl std::fmt::Debug for UdfRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", self.0.signature.display())

@@ -248,7 +248,17 @@ async fn rows_a_udf_fails_on_are_dead_lettered(crate_name: &str, lib_rs: &str) {
     let path = data.join("panics.sql");
     std::fs::write(&path, job_sql(&data, &extra)).unwrap();
     let crate_arg = crate_dir.path().to_str().unwrap().to_string();
-    let mut job = world.start_job_sql(&["run", "--udf", &crate_arg], path.to_str().unwrap(), "0.3");
+    // The synchronous crate comes with --udf, the async one through ENGAGE_UDF_PATH.
+    let mut job = if lib_rs.contains("async fn") {
+        world.start_job_env(
+            &["run"],
+            path.to_str().unwrap(),
+            "0.3",
+            &[("ENGAGE_UDF_PATH", &crate_arg)],
+        )
+    } else {
+        world.start_job_sql(&["run", "--udf", &crate_arg], path.to_str().unwrap(), "0.3")
+    };
     wait_started_as(&world, &mut job, "panics").await;
 
     // One transaction: the panicking row lands in the same batch as others.

@@ -1,5 +1,6 @@
 //! Unit tests of window state: sliding totals, expiry, retraction, restore.
 use super::*;
+use crate::checkpoint::WindowMeta;
 use crate::sql::plan::BatchTable;
 use crate::sql::window::window_type;
 use arrow::array::StringArray;

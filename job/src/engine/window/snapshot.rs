@@ -1,0 +1,247 @@
+//! Window state in checkpoints: a snapshot is one row per (bucket, key)
+//! with each accumulator as (value, count, bytes); see the module docs of
+//! [`super`] for how layers of changed buckets restore.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use foldhash::HashMap;
+
+use arrow::array::{Array, ArrayRef, BinaryArray, BinaryBuilder, Float64Array, Int64Array};
+use arrow::datatypes::{DataType, Field, Schema};
+use arrow::error::ArrowError;
+use arrow::record_batch::RecordBatch;
+
+use super::partials::{compact, merge_into, Column, Partials};
+use super::WindowState;
+use crate::checkpoint::WindowMeta;
+use crate::sql::window::WindowKind;
+
+impl WindowState {
+    /// The state as a batch (bucket, key, rows, then accumulators), for checkpoints.
+    pub fn snapshot(&self) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+        self.snapshot_of(self.buckets.iter())
+    }
+
+    /// For a checkpoint: the whole state, or only the buckets changed since
+    /// the last call (a layer over the snapshots before it; see the module
+    /// docs). Either way, changes are counted afresh from here.
+    pub fn snapshot_changes(
+        &mut self,
+        whole: bool,
+    ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+        let snapshot = if whole {
+            self.snapshot()
+        } else {
+            let changed = self
+                .changed
+                .iter()
+                .filter_map(|b| self.buckets.get_key_value(b));
+            self.snapshot_of(changed)
+        };
+        self.changed.clear();
+        self.last_changed = None;
+        snapshot
+    }
+
+    fn snapshot_of<'a>(
+        &self,
+        selected: impl Iterator<Item = (&'a i64, &'a Partials)>,
+    ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+        let mut fields = vec![
+            Field::new("bucket", DataType::Int64, false),
+            Field::new("key", DataType::Binary, false),
+            Field::new("rows", DataType::Int64, false),
+        ];
+        for a in 0..self.aggregates.len() {
+            fields.push(Field::new(format!("v{a}"), DataType::Float64, false));
+            fields.push(Field::new(format!("n{a}"), DataType::Int64, false));
+            fields.push(Field::new(format!("d{a}"), DataType::Binary, false));
+        }
+        let mut buckets = Vec::new();
+        let mut keys = BinaryBuilder::new();
+        let mut rows = Vec::new();
+        let mut accumulators: Vec<(Vec<f64>, Vec<i64>, BinaryBuilder)> = self
+            .aggregates
+            .iter()
+            .map(|_| (Vec::new(), Vec::new(), BinaryBuilder::new()))
+            .collect();
+        for (bucket, partials) in selected {
+            for i in 0..partials.len() {
+                buckets.push(*bucket);
+                keys.append_value(&self.keys.bytes[partials.keys[i] as usize]);
+                rows.push(partials.rows[i]);
+                for (column, (v, n, d)) in partials.columns.iter().zip(&mut accumulators) {
+                    let (value, count, distinct) = match column {
+                        Column::Count(c) => (0.0, c[i], Vec::new()),
+                        Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i], Vec::new()),
+                        Column::DecimalSum(s, c) => (0.0, c[i], s[i].to_le_bytes().to_vec()),
+                        Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i])),
+                    };
+                    v.push(value);
+                    n.push(count);
+                    d.append_value(distinct);
+                }
+            }
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(buckets)),
+            Arc::new(keys.finish()),
+            Arc::new(Int64Array::from(rows)),
+        ];
+        for (v, n, mut d) in accumulators {
+            columns.push(Arc::new(Float64Array::from(v)));
+            columns.push(Arc::new(Int64Array::from(n)));
+            columns.push(Arc::new(d.finish()));
+        }
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        let meta = WindowMeta {
+            last_end: self.last_end,
+            last_emission_empty: self.last_emission_empty,
+            max_event_time: self.max_event_time,
+        };
+        Ok((batch, meta))
+    }
+
+    /// Restores what [`WindowState::snapshot`] (the first layer) and
+    /// [`WindowState::snapshot_changes`] (the layers after it) wrote, oldest
+    /// first; `meta` is the newest layer's.
+    pub fn restore(
+        &mut self,
+        layers: &[Vec<RecordBatch>],
+        meta: &WindowMeta,
+    ) -> Result<(), ArrowError> {
+        self.last_end = meta.last_end;
+        self.last_emission_empty = meta.last_emission_empty;
+        self.max_event_time = meta.max_event_time;
+        self.changed.clear();
+        self.last_changed = None;
+        for layer in layers {
+            // A bucket in this layer replaces what the layers before held.
+            let mut replaced = BTreeSet::new();
+            for batch in layer {
+                self.restore_batch(batch, &mut replaced)?;
+            }
+        }
+        // Buckets dropped once every window holding them was emitted.
+        if let Some(end) = self.last_end {
+            let first_kept = match self.kind {
+                WindowKind::Tumble { .. } => end,
+                WindowKind::Hop { width, .. } => end - width,
+            };
+            self.buckets = self.buckets.split_off(&first_kept);
+        }
+        // The running totals are those of the window ending at `last_end`.
+        if let (WindowKind::Hop { width, .. }, Some(end)) = (self.kind, self.last_end) {
+            let mut totals = Partials::new(&self.aggregates);
+            for (_, partials) in self.buckets.range(end - width..end) {
+                merge_into(&mut totals, partials, 1);
+            }
+            compact(&mut totals);
+            self.totals = totals;
+        }
+        Ok(())
+    }
+
+    fn restore_batch(
+        &mut self,
+        batch: &RecordBatch,
+        replaced: &mut BTreeSet<i64>,
+    ) -> Result<(), ArrowError> {
+        let column = |i: usize| batch.column(i).clone();
+        let buckets = column(0);
+        let buckets = buckets
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("bucket column");
+        let keys = column(1);
+        let keys = keys
+            .as_any()
+            .downcast_ref::<BinaryArray>()
+            .expect("key column");
+        let rows = column(2);
+        let rows = rows
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("rows column");
+        for r in 0..batch.num_rows() {
+            let key = self.keys.intern(keys.value(r));
+            let aggregates = &self.aggregates;
+            let bucket = buckets.value(r);
+            if replaced.insert(bucket) {
+                self.buckets.insert(bucket, Partials::new(aggregates));
+            }
+            let partials = self
+                .buckets
+                .entry(bucket)
+                .or_insert_with(|| Partials::new(aggregates));
+            let (i, _) = partials.entry(key);
+            partials.rows[i] = rows.value(r);
+            for (a, column) in partials.columns.iter_mut().enumerate() {
+                let base = 3 + 3 * a;
+                let v = batch
+                    .column(base)
+                    .as_any()
+                    .downcast_ref::<Float64Array>()
+                    .expect("v")
+                    .value(r);
+                let n = batch
+                    .column(base + 1)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .expect("n")
+                    .value(r);
+                let d = batch
+                    .column(base + 2)
+                    .as_any()
+                    .downcast_ref::<BinaryArray>()
+                    .expect("d")
+                    .value(r);
+                match column {
+                    Column::Count(c) => c[i] = n,
+                    Column::Sum(s, c) | Column::Extreme(s, c) => {
+                        s[i] = v;
+                        c[i] = n;
+                    }
+                    Column::DecimalSum(s, c) => {
+                        s[i] = d.try_into().map(i128::from_le_bytes).map_err(|_| {
+                            ArrowError::InvalidArgumentError(format!(
+                                "checkpointed decimal sum has {} bytes, not 16",
+                                d.len()
+                            ))
+                        })?;
+                        c[i] = n;
+                    }
+                    Column::Distinct(maps) => maps[i] = decode_distinct(d),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `len:u32 bytes count:i64` repeated.
+fn encode_distinct(map: &HashMap<Box<[u8]>, i64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (value, count) in map {
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        out.extend_from_slice(value);
+        out.extend_from_slice(&count.to_le_bytes());
+    }
+    out
+}
+
+fn decode_distinct(mut bytes: &[u8]) -> HashMap<Box<[u8]>, i64> {
+    let mut map = HashMap::default();
+    while bytes.len() >= 4 {
+        let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
+        if bytes.len() < 4 + len + 8 {
+            break;
+        }
+        let value: Box<[u8]> = bytes[4..4 + len].into();
+        let count = i64::from_le_bytes(bytes[4 + len..12 + len].try_into().expect("8 bytes"));
+        map.insert(value, count);
+        bytes = &bytes[12 + len..];
+    }
+    map
+}

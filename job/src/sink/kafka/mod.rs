@@ -99,6 +99,10 @@ const FLUSH_WAIT: Duration = Duration::from_secs(10);
 const COMMIT_EVERY: Duration = Duration::from_millis(100);
 /// How long a transaction commit may take.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// A commit that takes longer than this is retried, after checking that the
+/// broker did not come back without the topic's data (a transaction
+/// coordinator that restarted empty never answers the commit).
+const COMMIT_ATTEMPT: Duration = Duration::from_secs(3);
 
 /// The transactional id of sink `sink` of job `job`: stable across restarts,
 /// so a new instance fences the previous one.
@@ -512,20 +516,83 @@ impl KafkaSink {
 
     /// Commits the open transaction (librdkafka flushes it first): its
     /// messages become visible to `read_committed` consumers.
+    ///
+    /// The commit is attempted for [`COMMIT_ATTEMPT`] at a time (librdkafka
+    /// lets a timed-out commit be called again), for [`COMMIT_TIMEOUT`] in
+    /// all. Between attempts the partitions' ends are checked: a broker that
+    /// restarted without the topic's data makes the sink lost at once
+    /// (rebuilt by the restarted run) instead of after the whole timeout.
     async fn commit_transaction(&mut self) -> Result<(), SinkError> {
-        let producer = self.producer.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || producer.commit_transaction(COMMIT_TIMEOUT))
-                .await
-                .map_err(|e| SinkError::Permanent {
-                    sink: self.name.clone(),
-                    message: e.to_string(),
-                })?;
+        let started = Instant::now();
+        let committed = loop {
+            let producer = self.producer.clone();
+            let attempt =
+                tokio::task::spawn_blocking(move || producer.commit_transaction(COMMIT_ATTEMPT))
+                    .await
+                    .map_err(|e| SinkError::Permanent {
+                        sink: self.name.clone(),
+                        message: e.to_string(),
+                    })?;
+            let retriable = matches!(&attempt, Err(KafkaError::Transaction(e)) if e.is_retriable());
+            if !retriable || started.elapsed() >= COMMIT_TIMEOUT {
+                break attempt;
+            }
+            // The broker may be slow, or hung, or back without our data.
+            if let Ok(ends) = self.partition_ends().await {
+                self.check_not_lost(&ends)?;
+            }
+        };
         self.transaction = None;
         self.check_deliveries()?;
         committed.map_err(|e| self.transaction_error("committing a transaction", e))?;
         self.visible = self.position;
         Ok(())
+    }
+
+    /// Each partition's end offset as the broker reports it now.
+    async fn partition_ends(&self) -> Result<Vec<i64>, SinkError> {
+        let (reader, topic, partitions) = (
+            self.reader.clone(),
+            self.options.topic.clone(),
+            self.partitions,
+        );
+        tokio::task::spawn_blocking(move || {
+            (0..partitions)
+                .map(|p| {
+                    reader
+                        .fetch_watermarks(&topic, p, topic::REQUEST_TIMEOUT)
+                        .map(|(_, high)| high)
+                })
+                .collect::<Result<Vec<i64>, KafkaError>>()
+        })
+        .await
+        .map_err(|e| SinkError::Permanent {
+            sink: self.name.clone(),
+            message: e.to_string(),
+        })?
+        .map_err(|error| SinkError::Transient {
+            sink: self.name.clone(),
+            message: format!(
+                "reading the offsets of topic `{}`: {error}",
+                self.options.topic
+            ),
+        })
+    }
+
+    /// A partition that ends below the end it reached at the last
+    /// checkpoint: the broker lost data, and the sink is lost.
+    fn check_not_lost(&self, ends: &[i64]) -> Result<(), SinkError> {
+        match (0..ends.len()).find(|&p| ends[p] < self.ends.get(p).copied().unwrap_or(0)) {
+            None => Ok(()),
+            Some(p) => Err(SinkError::Lost {
+                sink: self.name.clone(),
+                message: format!(
+                    "topic `{}` partition {p} ends at offset {}, below the {} it reached before: the broker \
+                     lost data; the job restarts and rebuilds the topic from its checkpoints",
+                    self.options.topic, ends[p], self.ends[p]
+                ),
+            }),
+        }
     }
 
     /// An error of librdkafka's transaction API, as the sink reports it. A
@@ -607,32 +674,7 @@ impl KafkaSink {
         // sent is acknowledged: what a later open checks the topic against.
         // (Asked rather than taken from delivery reports, whose offsets some
         // brokers report differently.)
-        let (reader, topic, partitions) = (
-            self.reader.clone(),
-            self.options.topic.clone(),
-            self.partitions,
-        );
-        let offsets = tokio::task::spawn_blocking(move || {
-            (0..partitions)
-                .map(|p| {
-                    reader
-                        .fetch_watermarks(&topic, p, topic::REQUEST_TIMEOUT)
-                        .map(|(_, high)| high)
-                })
-                .collect::<Result<Vec<i64>, KafkaError>>()
-        })
-        .await
-        .map_err(|e| SinkError::Permanent {
-            sink: self.name.clone(),
-            message: e.to_string(),
-        })?
-        .map_err(|error| SinkError::Transient {
-            sink: self.name.clone(),
-            message: format!(
-                "reading the offsets of topic `{}`: {error}",
-                self.options.topic
-            ),
-        })?;
+        let offsets = self.partition_ends().await?;
         if self.skipped > 0 && !self.skip_reported {
             self.skip_reported = true;
             tracing::info!(
@@ -642,18 +684,7 @@ impl KafkaSink {
                 "changes the topic already held were not sent again"
             );
         }
-        if let Some(p) =
-            (0..offsets.len()).find(|&p| offsets[p] < self.ends.get(p).copied().unwrap_or(0))
-        {
-            return Err(SinkError::Lost {
-                sink: self.name.clone(),
-                message: format!(
-                    "topic `{}` partition {p} ends at offset {}, below the {} it reached before: the broker \
-                     lost data; the job restarts and rebuilds the topic from its checkpoints",
-                    self.options.topic, offsets[p], self.ends[p]
-                ),
-            });
-        }
+        self.check_not_lost(&offsets)?;
         self.ends = offsets.clone();
         crate::failpoint::hit("kafka_acked");
         Ok(SinkState {

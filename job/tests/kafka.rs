@@ -1,6 +1,7 @@
 //! The Kafka sink against a real Kafka-protocol broker (Tansu on a private
 //! port): exactly once across crashes at its failpoints, Debezium envelopes,
-//! a broker that comes back empty, and the errors a user meets first.
+//! a broker that comes back empty, a broker that hangs (the sink is detached
+//! and the others go on), and the errors a user meets first.
 //!
 //! Every test that checks the mission pipeline against the oracle (here, in
 //! pipeline.rs and in the fault suite) also checks the topic
@@ -226,6 +227,108 @@ async fn a_broker_that_comes_back_empty_gets_the_topic_rebuilt_never_resumed_ont
         .find(|s| s.sink == "enriched_events_topic")
         .unwrap();
     assert!(topic.expected as usize > before, "{topic:?}");
+}
+
+/// A broker that hangs (SIGSTOP) while changes flow: after the retry
+/// budget the Kafka sink is detached and the Parquet table keeps growing;
+/// once the broker answers again the job restarts and catches the topic up,
+/// and every sink, the topic included, equals the oracle.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_broker_is_detached_while_the_other_sinks_go_on_then_caught_up() {
+    let world = World::start().await;
+    seed_for_oracle(&world, 20, 21).await;
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    let mut changes = workload(&world, 20_000, 1_000, 21);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    world.kafka.pause().expect("the broker pauses");
+    wait_for(
+        "the kafka sink to be detached",
+        Duration::from_secs(60),
+        || {
+            job.assert_running();
+            let log = std::fs::read_to_string(&job.log).unwrap_or_default();
+            async move { log.contains("sink detached") && log.contains("enriched_events_topic") }
+        },
+    )
+    .await;
+    // The broker still hangs: Parquet must keep publishing.
+    let count = || async {
+        world
+            .query_i64("SELECT count(*) FROM enriched_events")
+            .await[0][0]
+            .unwrap_or(0)
+    };
+    let before = count().await;
+    wait_for(
+        "enriched_events to grow while the broker hangs",
+        Duration::from_secs(30),
+        || async { count().await > before + 500 },
+    )
+    .await;
+    world.kafka.resume().expect("the broker resumes");
+    changes.wait_done().await.expect("the workload ran");
+    wait_caught_up(&world, &mut job).await;
+    let log = std::fs::read_to_string(&job.log).unwrap();
+    job.stop();
+    assert!(
+        log.contains("detached while the kafka broker was unreachable"),
+        "the sink was not caught up after the broker came back:\n{log}"
+    );
+    assert_matches_oracle(&world, &[]).await;
+}
+
+/// A job restarted while the broker hangs opens its Kafka sink detached at
+/// its checkpoint's position (a job that never checkpointed stops instead,
+/// below): the other sinks go on, and once the broker answers the sink is
+/// caught up, every change once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_restarted_while_the_broker_hangs_opens_its_kafka_sink_detached() {
+    let world = World::start().await;
+    seed_for_oracle(&world, 10, 31).await;
+    let mut job = world.start_job(&["run"]);
+    wait_started(&world, &mut job).await;
+    let mut changes = workload(&world, 500, 1_000, 31);
+    changes.wait_done().await.expect("the workload ran");
+    wait_caught_up(&world, &mut job).await;
+    job.stop();
+
+    world.kafka.pause().expect("the broker pauses");
+    let mut job = world.start_job(&["run"]);
+    wait_for(
+        "the kafka sink to open detached",
+        Duration::from_secs(60),
+        || {
+            job.assert_running();
+            let log = std::fs::read_to_string(&job.log).unwrap_or_default();
+            async move { log.contains("sink detached at start: the kafka brokers are unreachable") }
+        },
+    )
+    .await;
+    let mut changes = workload(&world, 3_000, 1_000, 32);
+    let count = || async {
+        world
+            .query_i64("SELECT count(*) FROM enriched_events")
+            .await[0][0]
+            .unwrap_or(0)
+    };
+    let before = count().await;
+    wait_for(
+        "enriched_events to grow while the broker hangs",
+        Duration::from_secs(30),
+        || async { count().await > before + 500 },
+    )
+    .await;
+    world.kafka.resume().expect("the broker resumes");
+    changes.wait_done().await.expect("the workload ran");
+    wait_caught_up(&world, &mut job).await;
+    let log = std::fs::read_to_string(&job.log).unwrap();
+    job.stop();
+    assert!(
+        log.contains("detached while the kafka broker was unreachable"),
+        "the sink was not caught up after the broker came back:\n{log}"
+    );
+    assert_matches_oracle(&world, &[]).await;
 }
 
 #[test]

@@ -1,13 +1,14 @@
 //! Opening a run's sinks: one task per query's sink, then the side outputs.
 //!
-//! A Redis sink whose store does not answer when a job that has checkpoints
-//! starts is opened *detached* (sink/task.rs): the other sinks go on, and the
-//! run restarts to catch it up once Redis answers. The other sinks at the same
-//! address then start detached without waiting for a connection again.
+//! A Redis or Kafka sink whose store does not answer when a job that has
+//! checkpoints starts is opened *detached* (sink/task.rs): the other sinks go
+//! on, and the run restarts to catch it up once the store answers. The other
+//! Redis sinks at the same address then start detached without waiting for a
+//! connection again.
 
 use super::{dead_letter, late, Engine, JobError};
 use crate::checkpoint::Manifest;
-use crate::sink::task::SinkTask;
+use crate::sink::task::{SinkTask, Store};
 use crate::sink::Sink;
 use crate::sql::JobSpec;
 
@@ -28,8 +29,8 @@ impl Engine {
             if let (Some(options), Some(restored)) = (table.connector.redis(), restored) {
                 if unreachable.iter().any(|a| a == options.address.expose()) {
                     tracing::warn!(sink = %table.name, position = %restored.position, "sink detached at start: redis is unreachable");
-                    let sink =
-                        SinkTask::unreachable(&table.name, options.address.expose(), restored);
+                    let store = Store::Redis(options.address.expose().to_string());
+                    let sink = SinkTask::unreachable(&table.name, store, restored);
                     self.sinks.push(sink);
                     continue;
                 }
@@ -55,9 +56,27 @@ impl Engine {
                         .zip(self.stats.recent_visible.get(index).cloned());
                     SinkTask::spawn(sink, visibility)
                 }
-                // A job that ran before, restarting while Redis is down: the
-                // sink starts detached, and the others do not wait for Redis.
+                // A job that ran before, restarting while Redis or the Kafka
+                // brokers are down: the sink starts detached, and the others
+                // do not wait for its store.
                 (Err(error), Some(restored)) if error.is_transient() => {
+                    if let crate::sql::SinkConnector::Kafka(options) = &sink_table.connector {
+                        tracing::warn!(
+                            sink = %table.name,
+                            error = %error,
+                            position = %restored.position,
+                            "sink detached at start: the kafka brokers are unreachable; the other sinks go on, and \
+                             once one answers the job restarts and catches this sink up from its checkpoints"
+                        );
+                        let store = Store::Kafka {
+                            bootstrap: options.bootstrap_servers.clone(),
+                            settings: options.client.0.clone(),
+                            topic: options.topic.clone(),
+                        };
+                        self.sinks
+                            .push(SinkTask::unreachable(&table.name, store, restored));
+                        continue;
+                    }
                     match table.connector.redis() {
                         Some(options) => {
                             tracing::warn!(
@@ -68,7 +87,8 @@ impl Engine {
                                  answers again the job restarts and catches this sink up from its checkpoints"
                             );
                             unreachable.push(options.address.expose().to_string());
-                            SinkTask::unreachable(&table.name, options.address.expose(), restored)
+                            let store = Store::Redis(options.address.expose().to_string());
+                            SinkTask::unreachable(&table.name, store, restored)
                         }
                         _ => return Err(error.into()),
                     }

@@ -45,10 +45,12 @@
 //!   skips what the topic holds (the argument is in `kafka/mod.rs`).
 //!
 //! A sink whose store is unreachable does not stall the others. A Redis sink
-//! whose write still fails after a short retry is *detached*
-//! ([`task::SinkTask`]): it is sent nothing more, its checkpoint state
-//! records the position it holds with `detached = true`, and the engine goes
-//! on with the other sinks. Checkpoints covering its position are kept and
+//! whose write still fails after a short retry, or a Kafka sink whose
+//! commit, flush or full queue has waited [`kafka::MIN_RETRY_BUDGET`] for
+//! the broker, is *detached* ([`task::SinkTask`]): it is sent nothing more,
+//! its checkpoint state records the position it holds for sure
+//! ([`Sink::held_state`]: for Kafka, the last committed transaction) with
+//! `detached = true`, and the engine goes on with the other sinks. Checkpoints covering its position are kept and
 //! the replication slot is confirmed no further than it. Once its store
 //! answers again, the run restarts, and the sink, found detached in the
 //! checkpoint, is caught up from the captured changes like a lost one.
@@ -213,8 +215,12 @@ impl Sink {
     /// other sink waits. False for sinks that cannot be caught up that way.
     pub fn detach_after(&mut self, budget: std::time::Duration) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => false,
+            Sink::Parquet(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => {
+                sink.set_retry_budget(budget);
+                true
+            }
+            Sink::Kafka(sink) => {
                 sink.set_retry_budget(budget);
                 true
             }
@@ -224,8 +230,22 @@ impl Sink {
     /// Whether the sink's store answers (always true for local files).
     pub async fn reachable(&mut self) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => true,
+            Sink::Parquet(_) | Sink::Blackhole(_) => true,
             Sink::Redis(sink) => sink.reachable().await,
+            Sink::Kafka(sink) => sink.reachable().await,
+        }
+    }
+
+    /// What a detached sink holds for sure, told without asking its store:
+    /// its checkpoint state while detached.
+    pub fn held_state(&self) -> SinkState {
+        match self {
+            Sink::Kafka(sink) => sink.held_state(),
+            Sink::Redis(sink) => sink.state(),
+            Sink::Parquet(_) | Sink::Blackhole(_) => SinkState {
+                position: self.position(),
+                ..SinkState::default()
+            },
         }
     }
 

@@ -95,20 +95,56 @@ pub struct SinkTask {
     detached: Arc<AtomicBool>,
 }
 
+/// The store of a sink that could not be opened, and how to ask whether it
+/// answers again.
+pub enum Store {
+    /// A Redis at this address.
+    Redis(String),
+    /// Kafka brokers, with the sink's `kafka.*` settings, and its topic.
+    Kafka {
+        bootstrap: String,
+        settings: std::collections::BTreeMap<String, String>,
+        topic: String,
+    },
+}
+
+impl Store {
+    /// Whether the store answers within about a second.
+    async fn answers(&self) -> bool {
+        match self {
+            Store::Redis(address) => super::redis::RedisSink::reachable_at(address).await,
+            Store::Kafka {
+                bootstrap,
+                settings,
+                topic,
+            } => {
+                let (bootstrap, settings, topic) =
+                    (bootstrap.clone(), settings.clone(), topic.clone());
+                tokio::task::spawn_blocking(move || {
+                    super::kafka::topic::answers(&bootstrap, &settings, &topic)
+                })
+                .await
+                .unwrap_or(false)
+            }
+        }
+    }
+}
+
 impl SinkTask {
-    /// A Redis sink whose store could not be reached when the run started,
-    /// detached from the start at the position the checkpoint `restored`
-    /// recorded: it drops what it is sent, and asks Redis at `address`
-    /// after each checkpoint whether it answers again (then the run restarts and
+    /// A sink whose store (Redis, Kafka) could not be reached when the run
+    /// started, detached from the start at the position the checkpoint
+    /// `restored` recorded: it drops what it is sent, and asks `store` after
+    /// each checkpoint whether it answers again (then the run restarts and
     /// opens it for real, catching it up).
-    pub fn unreachable(name: &str, address: &str, restored: &SinkState) -> SinkTask {
+    pub fn unreachable(name: &str, store: Store, restored: &SinkState) -> SinkTask {
+        let is_redis = matches!(store, Store::Redis(_));
         let (commands, mut receiver) = mpsc::channel(QUEUE);
         let reachable_again = Arc::new(AtomicBool::new(false));
         let state = SinkState {
             detached: true,
             ..restored.clone()
         };
-        let (flag, address) = (reachable_again.clone(), address.to_string());
+        let flag = reachable_again.clone();
         let held = state.clone();
         let task = tokio::spawn(async move {
             while let Some(command) = receiver.recv().await {
@@ -120,7 +156,7 @@ impl SinkTask {
                     Command::Commit { reply, .. } => {
                         let _ = reply.send(Ok(()));
                         // After the checkpoint, as for a detached sink (`run`).
-                        if super::redis::RedisSink::reachable_at(&address).await {
+                        if store.answers().await {
                             flag.store(true, Ordering::Relaxed);
                         }
                     }
@@ -130,7 +166,7 @@ impl SinkTask {
         });
         SinkTask {
             name: name.to_string(),
-            is_redis: true,
+            is_redis,
             lost: false,
             position: state.position,
             commands,
@@ -374,9 +410,17 @@ async fn run(
                 // Nothing to do for a while: let the sink finish what it
                 // holds back (a Kafka sink commits its open transaction).
                 if !detached {
-                    sink.idle().await?;
-                    if let Some(visibility) = &mut visibility {
-                        visibility.observe_upto(sink.visible());
+                    match sink.idle().await {
+                        Ok(()) => {
+                            if let Some(visibility) = &mut visibility {
+                                visibility.observe_upto(sink.visible());
+                            }
+                        }
+                        Err(error) if detachable && error.is_transient() => {
+                            detach(&sink, &error, &flags);
+                            detached = true;
+                        }
+                        Err(error) => return Err(error),
                     }
                 }
                 continue;
@@ -413,7 +457,21 @@ async fn run(
                 written
             }
             Command::Prepare { epoch, reply } => {
-                let result = sink.prepare_checkpoint(epoch).await.map(|mut state| {
+                let result = if detached {
+                    Ok(sink.held_state())
+                } else {
+                    match sink.prepare_checkpoint(epoch).await {
+                        // A Kafka broker that does not acknowledge: detach
+                        // rather than hold the checkpoint up.
+                        Err(error) if detachable && error.is_transient() => {
+                            detach(&sink, &error, &flags);
+                            detached = true;
+                            Ok(sink.held_state())
+                        }
+                        other => other,
+                    }
+                };
+                let result = result.map(|mut state| {
                     state.detached = detached;
                     state
                 });
@@ -447,18 +505,23 @@ async fn run(
                 }
             }
             Err(error) if detachable && error.is_transient() => {
-                tracing::warn!(
-                    sink = %sink.name(),
-                    position = %sink.position(),
-                    error = %error,
-                    "sink detached: its store is unreachable; the other sinks go on, and once it answers again \
-                     the job restarts and catches this sink up from its checkpoints"
-                );
+                detach(&sink, &error, &flags);
                 detached = true;
-                flags.detached.store(true, Ordering::Relaxed);
             }
             Err(error) => return Err(error),
         }
     }
     Ok(())
+}
+
+/// Reports and flags a sink detached because its store is unreachable.
+fn detach(sink: &Sink, error: &SinkError, flags: &Flags) {
+    tracing::warn!(
+        sink = %sink.name(),
+        holds = %sink.held_state().position,
+        error = %error,
+        "sink detached: its store is unreachable; the other sinks go on, and once it answers again \
+         the job restarts and catches this sink up from its checkpoints"
+    );
+    flags.detached.store(true, Ordering::Relaxed);
 }

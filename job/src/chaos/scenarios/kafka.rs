@@ -1,11 +1,15 @@
 //! Scenario 6, `kafka-outage`: the Kafka broker hangs (SIGSTOP) for the
 //! outage while changes flow, then comes back with its data; later it
 //! restarts *without* its data (Tansu keeps the topic in memory). The job
-//! must ride through the hang (librdkafka retries; the job waits, bounded,
-//! and loses nothing) and must notice the emptied topic and rebuild it from
+//! must ride through the hang: the Kafka sink is detached after its retry
+//! budget, the other sinks go on (the Parquet output must commit files while
+//! the broker hangs), and once the broker answers the sink is caught up,
+//! losing nothing. It must then notice the emptied topic and rebuild it from
 //! its checkpoints rather than go on appending to it. It ends in place.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use crate::sink::parquet::committed_files;
 
 use super::{
     ensure_running, record_summary, start_job, ChaosError, Injected, ScenarioReport, Settings,
@@ -26,7 +30,24 @@ pub(super) async fn kafka_outage(
         .kafka
         .pause()
         .map_err(crate::chaos::context("failed to pause the broker"))?;
+    let parquet = world.data_dir().join("enriched_events");
+    let files_before = committed_files(&parquet);
     tokio::time::sleep(settings.outage).await;
+    // Checked, not timed: an outage shorter than the sink's retry budget
+    // (5 s) plus a checkpoint ends before anything is committed without it,
+    // so the broker stays hung (up to 60 s more) until Parquet commits.
+    let mut files_during = committed_files(&parquet).saturating_sub(files_before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while files_during == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        files_during = committed_files(&parquet).saturating_sub(files_before);
+    }
+    report.figure("parquet_files_committed_during_outage", files_during as f64);
+    if files_during == 0 {
+        report.problems.push(
+            "the parquet output committed nothing in 60 s while the kafka broker hung".into(),
+        );
+    }
     // The job waits for the broker; it must not have given up.
     ensure_running(world, &mut job, "while the broker hung")?;
     world

@@ -64,10 +64,20 @@
 //!
 //! **Backpressure**: librdkafka's queue is bounded
 //! (`queue.buffering.max.kbytes`, 64 MiB unless set); when it is full the
-//! sink waits, its task's channel fills, and the job slows down. A broker
-//! that is down is retried by librdkafka until `message.timeout.ms`; a
-//! delivery that fails then fails the run, which restarts from the last
-//! checkpoint (and the step above skips what did arrive).
+//! sink waits, its task's channel fills, and the job slows down.
+//!
+//! **A broker that does not answer** does not stall the other sinks: once a
+//! transaction commit, a checkpoint's flush or a full queue has waited
+//! [`MIN_RETRY_BUDGET`], the sink's task *detaches* the sink (`sink/task.rs`),
+//! as it does a Redis sink. Its checkpoints then record what the topic holds
+//! for sure, the last committed transaction's position ([`KafkaSink::held_state`]),
+//! so (4) still holds; after each checkpoint the task asks a broker for the
+//! topic's metadata, and once one answers the run restarts: the sink opens
+//! as a new session (3), finds itself detached in the checkpoint, and is
+//! caught up from the captured changes after that position, with (5)
+//! dropping what did reach the topic. A delivery that fails outright
+//! (`message.timeout.ms`) fails the run, which restarts from the last
+//! checkpoint.
 
 pub mod encode;
 pub mod topic;
@@ -103,6 +113,10 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(60);
 /// broker did not come back without the topic's data (a transaction
 /// coordinator that restarted empty never answers the commit).
 const COMMIT_ATTEMPT: Duration = Duration::from_secs(3);
+/// The least time a detachable sink waits for the broker before it reports
+/// it unreachable: a transaction commit under load takes a good part of a
+/// second, so Redis' 1 s would detach a healthy sink.
+pub const MIN_RETRY_BUDGET: Duration = Duration::from_secs(5);
 
 /// The transactional id of sink `sink` of job `job`: stable across restarts,
 /// so a new instance fences the previous one.
@@ -167,6 +181,10 @@ pub struct KafkaSink {
     skip_reported: bool,
     /// Exactly-once: when the open transaction began (`None`: none open).
     transaction: Option<Instant>,
+    /// How long a commit, a flush or a full queue may hold the sink before
+    /// it reports the broker unreachable (`None`: wait; see
+    /// [`KafkaSink::set_retry_budget`]).
+    retry_budget: Option<Duration>,
     transactional_id: String,
     value: Vec<u8>,
 }
@@ -248,7 +266,17 @@ impl KafkaSink {
             .iter()
             .enumerate()
             .find(|(p, &end)| offsets.get(*p).map_or(end > 0, |(_, high)| *high < end));
-        let lost = shrunk.is_some();
+        // A sink detached while the broker was unreachable missed writes:
+        // caught up from the checkpoints like a lost one, from its position.
+        let behind = restored.is_some_and(|restored| restored.detached);
+        let lost = shrunk.is_some() || behind;
+        if behind && shrunk.is_none() {
+            tracing::warn!(
+                sink = %name,
+                topic = %options.topic,
+                "this sink was detached while the kafka broker was unreachable; the job catches it up from its checkpoints"
+            );
+        }
         if let Some((p, end)) = shrunk {
             tracing::warn!(
                 sink = %name,
@@ -304,7 +332,7 @@ impl KafkaSink {
         };
         let held_max = held.iter().copied().max().unwrap_or_default();
 
-        let position = if lost {
+        let position = if shrunk.is_some() {
             Position::ZERO
         } else {
             restored.map(|s| s.position).unwrap_or_default()
@@ -335,6 +363,7 @@ impl KafkaSink {
             skipped: 0,
             skip_reported: false,
             transaction: None,
+            retry_budget: None,
             transactional_id: transactional_id(job, name),
             value: Vec::with_capacity(1024),
         })
@@ -355,6 +384,42 @@ impl KafkaSink {
 
     pub fn rows_written(&self) -> u64 {
         self.rows_written
+    }
+
+    /// Lets the sink give up on an unreachable broker after `budget` (at
+    /// least [`MIN_RETRY_BUDGET`]) instead of waiting: a commit, a flush or a
+    /// full queue then fails as transient, and the sink's task detaches the
+    /// sink so the other sinks go on (`sink/task.rs`).
+    pub fn set_retry_budget(&mut self, budget: Duration) {
+        self.retry_budget = Some(budget.max(MIN_RETRY_BUDGET));
+    }
+
+    /// How long one commit may take.
+    fn commit_timeout(&self) -> Duration {
+        self.retry_budget.unwrap_or(COMMIT_TIMEOUT)
+    }
+
+    /// Whether a broker answers a metadata request for the topic within a
+    /// second (asked after each checkpoint while the sink is detached).
+    pub async fn reachable(&mut self) -> bool {
+        let (reader, topic) = (self.reader.clone(), self.options.topic.clone());
+        tokio::task::spawn_blocking(move || {
+            reader
+                .fetch_metadata(Some(&topic), Duration::from_secs(1))
+                .is_ok_and(|metadata| metadata.topics().iter().any(|t| t.error().is_none()))
+        })
+        .await
+        .unwrap_or(false)
+    }
+
+    /// What the topic holds for sure, without asking the broker: up to the
+    /// last committed transaction (the checkpoint of a detached sink).
+    pub fn held_state(&self) -> SinkState {
+        SinkState {
+            position: self.visible,
+            offsets: self.ends.clone(),
+            ..SinkState::default()
+        }
     }
 
     /// Consumers see every change up to here: with exactly-once, up to the
@@ -470,6 +535,7 @@ impl KafkaSink {
             if let Some(ms) = encoded.timestamp(row) {
                 record = record.timestamp(ms);
             }
+            let mut full_since: Option<Instant> = None;
             loop {
                 match self.producer.send(record) {
                     Ok(()) => break,
@@ -477,6 +543,20 @@ impl KafkaSink {
                         // Backpressure: the queue drains as the broker acknowledges.
                         record = back;
                         self.check_deliveries()?;
+                        let since = *full_since.get_or_insert_with(Instant::now);
+                        if self
+                            .retry_budget
+                            .is_some_and(|budget| since.elapsed() >= budget)
+                        {
+                            return Err(SinkError::Transient {
+                                sink: self.name.clone(),
+                                message: format!(
+                                    "the kafka brokers take no messages for topic `{}` (queue full for {:.0} s)",
+                                    self.options.topic,
+                                    since.elapsed().as_secs_f64()
+                                ),
+                            });
+                        }
                         std::thread::sleep(QUEUE_FULL_WAIT);
                     }
                     Err((error, _)) => {
@@ -519,23 +599,25 @@ impl KafkaSink {
     ///
     /// The commit is attempted for [`COMMIT_ATTEMPT`] at a time (librdkafka
     /// lets a timed-out commit be called again), for [`COMMIT_TIMEOUT`] in
-    /// all. Between attempts the partitions' ends are checked: a broker that
+    /// all, or the retry budget of a detachable sink. Between attempts the partitions' ends are checked: a broker that
     /// restarted without the topic's data makes the sink lost at once
     /// (rebuilt by the restarted run) instead of after the whole timeout.
     async fn commit_transaction(&mut self) -> Result<(), SinkError> {
         let started = Instant::now();
+        let budget = self.commit_timeout();
         let committed = loop {
             let producer = self.producer.clone();
-            let attempt =
-                tokio::task::spawn_blocking(move || producer.commit_transaction(COMMIT_ATTEMPT))
+            let attempt = COMMIT_ATTEMPT.min(budget.saturating_sub(started.elapsed()));
+            let result =
+                tokio::task::spawn_blocking(move || producer.commit_transaction(attempt))
                     .await
                     .map_err(|e| SinkError::Permanent {
                         sink: self.name.clone(),
                         message: e.to_string(),
                     })?;
-            let retriable = matches!(&attempt, Err(KafkaError::Transaction(e)) if e.is_retriable());
-            if !retriable || started.elapsed() >= COMMIT_TIMEOUT {
-                break attempt;
+            let retriable = matches!(&result, Err(KafkaError::Transaction(e)) if e.is_retriable());
+            if !retriable || started.elapsed() >= budget {
+                break result;
             }
             // The broker may be slow, or hung, or back without our data.
             if let Ok(ends) = self.partition_ends().await {
@@ -602,7 +684,7 @@ impl KafkaSink {
         let code = error.rdkafka_error_code();
         if let KafkaError::Transaction(ref txn) = error {
             if txn.txn_requires_abort() {
-                let _ = self.producer.abort_transaction(COMMIT_TIMEOUT);
+                let _ = self.producer.abort_transaction(self.commit_timeout());
             }
         }
         if code == Some(RDKafkaErrorCode::ProducerFenced) {
@@ -643,9 +725,11 @@ impl KafkaSink {
         if self.transaction.is_some() {
             self.commit_transaction().await?;
         }
+        let waiting = Instant::now();
         loop {
             let producer = self.producer.clone();
-            let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_WAIT))
+            let wait = self.retry_budget.map_or(FLUSH_WAIT, |b| b.min(FLUSH_WAIT));
+            let flushed = tokio::task::spawn_blocking(move || producer.flush(wait))
                 .await
                 .map_err(|e| SinkError::Permanent {
                     sink: self.name.clone(),
@@ -654,6 +738,20 @@ impl KafkaSink {
             self.check_deliveries()?;
             match flushed {
                 Ok(()) => break,
+                Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut))
+                    if self
+                        .retry_budget
+                        .is_some_and(|budget| waiting.elapsed() >= budget) =>
+                {
+                    return Err(SinkError::Transient {
+                        sink: self.name.clone(),
+                        message: format!(
+                            "the kafka brokers have not acknowledged topic `{}`'s messages for {:.0} s",
+                            self.options.topic,
+                            waiting.elapsed().as_secs_f64()
+                        ),
+                    });
+                }
                 Err(KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut)) => {
                     tracing::warn!(
                         sink = %self.name,

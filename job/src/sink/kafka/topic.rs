@@ -132,6 +132,17 @@ fn unreachable(bootstrap: &str, error: KafkaError) -> String {
     )
 }
 
+/// Whether a broker at `bootstrap` answers a metadata request for `topic`
+/// within a second (for a sink that could not even open).
+pub fn answers(bootstrap: &str, settings: &BTreeMap<String, String>, topic: &str) -> bool {
+    let Ok(consumer) = client_config(bootstrap, settings, true).create::<BaseConsumer>() else {
+        return false;
+    };
+    consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(1))
+        .is_ok()
+}
+
 /// The partition count of `topic`, or `None` if it does not exist.
 pub fn partitions(
     config: &ClientConfig,

@@ -402,14 +402,10 @@ impl KafkaSink {
     /// Whether a broker answers a metadata request for the topic within a
     /// second (asked after each checkpoint while the sink is detached).
     pub async fn reachable(&mut self) -> bool {
-        let (reader, topic) = (self.reader.clone(), self.options.topic.clone());
-        tokio::task::spawn_blocking(move || {
-            reader
-                .fetch_metadata(Some(&topic), Duration::from_secs(1))
-                .is_ok_and(|metadata| metadata.topics().iter().any(|t| t.error().is_none()))
-        })
-        .await
-        .unwrap_or(false)
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || topic::broker_answers(reader.as_ref()))
+            .await
+            .unwrap_or(false)
     }
 
     /// What the topic holds for sure, without asking the broker: up to the
@@ -597,26 +593,30 @@ impl KafkaSink {
     /// Commits the open transaction (librdkafka flushes it first): its
     /// messages become visible to `read_committed` consumers.
     ///
-    /// The commit is attempted for [`COMMIT_ATTEMPT`] at a time (librdkafka
-    /// lets a timed-out commit be called again), for [`COMMIT_TIMEOUT`] in
-    /// all, or the retry budget of a detachable sink. Between attempts the partitions' ends are checked: a broker that
-    /// restarted without the topic's data makes the sink lost at once
-    /// (rebuilt by the restarted run) instead of after the whole timeout.
+    /// A detachable sink (one with a retry budget) makes one attempt within
+    /// its budget: if the broker does not answer, its task detaches it.
+    /// Otherwise the commit is attempted for [`COMMIT_ATTEMPT`] at a time
+    /// (librdkafka lets a timed-out commit be called again), for
+    /// [`COMMIT_TIMEOUT`] in all, and between attempts the partitions' ends
+    /// are checked: a broker that restarted without the topic's data makes
+    /// the sink lost at once (rebuilt by the restarted run) instead of after
+    /// the whole timeout.
     async fn commit_transaction(&mut self) -> Result<(), SinkError> {
         let started = Instant::now();
-        let budget = self.commit_timeout();
+        let (attempt, budget) = match self.retry_budget {
+            Some(budget) => (budget, budget),
+            None => (COMMIT_ATTEMPT, COMMIT_TIMEOUT),
+        };
         let committed = loop {
             let producer = self.producer.clone();
-            let attempt = COMMIT_ATTEMPT.min(budget.saturating_sub(started.elapsed()));
-            let result =
-                tokio::task::spawn_blocking(move || producer.commit_transaction(attempt))
-                    .await
-                    .map_err(|e| SinkError::Permanent {
-                        sink: self.name.clone(),
-                        message: e.to_string(),
-                    })?;
+            let result = tokio::task::spawn_blocking(move || producer.commit_transaction(attempt))
+                .await
+                .map_err(|e| SinkError::Permanent {
+                    sink: self.name.clone(),
+                    message: e.to_string(),
+                })?;
             let retriable = matches!(&result, Err(KafkaError::Transaction(e)) if e.is_retriable());
-            if !retriable || started.elapsed() >= budget {
+            if !retriable || started.elapsed() + attempt > budget {
                 break result;
             }
             // The broker may be slow, or hung, or back without our data.

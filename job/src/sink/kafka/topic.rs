@@ -132,15 +132,22 @@ fn unreachable(bootstrap: &str, error: KafkaError) -> String {
     )
 }
 
-/// Whether a broker at `bootstrap` answers a metadata request for `topic`
-/// within a second (for a sink that could not even open).
-pub fn answers(bootstrap: &str, settings: &BTreeMap<String, String>, topic: &str) -> bool {
+/// Whether a broker at `bootstrap` answers within a second (for a sink that
+/// could not even open). `topic` is not asked for: a broker that came back
+/// without it answers too, and the restarted run finds the sink lost.
+pub fn answers(bootstrap: &str, settings: &BTreeMap<String, String>, _topic: &str) -> bool {
     let Ok(consumer) = client_config(bootstrap, settings, true).create::<BaseConsumer>() else {
         return false;
     };
-    consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(1))
-        .is_ok()
+    broker_answers(&consumer)
+}
+
+/// Whether a broker answers a metadata request (for no topic in particular)
+/// within a second, naming at least one broker.
+pub fn broker_answers<C: rdkafka::consumer::ConsumerContext>(client: &BaseConsumer<C>) -> bool {
+    client
+        .fetch_metadata(None, Duration::from_secs(1))
+        .is_ok_and(|metadata| !metadata.brokers().is_empty())
 }
 
 /// The partition count of `topic`, or `None` if it does not exist.

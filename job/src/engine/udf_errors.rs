@@ -24,10 +24,11 @@ use crate::change::{LSN_COLUMN, SEQ_COLUMN};
 use crate::udf::functions::PluginScalar;
 use crate::udf::UdfPanicked;
 
-/// Source positions (`_lsn`, `_seq`) of rows a UDF panicked on, and the UDF.
+/// Source positions (`_lsn`, `_seq`) of rows a UDF panicked on, and the
+/// UDFs that did.
 #[derive(Debug, Default)]
 pub struct Poisoned {
-    rows: BTreeMap<(i64, i64), String>,
+    rows: BTreeMap<(i64, i64), BTreeSet<String>>,
 }
 
 /// Shared by the runs of one job in this process.
@@ -115,7 +116,7 @@ impl Engine {
                 let hit = poisoned
                     .rows
                     .get(&(lsn.value(row), seq.value(row)))
-                    .is_some_and(|udf| called.contains(udf));
+                    .is_some_and(|udfs| !udfs.is_disjoint(&called));
                 Some(!hit)
             })
             .collect();
@@ -143,11 +144,12 @@ impl Engine {
             let mut reasons = Vec::new();
             let mask: BooleanArray = (0..batch.num_rows())
                 .map(|row| {
-                    let udf = poisoned.rows.get(&(lsn.value(row), seq.value(row)));
-                    if let Some(udf) = udf {
-                        reasons.push(format!("udf_error:{udf}"));
+                    let udfs = poisoned.rows.get(&(lsn.value(row), seq.value(row)));
+                    if let Some(udfs) = udfs {
+                        let names: Vec<&str> = udfs.iter().map(String::as_str).collect();
+                        reasons.push(format!("udf_error:{}", names.join(",")));
                     }
-                    Some(udf.is_some())
+                    Some(udfs.is_some())
                 })
                 .collect();
             if reasons.is_empty() {
@@ -233,7 +235,7 @@ impl Engine {
         let mut poisoned = self.poisoned.lock().expect("poisoned rows lock");
         let new: Vec<_> = found
             .iter()
-            .filter(|p| poisoned.rows.get(p) != Some(&udf))
+            .filter(|p| !poisoned.rows.get(p).is_some_and(|udfs| udfs.contains(&udf)))
             .copied()
             .collect();
         if new.is_empty() {
@@ -242,7 +244,11 @@ impl Engine {
             ));
         }
         for position in &new {
-            poisoned.rows.insert(*position, udf.clone());
+            poisoned
+                .rows
+                .entry(*position)
+                .or_default()
+                .insert(udf.clone());
         }
         tracing::warn!(
             udf,

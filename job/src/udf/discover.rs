@@ -7,9 +7,9 @@
 //! 2. the crates under the UDF directory (`--udfs-dir`, default `udfs` in the
 //!    working directory): built ones are loaded; one the SQL calls that is
 //!    not built yet, or whose sources changed since, is built first;
-//! 3. the UDF crates shipped inside engage (`udfs/device_family`,
-//!    `udfs/median_engagement` of this repository), when the SQL calls one
-//!    and nothing above provides it: written to
+//! 3. the UDF crates shipped inside engage (this repository's `udfs/`:
+//!    [`SHIPPED`]), when the SQL calls one and nothing above provides it:
+//!    written to
 //!    `~/.cache/engage/udfs/<name>` and built there, so `engage demo` and the
 //!    mission SQL run from any directory.
 //!

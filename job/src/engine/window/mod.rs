@@ -103,6 +103,7 @@ impl WindowState {
             .aggregates
             .iter()
             .map(|a| match (a.kind, a.argument) {
+                (AggKind::Udaf, _) if partials::fixed_width(a).is_some() => Ok(None),
                 (AggKind::CountDistinct | AggKind::Udaf, Some(arg)) => {
                     RowConverter::new(vec![SortField::new(
                         pre_schema.field(arg).data_type().clone(),
@@ -210,6 +211,16 @@ impl WindowState {
                 _ => Ok(None),
             })
             .collect::<Result<_, ArrowError>>()?;
+        let bits: Vec<Option<arrow::array::UInt64Array>> = self
+            .aggregates
+            .iter()
+            .map(|a| match (partials::fixed_width(a), a.argument) {
+                (Some(data_type), Some(arg)) => cast(batch.column(arg), &data_type)
+                    .and_then(|c| partials::to_bits(&c))
+                    .map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, ArrowError>>()?;
         let filters: Vec<Option<BooleanArray>> = self
             .aggregates
             .iter()
@@ -259,6 +270,7 @@ impl WindowState {
                 numbers: &numbers,
                 decimals: &decimals,
                 distinct: &distinct,
+                bits: &bits,
                 filters: &filters,
                 row,
             };
@@ -464,7 +476,32 @@ impl WindowState {
                         },
                     ))),
                     Column::Distinct(maps) if spec.kind == AggKind::Udaf => {
-                        self.udaf_results(a, spec, maps, &live, start, end)?
+                        let converter = self.distinct_converters[a]
+                            .as_ref()
+                            .expect("a UDAF has a value converter");
+                        let parser = converter.parser();
+                        self.udaf_results(spec, &live, start, end, |i| {
+                            let mut values: Vec<(&[u8], i64)> =
+                                maps[i].iter().map(|(v, n)| (v.as_ref(), *n)).collect();
+                            values.sort_unstable();
+                            let rows = values.iter().flat_map(|(bytes, count)| {
+                                std::iter::repeat_n(parser.parse(bytes), (*count).max(0) as usize)
+                            });
+                            Ok(converter.convert_rows(rows)?.remove(0))
+                        })?
+                    }
+                    Column::Values(maps, nulls) => {
+                        let data_type = partials::fixed_width(spec).expect("kept as bits");
+                        self.udaf_results(spec, &live, start, end, |i| {
+                            let mut values: Vec<(u64, i64)> =
+                                maps[i].iter().map(|(v, n)| (*v, *n)).collect();
+                            values.sort_unstable();
+                            let bits: Vec<u64> = values
+                                .iter()
+                                .flat_map(|(v, n)| std::iter::repeat_n(*v, (*n).max(0) as usize))
+                                .collect();
+                            partials::from_bits(&bits, nulls[i].max(0) as usize, &data_type)
+                        })?
                     }
                     Column::Distinct(maps) => Arc::new(Int64Array::from_iter_values(
                         live.iter().map(|&i| maps[i].len() as i64),
@@ -487,31 +524,20 @@ impl WindowState {
     }
 
     /// A UDAF's result per entry in `live`: one call per entry over its
-    /// values, in the order of their row encoding (so a restored state gives
-    /// the same result). A call that panics gives NULL, with a warning.
+    /// values (`values_of(entry)`, in a fixed order, so a restored state
+    /// gives the same result). A call that panics gives NULL, with a warning.
     fn udaf_results(
         &self,
-        a: usize,
         spec: &AggSpec,
-        maps: &[HashMap<Box<[u8]>, i64>],
         live: &[usize],
         start: i64,
         end: i64,
+        values_of: impl Fn(usize) -> Result<ArrayRef, ArrowError>,
     ) -> Result<ArrayRef, ArrowError> {
         let udf = &spec.udaf.as_ref().expect("a UDAF spec names its UDAF").0;
-        let converter = self.distinct_converters[a]
-            .as_ref()
-            .expect("a UDAF has a value converter");
-        let parser = converter.parser();
         let mut results = Vec::with_capacity(live.len());
         for &i in live {
-            let mut values: Vec<(&[u8], i64)> =
-                maps[i].iter().map(|(v, n)| (v.as_ref(), *n)).collect();
-            values.sort_unstable();
-            let rows = values.iter().flat_map(|(bytes, count)| {
-                std::iter::repeat_n(parser.parse(bytes), (*count).max(0) as usize)
-            });
-            let column = converter.convert_rows(rows)?.remove(0);
+            let column = values_of(i)?;
             match crate::udf::functions::call_aggregate(udf, column) {
                 Ok(result) => results.push(result),
                 Err(e) if crate::udf::UdfPanicked::find(&e).is_some() => {

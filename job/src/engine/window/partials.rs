@@ -6,7 +6,13 @@
 // tables are) costs a fraction of std's SipHash on such short keys.
 use foldhash::HashMap;
 
-use arrow::array::{Array, BooleanArray, Decimal128Array, Float64Array};
+use std::sync::Arc;
+
+use arrow::array::{
+    Array, ArrayRef, AsArray, BooleanArray, Decimal128Array, Float64Array, UInt64Array,
+};
+use arrow::datatypes::DataType;
+use arrow::error::ArrowError;
 
 use crate::sql::window::{AggKind, AggSpec};
 
@@ -22,6 +28,84 @@ pub(super) enum Column {
     /// Min or max, and the number of values seen.
     Extreme(Vec<f64>, Vec<i64>),
     Distinct(Vec<HashMap<Box<[u8]>, i64>>),
+    /// A UDAF's values when its argument has a fixed width: the multiset of
+    /// their bits (see [`to_bits`]), and the number of NULLs. A third of the
+    /// memory of a [`Column::Distinct`] of the same values.
+    Values(Vec<HashMap<u64, i64>>, Vec<i64>),
+}
+
+/// The argument type of a UDAF whose values fit in 64 bits (numbers,
+/// booleans): kept as [`Column::Values`].
+pub(super) fn fixed_width(spec: &AggSpec) -> Option<DataType> {
+    let udf = &spec.udaf.as_ref()?.0;
+    let data_type = udf.signature.args.first()?.data_type.to_arrow();
+    (data_type.is_numeric() || data_type == DataType::Boolean).then_some(data_type)
+}
+
+/// `array` (of a [`fixed_width`] type) as the bits [`Column::Values`] keeps.
+pub(super) fn to_bits(array: &ArrayRef) -> Result<UInt64Array, ArrowError> {
+    use arrow::datatypes::*;
+    Ok(match array.data_type() {
+        DataType::Float64 => array.as_primitive::<Float64Type>().unary(|v| v.to_bits()),
+        DataType::Float32 => array
+            .as_primitive::<Float32Type>()
+            .unary(|v| u64::from(v.to_bits())),
+        DataType::Int8 => array.as_primitive::<Int8Type>().unary(|v| v as i64 as u64),
+        DataType::Int16 => array.as_primitive::<Int16Type>().unary(|v| v as i64 as u64),
+        DataType::Int32 => array.as_primitive::<Int32Type>().unary(|v| v as i64 as u64),
+        DataType::Int64 => array.as_primitive::<Int64Type>().unary(|v| v as u64),
+        DataType::UInt8 => array.as_primitive::<UInt8Type>().unary(u64::from),
+        DataType::UInt16 => array.as_primitive::<UInt16Type>().unary(u64::from),
+        DataType::UInt32 => array.as_primitive::<UInt32Type>().unary(u64::from),
+        DataType::UInt64 => array.as_primitive::<UInt64Type>().clone(),
+        DataType::Boolean => array
+            .as_boolean()
+            .iter()
+            .map(|b| b.map(u64::from))
+            .collect(),
+        other => {
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "a UDAF's values of type {other} are not kept as bits"
+            )))
+        }
+    })
+}
+
+/// The values [`to_bits`] made, as an array of `data_type`, then `nulls` NULLs.
+pub(super) fn from_bits(
+    bits: &[u64],
+    nulls: usize,
+    data_type: &DataType,
+) -> Result<ArrayRef, ArrowError> {
+    use arrow::array::*;
+    macro_rules! build {
+        ($array:ty, $convert:expr) => {
+            Arc::new(
+                bits.iter()
+                    .map(|&b| Some($convert(b)))
+                    .chain(std::iter::repeat_n(None, nulls))
+                    .collect::<$array>(),
+            ) as ArrayRef
+        };
+    }
+    Ok(match data_type {
+        DataType::Float64 => build!(Float64Array, f64::from_bits),
+        DataType::Float32 => build!(Float32Array, |b: u64| f32::from_bits(b as u32)),
+        DataType::Int8 => build!(Int8Array, |b: u64| b as i64 as i8),
+        DataType::Int16 => build!(Int16Array, |b: u64| b as i64 as i16),
+        DataType::Int32 => build!(Int32Array, |b: u64| b as i64 as i32),
+        DataType::Int64 => build!(Int64Array, |b: u64| b as i64),
+        DataType::UInt8 => build!(UInt8Array, |b: u64| b as u8),
+        DataType::UInt16 => build!(UInt16Array, |b: u64| b as u16),
+        DataType::UInt32 => build!(UInt32Array, |b: u64| b as u32),
+        DataType::UInt64 => build!(UInt64Array, |b: u64| b),
+        DataType::Boolean => build!(BooleanArray, |b: u64| b != 0),
+        other => {
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "a UDAF's values of type {other} are not kept as bits"
+            )))
+        }
+    })
 }
 
 /// Entries (one per key) of a bucket or of the running totals.
@@ -46,7 +130,11 @@ impl Partials {
                     }
                     AggKind::Sum | AggKind::Avg => Column::Sum(Vec::new(), Vec::new()),
                     AggKind::Min | AggKind::Max => Column::Extreme(Vec::new(), Vec::new()),
-                    // A UDAF keeps its values as count(DISTINCT) does: a multiset.
+                    AggKind::Udaf if fixed_width(a).is_some() => {
+                        Column::Values(Vec::new(), Vec::new())
+                    }
+                    // Other UDAFs keep their values as count(DISTINCT) does:
+                    // a multiset of their row encodings.
                     AggKind::CountDistinct | AggKind::Udaf => Column::Distinct(Vec::new()),
                 })
                 .collect(),
@@ -75,6 +163,10 @@ impl Partials {
                     n.push(0);
                 }
                 Column::Distinct(v) => v.push(HashMap::default()),
+                Column::Values(v, n) => {
+                    v.push(HashMap::default());
+                    n.push(0);
+                }
             }
         }
         (i, true)
@@ -91,6 +183,8 @@ pub(super) struct RowValues<'a> {
     /// Decimal arguments of sums, at their own scale.
     pub(super) decimals: &'a [Option<Decimal128Array>],
     pub(super) distinct: &'a [Option<arrow::row::Rows>],
+    /// A fixed-width UDAF argument's values as bits ([`to_bits`]).
+    pub(super) bits: &'a [Option<UInt64Array>],
     pub(super) filters: &'a [Option<BooleanArray>],
     pub(super) row: usize,
 }
@@ -164,6 +258,28 @@ impl Partials {
                         }
                     }
                 }
+                Column::Values(maps, nulls) => {
+                    if let Some(bits) = &values.bits[a] {
+                        if bits.is_null(values.row) {
+                            nulls[i] += sign;
+                            continue;
+                        }
+                        let value = bits.value(values.row);
+                        let counts = &mut maps[i];
+                        match counts.get_mut(&value) {
+                            Some(count) => {
+                                *count += sign;
+                                if *count <= 0 {
+                                    counts.remove(&value);
+                                }
+                            }
+                            None if sign > 0 => {
+                                counts.insert(value, sign);
+                            }
+                            None => {}
+                        }
+                    }
+                }
             }
         }
     }
@@ -185,6 +301,16 @@ impl Partials {
                 (Column::Extreme(_, n), Column::Extreme(_, m)) => {
                     // Recomputed from the buckets at emission; only counts move here.
                     n[i] += sign * m[j];
+                }
+                (Column::Values(maps, nulls), Column::Values(theirs, their_nulls)) => {
+                    for (value, count) in &theirs[j] {
+                        let entry = maps[i].entry(*value).or_insert(0);
+                        *entry += sign * count;
+                        if *entry <= 0 {
+                            maps[i].remove(value);
+                        }
+                    }
+                    nulls[i] += sign * their_nulls[j];
                 }
                 (Column::Distinct(maps), Column::Distinct(theirs)) => {
                     for (value, count) in &theirs[j] {
@@ -245,6 +371,7 @@ pub(super) fn compact(partials: &mut Partials) {
                 Column::DecimalSum(_, _) => Column::DecimalSum(Vec::new(), Vec::new()),
                 Column::Extreme(_, _) => Column::Extreme(Vec::new(), Vec::new()),
                 Column::Distinct(_) => Column::Distinct(Vec::new()),
+                Column::Values(_, _) => Column::Values(Vec::new(), Vec::new()),
             })
             .collect(),
         ..Partials::default()
@@ -265,9 +392,34 @@ pub(super) fn compact(partials: &mut Partials) {
                     c[k] = d[i];
                 }
                 (Column::Distinct(a), Column::Distinct(b)) => a[k] = std::mem::take(&mut b[i]),
+                (Column::Values(a, c), Column::Values(b, d)) => {
+                    a[k] = std::mem::take(&mut b[i]);
+                    c[k] = d[i];
+                }
                 _ => unreachable!("same aggregates"),
             }
         }
     }
     *partials = next;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Float64Array, Int32Array};
+
+    #[test]
+    fn values_kept_as_bits_come_back_with_their_nulls_last() {
+        let floats: ArrayRef = Arc::new(Float64Array::from(vec![Some(-1.5), None, Some(0.25)]));
+        let bits = to_bits(&floats).unwrap();
+        assert_eq!(bits.null_count(), 1);
+        let kept: Vec<u64> = bits.iter().flatten().collect();
+        let back = from_bits(&kept, 1, &DataType::Float64).unwrap();
+        let want: ArrayRef = Arc::new(Float64Array::from(vec![Some(-1.5), Some(0.25), None]));
+        assert_eq!(&back, &want);
+
+        let ints: ArrayRef = Arc::new(Int32Array::from(vec![-7, 0, i32::MAX]));
+        let kept: Vec<u64> = to_bits(&ints).unwrap().values().to_vec();
+        assert_eq!(&from_bits(&kept, 0, &DataType::Int32).unwrap(), &ints);
+    }
 }

@@ -77,6 +77,7 @@ impl WindowState {
                         Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i], Vec::new()),
                         Column::DecimalSum(s, c) => (0.0, c[i], s[i].to_le_bytes().to_vec()),
                         Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i])),
+                        Column::Values(maps, nulls) => (0.0, nulls[i], encode_values(&maps[i])),
                     };
                     v.push(value);
                     n.push(count);
@@ -213,6 +214,10 @@ impl WindowState {
                         c[i] = n;
                     }
                     Column::Distinct(maps) => maps[i] = decode_distinct(d),
+                    Column::Values(maps, nulls) => {
+                        maps[i] = decode_values(d);
+                        nulls[i] = n;
+                    }
                 }
             }
         }
@@ -244,4 +249,25 @@ fn decode_distinct(mut bytes: &[u8]) -> HashMap<Box<[u8]>, i64> {
         bytes = &bytes[12 + len..];
     }
     map
+}
+
+/// `bits:u64 count:i64` repeated.
+fn encode_values(map: &HashMap<u64, i64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(map.len() * 16);
+    for (value, count) in map {
+        out.extend_from_slice(&value.to_le_bytes());
+        out.extend_from_slice(&count.to_le_bytes());
+    }
+    out
+}
+
+fn decode_values(bytes: &[u8]) -> HashMap<u64, i64> {
+    bytes
+        .chunks_exact(16)
+        .map(|pair| {
+            let value = u64::from_le_bytes(pair[..8].try_into().expect("8 bytes"));
+            let count = i64::from_le_bytes(pair[8..].try_into().expect("8 bytes"));
+            (value, count)
+        })
+        .collect()
 }

@@ -280,7 +280,12 @@ pub fn newest_positions(
     }
     // What a downstream consumer sees: on a broker that hides aborted
     // transactions, their messages are not held and are sent again.
-    let consumer = committed_reader(config, bootstrap, "engage-position-probe")?;
+    // The probe ends at each partition's end (PartitionEOF), which a fetch
+    // reports only after waiting `fetch.wait.max.ms` for more data (500 ms
+    // by default): every job start paid that. The tail is there already.
+    let mut config = config.clone();
+    config.set("fetch.wait.max.ms", "10");
+    let consumer = committed_reader(&config, bootstrap, "engage-position-probe")?;
     let starts = offsets
         .iter()
         .enumerate()

@@ -395,6 +395,35 @@ async fn postgres_restart(
     Ok(Injected::new())
 }
 
+/// Lasts the outage, then checks that the Parquet output committed files
+/// meanwhile (the sink whose store is out is detached; the others go on).
+/// Checked, not timed: a short outage on a slow machine may end before the
+/// first checkpoint after the sink is detached, so the outage goes on (up to
+/// 60 s more) until the Parquet output has committed something. `during`
+/// says when, for the problem reported if it never does.
+async fn parquet_commits_during_outage(
+    world: &World,
+    settings: &Settings,
+    report: &mut ScenarioReport,
+    during: &str,
+) {
+    let parquet = world.data_dir().join("enriched_events");
+    let files_before = committed_files(&parquet);
+    tokio::time::sleep(settings.outage).await;
+    let mut files_during = committed_files(&parquet).saturating_sub(files_before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while files_during == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        files_during = committed_files(&parquet).saturating_sub(files_before);
+    }
+    report.figure("parquet_files_committed_during_outage", files_during as f64);
+    if files_during == 0 {
+        report.problems.push(format!(
+            "the parquet output committed nothing in 60 s {during}"
+        ));
+    }
+}
+
 /// Scenario 4: Redis down for the outage and restarted with its data;
 /// later restarted without it. The job rebuilds and runs to the end in place.
 async fn redis_outage(
@@ -432,25 +461,8 @@ async fn redis_outage(
             .map_err(super::context("failed to stop redis"))?;
     }
     // A Redis sink that cannot write is detached: Parquet must keep taking
-    // the workload's events meanwhile (checked by its committed files).
-    let parquet = world.data_dir().join("enriched_events");
-    let files_before = committed_files(&parquet);
-    tokio::time::sleep(settings.outage).await;
-    let mut files_during = committed_files(&parquet).saturating_sub(files_before);
-    // Checked, not timed: a short outage on a slow machine may end before the
-    // first checkpoint after the sink is detached, so Redis stays down (up to
-    // 60 s more) until the Parquet output has committed something.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while files_during == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        files_during = committed_files(&parquet).saturating_sub(files_before);
-    }
-    report.figure("parquet_files_committed_during_outage", files_during as f64);
-    if files_during == 0 {
-        report
-            .problems
-            .push("the parquet output committed nothing in 60 s while redis was down".into());
-    }
+    // the workload's events meanwhile.
+    parquet_commits_during_outage(world, settings, report, "while redis was down").await;
     world
         .redis
         .restart()

@@ -7,13 +7,11 @@
 //! losing nothing. It must then notice the emptied topic and rebuild it from
 //! its checkpoints rather than go on appending to it. It ends in place.
 
-use std::time::{Duration, Instant};
-
-use crate::sink::parquet::committed_files;
+use std::time::Duration;
 
 use super::{
-    ensure_running, record_summary, start_job, ChaosError, Injected, ScenarioReport, Settings,
-    World,
+    ensure_running, parquet_commits_during_outage, record_summary, start_job, ChaosError, Injected,
+    ScenarioReport, Settings, World,
 };
 
 pub(super) async fn kafka_outage(
@@ -30,24 +28,9 @@ pub(super) async fn kafka_outage(
         .kafka
         .pause()
         .map_err(crate::chaos::context("failed to pause the broker"))?;
-    let parquet = world.data_dir().join("enriched_events");
-    let files_before = committed_files(&parquet);
-    tokio::time::sleep(settings.outage).await;
-    // Checked, not timed: an outage shorter than the sink's retry budget
-    // (5 s) plus a checkpoint ends before anything is committed without it,
-    // so the broker stays hung (up to 60 s more) until Parquet commits.
-    let mut files_during = committed_files(&parquet).saturating_sub(files_before);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while files_during == 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        files_during = committed_files(&parquet).saturating_sub(files_before);
-    }
-    report.figure("parquet_files_committed_during_outage", files_during as f64);
-    if files_during == 0 {
-        report.problems.push(
-            "the parquet output committed nothing in 60 s while the kafka broker hung".into(),
-        );
-    }
+    // An outage shorter than the sink's retry budget (5 s) plus a checkpoint
+    // would end before anything is committed without the Kafka sink.
+    parquet_commits_during_outage(world, settings, report, "while the kafka broker hung").await;
     // The job waits for the broker; it must not have given up.
     ensure_running(world, &mut job, "while the broker hung")?;
     world

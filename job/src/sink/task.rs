@@ -410,18 +410,15 @@ async fn run(
                 // Nothing to do for a while: let the sink finish what it
                 // holds back (a Kafka sink commits its open transaction).
                 if !detached {
-                    match sink.idle().await {
-                        Ok(()) => {
-                            if let Some(visibility) = &mut visibility {
-                                visibility.observe_upto(sink.visible());
-                            }
-                        }
-                        Err(error) if detachable && error.is_transient() => {
-                            detach(&sink, &error, &flags);
-                            detached = true;
-                        }
-                        Err(error) => return Err(error),
-                    }
+                    let idled = sink.idle().await;
+                    settle(
+                        idled,
+                        &sink,
+                        detachable,
+                        &flags,
+                        &mut detached,
+                        &mut visibility,
+                    )?;
                 }
                 continue;
             }
@@ -498,20 +495,43 @@ async fn run(
                 Ok(())
             }
         };
-        match written {
-            Ok(()) => {
-                if let Some(visibility) = &mut visibility {
-                    visibility.observe_upto(sink.visible());
-                }
-            }
-            Err(error) if detachable && error.is_transient() => {
-                detach(&sink, &error, &flags);
-                detached = true;
-            }
-            Err(error) => return Err(error),
-        }
+        settle(
+            written,
+            &sink,
+            detachable,
+            &flags,
+            &mut detached,
+            &mut visibility,
+        )?;
     }
     Ok(())
+}
+
+/// What follows a write or an idle step: on success what the sink made
+/// visible is observed; a detachable sink whose store is unreachable is
+/// detached; any other failure ends the task.
+fn settle(
+    result: Result<(), SinkError>,
+    sink: &Sink,
+    detachable: bool,
+    flags: &Flags,
+    detached: &mut bool,
+    visibility: &mut Option<Visibility>,
+) -> Result<(), SinkError> {
+    match result {
+        Ok(()) => {
+            if let Some(visibility) = visibility {
+                visibility.observe_upto(sink.visible());
+            }
+            Ok(())
+        }
+        Err(error) if detachable && error.is_transient() => {
+            detach(sink, &error, flags);
+            *detached = true;
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// Reports and flags a sink detached because its store is unreachable.

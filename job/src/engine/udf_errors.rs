@@ -21,7 +21,7 @@ use datafusion::logical_expr::{Expr, LogicalPlan};
 
 use super::{dead_letter, Engine, JobError};
 use crate::change::{LSN_COLUMN, SEQ_COLUMN};
-use crate::udf::functions::PluginScalar;
+use crate::udf::functions::PluginFunction;
 use crate::udf::UdfPanicked;
 
 /// Source positions (`_lsn`, `_seq`) of rows a UDF panicked on, and the
@@ -51,7 +51,7 @@ pub fn plan_udfs(plan: &LogicalPlan) -> BTreeSet<String> {
             expr.apply(|e| {
                 if let Expr::ScalarFunction(call) = e {
                     let inner: &dyn std::any::Any = call.func.inner().as_ref();
-                    if inner.downcast_ref::<PluginScalar>().is_some() {
+                    if inner.downcast_ref::<PluginFunction>().is_some() {
                         names.insert(call.func.name().to_string());
                     }
                 }

@@ -350,7 +350,7 @@ fn cut_aggregate(
             ));
         }
         let name = call.func.name().to_ascii_lowercase();
-        let udaf = crate::udf::functions::PluginAggregate::udf_of(&call.func);
+        let udaf = crate::udf::functions::PluginFunction::udf_of(&call.func);
         let kind = match (name.as_str(), params.distinct) {
             (_, true) if udaf.is_some() => {
                 return Err(format!("DISTINCT is not supported for the UDAF `{expr}` in windows"))

@@ -2,7 +2,7 @@
 //! UDAF as an `AggregateUDFImpl` (whose accumulator gathers the group's
 //! values and calls the plugin once, at evaluation). In windows the engine
 //! does not use that accumulator: it recognises the aggregate
-//! ([`PluginAggregate::udf_of`]) and keeps the values in its window state.
+//! ([`PluginFunction::udf_of`]) and keeps the values in its window state.
 
 use std::any::Any;
 use std::sync::Arc;
@@ -24,19 +24,13 @@ use super::{Udf, UdfPanicked, UdfRef};
 pub fn register(ctx: &datafusion::prelude::SessionContext, udfs: &[Arc<Udf>]) {
     for udf in udfs {
         if udf.signature.is_aggregate() {
-            ctx.register_udaf(AggregateUDF::new_from_impl(PluginAggregate::new(
+            ctx.register_udaf(AggregateUDF::new_from_impl(PluginFunction::new(
                 udf.clone(),
             )));
         } else {
-            ctx.register_udf(ScalarUDF::new_from_impl(PluginScalar::new(udf.clone())));
+            ctx.register_udf(ScalarUDF::new_from_impl(PluginFunction::new(udf.clone())));
         }
     }
-}
-
-fn signature_of(_: &Udf) -> Signature {
-    // Arguments are checked by `coerce` (for errors that name the library);
-    // deterministic functions: DataFusion may fold calls on constants.
-    Signature::user_defined(Volatility::Immutable)
 }
 
 /// The declared argument types, if `given` converts to them implicitly (as
@@ -102,23 +96,35 @@ fn implicit(from: &DataType, to: &DataType) -> bool {
             })
 }
 
-/// A scalar UDF from a plugin library.
+/// A plugin UDF as DataFusion sees it: registered as a scalar function, or,
+/// for a UDAF, as an aggregate (one type serves both).
 #[derive(Debug, PartialEq, Eq, Hash)]
-pub struct PluginScalar {
+pub struct PluginFunction {
     udf: UdfRef,
     signature: Signature,
 }
 
-impl PluginScalar {
-    pub fn new(udf: Arc<Udf>) -> PluginScalar {
-        PluginScalar {
-            signature: signature_of(&udf),
+impl PluginFunction {
+    pub fn new(udf: Arc<Udf>) -> PluginFunction {
+        PluginFunction {
             udf: UdfRef(udf),
+            // Arguments are checked by `coerce` (for errors that name the
+            // library); deterministic functions: DataFusion may fold calls
+            // on constants.
+            signature: Signature::user_defined(Volatility::Immutable),
         }
+    }
+
+    /// The plugin UDAF behind an aggregate function, if it is one.
+    pub fn udf_of(function: &AggregateUDF) -> Option<Arc<Udf>> {
+        let inner: &dyn Any = function.inner().as_ref();
+        inner
+            .downcast_ref::<PluginFunction>()
+            .map(|p| p.udf.0.clone())
     }
 }
 
-impl ScalarUDFImpl for PluginScalar {
+impl ScalarUDFImpl for PluginFunction {
     fn name(&self) -> &str {
         self.udf.0.name()
     }
@@ -166,31 +172,7 @@ impl ScalarUDFImpl for PluginScalar {
     }
 }
 
-/// A UDAF from a plugin library.
-#[derive(Debug, PartialEq, Eq, Hash)]
-pub struct PluginAggregate {
-    udf: UdfRef,
-    signature: Signature,
-}
-
-impl PluginAggregate {
-    pub fn new(udf: Arc<Udf>) -> PluginAggregate {
-        PluginAggregate {
-            signature: signature_of(&udf),
-            udf: UdfRef(udf),
-        }
-    }
-
-    /// The plugin UDAF behind an aggregate function, if it is one.
-    pub fn udf_of(function: &AggregateUDF) -> Option<Arc<Udf>> {
-        let inner: &dyn Any = function.inner().as_ref();
-        inner
-            .downcast_ref::<PluginAggregate>()
-            .map(|p| p.udf.0.clone())
-    }
-}
-
-impl AggregateUDFImpl for PluginAggregate {
+impl AggregateUDFImpl for PluginFunction {
     fn name(&self) -> &str {
         self.udf.0.name()
     }

@@ -23,6 +23,7 @@ pub mod check;
 mod cursor;
 pub mod functions;
 pub mod options;
+mod physical;
 pub mod plan;
 mod types;
 pub mod view;

@@ -28,11 +28,11 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::error::{DataFusionError, Result as DfResult};
 use datafusion::logical_expr::LogicalPlan;
-use datafusion::physical_plan::collect;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 pub use super::batch_table::BatchTable;
 use super::check::{plan_checks, CheckPlan};
+use super::physical::PhysicalPlans;
 use super::view::{materialize, MaterializedView};
 pub(crate) use super::walk::{
     collect_tables, leftmost_table, refuse_unwindowed_state, sorted_by_position,
@@ -105,6 +105,8 @@ pub struct JobPlan {
     pub checks: Vec<Option<CheckPlan>>,
     /// The UDFs registered with `ctx`.
     pub udfs: crate::udf::Udfs,
+    /// The physical plans of the logical plans above, made on first use.
+    physical: PhysicalPlans,
 }
 
 impl std::fmt::Debug for JobPlan {
@@ -123,7 +125,10 @@ impl JobPlan {
         let config = SessionConfig::new()
             .with_target_partitions(1)
             .with_information_schema(false)
-            .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false);
+            .set_bool("datafusion.sql_parser.map_string_types_to_utf8view", false)
+            // Physical plans are reused for every batch (physical.rs), and
+            // a dynamic filter holds one run's values.
+            .set_bool("datafusion.optimizer.enable_dynamic_filter_pushdown", false);
         let ctx = SessionContext::new_with_config(config);
         ctx.register_udf(super::functions::engagement_pct_udf());
         for udf in super::window::window_udfs() {
@@ -319,6 +324,7 @@ impl JobPlan {
             views,
             checks,
             udfs: spec.udfs.clone(),
+            physical: PhysicalPlans::default(),
         })
     }
 
@@ -375,12 +381,7 @@ impl JobPlan {
                 Vec::new()
             });
         }
-        let state = self.ctx.state();
-        let physical = state
-            .query_planner()
-            .create_physical_plan(&query.plan, &state)
-            .await?;
-        let batches = collect(physical, state.task_ctx()).await?;
+        let batches = self.physical.collect(&self.ctx, &query.plan).await?;
         query.windows[window].table.set(Vec::new());
         batches
             .into_iter()
@@ -400,12 +401,7 @@ impl JobPlan {
         for (index, contents) in dimensions {
             self.sources[*index].provider.set(vec![contents.clone()]);
         }
-        let state = self.ctx.state();
-        let physical = state
-            .query_planner()
-            .create_physical_plan(plan, &state)
-            .await?;
-        let batches = collect(physical, state.task_ctx()).await;
+        let batches = self.physical.collect(&self.ctx, plan).await;
         // Release the input now rather than at the next batch.
         input_table.set(Vec::new());
         batches

@@ -21,13 +21,16 @@ use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::{collect, ExecutionPlan};
 use datafusion::prelude::SessionContext;
 
+/// A physical plan, and the schema of the logical plan it was made from.
+type Planned = (DFSchemaRef, Arc<dyn ExecutionPlan>);
+
 /// The physical plans of a job's logical plans, keyed by the logical plan's
 /// address (a `JobPlan` holds its logical plans unchanged for its life) and
 /// checked against its schema, so a plan at an address that was reused is
 /// never mistaken for another.
 #[derive(Default)]
 pub struct PhysicalPlans {
-    plans: Mutex<HashMap<usize, (DFSchemaRef, Arc<dyn ExecutionPlan>)>>,
+    plans: Mutex<HashMap<usize, Planned>>,
     /// The context plans execute in: the session's functions and settings,
     /// which do not change once the job is planned.
     task: OnceLock<Arc<TaskContext>>,

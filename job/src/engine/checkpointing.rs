@@ -47,6 +47,7 @@ impl Engine {
         let (mut files, capture_files, capture_order) = self
             .capture
             .finish()
+            .await
             .map_err(JobError::state("failed to close the capture log"))?;
         let mut dimensions = BTreeMap::new();
         for (index, dimension) in self.dimensions.iter().enumerate() {

@@ -653,9 +653,13 @@ impl Engine {
                     if let Some(before) = &before {
                         self.capture
                             .append(&format!("{name}{BEFORE_SUFFIX}"), before)
+                            .await
                             .map_err(capture_error)?;
                     }
-                    self.capture.append(&name, &batch).map_err(capture_error)?;
+                    self.capture
+                        .append(&name, &batch)
+                        .await
+                        .map_err(capture_error)?;
                     self.process(source, batch, before).await?;
                     self.last_change = Instant::now();
                     match commit_end {

@@ -39,7 +39,7 @@ use arrow::compute::{concat_batches, filter_record_batch};
 use arrow::record_batch::RecordBatch;
 
 use super::checkpointing::read_state;
-use super::window::WindowState;
+use super::window::{DistinctValues, WindowState};
 use super::{clock, Engine, JobError};
 use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{EpochFile, Manifest, StateFile, WindowCheckpoint, WindowOutput};
@@ -65,6 +65,8 @@ pub struct WindowStates {
     /// Per state: the checkpoint files its next snapshot of changes goes
     /// over, a whole snapshot first (empty: the next one is whole).
     layers: Vec<Vec<EpochFile>>,
+    /// The distinct values every state's ids refer to.
+    distinct: DistinctValues,
 }
 
 /// Every window state is written whole at the checkpoints whose epoch is a
@@ -91,8 +93,12 @@ impl WindowStates {
                 let s = match same {
                     Some(s) => s,
                     None => {
-                        let state = WindowState::new(window, window.pre_plan.schema().as_arrow())
-                            .map_err(JobError::state("window state"))?;
+                        let state = WindowState::sharing(
+                            window,
+                            window.pre_plan.schema().as_arrow(),
+                            shared.distinct.clone(),
+                        )
+                        .map_err(JobError::state("window state"))?;
                         shared.states.push(state);
                         shared.readers.push(Vec::new());
                         shared.layers.push(Vec::new());
@@ -296,6 +302,7 @@ impl Engine {
         for &q in queries {
             self.close_windows(q).await?;
         }
+        self.windows.distinct.collect_unused(&self.windows.states);
         Ok(())
     }
 

@@ -18,7 +18,9 @@
 //! aggregated, and the caller counts them.
 //!
 //! Group keys are interned once (Arrow row format bytes -> `u32`), so buckets
-//! store small integer ids and flat accumulator columns.
+//! store small integer ids and flat accumulator columns. Distinct values
+//! (`count(DISTINCT ..)`, and UDAF arguments wider than 64 bits) are ids of a
+//! dictionary all states of a job share (`distinct.rs`).
 //!
 //! # Checkpoints
 //!
@@ -33,7 +35,8 @@
 //! # Files
 //!
 //! This file holds the state and its windows; `partials.rs` the
-//! accumulators of a bucket, `snapshot.rs` the checkpoint encoding.
+//! accumulators of a bucket, `distinct.rs` the shared distinct values,
+//! `snapshot.rs` the checkpoint encoding.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -54,8 +57,11 @@ use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 use arrow::row::{RowConverter, SortField};
 
+mod distinct;
 mod partials;
 mod snapshot;
+
+pub use distinct::DistinctValues;
 
 use crate::sql::window::{AggKind, AggSpec, WindowKind, WindowedAggregate};
 use partials::{compact, merge_into, Column, Keys, Partials, RowValues};
@@ -79,6 +85,7 @@ pub struct WindowState {
     output_schema: SchemaRef,
     key_converter: RowConverter,
     distinct_converters: Vec<Option<RowConverter>>,
+    distinct: DistinctValues,
     keys: Keys,
     buckets: BTreeMap<i64, Partials>,
     /// Buckets changed since the last snapshot, and the last one added (rows
@@ -95,7 +102,19 @@ pub struct WindowState {
 
 impl WindowState {
     /// `pre_schema` is the schema of the pre-plan's output.
+    #[cfg(test)]
     pub fn new(plan: &WindowedAggregate, pre_schema: &Schema) -> Result<WindowState, ArrowError> {
+        WindowState::sharing(plan, pre_schema, DistinctValues::default())
+    }
+
+    /// A state whose distinct values are ids of `distinct`, which the
+    /// caller shares among its states and collects
+    /// ([`WindowState::mark_distinct`]).
+    pub fn sharing(
+        plan: &WindowedAggregate,
+        pre_schema: &Schema,
+        distinct: DistinctValues,
+    ) -> Result<WindowState, ArrowError> {
         let key_fields = (0..plan.key_count)
             .map(|i| SortField::new(pre_schema.field(i).data_type().clone()))
             .collect();
@@ -123,6 +142,7 @@ impl WindowState {
             output_schema: plan.output_schema.clone(),
             key_converter: RowConverter::new(key_fields)?,
             distinct_converters,
+            distinct,
             keys: Keys::default(),
             buckets: BTreeMap::new(),
             changed: BTreeSet::new(),
@@ -200,17 +220,21 @@ impl WindowState {
                 _ => Ok(None),
             })
             .collect::<Result<_, ArrowError>>()?;
-        let distinct: Vec<Option<arrow::row::Rows>> = self
-            .aggregates
-            .iter()
-            .zip(&self.distinct_converters)
-            .map(|(a, converter)| match (converter, a.argument) {
-                (Some(converter), Some(arg)) => converter
-                    .convert_columns(&[batch.column(arg).clone()])
-                    .map(Some),
-                _ => Ok(None),
-            })
-            .collect::<Result<_, ArrowError>>()?;
+        let distinct: Vec<Option<Arc<[u32]>>> = {
+            let mut dictionary = self.distinct.lock();
+            self.aggregates
+                .iter()
+                .zip(&self.distinct_converters)
+                .map(|(a, converter)| match (converter, a.argument) {
+                    (Some(converter), Some(arg)) => {
+                        let keep_nulls = a.kind == AggKind::Udaf;
+                        let array = batch.column(arg);
+                        dictionary.ids(converter, array, keep_nulls).map(Some)
+                    }
+                    _ => Ok(None),
+                })
+                .collect::<Result<_, ArrowError>>()?
+        };
         let bits: Vec<Option<arrow::array::UInt64Array>> = self
             .aggregates
             .iter()
@@ -375,6 +399,18 @@ impl WindowState {
         Ok(out)
     }
 
+    /// Reports every distinct-value id the state holds, for a collection
+    /// of its dictionary.
+    pub fn mark_distinct(&self, mark: &mut dyn FnMut(u32)) {
+        for partials in self.buckets.values().chain([&self.totals]) {
+            for column in &partials.columns {
+                if let Column::Distinct(maps) = column {
+                    maps.iter().flat_map(|m| m.keys()).for_each(|&id| mark(id));
+                }
+            }
+        }
+    }
+
     /// Min/max over the buckets of a window, per key (they cannot be kept as running totals).
     fn extremes(&self, start: i64, end: i64) -> HashMap<(u32, usize), f64> {
         let mut out = HashMap::default();
@@ -480,9 +516,12 @@ impl WindowState {
                             .as_ref()
                             .expect("a UDAF has a value converter");
                         let parser = converter.parser();
+                        let dictionary = self.distinct.lock();
                         self.udaf_results(spec, &live, start, end, |i| {
-                            let mut values: Vec<(&[u8], i64)> =
-                                maps[i].iter().map(|(v, n)| (v.as_ref(), *n)).collect();
+                            let mut values: Vec<(&[u8], i64)> = maps[i]
+                                .iter()
+                                .map(|(id, n)| (dictionary.value(*id), *n))
+                                .collect();
                             values.sort_unstable();
                             let rows = values.iter().flat_map(|(bytes, count)| {
                                 std::iter::repeat_n(parser.parse(bytes), (*count).max(0) as usize)

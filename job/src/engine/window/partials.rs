@@ -27,7 +27,9 @@ pub(super) enum Column {
     DecimalSum(Vec<i128>, Vec<i64>),
     /// Min or max, and the number of values seen.
     Extreme(Vec<f64>, Vec<i64>),
-    Distinct(Vec<HashMap<Box<[u8]>, i64>>),
+    /// The multiset of distinct values, as ids of the job's
+    /// [`DistinctValues`](super::distinct::DistinctValues), with their counts.
+    Distinct(Vec<HashMap<u32, i64>>),
     /// A UDAF's values when its argument has a fixed width: the multiset of
     /// their bits (see [`to_bits`]), and the number of NULLs. A third of the
     /// memory of a [`Column::Distinct`] of the same values.
@@ -134,7 +136,7 @@ impl Partials {
                         Column::Values(Vec::new(), Vec::new())
                     }
                     // Other UDAFs keep their values as count(DISTINCT) does:
-                    // a multiset of their row encodings.
+                    // a multiset of interned row encodings.
                     AggKind::CountDistinct | AggKind::Udaf => Column::Distinct(Vec::new()),
                 })
                 .collect(),
@@ -182,7 +184,9 @@ pub(super) struct RowValues<'a> {
     pub(super) numbers: &'a [Option<Float64Array>],
     /// Decimal arguments of sums, at their own scale.
     pub(super) decimals: &'a [Option<Decimal128Array>],
-    pub(super) distinct: &'a [Option<arrow::row::Rows>],
+    /// Distinct-value ids of the argument ([`super::distinct::NULL_ID`]
+    /// for a NULL that is not counted).
+    pub(super) distinct: &'a [Option<Arc<[u32]>>],
     /// A fixed-width UDAF argument's values as bits ([`to_bits`]).
     pub(super) bits: &'a [Option<UInt64Array>],
     pub(super) filters: &'a [Option<BooleanArray>],
@@ -241,18 +245,21 @@ impl Partials {
                     }
                 }
                 Column::Distinct(maps) => {
-                    if let Some(rows) = &values.distinct[a] {
-                        let bytes = rows.row(values.row);
+                    if let Some(ids) = &values.distinct[a] {
+                        let id = ids[values.row];
+                        if id == super::distinct::NULL_ID {
+                            continue;
+                        }
                         let counts = &mut maps[i];
-                        match counts.get_mut(bytes.data()) {
+                        match counts.get_mut(&id) {
                             Some(count) => {
                                 *count += sign;
                                 if *count <= 0 {
-                                    counts.remove(bytes.data());
+                                    counts.remove(&id);
                                 }
                             }
                             None if sign > 0 => {
-                                counts.insert(bytes.data().into(), sign);
+                                counts.insert(id, sign);
                             }
                             None => {}
                         }
@@ -303,26 +310,29 @@ impl Partials {
                     n[i] += sign * m[j];
                 }
                 (Column::Values(maps, nulls), Column::Values(theirs, their_nulls)) => {
-                    for (value, count) in &theirs[j] {
-                        let entry = maps[i].entry(*value).or_insert(0);
-                        *entry += sign * count;
-                        if *entry <= 0 {
-                            maps[i].remove(value);
-                        }
-                    }
+                    merge_counts(&mut maps[i], &theirs[j], sign);
                     nulls[i] += sign * their_nulls[j];
                 }
                 (Column::Distinct(maps), Column::Distinct(theirs)) => {
-                    for (value, count) in &theirs[j] {
-                        let entry = maps[i].entry(value.clone()).or_insert(0);
-                        *entry += sign * count;
-                        if *entry <= 0 {
-                            maps[i].remove(value);
-                        }
-                    }
+                    merge_counts(&mut maps[i], &theirs[j], sign);
                 }
                 _ => unreachable!("same aggregates"),
             }
+        }
+    }
+}
+
+/// Adds (sign +1) or subtracts (sign -1) the multiset `theirs` into `mine`.
+fn merge_counts<K: Copy + Eq + std::hash::Hash>(
+    mine: &mut HashMap<K, i64>,
+    theirs: &HashMap<K, i64>,
+    sign: i64,
+) {
+    for (value, count) in theirs {
+        let entry = mine.entry(*value).or_insert(0);
+        *entry += sign * count;
+        if *entry <= 0 {
+            mine.remove(value);
         }
     }
 }

@@ -12,6 +12,7 @@ use arrow::datatypes::{DataType, Field, Schema};
 use arrow::error::ArrowError;
 use arrow::record_batch::RecordBatch;
 
+use super::distinct::Dictionary;
 use super::partials::{compact, merge_into, Column, Partials};
 use super::WindowState;
 use crate::checkpoint::WindowMeta;
@@ -61,6 +62,7 @@ impl WindowState {
         let mut buckets = Vec::new();
         let mut keys = BinaryBuilder::new();
         let mut rows = Vec::new();
+        let dictionary = self.distinct.lock();
         let mut accumulators: Vec<(Vec<f64>, Vec<i64>, BinaryBuilder)> = self
             .aggregates
             .iter()
@@ -76,7 +78,7 @@ impl WindowState {
                         Column::Count(c) => (0.0, c[i], Vec::new()),
                         Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i], Vec::new()),
                         Column::DecimalSum(s, c) => (0.0, c[i], s[i].to_le_bytes().to_vec()),
-                        Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i])),
+                        Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i], &dictionary)),
                         Column::Values(maps, nulls) => (0.0, nulls[i], encode_values(&maps[i])),
                     };
                     v.push(value);
@@ -165,6 +167,7 @@ impl WindowState {
             .as_any()
             .downcast_ref::<Int64Array>()
             .expect("rows column");
+        let mut dictionary = self.distinct.lock();
         for r in 0..batch.num_rows() {
             let key = self.keys.intern(keys.value(r));
             let aggregates = &self.aggregates;
@@ -213,7 +216,7 @@ impl WindowState {
                         })?;
                         c[i] = n;
                     }
-                    Column::Distinct(maps) => maps[i] = decode_distinct(d),
+                    Column::Distinct(maps) => maps[i] = decode_distinct(d, &mut dictionary),
                     Column::Values(maps, nulls) => {
                         maps[i] = decode_values(d);
                         nulls[i] = n;
@@ -225,10 +228,12 @@ impl WindowState {
     }
 }
 
-/// `len:u32 bytes count:i64` repeated.
-fn encode_distinct(map: &HashMap<Box<[u8]>, i64>) -> Vec<u8> {
+/// `len:u32 bytes count:i64` repeated: the values' row encodings, so a
+/// checkpoint does not depend on one process's ids.
+fn encode_distinct(map: &HashMap<u32, i64>, dictionary: &Dictionary) -> Vec<u8> {
     let mut out = Vec::new();
-    for (value, count) in map {
+    for (id, count) in map {
+        let value = dictionary.value(*id);
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value);
         out.extend_from_slice(&count.to_le_bytes());
@@ -236,16 +241,16 @@ fn encode_distinct(map: &HashMap<Box<[u8]>, i64>) -> Vec<u8> {
     out
 }
 
-fn decode_distinct(mut bytes: &[u8]) -> HashMap<Box<[u8]>, i64> {
+fn decode_distinct(mut bytes: &[u8], dictionary: &mut Dictionary) -> HashMap<u32, i64> {
     let mut map = HashMap::default();
     while bytes.len() >= 4 {
         let len = u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes")) as usize;
         if bytes.len() < 4 + len + 8 {
             break;
         }
-        let value: Box<[u8]> = bytes[4..4 + len].into();
+        let id = dictionary.intern(&bytes[4..4 + len]);
         let count = i64::from_le_bytes(bytes[4 + len..12 + len].try_into().expect("8 bytes"));
-        map.insert(value, count);
+        map.insert(id, count);
         bytes = &bytes[12 + len..];
     }
     map

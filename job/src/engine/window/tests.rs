@@ -17,6 +17,17 @@ fn window_state(
     aggregates: Vec<AggSpec>,
     outputs: Vec<Field>,
 ) -> (WindowState, SchemaRef) {
+    window_state_sharing(kind, values, aggregates, outputs, DistinctValues::default())
+}
+
+/// [`window_state`], with distinct values kept in `distinct`.
+fn window_state_sharing(
+    kind: WindowKind,
+    values: Vec<Field>,
+    aggregates: Vec<AggSpec>,
+    outputs: Vec<Field>,
+    distinct: DistinctValues,
+) -> (WindowState, SchemaRef) {
     let time = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
     let mut pre = vec![
         Field::new("key", DataType::Utf8, true),
@@ -43,7 +54,7 @@ fn window_state(
         output_schema: output.clone(),
         table: Arc::new(BatchTable::new(output.clone())),
     };
-    (WindowState::new(&plan, &pre).unwrap(), pre)
+    (WindowState::sharing(&plan, &pre, distinct).unwrap(), pre)
 }
 
 fn aggregate(kind: AggKind, argument: Option<usize>, output_type: DataType) -> AggSpec {
@@ -200,7 +211,11 @@ type Row<'a> = (&'a str, i64, Option<f64>, &'a str);
 /// key, time, value, user -> count(*), count(DISTINCT user), sum(value),
 /// avg(value) per key, over `kind`.
 fn four_aggregates(kind: WindowKind) -> (WindowState, SchemaRef) {
-    window_state(
+    four_aggregates_sharing(kind, DistinctValues::default())
+}
+
+fn four_aggregates_sharing(kind: WindowKind, distinct: DistinctValues) -> (WindowState, SchemaRef) {
+    window_state_sharing(
         kind,
         vec![
             Field::new("value", DataType::Float64, true),
@@ -218,6 +233,7 @@ fn four_aggregates(kind: WindowKind) -> (WindowState, SchemaRef) {
             Field::new("c4", DataType::Float64, true),
             Field::new("c5", DataType::Float64, true),
         ],
+        distinct,
     )
 }
 
@@ -528,4 +544,78 @@ fn layers_of_changed_buckets_restore_the_whole_state() {
             "{kind:?}"
         );
     }
+}
+
+/// Rows of [`four_aggregates`] with the users given as they are (NULL allowed),
+/// all with value 1.0.
+fn users_at(schema: &SchemaRef, key: &str, time: i64, users: &[Option<String>]) -> RecordBatch {
+    let n = users.len();
+    RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(vec![key; n])),
+            Arc::new(TimestampMicrosecondArray::from(vec![time; n]).with_timezone("UTC")),
+            Arc::new(Float64Array::from(vec![1.0; n])),
+            Arc::new(StringArray::from(users.to_vec())),
+        ],
+    )
+    .unwrap()
+}
+
+#[test]
+fn count_distinct_does_not_count_null() {
+    let (mut state, schema) = four_aggregates(WindowKind::Tumble { width: SECOND });
+    let users = [Some("u1".to_string()), None, None, Some("u1".to_string())];
+    state
+        .accumulate(&users_at(&schema, "a", 0, &users), 1, None)
+        .unwrap();
+    let emitted = figures(state.emit_until(SECOND).unwrap());
+    assert_eq!(
+        emitted,
+        vec![(1, vec![("a".to_string(), 4, 1, Some(4.0), Some(1.0))])]
+    );
+}
+
+#[test]
+fn states_sharing_distinct_values_count_right_across_a_collection() {
+    let distinct = DistinctValues::default();
+    let (mut minute, schema) =
+        four_aggregates_sharing(WindowKind::Tumble { width: SECOND }, distinct.clone());
+    let (mut ten, _) =
+        four_aggregates_sharing(WindowKind::Tumble { width: 10 * SECOND }, distinct.clone());
+    let user = |i: usize| Some(format!("user-{i:06}"));
+    // 80,000 users in the first second (enough to make a collection pay),
+    // fed to both states as one array, as two pre-plans projecting the
+    // same column hand it over.
+    let first = users_at(&schema, "a", 0, &(0..80_000).map(user).collect::<Vec<_>>());
+    minute.accumulate(&first, 1, None).unwrap();
+    ten.accumulate(&first, 1, None).unwrap();
+    // The first second closes for `minute`: its bucket goes, but `ten` still
+    // holds every one of those users, until half of them are retracted.
+    assert_eq!(
+        figures(minute.emit_until(SECOND).unwrap())[0].1[0].2,
+        80_000
+    );
+    let retracted = users_at(&schema, "a", 0, &(0..40_000).map(user).collect::<Vec<_>>());
+    ten.accumulate(&retracted, -1, None).unwrap();
+    distinct.collect_unused([&minute, &ten]);
+    assert_eq!(
+        distinct.lock().len(),
+        40_000,
+        "the retracted users are freed"
+    );
+    // 40,000 new users (on the freed ids) and 20,000 old ones, later.
+    let later: Vec<Option<String>> = (80_000..120_000).chain(60_000..80_000).map(user).collect();
+    ten.accumulate(&users_at(&schema, "a", 5 * SECOND, &later), 1, None)
+        .unwrap();
+    // Standing: users 40,000..120,000, each once.
+    let (snapshot, meta) = ten.snapshot().unwrap();
+    let emitted = figures(ten.emit_until(10 * SECOND).unwrap());
+    assert_eq!(emitted[0].1[0].1, 80_000 + 60_000 - 40_000);
+    assert_eq!(emitted[0].1[0].2, 80_000);
+    // The snapshot holds values, not ids: a state with its own dictionary
+    // restores the same count.
+    let (mut restored, _) = four_aggregates(WindowKind::Tumble { width: 10 * SECOND });
+    restored.restore(&[vec![snapshot]], &meta).unwrap();
+    assert_eq!(figures(restored.emit_until(10 * SECOND).unwrap()), emitted);
 }

@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use super::histogram::RunHistogram;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
-use prometheus_client::metrics::histogram::Histogram;
 
 use crate::change::COMMIT_TS_COLUMN;
 
@@ -83,13 +83,11 @@ impl CommitTimes {
 
     /// Observes, in `histogram` and `recent`, the seconds from each
     /// change's commit to `now_ms` (Unix milliseconds).
-    pub fn observe(&self, histogram: &Histogram, recent: &RecentLatencies, now_ms: i64) {
+    pub fn observe(&self, histogram: &RunHistogram, recent: &RecentLatencies, now_ms: i64) {
         let mut newest = recent.inner.lock().unwrap_or_else(|e| e.into_inner());
         for &(millis, changes) in &self.runs {
             let seconds = (now_ms - millis).max(0) as f64 / 1000.0;
-            for _ in 0..changes {
-                histogram.observe(seconds);
-            }
+            histogram.observe_n(seconds, u64::from(changes));
             if newest.len() == RecentLatencies::KEEP {
                 newest.pop_front();
             }
@@ -138,7 +136,7 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::stats::latency_buckets;
+    use crate::engine::stats::latency_bounds;
 
     #[test]
     fn commit_times_split_at_a_window_end_and_stay_bounded() {
@@ -151,7 +149,7 @@ mod tests {
         assert_eq!(taken.runs, vec![(1_000, 2), (1_500, 1)]);
         assert_eq!(pending.runs, vec![(2_000, 3)]);
         assert!(pending.take_before(1_000_000).is_none());
-        let histogram = latency_buckets();
+        let histogram = RunHistogram::new(latency_bounds());
         let recent = RecentLatencies::default();
         taken.observe(&histogram, &recent, 3_000);
         // 2 s twice, 1.5 s once.

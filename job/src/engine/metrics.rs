@@ -17,10 +17,10 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use super::histogram::RunHistogram;
 use super::stats::{JobStats, OPS};
 
 /// The Content-Type of [`render`]'s output.
@@ -75,7 +75,7 @@ fn per_sink_histograms(
     name: &str,
     help: &str,
     names: &[String],
-    histograms: &[Histogram],
+    histograms: &[Arc<RunHistogram>],
 ) -> Result<(), Error> {
     let mut metric_encoder = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (sink, histogram) in names.iter().zip(histograms) {

@@ -54,6 +54,7 @@ mod checkpointing;
 pub mod clock;
 pub mod dead_letter;
 pub mod dimension;
+pub mod histogram;
 pub mod late;
 pub mod latency;
 pub mod metrics;

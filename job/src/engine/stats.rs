@@ -12,6 +12,7 @@ use std::sync::Arc;
 use arrow::array::{AsArray, RecordBatch};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
+use super::histogram::RunHistogram;
 use super::latency::{unix_ms, RecentLatencies};
 use super::recent::{DeadLetterLog, RecentWindows};
 use crate::change::OP_COLUMN;
@@ -46,8 +47,8 @@ pub struct JobStats {
     pub sink_detached_since_ms: Vec<AtomicU64>,
     /// Per sink (same order as `sink_names`): seconds from a change's commit
     /// to the moment the sink made its effect visible to readers, observed
-    /// once per change of the driving table (see `sink/task.rs`).
-    pub commit_to_visible: Vec<Histogram>,
+    /// for every change of the driving table (see `sink/task.rs`).
+    pub commit_to_visible: Vec<Arc<RunHistogram>>,
     /// Per sink: the same latencies for the newest changes, for p50/p99 in
     /// the JSON API (a histogram's buckets are too coarse for that).
     pub recent_visible: Vec<Arc<RecentLatencies>>,
@@ -99,11 +100,16 @@ pub struct JobStats {
 /// Letters of [`JobStats::source_ops`], in order.
 pub const OPS: [&str; 3] = ["c", "u", "d"];
 
-/// Buckets of the latency histograms: 1 ms to about 128 s, each 1.5 times
-/// the last, so a quantile read from them (`histogram_quantile`) is off by
-/// at most about a quarter.
+/// Upper bounds of the latency histograms: 1 ms to about 128 s, each 1.5
+/// times the last, so a quantile read from them (`histogram_quantile`) is
+/// off by at most about a quarter.
+pub fn latency_bounds() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.001, 1.5, 30)
+}
+
+/// A latency histogram taking one value per call.
 pub fn latency_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.001, 1.5, 30))
+    Histogram::new(latency_bounds())
 }
 
 impl Default for JobStats {
@@ -146,7 +152,10 @@ impl JobStats {
             sink_detached: per_sink(),
             sink_detached_since_ms: per_sink(),
             sink_last_write_ms: per_sink(),
-            commit_to_visible: sink_names.iter().map(|_| latency_buckets()).collect(),
+            commit_to_visible: sink_names
+                .iter()
+                .map(|_| Arc::new(RunHistogram::new(latency_bounds())))
+                .collect(),
             recent_visible: sink_names.iter().map(|_| Arc::default()).collect(),
             checkpoint_resume_lsn: AtomicU64::new(0),
             started_unix_ms: AtomicU64::new(unix_ms() as u64),

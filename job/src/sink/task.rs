@@ -37,8 +37,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::engine::histogram::RunHistogram;
 use arrow::record_batch::RecordBatch;
-use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
@@ -181,7 +181,7 @@ impl SinkTask {
     /// (the histogram, and the newest ones for quantiles).
     pub fn spawn(
         mut sink: Sink,
-        visibility: Option<(Histogram, Arc<RecentLatencies>)>,
+        visibility: Option<(Arc<RunHistogram>, Arc<RecentLatencies>)>,
     ) -> SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);
         let detachable = sink.detach_after(DETACH_AFTER);
@@ -353,14 +353,14 @@ struct Flags {
 /// Commit times of written changes not yet visible, and where their
 /// latency goes once they are.
 struct Visibility {
-    histogram: Histogram,
+    histogram: Arc<RunHistogram>,
     recent: Arc<RecentLatencies>,
     /// (position a write covered, its changes' commit times), in order.
     pending: VecDeque<(Position, Arc<CommitTimes>)>,
 }
 
 impl Visibility {
-    fn new((histogram, recent): (Histogram, Arc<RecentLatencies>)) -> Visibility {
+    fn new((histogram, recent): (Arc<RunHistogram>, Arc<RecentLatencies>)) -> Visibility {
         Visibility {
             histogram,
             recent,

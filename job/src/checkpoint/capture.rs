@@ -19,8 +19,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::{ipc_options, StateFile};
 
 /// Batches waiting to be encoded at most (each is a change batch of the
-/// source, a few thousand rows).
-const PENDING: usize = 16;
+/// source, up to 8,192 rows and a few MiB): what they hold stays in memory
+/// until the thread has encoded them.
+const PENDING: usize = 4;
 
 /// Files of one epoch's capture: (file name, bytes).
 type Files = Vec<(String, Bytes)>;

@@ -261,6 +261,8 @@ impl WindowState {
             .collect();
         let slide = self.kind.slide();
         let width = self.kind.width();
+        // A global aggregate (grouped by the window only) has one empty key.
+        let global_key = (self.key_count == 0).then(|| self.keys.intern(&[]));
         for row in 0..batch.num_rows() {
             if times.is_null(row) {
                 done.late += 1; // no event time: it can belong to no window
@@ -284,11 +286,9 @@ impl WindowState {
             if sign > 0 {
                 self.max_event_time = Some(self.max_event_time.map_or(time, |m| m.max(time)));
             }
-            // A global aggregate (grouped by the window only) has one empty key.
-            let key = if self.key_count == 0 {
-                self.keys.intern(&[])
-            } else {
-                self.keys.intern(keys.row(row).data())
+            let key = match global_key {
+                Some(key) => key,
+                None => self.keys.intern(keys.row(row).data()),
             };
             let values = RowValues {
                 numbers: &numbers,

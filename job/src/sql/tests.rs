@@ -657,11 +657,9 @@ fn batch_of(
     arrow::record_batch::RecordBatch::try_new(schema.clone(), columns).unwrap()
 }
 
-/// Physical plans are made once and reused for every batch: each run sees
-/// its own input and the dimension as it stands at that run, not the hash
-/// join's build side of the run before.
-#[tokio::test]
-async fn a_reused_plan_sees_each_batch_and_the_dimension_as_it_stands() {
+/// A job whose one query is `events LEFT JOIN content` (a dimension, no
+/// view), with the indexes of its two sources.
+async fn events_left_join_content() -> (plan::JobPlan, usize, usize) {
     let sql = "
         CREATE TABLE events (id BIGINT, cid TEXT, PRIMARY KEY (id)) WITH (connector = 'postgres-cdc',
             connection = 'postgres://u@127.0.0.1/db', table = 'public.events');
@@ -678,6 +676,15 @@ async fn a_reused_plan_sees_each_batch_and_the_dimension_as_it_stands() {
             .unwrap()
     };
     let (events, content) = (source("events"), source("content"));
+    (plan, events, content)
+}
+
+/// Physical plans are made once and reused for every batch: each run sees
+/// its own input and the dimension as it stands at that run, not the hash
+/// join's build side of the run before.
+#[tokio::test]
+async fn a_reused_plan_sees_each_batch_and_the_dimension_as_it_stands() {
+    let (plan, events, content) = events_left_join_content().await;
     let titles = |output: &[arrow::record_batch::RecordBatch]| -> Vec<Option<String>> {
         output
             .iter()
@@ -724,25 +731,7 @@ async fn a_reused_plan_sees_each_batch_and_the_dimension_as_it_stands() {
 /// and position filters see them in commit order.
 #[tokio::test]
 async fn a_joining_query_without_a_view_keeps_the_changes_order() {
-    let sql = "
-        CREATE TABLE events (id BIGINT, cid TEXT, PRIMARY KEY (id)) WITH (connector = 'postgres-cdc',
-            connection = 'postgres://u@127.0.0.1/db', table = 'public.events');
-        CREATE TABLE content (id TEXT, title TEXT, PRIMARY KEY (id)) WITH (connector = 'postgres-cdc',
-            connection = 'postgres://u@127.0.0.1/db', table = 'public.content');
-        CREATE TABLE out WITH (connector = 'blackhole');
-        INSERT INTO out SELECT e.id, c.title FROM events e LEFT JOIN content c ON e.cid = c.id;";
-    let spec = parse_job("j", sql, &|_| None).unwrap();
-    let plan = plan::JobPlan::new(&spec).await.unwrap();
-    let events = plan
-        .sources
-        .iter()
-        .position(|s| s.def.name == "events")
-        .unwrap();
-    let content = plan
-        .sources
-        .iter()
-        .position(|s| s.def.name == "content")
-        .unwrap();
+    let (plan, events, content) = events_left_join_content().await;
     let items = 97;
     let dimension = batch_of(
         &plan.sources[content].schema,

@@ -4,6 +4,7 @@ use crate::checkpoint::WindowMeta;
 use crate::sql::plan::BatchTable;
 use crate::sql::window::window_type;
 use arrow::array::StringArray;
+use arrow::datatypes::Field;
 use datafusion::logical_expr::{EmptyRelation, LogicalPlan};
 
 const SECOND: i64 = 1_000_000;

@@ -6,9 +6,10 @@
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use super::histogram::RunHistogram;
 use arrow::array::{AsArray, RecordBatch};
 use arrow::datatypes::TimestampMicrosecondType;
+
+use super::histogram::RunHistogram;
 
 use crate::change::COMMIT_TS_COLUMN;
 
@@ -136,7 +137,7 @@ pub fn unix_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::stats::latency_bounds;
+    use crate::engine::stats::latency_buckets;
 
     #[test]
     fn commit_times_split_at_a_window_end_and_stay_bounded() {
@@ -149,7 +150,7 @@ mod tests {
         assert_eq!(taken.runs, vec![(1_000, 2), (1_500, 1)]);
         assert_eq!(pending.runs, vec![(2_000, 3)]);
         assert!(pending.take_before(1_000_000).is_none());
-        let histogram = RunHistogram::new(latency_bounds());
+        let histogram = latency_buckets();
         let recent = RecentLatencies::default();
         taken.observe(&histogram, &recent, 3_000);
         // 2 s twice, 1.5 s once.

@@ -3,7 +3,7 @@
 //!
 //! The counters live in [`JobStats`] as plain atomics (the engine bumps them
 //! once per batch); a [`Collector`] reads them at each scrape. Histograms are
-//! the client's own. Names follow Prometheus' conventions: the `engage_`
+//! [`RunHistogram`]s, which encode as the client's own do. Names follow Prometheus' conventions: the `engage_`
 //! prefix, `_total` on counters (the client appends it), base units in the
 //! name (`_seconds`, `_bytes`), and only low-cardinality labels (`sink`,
 //! `table`, `op`, `reason`). Names that existed before the HTTP server are
@@ -75,7 +75,7 @@ fn per_sink_histograms(
     name: &str,
     help: &str,
     names: &[String],
-    histograms: &[Arc<RunHistogram>],
+    histograms: &[RunHistogram],
 ) -> Result<(), Error> {
     let mut metric_encoder = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
     for (sink, histogram) in names.iter().zip(histograms) {

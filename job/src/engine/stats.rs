@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arrow::array::{AsArray, RecordBatch};
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::exponential_buckets;
 
 use super::histogram::RunHistogram;
 use super::latency::{unix_ms, RecentLatencies};
@@ -30,7 +30,7 @@ pub struct JobStats {
     /// Batches processed.
     pub batches: AtomicU64,
     /// Seconds to process one change batch (queries, hand-off to sinks, windows).
-    pub batch_seconds: Histogram,
+    pub batch_seconds: RunHistogram,
     /// Sink table names, in plan order.
     pub sink_names: Vec<String>,
     /// Rows written per sink, same order as `sink_names`.
@@ -48,7 +48,7 @@ pub struct JobStats {
     /// Per sink (same order as `sink_names`): seconds from a change's commit
     /// to the moment the sink made its effect visible to readers, observed
     /// for every change of the driving table (see `sink/task.rs`).
-    pub commit_to_visible: Vec<Arc<RunHistogram>>,
+    pub commit_to_visible: Vec<RunHistogram>,
     /// Per sink: the same latencies for the newest changes, for p50/p99 in
     /// the JSON API (a histogram's buckets are too coarse for that).
     pub recent_visible: Vec<Arc<RecentLatencies>>,
@@ -63,7 +63,7 @@ pub struct JobStats {
     /// Checkpoints taken by this process.
     pub checkpoints: AtomicU64,
     /// Seconds a checkpoint takes, from barrier to commit.
-    pub checkpoint_seconds: Histogram,
+    pub checkpoint_seconds: RunHistogram,
     /// Bytes of state files the last checkpoint wrote.
     pub checkpoint_bytes: AtomicU64,
     /// The checkpoint interval (milliseconds), for readiness.
@@ -100,16 +100,11 @@ pub struct JobStats {
 /// Letters of [`JobStats::source_ops`], in order.
 pub const OPS: [&str; 3] = ["c", "u", "d"];
 
-/// Upper bounds of the latency histograms: 1 ms to about 128 s, each 1.5
-/// times the last, so a quantile read from them (`histogram_quantile`) is
-/// off by at most about a quarter.
-pub fn latency_bounds() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.001, 1.5, 30)
-}
-
-/// A latency histogram taking one value per call.
-pub fn latency_buckets() -> Histogram {
-    Histogram::new(latency_bounds())
+/// A latency histogram: 1 ms to about 128 s, each bucket 1.5 times the
+/// last, so a quantile read from them (`histogram_quantile`) is off by at
+/// most about a quarter.
+pub fn latency_buckets() -> RunHistogram {
+    RunHistogram::new(exponential_buckets(0.001, 1.5, 30))
 }
 
 impl Default for JobStats {
@@ -152,10 +147,7 @@ impl JobStats {
             sink_detached: per_sink(),
             sink_detached_since_ms: per_sink(),
             sink_last_write_ms: per_sink(),
-            commit_to_visible: sink_names
-                .iter()
-                .map(|_| Arc::new(RunHistogram::new(latency_bounds())))
-                .collect(),
+            commit_to_visible: sink_names.iter().map(|_| latency_buckets()).collect(),
             recent_visible: sink_names.iter().map(|_| Arc::default()).collect(),
             checkpoint_resume_lsn: AtomicU64::new(0),
             started_unix_ms: AtomicU64::new(unix_ms() as u64),

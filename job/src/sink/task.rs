@@ -37,13 +37,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::engine::histogram::RunHistogram;
 use arrow::record_batch::RecordBatch;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use super::{Sink, SinkError, SinkState};
 use crate::change::Position;
+use crate::engine::histogram::RunHistogram;
 use crate::engine::latency::{unix_ms, CommitTimes, RecentLatencies};
 
 /// Writes (or barriers) a sink's channel holds before the engine waits.
@@ -181,7 +181,7 @@ impl SinkTask {
     /// (the histogram, and the newest ones for quantiles).
     pub fn spawn(
         mut sink: Sink,
-        visibility: Option<(Arc<RunHistogram>, Arc<RecentLatencies>)>,
+        visibility: Option<(RunHistogram, Arc<RecentLatencies>)>,
     ) -> SinkTask {
         let (commands, receiver) = mpsc::channel(QUEUE);
         let detachable = sink.detach_after(DETACH_AFTER);
@@ -353,14 +353,14 @@ struct Flags {
 /// Commit times of written changes not yet visible, and where their
 /// latency goes once they are.
 struct Visibility {
-    histogram: Arc<RunHistogram>,
+    histogram: RunHistogram,
     recent: Arc<RecentLatencies>,
     /// (position a write covered, its changes' commit times), in order.
     pending: VecDeque<(Position, Arc<CommitTimes>)>,
 }
 
 impl Visibility {
-    fn new((histogram, recent): (Arc<RunHistogram>, Arc<RecentLatencies>)) -> Visibility {
+    fn new((histogram, recent): (RunHistogram, Arc<RecentLatencies>)) -> Visibility {
         Visibility {
             histogram,
             recent,

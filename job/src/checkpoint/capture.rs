@@ -26,9 +26,12 @@ const PENDING: usize = 4;
 /// Files of one epoch's capture: (file name, bytes).
 type Files = Vec<(String, Bytes)>;
 
+/// The encoded streams of one epoch: (table, bytes).
+type Streams = Vec<(String, Bytes)>;
+
 enum Work {
     Append(String, RecordBatch),
-    Finish(oneshot::Sender<Result<Files, ArrowError>>),
+    Finish(oneshot::Sender<Result<Streams, ArrowError>>),
 }
 
 /// Appends batches of one epoch to an IPC stream per table, in memory.
@@ -36,8 +39,7 @@ enum Work {
 pub struct CaptureLog {
     /// The encoding thread, started by the first append.
     encoder: Option<mpsc::Sender<Work>>,
-    /// Rows appended per table this epoch.
-    rows: BTreeMap<String, u64>,
+    /// (table, rows) of each batch appended this epoch, in order.
     order: Vec<(String, u64)>,
 }
 
@@ -48,7 +50,6 @@ impl CaptureLog {
             .send(Work::Append(table.to_string(), batch.clone()))
             .await;
         sent.map_err(|_| gone())?;
-        *self.rows.entry(table.to_string()).or_default() += batch.num_rows() as u64;
         self.order
             .push((table.to_string(), batch.num_rows() as u64));
         Ok(())
@@ -64,25 +65,21 @@ impl CaptureLog {
             .send(Work::Finish(reply))
             .await
             .map_err(|_| gone())?;
-        let files = files.await.map_err(|_| gone())??;
-        let mut rows = std::mem::take(&mut self.rows);
-        let refs = files
-            .iter()
-            .map(|(name, bytes)| {
-                let table = name
-                    .strip_prefix("capture-")
-                    .and_then(|n| n.strip_suffix(".arrows"))
-                    .expect("named by file_name")
-                    .to_string();
-                let state = StateFile {
-                    file: name.clone(),
-                    rows: rows.remove(&table).unwrap_or_default(),
-                    bytes: bytes.len() as u64,
-                };
-                (table, state)
-            })
-            .collect();
-        Ok((files, refs, std::mem::take(&mut self.order)))
+        let streams = files.await.map_err(|_| gone())??;
+        let order = std::mem::take(&mut self.order);
+        let mut refs = BTreeMap::new();
+        let mut files = Vec::with_capacity(streams.len());
+        for (table, bytes) in streams {
+            let rows = order.iter().filter(|(t, _)| *t == table).map(|(_, n)| n);
+            let state = StateFile {
+                file: file_name(&table),
+                rows: rows.sum(),
+                bytes: bytes.len() as u64,
+            };
+            files.push((state.file.clone(), bytes));
+            refs.insert(table, state);
+        }
+        Ok((files, refs, order))
     }
 
     fn encoder(&mut self) -> &mpsc::Sender<Work> {
@@ -144,12 +141,12 @@ fn write(
     writers.get_mut(table).expect("inserted above").write(batch)
 }
 
-fn close(writers: BTreeMap<String, StreamWriter<Vec<u8>>>) -> Result<Files, ArrowError> {
+fn close(writers: BTreeMap<String, StreamWriter<Vec<u8>>>) -> Result<Streams, ArrowError> {
     writers
         .into_iter()
         .map(|(table, mut writer)| {
             writer.finish()?;
-            Ok((file_name(&table), Bytes::from(writer.into_inner()?)))
+            Ok((table, Bytes::from(writer.into_inner()?)))
         })
         .collect()
 }

@@ -99,19 +99,15 @@ use crate::sql::options::{CommitMode, KafkaOptions};
 use crate::sql::plan::QueryPlan;
 
 /// Producer settings the sink uses unless the job's `kafka.<setting>`
-/// options set them (or, where it has one, the setting's alias): the queue
+/// options set one of their names (a setting, then its aliases): the queue
 /// bound, and how long a message may wait to fill a batch. With
 /// librdkafka's own 5 ms linger its broker thread cost a fifth of the job's
 /// CPU in a drain, sending many small requests; a transaction commit (every
 /// [`COMMIT_EVERY`]) sends what waits at once, so a longer linger adds no
 /// latency with `exactly_once` (with `at_least_once`, up to 50 ms).
-const PRODUCER_DEFAULTS: &[(&str, &str, &str)] = &[
-    (
-        "queue.buffering.max.kbytes",
-        "queue.buffering.max.kbytes",
-        "65536",
-    ),
-    ("linger.ms", "queue.buffering.max.ms", "50"),
+const PRODUCER_DEFAULTS: &[(&[&str], &str)] = &[
+    (&["queue.buffering.max.kbytes"], "65536"),
+    (&["linger.ms", "queue.buffering.max.ms"], "50"),
 ];
 /// How long the sink waits between attempts to enqueue into a full queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(2);
@@ -309,10 +305,12 @@ impl KafkaSink {
         if exactly_once {
             config.set("transactional.id", transactional_id(job, name));
         }
-        for (setting, alias, value) in PRODUCER_DEFAULTS {
-            let client = &options.client.0;
-            if !client.contains_key(*setting) && !client.contains_key(*alias) {
-                config.set(*setting, *value);
+        for (names, value) in PRODUCER_DEFAULTS {
+            if !names
+                .iter()
+                .any(|name| options.client.0.contains_key(*name))
+            {
+                config.set(names[0], *value);
             }
         }
         let producer: ThreadedProducer<Reports> = config

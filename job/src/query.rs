@@ -62,6 +62,11 @@ fn placeholder(name: &str) -> Option<String> {
         Some("redis://unset".into())
     } else if name.contains("POSTGRES") || name.contains("DATABASE") {
         Some("postgres://unset/unset".into())
+    } else if name.ends_with("_URL") {
+        Some("http://unset.invalid/".into())
+    } else if name.contains("SECRET") {
+        // A well-formed Standard Webhooks secret (32 zero bytes).
+        Some("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into())
     } else {
         Some(format!("unset-{name}"))
     }

@@ -6,7 +6,7 @@
 //! Redis sinks at the same address then start detached without waiting for a
 //! connection again.
 
-use super::{dead_letter, late, Engine, JobError};
+use super::{dead_letter, late, side_output, Engine, JobError};
 use crate::checkpoint::Manifest;
 use crate::sink::task::{SinkTask, Store};
 use crate::sink::Sink;
@@ -41,6 +41,7 @@ impl Engine {
                     sink_table,
                     query,
                     &self.plan.sources[query.driving].def,
+                    side_output::declared(spec, dead_letter::DEAD_LETTER_TABLE),
                     restored,
                 )
                 .await,

@@ -16,7 +16,7 @@ use arrow::record_batch::RecordBatch;
 use crate::change::{Position, LSN_COLUMN, SEQ_COLUMN};
 use crate::sink::parquet::ParquetSink;
 use crate::sink::{Sink, SinkError, SinkState};
-use crate::sql::JobSpec;
+use crate::sql::{FilesystemOptions, JobSpec};
 
 /// Opens side output `table` if the job declares it (and nothing inserts into it).
 /// `time_column` partitions it when the table has a time pattern.
@@ -27,18 +27,22 @@ pub async fn open(
     time_column: usize,
     restored: Option<&SinkState>,
 ) -> Result<Option<Sink>, SinkError> {
-    let Some(def) = spec.tables.iter().find(|t| t.name == table) else {
-        return Ok(None);
-    };
-    if spec.inserts.iter().any(|i| i.sink == table) {
-        return Ok(None);
-    }
-    let Some(options) = def.connector.filesystem() else {
+    let Some(options) = declared(spec, table) else {
         return Ok(None);
     };
     let time_column = options.time_pattern.as_ref().map(|_| time_column);
     let sink = ParquetSink::open_for_schema(table, options, schema, time_column, restored).await?;
     Ok(Some(Sink::Parquet(Box::new(sink))))
+}
+
+/// The options of side output `table`, if the job declares it: a
+/// `filesystem` table of that name that no `INSERT` writes.
+pub fn declared<'a>(spec: &'a JobSpec, table: &str) -> Option<&'a FilesystemOptions> {
+    let def = spec.tables.iter().find(|t| t.name == table)?;
+    if spec.inserts.iter().any(|i| i.sink == table) {
+        return None;
+    }
+    def.connector.filesystem()
 }
 
 /// The side-output rows (with `_lsn`, `_seq`) after `held`, in any order;

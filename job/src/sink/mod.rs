@@ -69,13 +69,14 @@ pub mod kafka;
 pub mod parquet;
 pub mod redis;
 pub mod task;
+pub mod webhook;
 
 use arrow::record_batch::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 use crate::change::Position;
 use crate::sql::plan::{QueryPlan, SinkTable};
-use crate::sql::{SinkConnector, TableDef};
+use crate::sql::{FilesystemOptions, SinkConnector, TableDef};
 
 /// What a checkpoint records for one sink.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -95,6 +96,14 @@ pub struct SinkState {
     /// lost data (see [`SinkError::Lost`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub offsets: Vec<i64>,
+    /// Webhook sinks: batches cut and not yet acknowledged, sent again
+    /// (under the same ids) by a restored sink.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outbox: Vec<webhook::WebhookBatch>,
+    /// Webhook sinks: batches the endpoint refused, written to
+    /// `dead_letter` when this checkpoint commits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<webhook::RefusedBatch>,
 }
 
 /// A file written under a staging name, to be renamed to its final name.
@@ -148,6 +157,7 @@ pub enum Sink {
     Parquet(Box<parquet::ParquetSink>),
     Redis(Box<redis::RedisSink>),
     Kafka(Box<kafka::KafkaSink>),
+    Webhook(Box<webhook::WebhookSink>),
     Blackhole(blackhole::BlackholeSink),
 }
 
@@ -155,12 +165,14 @@ impl Sink {
     /// Opens the sink for table `table` fed by `query`, whose driving table
     /// is `driving`. `job` names the job (Redis keeps the sink position under
     /// it); `restored` is the state of the checkpoint the job resumes from, if
-    /// any.
+    /// any. `dead_letter` is the job's `dead_letter` table, where a webhook
+    /// sink writes the rows its endpoint refuses.
     pub async fn open(
         job: &str,
         table: &SinkTable,
         query: &QueryPlan,
         driving: &TableDef,
+        dead_letter: Option<&FilesystemOptions>,
         restored: Option<&SinkState>,
     ) -> Result<Sink, SinkError> {
         let name = &table.def.name;
@@ -188,6 +200,10 @@ impl Sink {
                     kafka::KafkaSink::open(job, name, options, query, source, restored).await?,
                 )))
             }
+            SinkConnector::Webhook(options) => Ok(Sink::Webhook(Box::new(
+                webhook::WebhookSink::open(job, name, options, dead_letter, query, restored)
+                    .await?,
+            ))),
             SinkConnector::Blackhole => Ok(Sink::Blackhole(blackhole::BlackholeSink::open(
                 name, restored,
             ))),
@@ -199,6 +215,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.name(),
             Sink::Redis(sink) => sink.name(),
             Sink::Kafka(sink) => sink.name(),
+            Sink::Webhook(sink) => sink.name(),
             Sink::Blackhole(sink) => sink.name(),
         }
     }
@@ -215,7 +232,9 @@ impl Sink {
     /// other sink waits. False for sinks that cannot be caught up that way.
     pub fn detach_after(&mut self, budget: std::time::Duration) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => false,
+            // A webhook endpoint that is down slows the job: nothing could
+            // catch it up later (the endpoint holds no position to resume from).
+            Sink::Parquet(_) | Sink::Webhook(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => {
                 sink.set_retry_budget(budget);
                 true
@@ -230,7 +249,7 @@ impl Sink {
     /// Whether the sink's store answers (always true for local files).
     pub async fn reachable(&mut self) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => true,
+            Sink::Parquet(_) | Sink::Webhook(_) | Sink::Blackhole(_) => true,
             Sink::Redis(sink) => sink.reachable().await,
             Sink::Kafka(sink) => sink.reachable().await,
         }
@@ -242,7 +261,7 @@ impl Sink {
         match self {
             Sink::Kafka(sink) => sink.held_state(),
             Sink::Redis(sink) => sink.state(),
-            Sink::Parquet(_) | Sink::Blackhole(_) => SinkState {
+            Sink::Parquet(_) | Sink::Webhook(_) | Sink::Blackhole(_) => SinkState {
                 position: self.position(),
                 ..SinkState::default()
             },
@@ -254,7 +273,7 @@ impl Sink {
     /// checkpoint says it was detached.
     pub fn lost(&self) -> bool {
         match self {
-            Sink::Parquet(_) | Sink::Blackhole(_) => false,
+            Sink::Parquet(_) | Sink::Webhook(_) | Sink::Blackhole(_) => false,
             Sink::Redis(sink) => sink.lost(),
             Sink::Kafka(sink) => sink.lost(),
         }
@@ -266,6 +285,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.position(),
             Sink::Redis(sink) => sink.position(),
             Sink::Kafka(sink) => sink.position(),
+            Sink::Webhook(sink) => sink.position(),
             Sink::Blackhole(sink) => sink.position(),
         }
     }
@@ -277,6 +297,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.visible(),
             Sink::Redis(sink) => sink.position(),
             Sink::Kafka(sink) => sink.visible(),
+            Sink::Webhook(sink) => sink.visible(),
             Sink::Blackhole(sink) => sink.position(),
         }
     }
@@ -293,6 +314,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.write(batches, upto),
             Sink::Redis(sink) => sink.write(batches, upto).await,
             Sink::Kafka(sink) => sink.write(batches, upto).await,
+            Sink::Webhook(sink) => sink.write(batches, upto).await,
             Sink::Blackhole(sink) => {
                 sink.write(batches, upto);
                 Ok(())
@@ -322,6 +344,10 @@ impl Sink {
                 sink: sink.name().to_string(),
                 message: "a kafka sink cannot take a windowed query's output".into(),
             }),
+            Sink::Webhook(sink) => Err(SinkError::Permanent {
+                sink: sink.name().to_string(),
+                message: "a webhook sink cannot take a windowed query's output".into(),
+            }),
             Sink::Blackhole(sink) => {
                 sink.write(batches, upto);
                 Ok(())
@@ -333,7 +359,7 @@ impl Sink {
     /// it (Redis, read at open); `None` otherwise or if it never wrote one.
     pub fn window_end(&self) -> Option<i64> {
         match self {
-            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Blackhole(_) => None,
+            Sink::Parquet(_) | Sink::Kafka(_) | Sink::Webhook(_) | Sink::Blackhole(_) => None,
             Sink::Redis(sink) => sink.window_end(),
         }
     }
@@ -343,6 +369,7 @@ impl Sink {
     pub fn wants_idle(&self) -> bool {
         match self {
             Sink::Kafka(sink) => sink.wants_idle(),
+            Sink::Webhook(_) => true,
             Sink::Parquet(_) | Sink::Redis(_) | Sink::Blackhole(_) => false,
         }
     }
@@ -353,6 +380,7 @@ impl Sink {
     pub async fn idle(&mut self) -> Result<(), SinkError> {
         match self {
             Sink::Kafka(sink) => sink.idle().await,
+            Sink::Webhook(sink) => sink.idle().await,
             Sink::Parquet(_) | Sink::Redis(_) | Sink::Blackhole(_) => Ok(()),
         }
     }
@@ -362,6 +390,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.prepare_checkpoint(epoch).await,
             Sink::Redis(sink) => Ok(sink.state()),
             Sink::Kafka(sink) => sink.prepare_checkpoint(epoch).await,
+            Sink::Webhook(sink) => sink.prepare_checkpoint(epoch).await,
             Sink::Blackhole(sink) => Ok(sink.state()),
         }
     }
@@ -369,6 +398,7 @@ impl Sink {
     pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
         match self {
             Sink::Parquet(sink) => sink.commit(state).await,
+            Sink::Webhook(sink) => sink.commit(state).await,
             Sink::Redis(_) | Sink::Kafka(_) | Sink::Blackhole(_) => Ok(()),
         }
     }
@@ -379,6 +409,7 @@ impl Sink {
             Sink::Parquet(sink) => sink.rows_written(),
             Sink::Redis(sink) => sink.rows_written(),
             Sink::Kafka(sink) => sink.rows_written(),
+            Sink::Webhook(sink) => sink.rows_written(),
             Sink::Blackhole(sink) => sink.rows_written(),
         }
     }

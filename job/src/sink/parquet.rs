@@ -340,6 +340,15 @@ struct Partitioner {
     null_partition: String,
 }
 
+/// The directory that rows with a NULL time go to under `pattern`, as Hive
+/// and BigQuery name it.
+pub fn null_partition(pattern: &str) -> String {
+    match pattern.split_once('=') {
+        Some((name, _)) if !name.contains('%') => format!("{name}=__HIVE_DEFAULT_PARTITION__"),
+        _ => "__HIVE_DEFAULT_PARTITION__".to_string(),
+    }
+}
+
 impl Partitioner {
     fn new(pattern: &str, column: usize) -> Self {
         let has = |codes: &[&str]| codes.iter().any(|c| pattern.contains(c));
@@ -352,10 +361,7 @@ impl Partitioner {
         } else {
             86_400_000_000
         };
-        let null_partition = match pattern.split_once('=') {
-            Some((name, _)) if !name.contains('%') => format!("{name}=__HIVE_DEFAULT_PARTITION__"),
-            _ => "__HIVE_DEFAULT_PARTITION__".to_string(),
-        };
+        let null_partition = null_partition(pattern);
         Partitioner {
             pattern: pattern.to_string(),
             column,

@@ -632,6 +632,10 @@ fn check_sink_columns(
             let watermark = driving.watermark.as_ref().map(|w| w.column.as_str());
             options.check_columns(output, watermark, windowed)
         }
+        Connector::Sink(SinkConnector::Webhook(options)) => {
+            options.check_columns(output, windowed)?;
+            Ok(None)
+        }
         Connector::Source(_) | Connector::Sink(SinkConnector::Blackhole) => Ok(None),
     }
 }

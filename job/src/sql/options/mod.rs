@@ -15,8 +15,10 @@ use crate::change::OP_COLUMN;
 use crate::values;
 
 mod kafka;
+mod webhook;
 
 pub use kafka::{ClientSettings, CommitMode, KafkaFormat, KafkaOptions};
+pub use webhook::{Header, SigningKey, WebhookOptions};
 
 /// A string that may hold credentials: `Debug`/`Display` hide the password.
 #[derive(Clone, PartialEq, Eq)]
@@ -75,6 +77,8 @@ pub enum SinkConnector {
     Redis(RedisOptions),
     /// A Kafka topic, one message per change.
     Kafka(KafkaOptions),
+    /// An HTTP endpoint, one POST per batch of rows (Standard Webhooks).
+    Webhook(WebhookOptions),
     /// Discards its rows (as Flink's and Arroyo's `blackhole`): the cost of
     /// a pipeline without the cost of its outputs.
     Blackhole,
@@ -128,7 +132,14 @@ impl Connector {
     }
 }
 
-pub const CONNECTORS: &[&str] = &["postgres-cdc", "filesystem", "redis", "kafka", "blackhole"];
+pub const CONNECTORS: &[&str] = &[
+    "postgres-cdc",
+    "filesystem",
+    "redis",
+    "kafka",
+    "webhook",
+    "blackhole",
+];
 
 #[derive(Debug, Clone)]
 pub struct PostgresCdcOptions {
@@ -578,6 +589,14 @@ impl Connector {
                     return Err("a kafka sink takes its columns from its INSERT query; declare it without a column list".into());
                 }
                 Ok(Connector::Sink(SinkConnector::Kafka(parsed)))
+            }
+            "webhook" => {
+                let parsed = WebhookOptions::parse(&mut options)?;
+                options.finish(&connector, webhook::WEBHOOK_OPTIONS)?;
+                if !columns.is_empty() {
+                    return Err("a webhook sink takes its columns from its INSERT query; declare it without a column list".into());
+                }
+                Ok(Connector::Sink(SinkConnector::Webhook(parsed)))
             }
             other => Err(format!(
                 "unknown connector `{other}`; valid connectors: {}",

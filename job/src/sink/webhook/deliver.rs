@@ -7,9 +7,10 @@
 //! - 2xx: delivered. 429 (after `Retry-After` when it gives seconds), 408,
 //!   5xx, a timeout or a connection error: retried with exponential backoff
 //!   and jitter, without end (delivery is at least once; a receiver that is
-//!   down slows the job, it loses nothing). Any other status: the endpoint
-//!   refused the batch, which goes to `dead_letter` with the status and the
-//!   first KiB of the response body.
+//!   down slows the job, it loses nothing). Any other status (3xx included:
+//!   redirects are not followed) means the endpoint refused the batch, which
+//!   goes to `dead_letter` with the status and the first KiB of the
+//!   response body.
 //! - Errors and logs name the sink and the status, never the URL (it may
 //!   hold credentials) or a header value.
 
@@ -181,6 +182,17 @@ mod tests {
             r#"{"test": 2432232314}"#,
         );
         assert_eq!(signed, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+        // The test vector of the specification's Rust library (`test_sign`).
+        let key = base64::engine::general_purpose::STANDARD
+            .decode("C2FVsBQIhrscChlQIMV+b5sSYspob7oD")
+            .unwrap();
+        let signed = signature(
+            &key,
+            "msg_27UH4WbU6Z5A5EzD8u03UvzRbpk",
+            1649367553,
+            r#"{"email":"test@example.com","username":"test_user"}"#,
+        );
+        assert_eq!(signed, "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=");
     }
 
     #[test]

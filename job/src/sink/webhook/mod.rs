@@ -132,8 +132,11 @@ impl WebhookSink {
         options
             .check_columns(&query.output_schema, false)
             .map_err(permanent)?;
+        // Redirects are not followed (Standard Webhooks: a 3xx is a failure;
+        // following one could turn the POST into a GET elsewhere).
         let client = reqwest::Client::builder()
             .user_agent(concat!("engage/", env!("CARGO_PKG_VERSION")))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| permanent(format!("cannot build the HTTP client: {}", e.without_url())))?;
         let dead_letter = dead_letter

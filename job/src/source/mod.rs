@@ -16,6 +16,7 @@
 //! - [`replication`]: its streaming loop, which cuts batches at transaction
 //!   boundaries.
 //! - [`snapshot`]: the consistent initial load of dimension tables.
+//! - [`tls`]: `sslmode` and `sslrootcert` for both connections.
 //! - [`postgres`]: where a run starts (checks, the slot or checkpoint
 //!   decision, the snapshot), the boundary the engine opens a source through.
 
@@ -24,6 +25,7 @@ pub mod postgres;
 pub mod replication;
 pub mod setup;
 pub mod snapshot;
+pub mod tls;
 
 use crate::change::Position;
 

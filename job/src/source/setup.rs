@@ -31,10 +31,11 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig};
 
 use super::pgoutput;
 use super::replication::SourceError;
+use super::tls::{self, PgTls, SslMode};
 use crate::change::{format_lsn, parse_lsn};
 use crate::sql::plan::SourceTable;
 use crate::sql::PostgresCdcOptions;
@@ -48,7 +49,7 @@ pub struct PgTarget {
     user: String,
     password: String,
     database: String,
-    require_tls: bool,
+    tls: PgTls,
 }
 
 impl std::fmt::Display for PgTarget {
@@ -59,10 +60,14 @@ impl std::fmt::Display for PgTarget {
 
 impl PgTarget {
     pub fn parse(url: &str) -> Result<PgTarget, SourceError> {
-        let config = tokio_postgres::Config::from_str(url).map_err(|e| SourceError::Connect {
+        let invalid = |message: String| SourceError::Connect {
             target: "<connection string>".into(),
-            message: format!("invalid connection string: {e}"),
-        })?;
+            message,
+        };
+        let (url, tls) = PgTls::split(url).map_err(invalid)?;
+        let mut config = tokio_postgres::Config::from_str(&url)
+            .map_err(|e| invalid(format!("invalid connection string: {e}")))?;
+        config.ssl_mode(tls.tokio_postgres_mode());
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
@@ -75,10 +80,6 @@ impl PgTarget {
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
         let database = config.get_dbname().unwrap_or(&user).to_string();
-        let require_tls = matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        );
         Ok(PgTarget {
             config,
             host,
@@ -86,31 +87,39 @@ impl PgTarget {
             user,
             password,
             database,
-            require_tls,
+            tls,
         })
     }
 
     /// A normal (control) connection with deterministic text output.
     pub async fn connect(&self) -> Result<tokio_postgres::Client, SourceError> {
-        if self.require_tls {
-            return Err(SourceError::Connect {
-                target: self.to_string(),
-                message: "sslmode=require is not supported for the control connection yet; use a local or tunnelled connection".into(),
-            });
-        }
-        let (client, connection) =
-            self.config
+        let failed = |message: String| SourceError::Connect {
+            target: self.to_string(),
+            message,
+        };
+        let closed = |error: tokio_postgres::Error| {
+            tracing::debug!(error = %error, "postgres control connection closed");
+        };
+        let client = if self.tls.mode == SslMode::Disable {
+            let (client, connection) = self
+                .config
                 .connect(tokio_postgres::NoTls)
                 .await
-                .map_err(|e| SourceError::Connect {
-                    target: self.to_string(),
-                    message: e.to_string(),
-                })?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(error = %error, "postgres control connection closed");
-            }
-        });
+                .map_err(|e| failed(e.to_string()))?;
+            tokio::spawn(async move { connection.await.map_err(closed) });
+            client
+        } else {
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(
+                self.tls.client_config().map_err(failed)?,
+            );
+            let (client, connection) = self.config.connect(tls).await.map_err(|e| {
+                let message = error_chain(&e);
+                let hint = tls::hint(&self.tls, &message);
+                failed(format!("{message}{hint}"))
+            })?;
+            tokio::spawn(async move { connection.await.map_err(closed) });
+            client
+        };
         let settings: String = pgoutput::SESSION_SETTINGS
             .iter()
             .map(|(name, value)| format!("SET {name} = '{value}'; "))
@@ -123,11 +132,7 @@ impl PgTarget {
     }
 
     pub(super) fn replication_config(&self, slot: &str, publication: &str) -> ReplicationConfig {
-        let tls = if self.require_tls {
-            TlsConfig::require()
-        } else {
-            TlsConfig::disabled()
-        };
+        let tls = self.tls.replication();
         ReplicationConfig::new(
             &self.host,
             &self.user,
@@ -484,4 +489,19 @@ impl NewSlot {
             snapshot,
         })
     }
+}
+
+/// An error and its causes, each once: `a: b: c`.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }

@@ -246,3 +246,81 @@ async fn the_mission_runs_over_verified_tls_and_wrong_certificates_are_refused()
     job.stop();
     assert_matches_oracle(&world, &[]).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_sinks_write_over_tls_and_a_foreign_ca_is_refused() {
+    let (certs, ca, other_ca) = certificates();
+    let dir = certs.path();
+    let mut world = World::start().await;
+    // The same server on a plain port (for the oracle) and a TLS port (for the job).
+    let tls_port = engage::embedded::free_port().unwrap();
+    let file = |name: &str| dir.join(name).display().to_string();
+    world.redis = engage::embedded::EmbeddedRedis::start_with(
+        &world.root.path().join("redis-tls"),
+        engage::embedded::RedisOptions {
+            extra_args: vec![
+                "--tls-port".into(),
+                tls_port.to_string(),
+                "--tls-cert-file".into(),
+                file("server.pem"),
+                "--tls-key-file".into(),
+                file("server.key"),
+                "--tls-ca-cert-file".into(),
+                file("ca.pem"),
+                "--tls-auth-clients".into(),
+                "no".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("redis starts with TLS");
+    seed_for_oracle(&world, 20, 32).await;
+    let rediss = |ca: &Path| {
+        format!(
+            "rediss://localhost:{tls_port}/?sslrootcert={}",
+            ca.display()
+        )
+    };
+
+    let foreign = rediss(&other_ca);
+    let mut job = world.start_job_env(
+        &["run"],
+        MISSION_SQL,
+        "10",
+        &[("ENGAGE_REDIS_URL", &foreign)],
+    );
+    let status = job.wait_exit(Duration::from_secs(60), "refusing to start");
+    assert!(!status.success());
+    let log = job.log_tail();
+    assert!(
+        log.contains("failed to connect to redis") && log.contains("certificate"),
+        "{log}"
+    );
+    // That first start made the slot but no checkpoint: the next would refuse it.
+    world
+        .sql()
+        .await
+        .batch_execute("SELECT pg_drop_replication_slot('engage_engagement')")
+        .await
+        .unwrap();
+
+    let trusted = rediss(&ca);
+    let mut job = world.start_job_env(
+        &["run"],
+        MISSION_SQL,
+        "0.3",
+        &[("ENGAGE_REDIS_URL", &trusted)],
+    );
+    wait_started(&world, &mut job).await;
+    engage::chaos::workload::Workload::start(
+        &world.postgres_url,
+        engage::chaos::workload::WorkloadOptions::mixed(Some(4_000), 2_000, 32, 20),
+    )
+    .wait_done()
+    .await
+    .expect("the workload ran");
+    wait_caught_up(&world, &mut job).await;
+    job.stop();
+    assert_matches_oracle(&world, &[]).await;
+}

@@ -58,9 +58,15 @@ impl World {
             .create_database("app")
             .await
             .map_err(context("failed to create the database"))?;
-        let redis = EmbeddedRedis::start_with(&root.join("redis"), RedisOptions { durable: true })
-            .await
-            .map_err(context("failed to start redis"))?;
+        let redis = EmbeddedRedis::start_with(
+            &root.join("redis"),
+            RedisOptions {
+                durable: true,
+                ..RedisOptions::default()
+            },
+        )
+        .await
+        .map_err(context("failed to start redis"))?;
         let kafka = EmbeddedKafka::start(&root.join("kafka"))
             .await
             .map_err(context("failed to start the kafka broker (tansu)"))?;

@@ -26,10 +26,12 @@ const REDIS_INSTALL_HINT: &str = "install it with `sudo apt-get install -y redis
 const DATA_DIR: &str = "data";
 
 /// How an [`EmbeddedRedis`] keeps its data.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RedisOptions {
     /// `appendonly yes`, `appendfsync always`: every acknowledged write survives a restart.
     pub durable: bool,
+    /// Further `redis-server` arguments (e.g. `--tls-port` and its files).
+    pub extra_args: Vec<String>,
 }
 
 /// A private Redis server, stopped on drop.
@@ -107,6 +109,7 @@ impl EmbeddedRedis {
         } else {
             command.args(["--appendonly", "no"]);
         }
+        command.args(&self.options.extra_args);
         command
             .args(["--daemonize", "yes", "--pidfile"])
             .arg(&self.pid_path)

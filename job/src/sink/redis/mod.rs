@@ -63,6 +63,7 @@ use crate::sql::plan::QueryPlan;
 /// The guard is checked before anything is written, and no command after it
 /// can fail on well-formed input (window mode deletes each key before writing
 /// it, so a key of the wrong type cannot stop it halfway).
+mod client;
 mod encode;
 use encode::Encoder;
 
@@ -202,7 +203,7 @@ impl RedisSink {
             message,
         };
         options.check_columns(schema).map_err(permanent)?;
-        let client = redis::Client::open(options.address.expose())
+        let client = client::client(options.address.expose())
             .map_err(|e| permanent(format!("invalid redis address {}: {e}", options.address)))?;
         // Bounded: the connection manager retries a refused connection for
         // ~10 s by itself, which a job restarting during an outage would
@@ -218,10 +219,21 @@ impl RedisSink {
         let mut connection = match connect.await {
             Ok(connected) => connected.map_err(|e| unreachable(e.to_string()))?,
             Err(_) => {
+                // The manager hides why; one plain attempt tells (a refused
+                // connection, a TLS certificate the client does not trust).
+                let why = match tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.get_multiplexed_async_connection(),
+                )
+                .await
+                {
+                    Ok(Err(error)) => format!(": {error}"),
+                    _ => String::new(),
+                };
                 return Err(unreachable(format!(
-                    "no connection within {} s",
+                    "no connection within {} s{why}",
                     CONNECT_TIMEOUT.as_secs()
-                )))
+                )));
             }
         };
         let script_sha: String = redis::cmd("SCRIPT")
@@ -312,7 +324,7 @@ impl RedisSink {
     /// Whether the Redis at `address` accepts a connection and answers a
     /// PING within a second (for a sink that could not even open).
     pub async fn reachable_at(address: &str) -> bool {
-        let Ok(client) = redis::Client::open(address) else {
+        let Ok(client) = client::client(address) else {
             return false;
         };
         let ping = async {

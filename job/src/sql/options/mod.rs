@@ -193,7 +193,7 @@ pub enum ListOperation {
 
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
-    /// `redis://host:port[/db]`.
+    /// `redis://host:port[/db]`, or `rediss://` for TLS (`?sslrootcert=` names a CA file).
     pub address: Redacted,
     pub target: RedisTarget,
     pub key_prefix: String,
@@ -485,7 +485,7 @@ impl Connector {
                     != Ok(true)
                 {
                     return Err(format!(
-                        "option `address` must be a redis:// URL, got `{address}`"
+                        "option `address` must be a redis:// or rediss:// (TLS) URL, got `{address}`"
                     ));
                 }
                 let target = match one_of(

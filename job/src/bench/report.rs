@@ -88,12 +88,17 @@ pub struct BurstReport {
     pub ratio: f64,
     pub job: Usage,
     /// The same drain with every sink a blackhole, unless skipped.
-    pub blackhole: Option<BlackholeDrain>,
+    pub blackhole: Option<TwinDrain>,
+    /// The blackhole drain over TLS to Postgres (`sslmode=require`), with
+    /// `--postgres-tls`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TwinDrain>,
 }
 
-/// A drain of the same backlog by the job with every sink a blackhole.
+/// A drain of the same backlog by a twin of the job (every sink a
+/// blackhole, or over TLS), in a directory and slot of its own.
 #[derive(Debug, Clone, Serialize)]
-pub struct BlackholeDrain {
+pub struct TwinDrain {
     pub engage_secs: f64,
     pub engage_per_sec: f64,
     /// engage / pg_recvlogical, in events per second.
@@ -281,6 +286,22 @@ fn print_burst(name: &str, b: &BurstReport) {
             blackhole.ratio,
             blackhole.job.cpu_secs,
             blackhole.job.peak_rss_kb as f64 / 1024.0
+        );
+    }
+    if let Some(tls) = &b.tls {
+        let plain = b.blackhole.as_ref().map_or(String::new(), |blackhole| {
+            format!(
+                " (without TLS: {:.2}, CPU {:.1} s)",
+                blackhole.ratio, blackhole.job.cpu_secs
+            )
+        });
+        println!(
+            "{name} engage, every sink a blackhole, over TLS to postgres (sslmode=require): {:.0} events/s \
+             ({:.1} s), {:.2} of pg_recvlogical, CPU {:.1} s{plain}",
+            tls.engage_per_sec,
+            tls.engage_secs,
+            tls.ratio,
+            tls.job.cpu_secs
         );
     }
 }

@@ -56,9 +56,11 @@ async fn the_mission_runs_as_a_replication_role_with_select_and_a_precreated_pub
         .map(|row| row.get(0))
         .collect();
     assert_eq!(streaming, ["engage_job"]);
+    // 6 s: updates and deletes pause in the last 3 s of each minute, and the
+    // oracle wants some.
     let mut changes = engage::chaos::workload::Workload::start(
         &world.postgres_url,
-        engage::chaos::workload::WorkloadOptions::mixed(Some(6_000), 2_000, 21, 30),
+        engage::chaos::workload::WorkloadOptions::mixed(Some(12_000), 2_000, 21, 30),
     );
     changes.wait_done().await.expect("the workload ran");
     wait_caught_up(&world, &mut job).await;

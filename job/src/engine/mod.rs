@@ -349,7 +349,10 @@ async fn run_once(
         .processed_lsn
         .store(engine.resume_lsn, Ordering::Relaxed);
 
-    engine.open_sinks(spec, latest.as_ref()).await?;
+    if let Err(error) = engine.open_sinks(spec, latest.as_ref()).await {
+        pg.abandon_new_slot().await;
+        return Err(error);
+    }
     for (source, rejected) in snapshot_rejected {
         engine.divert_rejected(source, &rejected).await?;
     }

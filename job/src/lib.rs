@@ -34,6 +34,7 @@
 //!   [`generate`] is the load generator; [`query`] runs DataFusion SQL over outputs.
 
 pub mod bench;
+pub mod bigquery;
 pub mod change;
 pub mod chaos;
 pub mod checkpoint;

@@ -110,6 +110,14 @@ enum Command {
     /// bad input; every sink is then compared with an oracle. Prints one line
     /// per scenario, writes a JSON report, and exits non-zero if any failed.
     Chaos(engage::chaos::ChaosOptions),
+    /// BigQuery load jobs for filesystem sinks with `bigquery.table` (a running job
+    /// submits one per checkpoint itself): `engage bigquery schema SQL --table T`
+    /// prints the table's schema for `bq mk --table`; `engage bigquery load SQL`
+    /// loads committed files no job has loaded, under the job's own job ids.
+    Bigquery {
+        #[command(subcommand)]
+        action: BigqueryCommand,
+    },
     /// User-defined functions written with arroyo-udf-plugin's #[udf] (see udfs/):
     /// `engage udf build [CRATE...]`, `engage udf list` (also `engage udfs`).
     #[command(alias = "udfs")]
@@ -167,6 +175,35 @@ impl UdfArgs {
     fn options(&self) -> engage::udf::UdfOptions {
         engage::udf::UdfOptions::with_env(self.udf.clone(), self.udfs_dir.clone())
     }
+}
+
+#[derive(Subcommand)]
+enum BigqueryCommand {
+    /// Print the BigQuery schema (JSON) of a filesystem sink's files, e.g.
+    /// `engage bigquery schema sql/engagement.sql --table enriched_events > schema.json`
+    /// then `bq mk --table project:dataset.enriched_events schema.json`.
+    Schema {
+        #[command(flatten)]
+        job: JobArgs,
+        /// The filesystem sink.
+        #[arg(long)]
+        table: String,
+        #[command(flatten)]
+        udfs: UdfArgs,
+    },
+    /// Submit a load job for every checkpoint's files that no job has loaded (for a
+    /// sink that gained `bigquery.table` later, or loads that failed); ids are
+    /// `engage_<job>_<sink>_<epoch>`, so nothing loads twice.
+    Load {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Only this filesystem sink [default: every one with `bigquery.table`].
+        #[arg(long)]
+        table: Option<String>,
+        /// Only partitions from this day on (YYYY-MM-DD), for sinks partitioned by day.
+        #[arg(long)]
+        since: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -468,6 +505,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Udf { action } => udf_command(action),
+        Command::Bigquery { action } => bigquery_command(action).await,
         Command::Replay {
             job,
             from_checkpoint,
@@ -578,6 +616,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 report.events, report.elapsed_secs, report.events_per_sec
             );
             Ok(())
+        }
+    }
+}
+
+async fn bigquery_command(action: BigqueryCommand) -> anyhow::Result<()> {
+    let parse = |job: &JobArgs| -> anyhow::Result<(String, sql::JobSpec)> {
+        let (name, script) = job.load()?;
+        let spec = sql::parse_job(&name, &script, &|k| std::env::var(k).ok())
+            .with_context(|| format!("in {}", job.sql.display()))?;
+        Ok((script, spec))
+    };
+    match action {
+        BigqueryCommand::Schema { job, table, udfs } => {
+            let (script, mut spec) = parse(&job)?;
+            spec.udfs = engage::udf::prepare_async(script, udfs.options())
+                .await
+                .map_err(anyhow::Error::msg)?;
+            let schema = engage::bigquery::command::schema(&spec, &table)
+                .await
+                .map_err(anyhow::Error::msg)?;
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(())
+        }
+        BigqueryCommand::Load { job, table, since } => {
+            let (_, spec) = parse(&job)?;
+            engage::bigquery::command::load_with_progress(&spec, table.as_deref(), since.as_deref())
+                .await
+                .map_err(anyhow::Error::msg)
         }
     }
 }

@@ -177,9 +177,16 @@ impl Sink {
     ) -> Result<Sink, SinkError> {
         let name = &table.def.name;
         match &table.connector {
-            SinkConnector::Filesystem(options) => Ok(Sink::Parquet(Box::new(
-                parquet::ParquetSink::open(name, options, query, restored).await?,
-            ))),
+            SinkConnector::Filesystem(options) => {
+                let mut sink = parquet::ParquetSink::open(name, options, query, restored).await?;
+                sink.bigquery = crate::bigquery::SinkLoads::start(job, name, options)
+                    .await
+                    .map_err(|message| SinkError::Permanent {
+                        sink: name.to_string(),
+                        message,
+                    })?;
+                Ok(Sink::Parquet(Box::new(sink)))
+            }
             SinkConnector::Redis(options) => Ok(Sink::Redis(Box::new(
                 redis::RedisSink::open(job, name, options, query, restored).await?,
             ))),
@@ -397,7 +404,13 @@ impl Sink {
 
     pub async fn commit(&mut self, state: &SinkState) -> Result<(), SinkError> {
         match self {
-            Sink::Parquet(sink) => sink.commit(state).await,
+            Sink::Parquet(sink) => {
+                sink.commit(state).await?;
+                if let Some(loads) = &sink.bigquery {
+                    loads.committed(state.staged.iter().map(|f| f.target.clone()).collect());
+                }
+                Ok(())
+            }
             Sink::Webhook(sink) => sink.commit(state).await,
             Sink::Redis(_) | Sink::Kafka(_) | Sink::Blackhole(_) => Ok(()),
         }

@@ -82,6 +82,8 @@ pub struct ParquetSink {
     /// Readers see everything up to here: the last committed checkpoint's position.
     visible: Position,
     rows_written: u64,
+    /// `bigquery.table`: each committed checkpoint's files are loaded.
+    pub bigquery: Option<crate::bigquery::SinkLoads>,
 }
 
 impl ParquetSink {
@@ -139,6 +141,7 @@ impl ParquetSink {
             position: restored.map(|s| s.position).unwrap_or_default(),
             visible: restored.map(|s| s.position).unwrap_or_default(),
             rows_written: 0,
+            bigquery: None,
         };
         if let Some(state) = restored {
             sink.commit(state).await?;

@@ -14,9 +14,11 @@ use arrow::datatypes::{Field, Schema};
 use crate::change::OP_COLUMN;
 use crate::values;
 
+mod bigquery;
 mod kafka;
 mod webhook;
 
+pub use bigquery::BigQueryOptions;
 pub use kafka::{ClientSettings, CommitMode, KafkaFormat, KafkaOptions};
 pub use webhook::{Header, SigningKey, WebhookOptions};
 
@@ -174,6 +176,8 @@ pub struct FilesystemOptions {
     /// The output column whose time names the partition; defaults to the
     /// driving table's watermark column.
     pub time_column: Option<String>,
+    /// `bigquery.*`: load the committed files into a BigQuery table.
+    pub bigquery: Option<BigQueryOptions>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -298,6 +302,11 @@ const FILESYSTEM_OPTIONS: &[&str] = &[
     "partitioning.time_pattern",
     "partitioning.time_column",
     "type",
+    "bigquery.table",
+    "bigquery.location",
+    "bigquery.credentials",
+    "bigquery.endpoint",
+    "bigquery.source_uri_prefix",
 ];
 const REDIS_OPTIONS: &[&str] = &[
     "connector",
@@ -456,18 +465,19 @@ impl Connector {
                     validate_time_pattern(pattern)?;
                 }
                 let time_column = options.take("partitioning.time_column");
+                let mut filesystem = FilesystemOptions {
+                    path,
+                    compression,
+                    time_pattern,
+                    time_column,
+                    bigquery: None,
+                };
+                filesystem.bigquery = BigQueryOptions::parse(&mut options, &filesystem)?;
                 options.finish(&connector, FILESYSTEM_OPTIONS)?;
                 if !columns.is_empty() {
                     return Err("a filesystem sink takes its columns from its INSERT query; declare it without a column list".into());
                 }
-                Ok(Connector::Sink(SinkConnector::Filesystem(
-                    FilesystemOptions {
-                        path,
-                        compression,
-                        time_pattern,
-                        time_column,
-                    },
-                )))
+                Ok(Connector::Sink(SinkConnector::Filesystem(filesystem)))
             }
             "blackhole" => {
                 one_of("type", options.take("type"), &["sink"], "sink")?;

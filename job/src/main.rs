@@ -332,7 +332,13 @@ fn checkpoint_lines(manifests: &[Manifest], all: bool) -> Vec<String> {
         let sinks: Vec<String> = m
             .sinks
             .iter()
-            .map(|(n, s)| format!("{n}@{}", s.position))
+            .map(|(n, s)| match &s.bigquery {
+                Some(bq) if !bq.pending.is_empty() => format!(
+                    "{n}@{} (bigquery: epochs {:?} not loaded)",
+                    s.position, bq.pending
+                ),
+                _ => format!("{n}@{}", s.position),
+            })
             .collect();
         lines.push(row(
             &m.epoch.to_string(),

@@ -1,10 +1,11 @@
 //! BigQuery load jobs, proven in two places:
 //!
 //! - against `bqemulator` (PyPI, on a private port): the mission's
-//!   `enriched_events` with `bigquery.table` loads each checkpoint's files
-//!   while the job runs, the loaded rows equal the Parquet files, and
-//!   `engage bigquery load` afterwards loads nothing twice (it finds each
-//!   epoch's job). The emulator maps `gs://` URIs to a local directory and
+//!   `enriched_events` with `bigquery.table` keeps streaming while every
+//!   load fails (no table yet), the checkpoints list the epochs not loaded,
+//!   the next start loads them once the table exists, the loaded rows equal
+//!   the Parquet files, and `engage bigquery load` afterwards loads nothing
+//!   twice (it finds each epoch's job). The emulator maps `gs://` URIs to a local directory and
 //!   reads the partition column from the path (DuckDB's hive detection),
 //!   but takes no `hivePartitioningOptions`, matches columns by position,
 //!   creates no table and does not refuse a duplicate job id;
@@ -160,7 +161,6 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
         ),
     );
     let sql_arg = sql.to_str().unwrap();
-    // The table, from `engage bigquery schema` (the emulator creates none).
     let schema: Value = serde_json::from_str(&engage(
         &world,
         &["bigquery", "schema", sql_arg, "--table", "enriched_events"],
@@ -175,13 +175,9 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
         json!({"datasetReference": {"projectId": PROJECT, "datasetId": "ds"}}),
     )
     .await;
-    post(
-        &format!("{base}/datasets/ds/tables"),
-        json!({"tableReference": {"projectId": PROJECT, "datasetId": "ds", "tableId": "enriched_events"},
-               "schema": {"fields": fields}}),
-    )
-    .await;
 
+    // No table yet: every load fails, the stream goes on, and the
+    // checkpoints list the epochs not loaded.
     let mut job = world.start_job_sql(&["run"], sql_arg, "0.5");
     wait_started_as(&world, &mut job, "engagement").await;
     engage::chaos::workload::Workload::start(
@@ -192,6 +188,16 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
     .await
     .expect("the workload ran");
     wait_caught_up(&world, &mut job).await;
+    let log_path = job.log.clone();
+    job.stop();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("bigquery load failed") && log.contains("enriched_events"),
+        "{log}"
+    );
+    let listed = engage(&world, &["checkpoints", sql_arg]);
+    let newest = listed.lines().last().unwrap();
+    assert!(newest.contains("(bigquery: epochs ["), "{listed}");
     // Every committed row, as the files hold them.
     std::env::set_var("ENGAGE_DATA_DIR", world.data_dir());
     let parquet = csv(&sql, "SELECT count(*), sum(id) FROM enriched_events").await;
@@ -203,6 +209,16 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
         .map(|v| v.parse().unwrap())
         .collect();
     assert!(parquet[0] > 4_000, "{parquet:?}");
+
+    // The table, from `engage bigquery schema` (the emulator creates none);
+    // the next start loads what is pending.
+    post(
+        &format!("{base}/datasets/ds/tables"),
+        json!({"tableReference": {"projectId": PROJECT, "datasetId": "ds", "tableId": "enriched_events"},
+               "schema": {"fields": fields}}),
+    )
+    .await;
+    let mut job = world.start_job_sql(&["run"], sql_arg, "0.5");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let loaded = count_and_sum(&emulator).await;
@@ -224,10 +240,47 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A checkpoint after the loads (one is taken when changes came) lists
+    // none pending; its own files are loaded too.
+    world
+        .sql()
+        .await
+        .batch_execute(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+             SELECT id, gen_random_uuid(), 'play', now(), 1000, 'ios' FROM content LIMIT 5",
+        )
+        .await
+        .unwrap();
+    wait_caught_up(&world, &mut job).await;
     job.stop();
-    let log = std::fs::read_to_string(world.root.path().join("bqemulator.log")).unwrap_or_default();
+    let listed = engage(&world, &["checkpoints", sql_arg]);
+    assert!(
+        !listed
+            .lines()
+            .last()
+            .unwrap()
+            .contains("bigquery: epochs [2"),
+        "{listed}"
+    );
+    let parquet = csv(&sql, "SELECT count(*), sum(id) FROM enriched_events").await;
+    let parquet: Vec<i64> = parquet
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split(',')
+        .map(|v| v.parse().unwrap())
+        .collect();
+    wait_for(
+        "the last checkpoint's files loaded",
+        Duration::from_secs(30),
+        || {
+            let emulator = &emulator;
+            let parquet = parquet.clone();
+            async move { count_and_sum(emulator).await == (parquet[0], parquet[1]) }
+        },
+    )
+    .await;
     let loaded = count_and_sum(&emulator).await;
-    assert_eq!(loaded, (parquet[0], parquet[1]), "{log}");
 
     // Again by hand: every epoch's job is found, nothing loads twice.
     let out = engage(&world, &["bigquery", "load", sql_arg]);

@@ -8,7 +8,9 @@
 //! asks for that job: if it exists and succeeded, the epoch is loaded
 //! already (a replayed or repeated submission loads nothing twice); if it
 //! failed, the next attempt goes under `..._2`, `..._3` (BigQuery never
-//! reuses a job id). A submission BigQuery answers with 409 (the id exists)
+//! reuses a job id; a refused load, say a missing table, is attempted again
+//! at the next start or `engage bigquery load`, a transient failure at
+//! once). A submission BigQuery answers with 409 (the id exists)
 //! is looked up the same way.
 //!
 //! Loads run beside the stream, never in its way: after a checkpoint
@@ -29,9 +31,8 @@ use serde_json::{json, Value};
 use crate::sql::options::{BigQueryOptions, FilesystemOptions};
 
 const API: &str = "https://bigquery.googleapis.com";
-/// Attempts per epoch (ids `..._2` and on) before a failed load is left to
-/// the operator.
-const ATTEMPTS: u32 = 5;
+/// Job ids per epoch (`..._2` and on): each failed attempt uses one up.
+const ATTEMPTS: u32 = 50;
 
 /// Why a load did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,8 @@ impl BigQuery {
                     return Ok(Loaded::Now { job_id: id, rows });
                 }
                 None => return Ok(Loaded::Before { job_id: id }),
+                // An earlier attempt's failure: this one goes under the next id.
+                Some(_) if !submitted => continue,
                 Some((reason, message)) => {
                     let transient = matches!(
                         reason.as_str(),
@@ -303,58 +306,106 @@ async fn status_error(what: &str, status: u16, response: reqwest::Response) -> L
     }
 }
 
-/// A filesystem sink's loads while the job runs: what was on disk when the
-/// sink opened (epochs without a successful job), then each checkpoint's
-/// files once it commits. Each runs on a task of its own; none holds the
-/// stream up. Failures are logged; `engage bigquery load` retries them (as
-/// does the sink's next start).
+/// What a checkpoint records of a sink's loads: every epoch up to
+/// `loaded_upto` is loaded (or had no files), and `pending` lists the later
+/// epochs submitted but not yet loaded (or whose loads failed). A restarted
+/// sink loads those, and the epochs after `loaded_upto` on disk.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LoadProgress {
+    pub loaded_upto: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<u64>,
+}
+
+/// A filesystem sink's loads while the job runs: what the restored
+/// checkpoint left pending (and epochs after it found on disk), then each
+/// checkpoint's files once it commits. Each runs on a task of its own; none
+/// holds the stream up. Failures are logged and stay pending in the
+/// checkpoints (`engage checkpoints` lists them) until a start or `engage
+/// bigquery load` loads them.
 pub struct SinkLoads {
     job: String,
     sink: String,
     client: std::sync::Arc<BigQuery>,
+    /// Epochs submitted and not loaded yet (failed ones stay).
+    outstanding: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<u64>>>,
 }
 
 impl SinkLoads {
-    /// Starts the catch-up of what `options`' directory holds (listed now,
-    /// before this run commits anything, so no epoch is submitted twice).
+    /// Starts loading what `restored` left pending and any epoch after its
+    /// `loaded_upto` on disk (listed now, before this run commits anything,
+    /// so no epoch is submitted twice).
     pub async fn start(
         job: &str,
         sink: &str,
         options: &FilesystemOptions,
+        restored: Option<&LoadProgress>,
     ) -> Result<Option<SinkLoads>, String> {
         let Some(client) = BigQuery::new(options)? else {
             return Ok(None);
         };
-        let client = std::sync::Arc::new(client);
-        let epochs = command::epochs_on_disk(options, None).await?;
         let loads = SinkLoads {
             job: job.to_string(),
             sink: sink.to_string(),
-            client,
+            client: std::sync::Arc::new(client),
+            outstanding: Default::default(),
         };
-        if !epochs.is_empty() {
-            loads.spawn(epochs);
+        let mut epochs = command::epochs_on_disk(options, None).await?;
+        if let Some(restored) = restored {
+            epochs.retain(|epoch, _| {
+                *epoch > restored.loaded_upto || restored.pending.contains(epoch)
+            });
         }
+        loads.spawn(epochs);
         Ok(Some(loads))
     }
 
-    /// Loads the files checkpoint `staged` published (their target paths).
+    /// Loads the files a checkpoint published (their target paths).
     pub fn committed(&self, targets: Vec<String>) {
-        let epochs = by_epoch(targets);
-        if !epochs.is_empty() {
-            self.spawn(epochs);
+        self.spawn(by_epoch(targets));
+    }
+
+    /// The progress checkpoint `epoch` records (its own files are published
+    /// after it is written, so they count as not loaded).
+    pub fn progress(&self, epoch: u64) -> LoadProgress {
+        let outstanding = self.outstanding.lock().unwrap();
+        let first = outstanding.iter().next().copied().unwrap_or(epoch);
+        LoadProgress {
+            loaded_upto: first.min(epoch).saturating_sub(1),
+            pending: outstanding.iter().copied().collect(),
         }
     }
 
     fn spawn(&self, epochs: BTreeMap<u64, Vec<String>>) {
+        if epochs.is_empty() {
+            return;
+        }
+        self.outstanding
+            .lock()
+            .unwrap()
+            .extend(epochs.keys().copied());
         let (client, job, sink) = (self.client.clone(), self.job.clone(), self.sink.clone());
+        let outstanding = self.outstanding.clone();
         tokio::spawn(async move {
-            let summary = command::load_epochs(&client, &job, &sink, epochs, |_| {}).await;
-            for failure in &summary.failed {
-                tracing::warn!(sink = %sink, table = %client.table(), "bigquery load failed (run `engage bigquery load` to retry): {failure}");
+            let mut loaded = (0, 0);
+            for (epoch, files) in epochs {
+                match client.load_epoch(&job, &sink, epoch, &files).await {
+                    Ok(outcome) => {
+                        outstanding.lock().unwrap().remove(&epoch);
+                        if let Loaded::Now { rows, .. } = outcome {
+                            loaded = (loaded.0 + 1, loaded.1 + rows);
+                        }
+                    }
+                    Err(error) => tracing::warn!(
+                        sink = %sink,
+                        table = %client.table(),
+                        epoch,
+                        "bigquery load failed (pending; the next start or `engage bigquery load` retries it): {error}"
+                    ),
+                }
             }
-            if summary.loaded_now > 0 {
-                tracing::info!(sink = %sink, table = %client.table(), epochs = summary.loaded_now, rows = summary.rows, "loaded into bigquery");
+            if loaded.0 > 0 {
+                tracing::info!(sink = %sink, table = %client.table(), epochs = loaded.0, rows = loaded.1, "loaded into bigquery");
             }
         });
     }

@@ -104,6 +104,10 @@ pub struct SinkState {
     /// `dead_letter` when this checkpoint commits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<webhook::RefusedBatch>,
+    /// Filesystem sinks with `bigquery.table`: which checkpoints' files are
+    /// loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bigquery: Option<crate::bigquery::LoadProgress>,
 }
 
 /// A file written under a staging name, to be renamed to its final name.
@@ -179,7 +183,8 @@ impl Sink {
         match &table.connector {
             SinkConnector::Filesystem(options) => {
                 let mut sink = parquet::ParquetSink::open(name, options, query, restored).await?;
-                sink.bigquery = crate::bigquery::SinkLoads::start(job, name, options)
+                let progress = restored.and_then(|state| state.bigquery.as_ref());
+                sink.bigquery = crate::bigquery::SinkLoads::start(job, name, options, progress)
                     .await
                     .map_err(|message| SinkError::Permanent {
                         sink: name.to_string(),

@@ -247,6 +247,7 @@ impl ParquetSink {
         Ok(SinkState {
             position: self.position,
             staged,
+            bigquery: self.bigquery.as_ref().map(|loads| loads.progress(epoch)),
             ..SinkState::default()
         })
     }

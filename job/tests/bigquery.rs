@@ -240,6 +240,13 @@ async fn each_checkpoint_is_loaded_once_into_the_emulator() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // For the record: how long the catch-up took (run with --nocapture).
+    let log = std::fs::read_to_string(&job.log).unwrap_or_default();
+    for line in log.lines().filter(|l| {
+        l.contains("loaded into bigquery") || l.contains("sink open sink=enriched_events")
+    }) {
+        println!("{line}");
+    }
     // A checkpoint after the loads (one is taken when changes came) lists
     // none pending; its own files are loaded too.
     world

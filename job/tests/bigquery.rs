@@ -11,8 +11,9 @@
 //!   creates no table and does not refuse a duplicate job id;
 //! - so against a recording fake of the REST exchange too: the job id
 //!   format, the hive partitioning options, a 409 answer (the id exists)
-//!   taken as "loaded before", and a service-account token (JWT bearer
-//!   grant) sent as `Authorization: Bearer`.
+//!   taken as "loaded before", and tokens from a service-account key (JWT
+//!   bearer grant) and from gcloud's user credentials (refresh token) sent
+//!   as `Authorization: Bearer`.
 
 mod support;
 
@@ -431,7 +432,7 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
     )
     .unwrap();
     let epoch4 = "engage_engagement_enriched_events_000000000004";
-    let (url, seen) = start_fake(vec![epoch4.to_string()]).await;
+    let (url, seen_all) = start_fake(vec![epoch4.to_string()]).await;
     let key = key_file(world.root.path(), &format!("{url}/token"));
     let sql = mission_with_bigquery(
         &world,
@@ -454,7 +455,7 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let seen = seen.lock().unwrap();
+    let seen = seen_all.lock().unwrap();
     let token = seen
         .requests
         .iter()
@@ -505,4 +506,44 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
         .filter(|r| r.0 == "GET" && r.1.ends_with(epoch4))
         .count();
     assert_eq!(lookups, 2, "looked up before the insert and after the 409");
+    drop(seen);
+
+    // gcloud's user credentials: the refresh token is exchanged; both epochs
+    // are found loaded.
+    let user = world.root.path().join("user.json");
+    let credentials = json!({
+        "type": "authorized_user",
+        "client_id": "engage-client",
+        "client_secret": "engage-client-secret",
+        "refresh_token": "engage-refresh-token",
+        "token_uri": format!("{url}/token"),
+    });
+    std::fs::write(&user, credentials.to_string()).unwrap();
+    let text = std::fs::read_to_string(&sql)
+        .unwrap()
+        .replace(&key.display().to_string(), &user.display().to_string());
+    std::fs::write(&sql, text).unwrap();
+    let mut command = world.engage(&["bigquery", "load", sql.to_str().unwrap()]);
+    command.env("ENGAGE_DATA_DIR", world.data_dir());
+    let output = command.output().unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert!(
+        text.contains("2 checkpoints' files: 0 loaded now (0 rows), 2 loaded before, 0 failed"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let seen = seen_all.lock().unwrap();
+    let refresh = seen
+        .requests
+        .iter()
+        .filter(|r| r.1 == "/token")
+        .nth(1)
+        .expect("a second token request");
+    let form = refresh.3.as_str().unwrap();
+    assert!(
+        form.contains("grant_type=refresh_token")
+            && form.contains("refresh_token=engage-refresh-token"),
+        "{form}"
+    );
 }

@@ -455,58 +455,59 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
     );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let seen = seen_all.lock().unwrap();
-    let token = seen
-        .requests
-        .iter()
-        .find(|r| r.1 == "/token")
-        .expect("a token request");
-    let form = token.3.as_str().unwrap();
-    assert!(
-        form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"),
-        "{form}"
-    );
-    assert_eq!(
-        form.split("assertion=").nth(1).unwrap().split('.').count(),
-        3,
-        "a JWT"
-    );
-    let api: Vec<_> = seen.requests.iter().filter(|r| r.1 != "/token").collect();
-    assert!(
-        api.iter().all(|r| r.2 == "Bearer fake-token"),
-        "every API call carries the token"
-    );
-    let inserts: Vec<&Value> = api.iter().filter(|r| r.0 == "POST").map(|r| &r.3).collect();
-    assert_eq!(inserts.len(), 2);
-    let epoch3 = inserts[0];
-    assert_eq!(
-        epoch3["jobReference"]["jobId"],
-        "engage_engagement_enriched_events_000000000003"
-    );
-    assert_eq!(epoch3["jobReference"]["location"], "EU");
-    let load = &epoch3["configuration"]["load"];
-    assert_eq!(load["sourceFormat"], "PARQUET");
-    assert_eq!(load["writeDisposition"], "WRITE_APPEND");
-    assert_eq!(
+    {
+        let seen = seen_all.lock().unwrap();
+        let token = seen
+            .requests
+            .iter()
+            .find(|r| r.1 == "/token")
+            .expect("a token request");
+        let form = token.3.as_str().unwrap();
+        assert!(
+            form.contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer"),
+            "{form}"
+        );
+        assert_eq!(
+            form.split("assertion=").nth(1).unwrap().split('.').count(),
+            3,
+            "a JWT"
+        );
+        let api: Vec<_> = seen.requests.iter().filter(|r| r.1 != "/token").collect();
+        assert!(
+            api.iter().all(|r| r.2 == "Bearer fake-token"),
+            "every API call carries the token"
+        );
+        let inserts: Vec<&Value> = api.iter().filter(|r| r.0 == "POST").map(|r| &r.3).collect();
+        assert_eq!(inserts.len(), 2);
+        let epoch3 = inserts[0];
+        assert_eq!(
+            epoch3["jobReference"]["jobId"],
+            "engage_engagement_enriched_events_000000000003"
+        );
+        assert_eq!(epoch3["jobReference"]["location"], "EU");
+        let load = &epoch3["configuration"]["load"];
+        assert_eq!(load["sourceFormat"], "PARQUET");
+        assert_eq!(load["writeDisposition"], "WRITE_APPEND");
+        assert_eq!(
         load["sourceUris"],
         json!([
             "gs://bucket/engage/enriched_events/event_date=2026-12-01/part-000000000003-0000-0a0b0c0d.parquet",
             "gs://bucket/engage/enriched_events/event_date=2026-12-02/part-000000000003-0001-0a0b0c0e.parquet",
         ])
     );
-    assert_eq!(
-        load["hivePartitioningOptions"],
-        json!({"mode": "AUTO", "sourceUriPrefix": "gs://bucket/engage/enriched_events/"})
-    );
-    assert_eq!(load["destinationTable"]["tableId"], "enriched_events");
-    // Epoch 4's insert got 409: looked up, not submitted again.
-    assert_eq!(inserts[1]["jobReference"]["jobId"], epoch4);
-    let lookups = api
-        .iter()
-        .filter(|r| r.0 == "GET" && r.1.ends_with(epoch4))
-        .count();
-    assert_eq!(lookups, 2, "looked up before the insert and after the 409");
-    drop(seen);
+        assert_eq!(
+            load["hivePartitioningOptions"],
+            json!({"mode": "AUTO", "sourceUriPrefix": "gs://bucket/engage/enriched_events/"})
+        );
+        assert_eq!(load["destinationTable"]["tableId"], "enriched_events");
+        // Epoch 4's insert got 409: looked up, not submitted again.
+        assert_eq!(inserts[1]["jobReference"]["jobId"], epoch4);
+        let lookups = api
+            .iter()
+            .filter(|r| r.0 == "GET" && r.1.ends_with(epoch4))
+            .count();
+        assert_eq!(lookups, 2, "looked up before the insert and after the 409");
+    }
 
     // gcloud's user credentials: the refresh token is exchanged; both epochs
     // are found loaded.

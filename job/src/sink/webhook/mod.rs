@@ -200,8 +200,11 @@ impl WebhookSink {
         batches: Vec<RecordBatch>,
         upto: Position,
     ) -> Result<(), SinkError> {
-        for batch in batches.iter().filter(|b| b.num_rows() > 0) {
-            let batch = crate::change::in_position_order(batch.clone())
+        // One batch in position order, as the Kafka sink sends them.
+        let batches: Vec<RecordBatch> = batches.into_iter().filter(|b| b.num_rows() > 0).collect();
+        if let Some(first) = batches.first() {
+            let batch = arrow::compute::concat_batches(&first.schema(), &batches)
+                .and_then(crate::change::in_position_order)
                 .and_then(|b| encode::utc_timestamps(&b))
                 .map_err(|e| self.permanent(format!("cannot encode the rows: {e}")))?;
             self.add_rows(&batch)?;

@@ -394,49 +394,35 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
         .file_stem()
         .and_then(|s| s.to_str())
         .unwrap_or("engagement");
-    let blackhole = if options.no_blackhole {
-        None
-    } else {
-        let dir = root.join("blackhole");
-        let path = dir.join(format!("{job}_blackhole.sql"));
+    // Twins of the job, each in a directory (and slot) of its own, with
+    // every sink a blackhole: the pipeline without its outputs' cost, and
+    // the same over TLS to Postgres.
+    let twin = |name: &str, postgres_url: String| -> Result<Box<World>, BenchError> {
+        let dir = root.join(name);
+        let path = dir.join(format!("{job}_{name}.sql"));
         let script = std::fs::read_to_string(&sql)
             .map_err(context(format!("failed to read {}", sql.display())))?;
         std::fs::create_dir_all(&dir)
             .and_then(|()| std::fs::write(&path, blackhole_sql(&script)))
             .map_err(context(format!("failed to write {}", path.display())))?;
-        Some(Box::new(World {
+        Ok(Box::new(World {
             root: dir,
-            job: format!("{job}_blackhole"),
+            job: format!("{job}_{name}"),
             sql: path,
-            postgres_url: postgres_url.clone(),
+            postgres_url,
             redis_url: redis.url(),
             kafka_brokers: kafka.bootstrap(),
             blackhole: None,
             tls: None,
         }))
     };
-    let tls = if options.postgres_tls {
-        let dir = root.join("tls");
-        // Every sink a blackhole, as the blackhole twin, so the two differ by
-        // TLS alone (and it writes no topic or key the measured job owns).
-        let path = dir.join(format!("{job}_tls.sql"));
-        let script = std::fs::read_to_string(&sql)
-            .map_err(context(format!("failed to read {}", sql.display())))?;
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::write(&path, blackhole_sql(&script)))
-            .map_err(context(format!("failed to write {}", path.display())))?;
-        Some(Box::new(World {
-            root: dir,
-            job: format!("{job}_tls"),
-            sql: path,
-            postgres_url: format!("{postgres_url}?sslmode=require"),
-            redis_url: redis.url(),
-            kafka_brokers: kafka.bootstrap(),
-            blackhole: None,
-            tls: None,
-        }))
-    } else {
-        None
+    let blackhole = match options.no_blackhole {
+        true => None,
+        false => Some(twin("blackhole", postgres_url.clone())?),
+    };
+    let tls = match options.postgres_tls {
+        true => Some(twin("tls", format!("{postgres_url}?sslmode=require"))?),
+        false => None,
     };
     let world = World {
         root: root.to_path_buf(),

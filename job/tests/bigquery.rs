@@ -378,7 +378,7 @@ async fn start_fake(conflict: Vec<String>) -> (String, Arc<Mutex<Seen>>) {
 /// A service-account key file whose token_uri is the fake's.
 fn key_file(dir: &Path, token_uri: &str) -> PathBuf {
     let key = dir.join("sa.pem");
-    let status = Command::new("openssl")
+    let output = Command::new("openssl")
         .args([
             "genpkey",
             "-algorithm",
@@ -388,9 +388,13 @@ fn key_file(dir: &Path, token_uri: &str) -> PathBuf {
             "-out",
         ])
         .arg(&key)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let path = dir.join("sa.json");
     let json = json!({
         "type": "service_account",
@@ -443,12 +447,7 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
             key.display()
         ),
     );
-    let mut command = world.engage(&["bigquery", "load", sql.to_str().unwrap()]);
-    command.env("ENGAGE_DATA_DIR", world.data_dir());
-    let output = command.output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{text}");
+    let text = engage(&world, &["bigquery", "load", sql.to_str().unwrap()]);
     assert!(
         text.contains("2 checkpoints' files: 1 loaded now (3 rows), 1 loaded before, 0 failed"),
         "{text}"
@@ -524,11 +523,7 @@ async fn load_jobs_carry_stable_ids_hive_options_and_a_token_and_409_means_loade
         .unwrap()
         .replace(&key.display().to_string(), &user.display().to_string());
     std::fs::write(&sql, text).unwrap();
-    let mut command = world.engage(&["bigquery", "load", sql.to_str().unwrap()]);
-    command.env("ENGAGE_DATA_DIR", world.data_dir());
-    let output = command.output().unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string()
-        + &String::from_utf8_lossy(&output.stderr);
+    let text = engage(&world, &["bigquery", "load", sql.to_str().unwrap()]);
     assert!(
         text.contains("2 checkpoints' files: 0 loaded now (0 rows), 2 loaded before, 0 failed"),
         "{text}"

@@ -125,6 +125,18 @@ fn url(world: &World, host: &str, query: &str) -> String {
     )
 }
 
+/// The mission running with Postgres at `url`, once it has a checkpoint.
+async fn started(world: &World, url: &str) -> Job {
+    let mut job = world.start_job_env(
+        &["run"],
+        MISSION_SQL,
+        "0.3",
+        &[("ENGAGE_POSTGRES_URL", url)],
+    );
+    wait_started(world, &mut job).await;
+    job
+}
+
 /// Runs the mission until it exits (it is expected to refuse to start).
 fn refused(world: &World, url: &str) -> String {
     let mut job = world.start_job_env(&["run"], MISSION_SQL, "10", &[("ENGAGE_POSTGRES_URL", url)]);
@@ -179,27 +191,14 @@ async fn the_mission_runs_over_verified_tls_and_wrong_certificates_are_refused()
         "127.0.0.1",
         &format!("sslmode=verify-ca&sslrootcert={}", ca.display()),
     );
-    let mut job = world.start_job_env(
-        &["run"],
-        MISSION_SQL,
-        "0.3",
-        &[("ENGAGE_POSTGRES_URL", &verify_ca)],
-    );
-    wait_started(&world, &mut job).await;
-    job.stop();
+    started(&world, &verify_ca).await.stop();
 
     let verify_full = url(
         &world,
         "localhost",
         &format!("sslmode=verify-full&sslrootcert={}", ca.display()),
     );
-    let mut job = world.start_job_env(
-        &["run"],
-        MISSION_SQL,
-        "0.3",
-        &[("ENGAGE_POSTGRES_URL", &verify_full)],
-    );
-    wait_started(&world, &mut job).await;
+    let mut job = started(&world, &verify_full).await;
     let client = world.sql().await;
     let encrypted = |backend: &'static str| {
         let client = &client;

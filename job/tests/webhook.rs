@@ -3,7 +3,7 @@
 //! keeps its `webhook-id` and its rows across kill -9 and replay, signatures
 //! verify with an independent implementation (PyPI's `standardwebhooks`),
 //! 5xx and 429 are retried (after `Retry-After`), and a 400 sends the batch's
-//! rows to `dead_letter`.
+//! rows to `dead_letter`; a replay sends no row under a new id.
 
 mod support;
 
@@ -60,8 +60,12 @@ fn job_sql(world: &World, batch_size: usize) -> PathBuf {
 }
 
 fn start(world: &World, sql: &Path, receiver: &Receiver) -> Job {
+    start_as(world, &["run"], sql, receiver)
+}
+
+fn start_as(world: &World, subcommand: &[&str], sql: &Path, receiver: &Receiver) -> Job {
     world.start_job_env(
-        &["run"],
+        subcommand,
         sql.to_str().unwrap(),
         "0.3",
         &[
@@ -175,6 +179,45 @@ async fn every_finished_play_arrives_once_per_webhook_id_across_kill_9() {
     // The kills left batches to send again (else this test proves nothing
     // about ids across a replay).
     assert!(requests.len() > accepted.len(), "no batch was sent twice");
+
+    // `engage replay` from the oldest checkpoint sends no row under a new id
+    // (the sink holds every row up to its position, so it sends none).
+    let oldest = std::fs::read_dir(world.checkpoint_dir().join("webhook"))
+        .unwrap()
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .to_str()?
+                .strip_prefix("epoch-")?
+                .parse::<u64>()
+                .ok()
+        })
+        .min()
+        .unwrap();
+    let last = world.latest_checkpoint_of("webhook");
+    let from = oldest.to_string();
+    let mut replay = start_as(
+        &world,
+        &["replay", "--from-checkpoint", &from],
+        &sql,
+        &receiver,
+    );
+    wait_for(
+        "a checkpoint after the replay",
+        Duration::from_secs(60),
+        || {
+            replay.assert_running();
+            let newer = world.latest_checkpoint_of("webhook") > last;
+            async move { newer }
+        },
+    )
+    .await;
+    replay.stop();
+    assert_eq!(
+        receiver.accepted().keys().collect::<Vec<_>>(),
+        accepted.keys().collect::<Vec<_>>(),
+        "the replay sent a batch under a new id"
+    );
     verify_with_standardwebhooks(&requests, &world.data_dir());
 }
 

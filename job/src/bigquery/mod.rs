@@ -15,9 +15,10 @@
 //!
 //! Loads run beside the stream, never in its way: after a checkpoint
 //! commits, its files are submitted on a task of their own; a failure is
-//! logged with BigQuery's message, and `engage bigquery load` (or the
-//! sink's next start, which looks for epochs without a successful job)
-//! submits what is missing.
+//! logged with BigQuery's message. Each checkpoint records up to which
+//! epoch everything is loaded and which later epochs are not
+//! ([`LoadProgress`]); the sink's next start loads those (and any later
+//! epoch on disk), as `engage bigquery load` does by hand.
 
 mod auth;
 pub mod command;

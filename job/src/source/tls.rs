@@ -26,6 +26,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use pgwire_replication::TlsConfig;
+
+use crate::sql::options::take_query_params;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -65,37 +67,29 @@ impl PgTls {
         let Ok(mut parsed) = url::Url::parse(url) else {
             return Ok((url.to_string(), tls));
         };
-        let mut kept = Vec::new();
-        for (key, value) in parsed.query_pairs() {
-            match key.as_ref() {
-                "sslmode" => {
-                    tls.mode = match value.as_ref() {
-                        "disable" => SslMode::Disable,
-                        "prefer" => SslMode::Prefer,
-                        "require" => SslMode::Require,
-                        "verify-ca" => SslMode::VerifyCa,
-                        "verify-full" => SslMode::VerifyFull,
-                        other => {
-                            return Err(format!(
-                                "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
-                            ))
-                        }
-                    }
-                }
-                "sslrootcert" => tls.root_cert = Some(PathBuf::from(value.as_ref())),
-                _ => kept.push((key.into_owned(), value.into_owned())),
+        for (key, value) in take_query_params(&mut parsed, &["sslmode", "sslrootcert"]) {
+            if key == "sslrootcert" {
+                tls.root_cert = Some(PathBuf::from(value));
+                continue;
             }
+            tls.mode = match value.as_str() {
+                "disable" => SslMode::Disable,
+                "prefer" => SslMode::Prefer,
+                "require" => SslMode::Require,
+                "verify-ca" => SslMode::VerifyCa,
+                "verify-full" => SslMode::VerifyFull,
+                other => {
+                    return Err(format!(
+                        "sslmode `{other}` is not one of disable, prefer, require, verify-ca, verify-full"
+                    ))
+                }
+            };
         }
         if tls.root_cert.is_some() && !matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull) {
             return Err(
                 "sslrootcert is only used to verify the server: add sslmode=verify-full (or verify-ca)"
                     .into(),
             );
-        }
-        if kept.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.query_pairs_mut().clear().extend_pairs(kept);
         }
         Ok((parsed.to_string(), tls))
     }

@@ -6,39 +6,25 @@
 
 use std::path::Path;
 
+use crate::sql::options::take_query_params;
+
 /// The client for `address`; the error says what is wrong, without the
 /// address (it may hold a password).
 pub fn client(address: &str) -> Result<redis::Client, String> {
     let Ok(mut url) = url::Url::parse(address) else {
         return redis::Client::open(address).map_err(|e| e.to_string());
     };
-    let mut root_cert = None;
-    let kept: Vec<(String, String)> = url
-        .query_pairs()
-        .filter_map(|(key, value)| {
-            if key == "sslrootcert" {
-                root_cert = Some(value.into_owned());
-                None
-            } else {
-                Some((key.into_owned(), value.into_owned()))
-            }
-        })
-        .collect();
+    let root_cert = take_query_params(&mut url, &["sslrootcert"]).pop();
     if url.scheme() == "rediss" {
         // The redis crate builds its rustls configuration with the
         // process' default provider (several are compiled in).
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
-    let Some(path) = root_cert else {
+    let Some((_, path)) = root_cert else {
         return redis::Client::open(address).map_err(|e| e.to_string());
     };
     if url.scheme() != "rediss" {
         return Err("sslrootcert needs a rediss:// (TLS) address".into());
-    }
-    if kept.is_empty() {
-        url.set_query(None);
-    } else {
-        url.query_pairs_mut().clear().extend_pairs(kept);
     }
     let pem = std::fs::read(Path::new(&path))
         .map_err(|e| format!("cannot read sslrootcert {path}: {e}"))?;

@@ -58,6 +58,22 @@ impl fmt::Display for Redacted {
     }
 }
 
+/// Takes the query parameters named `keys` out of a connection URL (engage's
+/// own settings, such as `sslrootcert`, which the client library behind it
+/// does not know); returns them in the order they came.
+pub fn take_query_params(url: &mut url::Url, keys: &[&str]) -> Vec<(String, String)> {
+    let (taken, kept): (Vec<_>, Vec<_>) = url
+        .query_pairs()
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .partition(|(key, _)| keys.contains(&key.as_str()));
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
+    taken
+}
+
 /// The connector of a table, with its validated options: a source the job
 /// reads changes from, or a sink an `INSERT` writes to.
 #[derive(Debug, Clone)]

@@ -77,8 +77,11 @@ pub async fn load(
     let mut done = 0;
     for (name, options, epochs) in plans {
         let client = BigQuery::new(options)?.expect("the sink has bigquery options");
-        let part = load_epochs(&client, &spec.name, name, epochs, |n| tick(done + n, total)).await;
-        done += part.epochs;
+        let part = load_epochs(&client, &spec.name, name, epochs, |_, _| {
+            done += 1;
+            tick(done, total);
+        })
+        .await;
         summary.add(part);
     }
     Ok(summary)
@@ -96,21 +99,23 @@ pub async fn epochs_on_disk(
     Ok(by_epoch(files))
 }
 
-/// Loads each epoch's files in turn (skipping those a job loaded); `tick`
-/// gets the number done so far.
+/// Loads each epoch's files in turn (skipping those a job loaded); `done`
+/// hears of each epoch and whether it is loaded now.
 pub async fn load_epochs(
     client: &BigQuery,
     job: &str,
     sink: &str,
     epochs: BTreeMap<u64, Vec<String>>,
-    mut tick: impl FnMut(usize),
+    mut done: impl FnMut(u64, bool),
 ) -> LoadSummary {
     let mut summary = LoadSummary {
         epochs: epochs.len(),
         ..LoadSummary::default()
     };
-    for (done, (epoch, files)) in epochs.into_iter().enumerate() {
-        match client.load_epoch(job, sink, epoch, &files).await {
+    for (epoch, files) in epochs {
+        let result = client.load_epoch(job, sink, epoch, &files).await;
+        done(epoch, result.is_ok());
+        match result {
             Ok(Loaded::Now { rows, .. }) => {
                 summary.loaded_now += 1;
                 summary.rows += rows;
@@ -120,7 +125,6 @@ pub async fn load_epochs(
                 .failed
                 .push(format!("{sink} epoch {epoch}: {message}")),
         }
-        tick(done + 1);
     }
     summary
 }

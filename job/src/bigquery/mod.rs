@@ -264,17 +264,11 @@ pub fn job_id(job: &str, sink: &str, epoch: u64) -> String {
     format!("engage_{}_{}_{epoch:012}", clean(job), clean(sink))
 }
 
-/// The epoch a committed file belongs to (`.../part-<epoch>-...parquet`).
-pub fn epoch_of(file: &str) -> Option<u64> {
-    let name = file.rsplit('/').next()?;
-    name.strip_prefix("part-")?.split('-').next()?.parse().ok()
-}
-
 /// Committed files grouped by epoch (paths relative to the sink's directory).
 pub fn by_epoch(files: impl IntoIterator<Item = String>) -> BTreeMap<u64, Vec<String>> {
     let mut epochs: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for file in files {
-        if let Some(epoch) = epoch_of(&file) {
+        if let Some(epoch) = crate::sink::parquet::epoch_of(&file) {
             epochs.entry(epoch).or_default().push(file);
         }
     }
@@ -388,25 +382,21 @@ impl SinkLoads {
         let (client, job, sink) = (self.client.clone(), self.job.clone(), self.sink.clone());
         let outstanding = self.outstanding.clone();
         tokio::spawn(async move {
-            let mut loaded = (0, 0);
-            for (epoch, files) in epochs {
-                match client.load_epoch(&job, &sink, epoch, &files).await {
-                    Ok(outcome) => {
-                        outstanding.lock().unwrap().remove(&epoch);
-                        if let Loaded::Now { rows, .. } = outcome {
-                            loaded = (loaded.0 + 1, loaded.1 + rows);
-                        }
-                    }
-                    Err(error) => tracing::warn!(
-                        sink = %sink,
-                        table = %client.table(),
-                        epoch,
-                        "bigquery load failed (pending; the next start or `engage bigquery load` retries it): {error}"
-                    ),
+            let summary = command::load_epochs(&client, &job, &sink, epochs, |epoch, loaded| {
+                if loaded {
+                    outstanding.lock().unwrap().remove(&epoch);
                 }
+            })
+            .await;
+            for failure in &summary.failed {
+                tracing::warn!(
+                    sink = %sink,
+                    table = %client.table(),
+                    "bigquery load failed (pending; the next start or `engage bigquery load` retries it): {failure}"
+                );
             }
-            if loaded.0 > 0 {
-                tracing::info!(sink = %sink, table = %client.table(), epochs = loaded.0, rows = loaded.1, "loaded into bigquery");
+            if summary.loaded_now > 0 {
+                tracing::info!(sink = %sink, table = %client.table(), epochs = summary.loaded_now, rows = summary.rows, "loaded into bigquery");
             }
         });
     }

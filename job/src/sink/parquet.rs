@@ -216,10 +216,7 @@ impl ParquetSink {
             std::mem::take(&mut self.writers).into_iter().enumerate()
         {
             let bytes = writer.into_inner().map_err(|e| self.permanent(e))?;
-            let file = format!(
-                "part-{epoch:012}-{n:04}-{:08x}.parquet",
-                rand::random::<u32>()
-            );
+            let file = file_name(epoch, n);
             let target = if partition.is_empty() {
                 file.clone()
             } else {
@@ -342,6 +339,20 @@ struct Partitioner {
     /// Formatted directory of recently seen buckets.
     cache: BTreeMap<i64, Arc<str>>,
     null_partition: String,
+}
+
+/// The name of a checkpoint's `n`-th file: `part-<epoch>-<n>-<random>.parquet`.
+fn file_name(epoch: u64, n: usize) -> String {
+    format!(
+        "part-{epoch:012}-{n:04}-{:08x}.parquet",
+        rand::random::<u32>()
+    )
+}
+
+/// The epoch of a committed file ([`file_name`]), from its path.
+pub fn epoch_of(path: &str) -> Option<u64> {
+    let name = path.rsplit('/').next()?;
+    name.strip_prefix("part-")?.split('-').next()?.parse().ok()
 }
 
 /// The directory that rows with a NULL time go to under `pattern`, as Hive

@@ -30,6 +30,9 @@ pub enum Op {
     Insert,
     Update,
     Delete,
+    /// A row read by a backfill (`engage backfill`), not a change the
+    /// stream delivered: it exists, as it stands when the backfill read it.
+    Read,
 }
 
 impl Op {
@@ -38,6 +41,7 @@ impl Op {
             Op::Insert => "c",
             Op::Update => "u",
             Op::Delete => "d",
+            Op::Read => "r",
         }
     }
 }

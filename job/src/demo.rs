@@ -43,7 +43,12 @@ pub struct DemoOptions {
     pub http: crate::http::HttpOptions,
     /// Where the UDFs the mission SQL calls come from (`--udf`, `--udfs-dir`).
     pub udfs: crate::udf::UdfOptions,
+    /// Seed this much history before the job starts, and backfill it (`--history`).
+    pub history: Option<Duration>,
 }
+
+/// Events of history seeded per hour of `--history` (a day: 240,000).
+const HISTORY_PER_HOUR: u64 = 10_000;
 
 /// Runs the demo until `shutdown` resolves (or `duration` passes).
 pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
@@ -110,6 +115,28 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         content.len()
     );
 
+    // History goes in before the job's slot exists, so only a backfill can
+    // bring it in; a job that has checkpoints already had its chance.
+    let store = crate::checkpoint::CheckpointStore::open(&options.checkpoint_dir, &spec.name)?;
+    let history = match options.history {
+        Some(span) if store.latest().await?.is_none() => {
+            let rows = (span.as_secs_f64() / 3600.0 * HISTORY_PER_HOUR as f64).ceil() as u64;
+            eprintln!(
+                "seeding {rows} events of history over the last {} ...",
+                crate::backfill::command::format_span(span)
+            );
+            generate::seed_history(&client, span, rows).await?;
+            Some(span)
+        }
+        Some(_) => {
+            eprintln!(
+                "the job has checkpoints already: --history seeds and backfills only a new job"
+            );
+            None
+        }
+        None => None,
+    };
+
     let stats = Arc::new(JobStats::for_job(&spec));
     let progress = Arc::new(GenerateProgress::default());
     progress.target_rate.store(options.rate, Ordering::Relaxed);
@@ -150,6 +177,25 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
             ));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    if let Some(span) = history {
+        let request = crate::backfill::command::request(
+            &spec,
+            &crate::backfill::command::Options {
+                since: format!("now-{}s", span.as_secs()),
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(anyhow::Error::msg)?;
+        crate::backfill::command::submit(&store, &request, false)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        eprintln!(
+            "backfill {} of the history handed to the job (engage backfill --status, or the status line)",
+            request.id
+        );
     }
 
     let (stop_generator, generator_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -278,6 +324,14 @@ fn print_status(
                 / 1000.0
         )
     };
+    let backfill = &stats.backfill;
+    if backfill.active.load(Ordering::Relaxed) {
+        sinks.push(format!(
+            "backfill {}/{} rows",
+            backfill.read.load(Ordering::Relaxed),
+            backfill.estimate.load(Ordering::Relaxed)
+        ));
+    }
     eprintln!(
         "in {:>6.0} ev/s (generated {:>6.0}/s) | out: {} | behind {} KiB, slot retains {} KiB | checkpoint {} ({})",
         (read - last.2) as f64 / seconds,

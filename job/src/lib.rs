@@ -33,6 +33,7 @@
 //!   and [`chaos`], the fault suite that proves exactly-once effects);
 //!   [`generate`] is the load generator; [`query`] runs DataFusion SQL over outputs.
 
+pub mod backfill;
 pub mod bench;
 pub mod bigquery;
 pub mod change;

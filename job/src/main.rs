@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
+use engage::backfill::command::parse_span;
 use engage::change::format_lsn;
 use engage::checkpoint::{CheckpointStore, Kept, Manifest};
 use engage::embedded::{EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions};
@@ -46,6 +47,11 @@ enum Command {
         /// Where outputs go (ENGAGE_DATA_DIR wins when set).
         #[arg(long, default_value = "data")]
         data_dir: String,
+        /// Seed this much history (10,000 events per hour, event times spread over it)
+        /// before a new job starts, and backfill it, so the KPIs and dashboards are full
+        /// from the start: e.g. 1d, 6h.
+        #[arg(long, value_parser = parse_span)]
+        history: Option<Duration>,
         #[command(flatten)]
         http: HttpArgs,
         #[command(flatten)]
@@ -69,6 +75,54 @@ enum Command {
         from_checkpoint: u64,
         #[command(flatten)]
         running: RunArgs,
+    },
+    /// Read rows already in the driving table, by event-time range, through the job's
+    /// SQL as changes with `_op = 'r'`, while the live stream keeps flowing; returns once
+    /// a checkpoint records every row of the range in every sink. Hands the backfill to
+    /// the job if it is running, else runs the job until then. Run again after an
+    /// interruption, it resumes. Rows the live stream already delivered are not sent
+    /// again; historical windows go to Parquet once, complete, at the end.
+    /// Examples: `engage backfill sql/engagement.sql --since 2026-11-01 --until
+    /// 2026-11-15T12:00:00Z`, `--since now-24h`, `--status`, `--cancel`.
+    Backfill {
+        #[command(flatten)]
+        job: JobArgs,
+        /// Start of the event-time range, inclusive: 2026-11-01 (midnight UTC),
+        /// 2026-11-15T12:00:00Z, now-24h.
+        #[arg(long, required_unless_present_any = ["status", "cancel"])]
+        since: Option<String>,
+        /// End of the range, exclusive (default: no end).
+        #[arg(long)]
+        until: Option<String>,
+        /// The driving table to read (default: the job's only one).
+        #[arg(long)]
+        table: Option<String>,
+        /// Only rows matching this SQL condition on the table's columns, e.g. "device = 'ios'".
+        #[arg(long = "where", value_name = "CONDITION")]
+        filter: Option<String>,
+        /// Rows per second at most (default: as fast as chunks of ~250 ms allow).
+        #[arg(long)]
+        max_rate: Option<u64>,
+        /// Run a range that overlaps a completed backfill again (its rows are then
+        /// in the sinks twice).
+        #[arg(long)]
+        force: bool,
+        /// Show the backfill under way and those that ended, then exit.
+        #[arg(long, conflicts_with = "cancel")]
+        status: bool,
+        /// End the backfill under way (rows it emitted stay), then exit.
+        #[arg(long)]
+        cancel: bool,
+        /// `bar` (default on a terminal) or `plain` lines for logs and CI.
+        #[arg(long, value_enum)]
+        progress: Option<engage::backfill::command::ProgressStyle>,
+        /// Seconds between checkpoints, when the job runs here.
+        #[arg(long, default_value_t = 10.0)]
+        checkpoint_interval: f64,
+        #[command(flatten)]
+        http: HttpArgs,
+        #[command(flatten)]
+        udfs: UdfArgs,
     },
     /// List a job's checkpoints: id, time, what it keeps, source position, sizes.
     /// Runs of checkpoints thinned to their capture are summed up in one line each.
@@ -355,31 +409,6 @@ fn checkpoint_lines(manifests: &[Manifest], all: bool) -> Vec<String> {
 }
 
 /// A span like `90s`, `30m`, `24h` or `7d` (`0` alone is allowed).
-fn parse_span(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if text == "0" {
-        return Ok(Duration::ZERO);
-    }
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` needs a unit: s, m, h or d (e.g. 24h)"))?;
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a span like 24h, 90m or 7d"))?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 60 * 60,
-        "d" => 24 * 60 * 60,
-        _ => return Err(format!("`{text}`: the unit is s, m, h or d (e.g. 24h)")),
-    };
-    number
-        .checked_mul(seconds)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("`{text}` is too long"))
-}
-
 fn parse_lsn_arg(text: &str) -> Result<u64, String> {
     engage::change::parse_lsn(text).ok_or_else(|| format!("`{text}` is not an LSN like 0/16B3748"))
 }
@@ -484,6 +513,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             content_items,
             checkpoint_dir,
             data_dir,
+            history,
             http,
             udfs,
         } => {
@@ -495,6 +525,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir,
                 http: http.options()?,
                 udfs: udfs.options(),
+                history,
             };
             demo::run(options, shutdown_signal()).await
         }
@@ -517,6 +548,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             from_checkpoint,
             running,
         } => run_job(job, running, Some(from_checkpoint)).await,
+        Command::Backfill {
+            job,
+            since,
+            until,
+            table,
+            filter,
+            max_rate,
+            force,
+            status,
+            cancel,
+            progress,
+            checkpoint_interval,
+            http,
+            udfs,
+        } => {
+            let options = engage::backfill::command::Options {
+                since: since.unwrap_or_default(),
+                until,
+                table,
+                filter,
+                max_rate,
+                force,
+            };
+            let what = BackfillWhat { status, cancel };
+            backfill_command(
+                job,
+                options,
+                what,
+                progress,
+                checkpoint_interval,
+                http,
+                udfs,
+            )
+            .await
+        }
         Command::Checkpoints { job, all } => {
             let (name, _) = job.load()?;
             let store = CheckpointStore::open(&job.checkpoint_dir, &name)?;
@@ -715,6 +781,83 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
             .resent_suppressed
             .load(std::sync::atomic::Ordering::Relaxed)
     );
+    Ok(())
+}
+
+/// `--status` or `--cancel` of `engage backfill`.
+struct BackfillWhat {
+    status: bool,
+    cancel: bool,
+}
+
+async fn backfill_command(
+    job: JobArgs,
+    options: engage::backfill::command::Options,
+    what: BackfillWhat,
+    progress: Option<engage::backfill::command::ProgressStyle>,
+    checkpoint_interval: f64,
+    http: HttpArgs,
+    udfs: UdfArgs,
+) -> anyhow::Result<()> {
+    use engage::backfill::command::{self as backfill, ProgressStyle};
+    use std::io::IsTerminal;
+    let (name, script) = job.load()?;
+    let store = CheckpointStore::open(&job.checkpoint_dir, &name)?;
+    if what.status {
+        println!(
+            "{}",
+            backfill::status(&store).await.map_err(anyhow::Error::msg)?
+        );
+        return Ok(());
+    }
+    if what.cancel {
+        println!(
+            "{}",
+            backfill::cancel(&store).await.map_err(anyhow::Error::msg)?
+        );
+        return Ok(());
+    }
+    if checkpoint_interval.is_nan() || checkpoint_interval <= 0.0 {
+        bail!("--checkpoint-interval must be positive");
+    }
+    let mut spec = sql::parse_job(&name, &script, &|k| std::env::var(k).ok())
+        .with_context(|| format!("in {}", job.sql.display()))?;
+    spec.udfs = engage::udf::prepare_async(script.clone(), udfs.options())
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let request = backfill::request(&spec, &options)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let style = progress.unwrap_or(if std::io::stderr().is_terminal() {
+        ProgressStyle::Bar
+    } else {
+        ProgressStyle::Plain
+    });
+    let run = RunOptions {
+        checkpoint_dir: job.checkpoint_dir.clone(),
+        checkpoint_interval: Duration::from_secs_f64(checkpoint_interval),
+        ..RunOptions::default()
+    };
+    let stats = Arc::new(JobStats::for_job(&spec));
+    let _server = engage::http::serve(&http.options()?, &spec, stats.clone(), None).await?;
+    let finished = backfill::run(
+        &spec,
+        &script,
+        run,
+        &backfill::Submission {
+            request,
+            force: options.force,
+            style,
+        },
+        stats,
+        shutdown_signal(),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
+    println!("{}", backfill::summary(&finished));
+    if finished.outcome == engage::backfill::Outcome::Cancelled {
+        bail!("backfill {} was cancelled", finished.request.id);
+    }
     Ok(())
 }
 

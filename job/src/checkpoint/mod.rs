@@ -118,6 +118,12 @@ pub struct Manifest {
     /// What the checkpoint still holds: older ones are thinned (retention.rs).
     #[serde(default, skip_serializing_if = "Kept::is_everything")]
     pub kept: Kept,
+    /// The backfill under way (`engage backfill`), as of this checkpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<crate::backfill::Progress>,
+    /// Backfills that ended, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<crate::backfill::Finished>,
 }
 
 fn first_format() -> u32 {
@@ -174,15 +180,35 @@ pub struct SourceState {
     pub resume_lsn_text: String,
     /// Position of the last change processed.
     pub position: Position,
+    /// Where the stream began: what it can never have delivered. Absent in
+    /// checkpoints of jobs whose slot predates this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<StreamOrigin>,
+}
+
+/// The snapshot the job's slot exported when it was created: the row
+/// versions it sees committed before the stream's first change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOrigin {
+    /// `pg_current_snapshot()` text: `xmin:xmax:xip,...`.
+    pub snapshot: String,
+    /// The server's clock then (Unix µs).
+    pub at_micros: i64,
 }
 
 impl SourceState {
-    pub fn new(slot: &str, resume_lsn: u64, position: Position) -> Self {
+    pub fn new(
+        slot: &str,
+        resume_lsn: u64,
+        position: Position,
+        origin: Option<StreamOrigin>,
+    ) -> Self {
         SourceState {
             slot: slot.to_string(),
             resume_lsn,
             resume_lsn_text: format_lsn(resume_lsn),
             position,
+            origin,
         }
     }
 }
@@ -435,6 +461,38 @@ impl CheckpointStore {
         }
     }
 
+    /// A control file beside the checkpoints (`<job>/<name>`), if there is one.
+    pub async fn get_control(&self, name: &str) -> Result<Option<Bytes>, CheckpointError> {
+        let path = self.location.child(name);
+        match self.location.store.get(&path).await {
+            Ok(result) => Ok(Some(result.bytes().await.map_err(|e| {
+                self.storage_error(format!("failed to read {path}: {e}"))
+            })?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.storage_error(format!("failed to read {path}: {e}"))),
+        }
+    }
+
+    /// Writes a control file beside the checkpoints (`<job>/<name>`).
+    pub async fn put_control(&self, name: &str, bytes: Vec<u8>) -> Result<(), CheckpointError> {
+        let path = self.location.child(name);
+        self.location
+            .store
+            .put(&path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.storage_error(format!("failed to write {path}: {e}")))?;
+        Ok(())
+    }
+
+    /// Deletes a control file (already gone is fine).
+    pub async fn delete_control(&self, name: &str) -> Result<(), CheckpointError> {
+        let path = self.location.child(name);
+        match self.location.store.delete(&path).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.storage_error(format!("failed to delete {path}: {e}"))),
+        }
+    }
+
     pub async fn read_file(&self, epoch: u64, name: &str) -> Result<Bytes, CheckpointError> {
         let path = self
             .location
@@ -527,7 +585,7 @@ mod tests {
             job: job.into(),
             epoch,
             created_at: "2026-11-21T00:00:00Z".into(),
-            source: SourceState::new("slot", 100 + epoch, Position::new(epoch, 0)),
+            source: SourceState::new("slot", 100 + epoch, Position::new(epoch, 0), None),
             sinks: BTreeMap::new(),
             dimensions: BTreeMap::new(),
             capture_files: BTreeMap::new(),
@@ -537,6 +595,8 @@ mod tests {
             windows: BTreeMap::new(),
             window_outputs: BTreeMap::new(),
             kept: Kept::Everything,
+            backfill: None,
+            backfills: Vec::new(),
         }
     }
 

@@ -72,7 +72,12 @@ impl Engine {
             job: self.job.clone(),
             epoch,
             created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            source: SourceState::new(&self.slot, self.resume_lsn, self.position),
+            source: SourceState::new(
+                &self.slot,
+                self.resume_lsn,
+                self.position,
+                self.backfill.origin.clone(),
+            ),
             sinks: sinks.clone(),
             dimensions,
             capture_files,
@@ -82,6 +87,8 @@ impl Engine {
             windows,
             window_outputs,
             kept: checkpoint::Kept::Everything,
+            backfill: self.backfill_for_checkpoint(),
+            backfills: self.backfill.finished.clone(),
         };
         let bytes: usize = files.iter().map(|(_, bytes)| bytes.len()).sum();
         self.store.write(&manifest, files).await?;
@@ -121,7 +128,7 @@ impl Engine {
                 chrono::Utc::now(),
             )
             .await?;
-        Ok(())
+        self.backfill_checkpointed().await
     }
 
     /// Where the slot may be confirmed: the checkpoint's resume LSN, or less

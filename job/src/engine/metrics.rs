@@ -152,6 +152,56 @@ impl Collector for StatsCollector {
             "Changes re-sent after a restart that were already applied, and skipped.",
             ConstCounter::new(load(&stats.resent_suppressed)),
         )?;
+        let backfill = &stats.backfill;
+        let active = backfill.active.load(Ordering::Relaxed);
+        single(
+            e,
+            "engage_backfill_active",
+            "1 while an `engage backfill` is under way.",
+            ConstGauge::new(active as i64),
+        )?;
+        let windows = backfill.windows_phase.load(Ordering::Relaxed);
+        family(
+            e,
+            "engage_backfill_phase",
+            "The phase of the backfill under way: snapshot (reading chunks) or windows (historical windows).",
+            MetricType::Gauge,
+            [("snapshot", active && !windows), ("windows", active && windows)]
+                .into_iter()
+                .map(|(phase, on)| (vec![("phase", phase)], ConstGauge::new(on as i64))),
+        )?;
+        family(
+            e,
+            "engage_backfill_rows",
+            "Rows of the backfill under way: read, emitted as `r`, superseded by the live stream while \
+             their chunk was read, or already streamed.",
+            MetricType::Gauge,
+            [
+                ("read", &backfill.read),
+                ("emitted", &backfill.emitted),
+                ("superseded", &backfill.superseded),
+                ("streamed", &backfill.streamed),
+            ]
+            .into_iter()
+            .map(|(kind, value)| (vec![("kind", kind)], ConstGauge::new(load(value) as i64))),
+        )?;
+        let (read, estimate) = (load(&backfill.read), load(&backfill.estimate));
+        single(
+            e,
+            "engage_backfill_progress_ratio",
+            "Rows read over the rows the range held when the backfill began (0 to 1).",
+            ConstGauge::new(if estimate > 0 {
+                (read as f64 / estimate as f64).min(1.0)
+            } else {
+                0.0
+            }),
+        )?;
+        single(
+            e,
+            "engage_backfill_chunk_seconds",
+            "How long the last backfill chunk's SELECT took.",
+            ConstGauge::new(load(&backfill.chunk_micros) as f64 / 1e6),
+        )?;
         single(
             e,
             "engage_restarts",

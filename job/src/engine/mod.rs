@@ -50,6 +50,7 @@
 //! restores checkpoints, `replay.rs` replays captures and rebuilds lost sinks,
 //! `supervise.rs` restarts a run after a curable failure.
 
+mod backfill;
 mod checkpointing;
 pub mod clock;
 pub mod dead_letter;
@@ -295,6 +296,7 @@ async fn run_once(
         rebuilding: None,
         held_by: None,
         poisoned,
+        backfill: backfill::Backfill::default(),
     };
     engine.windows = windowed::WindowStates::new(&engine.plan)?;
     engine.window_guards = engine
@@ -312,7 +314,12 @@ async fn run_once(
     // dead_letter once its sink is open (below).
     let mut snapshot_rejected = Vec::new();
     match start {
-        Start::Fresh { lsn, snapshots } => {
+        Start::Fresh {
+            lsn,
+            snapshots,
+            origin,
+        } => {
+            engine.backfill.origin = Some(origin);
             for (index, rows, rejected) in snapshots {
                 let dimension = engine.dimensions[index]
                     .as_mut()
@@ -336,6 +343,7 @@ async fn run_once(
             };
             engine.restore_windows(windows_from, latest).await?;
             engine.epoch = latest.epoch;
+            engine.backfill.restore(latest);
             engine.resume_lsn = latest.source.resume_lsn;
             engine.position = latest.source.position;
         }
@@ -474,6 +482,8 @@ struct Engine {
     rebuilding: Option<Vec<usize>>,
     /// Rows a UDF panicked on, left out of the steps calling it (udf_errors.rs).
     poisoned: udf_errors::SharedPoisoned,
+    /// The backfill under way and those that ended (backfill.rs).
+    backfill: backfill::Backfill,
 }
 
 impl Engine {
@@ -544,6 +554,12 @@ impl Engine {
         let has_windows = self.plan.queries.iter().any(|q| q.is_windowed());
         let mut window_ticker = tokio::time::interval(Duration::from_millis(50));
         window_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut backfill_ticker = tokio::time::interval(Duration::from_millis(20));
+        backfill_ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Backfill requests are looked for after each checkpoint, and on
+        // this clock while the job is idle (no checkpoint is then due).
+        let mut next_request_poll = Instant::now() + interval;
+        self.poll_backfill_requests().await?;
         loop {
             tokio::select! {
                 biased;
@@ -561,11 +577,26 @@ impl Engine {
                 }
                 _ = ticker.tick() => {}
                 _ = window_ticker.tick(), if has_windows => self.tick_windows().await?,
+                _ = backfill_ticker.tick(), if self.backfill.active() => {}
+            }
+            if self.backfill.active() {
+                self.backfill_failed()?;
+                self.backfill_tick().await?;
+            }
+            if Instant::now() >= next_request_poll {
+                next_request_poll = Instant::now() + interval;
+                if !self.dirty {
+                    self.poll_backfill_requests().await?;
+                }
             }
             // A detached sink is asked at every checkpoint whether its store
             // answers again, so checkpoints go on while it is detached.
             let due = self.dirty || self.held_by.is_some();
-            if Instant::now() >= next_checkpoint && self.at_boundary && due {
+            if Instant::now() >= next_checkpoint
+                && self.at_boundary
+                && due
+                && self.backfill.allows_checkpoint()
+            {
                 self.checkpoint().await?;
                 crate::failpoint::hit("before_slot_confirm");
                 source.confirm(self.confirm_lsn());
@@ -647,6 +678,7 @@ impl Engine {
                     self.live_batch = self.caught_up;
                     self.caught_up = false;
                     self.divert_rejected(source, &rejected).await?;
+                    self.backfill_saw(source, &batch)?;
                     let (batch, before) = self.drop_resent(batch, before)?;
                     let name = self.plan.sources[source].def.name.clone();
                     let capture_error = |e| JobError::State {
@@ -698,6 +730,21 @@ impl Engine {
                         );
                     }
                 },
+                SourceEvent::Marker {
+                    content,
+                    position,
+                    commit_end,
+                } => {
+                    self.live_batch = self.caught_up;
+                    self.caught_up = false;
+                    self.backfill_marker(&content, position).await?;
+                    self.resume_lsn = self.resume_lsn.max(commit_end);
+                    self.at_boundary = true;
+                    self.dirty = true;
+                    self.stats
+                        .processed_lsn
+                        .fetch_max(commit_end, Ordering::Relaxed);
+                }
                 SourceEvent::End { .. } => {}
             }
             Ok(())

@@ -95,6 +95,8 @@ pub struct JobStats {
     pub window_state_rows: AtomicU64,
     /// The newest windows each windowed sink was written, for the JSON API.
     pub windows: RecentWindows,
+    /// The backfill under way, if any (`engage backfill`).
+    pub backfill: BackfillStats,
 }
 
 /// Letters of [`JobStats::source_ops`], in order.
@@ -171,6 +173,7 @@ impl JobStats {
             restarts: AtomicU64::new(0),
             window_state_rows: AtomicU64::new(0),
             windows: RecentWindows::default(),
+            backfill: BackfillStats::default(),
         }
     }
 
@@ -311,4 +314,21 @@ mod tests {
         assert_eq!(written, ["first", "second"]);
         assert_eq!(stats.sink_names, written);
     }
+}
+
+/// A backfill's figures, for its progress bar, `/metrics` and the JSON API.
+#[derive(Debug, Default)]
+pub struct BackfillStats {
+    pub active: std::sync::atomic::AtomicBool,
+    /// Computing the historical windows (every chunk is read).
+    pub windows_phase: std::sync::atomic::AtomicBool,
+    pub read: AtomicU64,
+    pub emitted: AtomicU64,
+    pub superseded: AtomicU64,
+    pub streamed: AtomicU64,
+    pub estimate: AtomicU64,
+    /// The last chunk's SELECT (µs).
+    pub chunk_micros: AtomicU64,
+    /// The last backfill that ended in this process.
+    pub last_finished: std::sync::Mutex<Option<crate::backfill::Finished>>,
 }

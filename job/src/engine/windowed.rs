@@ -45,6 +45,8 @@ use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{EpochFile, Manifest, StateFile, WindowCheckpoint, WindowOutput};
 use crate::sql::plan::JobPlan;
 
+mod history;
+
 /// The window state of a job: one [`WindowState`] per distinct windowed
 /// aggregate. Aggregates of different queries that read the same input and
 /// keep the same state (see [`WindowedAggregate::same_state_as`]) share one,
@@ -239,27 +241,36 @@ impl Engine {
                 None => (batch, before),
             };
             let inserts = self.split_late(source, &queries, rows).await?;
+            let reads = with_ops(rows, &[Op::Read.letter()])?;
             let updates = with_ops(rows, &[Op::Update.letter()])?;
             let mut retractions = with_ops(rows, &[Op::Delete.letter()])?;
             if let Some(old) = old {
                 retractions =
                     concat_batches(&rows.schema(), [&retractions, old]).map_err(JobError::Arrow)?;
             }
-            self.feed_windows(&queries, [&inserts, &updates, &retractions])
+            self.feed_windows(&queries, [&inserts, &updates, &retractions, &reads])
                 .await?;
         }
         Ok(())
     }
 
     /// Runs the pre-plans of `queries` over inserts (+1), new images of
-    /// updates (+1) and retractions (-1), then closes the windows they passed.
-    /// A state shared by several of them is fed once, by its first reader.
+    /// updates (+1), retractions (-1) and backfilled rows (+1), then closes
+    /// the windows they passed. A state shared by several of them is fed
+    /// once, by its first reader.
+    ///
+    /// A backfilled row (`r`) is added only to windows the live state still
+    /// holds open and that end after the stream began: the others are
+    /// historical, computed apart when the backfill has read its range
+    /// (`windowed/history.rs`). It is never late, and never moves the
+    /// watermark, which the live stream drives.
     async fn feed_windows(
         &mut self,
         queries: &[usize],
-        parts: [&RecordBatch; 3],
+        parts: [&RecordBatch; 4],
     ) -> Result<(), JobError> {
-        let [inserts, updates, retractions] = parts;
+        let [inserts, updates, retractions, reads] = parts;
+        let origin = self.backfill.origin.as_ref().map(|o| o.at_micros);
         for &q in queries {
             let query = &self.plan.queries[q];
             let dimensions = self.dimension_contents(&query.dimensions);
@@ -268,10 +279,41 @@ impl Engine {
                 if self.windows.readers[s][0] != (q, w) {
                     continue; // fed by its first reader
                 }
-                for (part, sign) in [(inserts, 1), (updates, 1), (retractions, -1)] {
+                // (rows, sign, backfilled, checked against a fresh state's floor)
+                for (part, sign, read, floored) in [
+                    (inserts, 1, false, false),
+                    (updates, 1, false, true),
+                    (retractions, -1, false, true),
+                    (reads, 1, true, false),
+                ] {
                     if part.num_rows() == 0 {
                         continue;
                     }
+                    let kind = self.windows.states[s].kind();
+                    // A state that has emitted nothing has no closed windows
+                    // yet: updates and retractions more than a window behind
+                    // the watermark (or the wall clock, before the first
+                    // event) count as closed instead of opening buckets long
+                    // past, which days of windows would then be emitted from.
+                    let fresh = match (floored, self.windows.states[s].last_end()) {
+                        (true, None) => Some(
+                            self.watermark(q)
+                                .unwrap_or_else(|| chrono::Utc::now().timestamp_micros())
+                                - kind.width(),
+                        ),
+                        _ => None,
+                    };
+                    let floor = match (read, origin) {
+                        (false, _) => None,
+                        // The first bucket of a window ending after the origin.
+                        (true, Some(origin)) => Some(
+                            ((origin - kind.width()).div_euclid(kind.slide()) + 1) * kind.slide(),
+                        ),
+                        (true, None) => match self.windows.states[s].last_end() {
+                            Some(_) => None,
+                            None => continue, // no live window yet: all historical
+                        },
+                    };
                     let step = super::udf_errors::Step::Pre(q, w);
                     let part = self.unpoisoned(step, part.clone())?;
                     let result = self.plan.execute_pre(q, w, part.clone(), &dimensions).await;
@@ -280,9 +322,9 @@ impl Engine {
                         .await?;
                     for rows in rows {
                         let done = self.windows.states[s]
-                            .accumulate(&rows, sign, None)
+                            .accumulate_above(&rows, sign, floor, fresh)
                             .map_err(JobError::Arrow)?;
-                        if done.late > 0 {
+                        if done.late > 0 && !read {
                             self.stats
                                 .late_events
                                 .fetch_add(done.late, Ordering::Relaxed);

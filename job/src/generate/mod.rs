@@ -108,6 +108,8 @@ pub enum GenerateError {
     Schema(#[source] tokio_postgres::Error),
     #[error("failed to seed table content")]
     SeedContent(#[source] tokio_postgres::Error),
+    #[error("failed to insert history into table engagement_events")]
+    SeedHistory(#[source] tokio_postgres::Error),
     #[error("table content has no rows to draw events from")]
     NoContent,
     #[error("failed to copy a batch of {rows} events into table engagement_events")]
@@ -218,6 +220,39 @@ pub async fn ensure_schema(client: &Client) -> Result<(), GenerateError> {
         .batch_execute(SCHEMA_SQL)
         .await
         .map_err(GenerateError::Schema)
+}
+
+/// Inserts `rows` events with event times spread over the `span` before
+/// now, in one statement: history for a backfill to read (`engage demo
+/// --history`). Types and devices follow the generator's weights roughly;
+/// every event is of an existing content item. Returns the rows inserted.
+pub async fn seed_history(
+    client: &Client,
+    span: Duration,
+    rows: u64,
+) -> Result<u64, GenerateError> {
+    let devices: Vec<&str> = DEVICES
+        .iter()
+        .flat_map(|(device, weight)| std::iter::repeat_n(*device, *weight as usize))
+        .collect();
+    let types: Vec<&str> = EVENT_TYPES
+        .iter()
+        .flat_map(|(kind, weight)| std::iter::repeat_n(*kind, *weight as usize))
+        .collect();
+    client
+        .execute(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+             SELECT c.ids[1 + (i * 7919) % c.n], md5((i % 50000)::text)::uuid, \
+                    $3::text[][1 + (i * 31) % cardinality($3::text[])], \
+                    now() - make_interval(secs => $1::float8 * random()), \
+                    (random() * 600000)::int, \
+                    $4::text[][1 + (i * 17) % cardinality($4::text[])] \
+             FROM generate_series(1, $2::bigint) AS i, \
+                  (SELECT array_agg(id ORDER BY slug) AS ids, count(*) AS n FROM content) AS c",
+            &[&span.as_secs_f64(), &(rows as i64), &types, &devices],
+        )
+        .await
+        .map_err(GenerateError::SeedHistory)
 }
 
 /// Inserts `n` content rows if the table has fewer than `n` rows (deterministic from

@@ -40,6 +40,7 @@ pub enum Start {
     Fresh {
         lsn: u64,
         snapshots: Vec<(usize, RecordBatch, Vec<RejectedChange>)>,
+        origin: crate::checkpoint::StreamOrigin,
     },
     /// The checkpoint and the slot agree: resume at the checkpoint's LSN.
     Resume,
@@ -81,6 +82,7 @@ pub async fn open(
     let (new_slot, start) = match (latest, &slot) {
         (None, None) => {
             let new_slot = NewSlot::create(&target, &names).await?;
+            let origin = snapshot::origin(&target, &control, &new_slot.snapshot).await?;
             let mut snapshots = Vec::new();
             for (index, source) in sources.iter().enumerate() {
                 if source.is_dimension {
@@ -96,7 +98,14 @@ pub async fn open(
                 }
             }
             let lsn = new_slot.consistent_lsn;
-            (Some(new_slot), Start::Fresh { lsn, snapshots })
+            (
+                Some(new_slot),
+                Start::Fresh {
+                    lsn,
+                    snapshots,
+                    origin,
+                },
+            )
         }
         (None, Some(_)) => {
             return resume(format!(

@@ -73,6 +73,15 @@ pub enum SourceEvent {
     Truncated { source: usize, commit_lsn: u64 },
     /// The stream reached the requested end LSN; nothing follows.
     End { lsn: u64 },
+    /// A logical message of engage's backfill (prefix
+    /// [`crate::backfill::MARKER_PREFIX`]), at its place in the stream; its
+    /// transaction committed at `commit_end`, and every change before it
+    /// was sent first.
+    Marker {
+        content: bytes::Bytes,
+        position: Position,
+        commit_end: u64,
+    },
 }
 
 /// Batching knobs of the reader.
@@ -208,6 +217,7 @@ pub async fn start(
         idle_sent: resume_lsn,
         sent_since_idle: false,
         end_lsn,
+        markers: Vec::new(),
     };
     let task = tokio::spawn(reader.run());
     Ok(SourceHandle {
@@ -252,6 +262,8 @@ struct Reader {
     sent_since_idle: bool,
     /// Stop once the stream reaches this LSN (like pg_recvlogical's --endpos).
     end_lsn: Option<u64>,
+    /// Backfill markers of the open transaction, sent at its commit.
+    markers: Vec<(bytes::Bytes, Position)>,
 }
 
 enum Next {
@@ -327,6 +339,24 @@ impl Reader {
                 if self.end_lsn.is_some_and(|end| end_lsn.0 >= end) {
                     return self.end(end_lsn.0).await;
                 }
+                if !self.markers.is_empty() {
+                    // The changes before a marker go first, then the marker.
+                    self.flush().await?;
+                    for (content, position) in std::mem::take(&mut self.markers) {
+                        self.sent_since_idle = true;
+                        if let Next::Stop = self
+                            .send(SourceEvent::Marker {
+                                content,
+                                position,
+                                commit_end: end_lsn.0,
+                            })
+                            .await?
+                        {
+                            return Ok(Next::Stop);
+                        }
+                    }
+                    return Ok(Next::Continue);
+                }
                 if self.pending.is_some() && (due || full) {
                     return self.flush().await;
                 }
@@ -357,6 +387,18 @@ impl Reader {
                             .await;
                     }
                 }
+            }
+            ReplicationEvent::Message {
+                transactional: true,
+                prefix,
+                content,
+                ..
+            } if prefix == crate::backfill::MARKER_PREFIX => {
+                // A transactional message is a change of its transaction: it
+                // takes the next position, and goes out at the commit.
+                let position = Position::new(self.commit_lsn, self.seq);
+                self.seq += 1;
+                self.markers.push((content, position));
             }
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => return Ok(Next::Stop),

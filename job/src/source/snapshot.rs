@@ -149,8 +149,50 @@ pub async fn load_table(
     Ok((decoder.finish(), rejected))
 }
 
+/// The snapshot a new slot exported, as `pg_current_snapshot()` text
+/// (`xmin:xmax:xip,...`), and the server's time then (Unix µs): a row version
+/// visible in it committed before the stream's first change, so the stream
+/// never delivered it (what a backfill needs to know; see `backfill`).
+pub async fn origin(
+    target: &PgTarget,
+    client: &tokio_postgres::Client,
+    snapshot: &str,
+) -> Result<crate::checkpoint::StreamOrigin, SourceError> {
+    let check = |message: String| SourceError::Check {
+        target: target.to_string(),
+        message,
+    };
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| check(format!("failed to begin the snapshot transaction: {e}")))?;
+    client
+        .batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| check(format!("failed to use the slot's snapshot {snapshot}: {e}")))?;
+    let row = client
+        .query_one(
+            "SELECT pg_current_snapshot()::text, \
+                    (extract(epoch FROM now()) * 1000000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| check(format!("failed to read the slot's snapshot: {e}")))?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(|e| check(format!("failed to end the snapshot transaction: {e}")))?;
+    Ok(crate::checkpoint::StreamOrigin {
+        snapshot: row.get(0),
+        at_micros: row.get(1),
+    })
+}
+
 /// Turns one COPY text line into a pgoutput Insert message (relation 0).
-fn reframe_as_insert(line: &[u8], columns: usize, out: &mut BytesMut) {
+pub(crate) fn reframe_as_insert(line: &[u8], columns: usize, out: &mut BytesMut) {
     out.clear();
     out.put_u8(b'I');
     out.put_u32(0);

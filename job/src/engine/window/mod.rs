@@ -178,6 +178,21 @@ impl WindowState {
         sign: i64,
         late_before: Option<i64>,
     ) -> Result<Accumulated, ArrowError> {
+        self.accumulate_above(batch, sign, late_before, None)
+    }
+
+    /// [`WindowState::accumulate`], where rows of either sign before `floor`
+    /// count as closed (late, or expired retractions): for a state that has
+    /// emitted nothing yet, which has no closed windows to tell it so. An
+    /// update of a days-old row would otherwise open buckets that days of
+    /// windows would then be emitted from.
+    pub fn accumulate_above(
+        &mut self,
+        batch: &RecordBatch,
+        sign: i64,
+        late_before: Option<i64>,
+        floor: Option<i64>,
+    ) -> Result<Accumulated, ArrowError> {
         let mut done = Accumulated::default();
         if batch.num_rows() == 0 {
             return Ok(done);
@@ -275,7 +290,9 @@ impl WindowState {
             }
             let bucket = time.div_euclid(slide) * slide;
             // A bucket whose every window has been emitted is gone.
-            if self.last_end.is_some_and(|end| bucket + width <= end) {
+            if self.last_end.is_some_and(|end| bucket + width <= end)
+                || floor.is_some_and(|floor| time < floor)
+            {
                 if sign < 0 {
                     done.expired += 1;
                 } else {

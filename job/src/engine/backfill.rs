@@ -1,0 +1,794 @@
+//! The engine's side of a backfill (see `crate::backfill` for the
+//! algorithm and why it gives every row once): picking up requests, reading
+//! chunks under watermarks, emitting their rows at the high watermark,
+//! computing the historical windows, and recording progress in checkpoints.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{ArrayRef, BooleanArray, Int64Array, TimestampMicrosecondArray};
+use arrow::compute::filter_record_batch;
+use arrow::record_batch::RecordBatch;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{Engine, JobError};
+use crate::backfill::chunk::{self, Chunk, Table};
+use crate::backfill::{
+    describe, Counts, Finished, Marker, Outcome, Phase, Progress, Request, CANCEL_FILE, HISTORY,
+    REQUEST_FILE,
+};
+use crate::change::{Position, COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
+use crate::checkpoint::{Manifest, StreamOrigin};
+use crate::source::replication::SourceError;
+
+/// Chunk sizes: the first, and the bounds the adaptation keeps to.
+const FIRST_CHUNK: usize = 2_000;
+const MIN_CHUNK: usize = 100;
+const MAX_CHUNK: usize = 50_000;
+/// What a chunk's `SELECT` should take: short, so the window in which live
+/// changes supersede rows stays small and the stream is never held long.
+const CHUNK_TARGET: Duration = Duration::from_millis(250);
+
+/// A backfill's state in the engine.
+#[derive(Default)]
+pub(super) struct Backfill {
+    /// The backfill under way, as the next checkpoint records it.
+    pub(super) progress: Option<Progress>,
+    /// Backfills that ended, newest last.
+    pub(super) finished: Vec<Finished>,
+    /// The snapshot the job's stream began at.
+    pub(super) origin: Option<StreamOrigin>,
+    table: Option<Table>,
+    client: Option<Arc<tokio_postgres::Client>>,
+    /// The chunk whose low watermark the stream has passed.
+    window: Option<Window>,
+    /// The chunk being read by this run.
+    inflight: Option<InFlight>,
+    /// The historical windows being computed (phase `windows`).
+    history: Option<History>,
+    chunk_size: usize,
+    next_chunk: Option<Instant>,
+    /// When this run took the backfill up, and its seconds before.
+    resumed: Option<(Instant, f64)>,
+    /// Request files to delete once a checkpoint records why, with the
+    /// backfill id they must still name (`None`: whatever they hold).
+    cleanup: Vec<(&'static str, Option<String>)>,
+}
+
+struct Window {
+    nonce: u64,
+    cursor: Option<String>,
+    limit: usize,
+    /// Keys of the table changed by the stream since the low watermark.
+    keys: HashSet<String>,
+}
+
+struct InFlight {
+    nonce: u64,
+    /// The chunk, once the task has read it (`ready` then holds it).
+    rows: oneshot::Receiver<Result<Chunk, SourceError>>,
+    ready: Option<Chunk>,
+    task: JoinHandle<()>,
+}
+
+impl InFlight {
+    /// The chunk: at hand, or awaited (the task sends it before it writes
+    /// the high watermark, so this does not wait for long).
+    async fn chunk(mut self) -> Result<Chunk, JobError> {
+        if let Some(chunk) = self.ready.take() {
+            return Ok(chunk);
+        }
+        match (&mut self.rows).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(JobError::Restore(
+                "a backfill chunk task ended without its rows".into(),
+            )),
+        }
+    }
+}
+
+struct History {
+    windows: super::windowed::WindowStates,
+    cursor: Option<String>,
+    reading: Option<JoinHandle<Result<Chunk, SourceError>>>,
+    done: bool,
+}
+
+impl Drop for Backfill {
+    fn drop(&mut self) {
+        if let Some(inflight) = &self.inflight {
+            inflight.task.abort();
+        }
+        if let Some(reading) = self.history.as_ref().and_then(|h| h.reading.as_ref()) {
+            reading.abort();
+        }
+    }
+}
+
+impl Backfill {
+    /// Whether a checkpoint may be taken now: not while a chunk's window is
+    /// open (a checkpoint between its watermarks would let a restart lose
+    /// the window, then emit the chunk a second time under a new one).
+    pub(super) fn allows_checkpoint(&self) -> bool {
+        self.window.is_none()
+    }
+
+    /// Whether a backfill is under way.
+    pub(super) fn active(&self) -> bool {
+        self.progress.is_some()
+    }
+
+    /// Takes up what `latest` records.
+    pub(super) fn restore(&mut self, latest: &Manifest) {
+        self.progress = latest.backfill.clone();
+        self.finished = latest.backfills.clone();
+        self.origin = latest.source.origin.clone();
+    }
+}
+
+impl Engine {
+    /// Reads the request and cancel files beside the checkpoints (at start
+    /// and after each checkpoint).
+    pub(super) async fn poll_backfill_requests(&mut self) -> Result<(), JobError> {
+        if let Some(bytes) = self.store.get_control(CANCEL_FILE).await? {
+            let id = String::from_utf8_lossy(&bytes).trim().to_string();
+            match &self.backfill.progress {
+                Some(progress) if progress.request.id == id || id.is_empty() => {
+                    tracing::info!(backfill = %progress.request.id, "backfill cancelled");
+                    self.finish_backfill(Outcome::Cancelled);
+                }
+                _ => {}
+            }
+            self.backfill.cleanup.push((CANCEL_FILE, None));
+        }
+        if self.backfill.active() {
+            return Ok(());
+        }
+        let Some(bytes) = self.store.get_control(REQUEST_FILE).await? else {
+            return Ok(());
+        };
+        let request: Request = match serde_json::from_slice(&bytes) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(error = %error, file = REQUEST_FILE, "unreadable backfill request; ignored");
+                self.backfill.cleanup.push((REQUEST_FILE, None));
+                return Ok(());
+            }
+        };
+        if self
+            .backfill
+            .finished
+            .iter()
+            .any(|f| f.request.id == request.id)
+        {
+            self.backfill.cleanup.push((REQUEST_FILE, Some(request.id)));
+            return Ok(());
+        }
+        let table = match chunk::table_for(&self.plan.sources, Some(&request.table)) {
+            Ok(table) => table,
+            Err(message) => {
+                tracing::error!(backfill = %request.id, "{message}; request ignored");
+                self.backfill.cleanup.push((REQUEST_FILE, Some(request.id)));
+                return Ok(());
+            }
+        };
+        let client = self.backfill_client(&table).await?;
+        let estimate = chunk::estimate(&client, &table, &request).await?;
+        if self.backfill.origin.is_none() {
+            tracing::warn!(
+                "this job's checkpoints do not record the snapshot its stream began at (they predate it): the \
+                 backfill treats every row as never streamed, so rows the stream delivered appear again as `r`"
+            );
+        }
+        tracing::info!(backfill = %request.id, table = %request.table, range = %request.range(), estimate, "backfill starts");
+        self.backfill.progress = Some(Progress {
+            request,
+            phase: Phase::Snapshot,
+            cursor: None,
+            estimate,
+            counts: Counts::default(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            seconds: 0.0,
+        });
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Deletes the request files whose outcome the checkpoint just written records.
+    pub(super) async fn backfill_checkpointed(&mut self) -> Result<(), JobError> {
+        for (file, id) in std::mem::take(&mut self.backfill.cleanup) {
+            // A request for the next backfill may have replaced the one
+            // that just ended: that one stays.
+            if let Some(id) = id {
+                let current = self.store.get_control(file).await?;
+                let names = current
+                    .and_then(|bytes| serde_json::from_slice::<Request>(&bytes).ok())
+                    .is_some_and(|request| request.id == id);
+                if !names {
+                    continue;
+                }
+            }
+            self.store.delete_control(file).await?;
+        }
+        self.poll_backfill_requests().await
+    }
+
+    async fn backfill_client(
+        &mut self,
+        table: &Table,
+    ) -> Result<Arc<tokio_postgres::Client>, JobError> {
+        if let Some(client) = &self.backfill.client {
+            if !client.is_closed() {
+                return Ok(client.clone());
+            }
+        }
+        let client = Arc::new(table.connect().await?);
+        self.backfill.client = Some(client.clone());
+        Ok(client)
+    }
+
+    fn backfill_table(&mut self) -> Result<Table, JobError> {
+        if let Some(table) = &self.backfill.table {
+            return Ok(table.clone());
+        }
+        let progress = self
+            .backfill
+            .progress
+            .as_ref()
+            .expect("a backfill is active");
+        let table = chunk::table_for(&self.plan.sources, Some(&progress.request.table))
+            .map_err(JobError::Restore)?;
+        self.backfill.table = Some(table.clone());
+        Ok(table)
+    }
+
+    /// Moves the backfill on: starts the next chunk when none is open, or
+    /// reads on for the historical windows. Called from the streaming loop.
+    pub(super) async fn backfill_tick(&mut self) -> Result<(), JobError> {
+        let Some(progress) = &self.backfill.progress else {
+            return Ok(());
+        };
+        if self.backfill.resumed.is_none() {
+            self.backfill.resumed = Some((Instant::now(), progress.seconds));
+        }
+        let phase = progress.phase;
+        self.update_backfill_stats();
+        match phase {
+            Phase::Snapshot => self.start_chunk().await,
+            Phase::Windows => self.read_history().await,
+        }
+    }
+
+    async fn start_chunk(&mut self) -> Result<(), JobError> {
+        if self.backfill.window.is_some() || self.backfill.inflight.is_some() {
+            return Ok(());
+        }
+        if self
+            .backfill
+            .next_chunk
+            .is_some_and(|at| Instant::now() < at)
+        {
+            return Ok(());
+        }
+        let table = self.backfill_table()?;
+        let client = self.backfill_client(&table).await?;
+        let progress = self.backfill.progress.as_ref().expect("active");
+        if self.backfill.chunk_size == 0 {
+            let most = progress
+                .request
+                .max_rate
+                .map_or(MAX_CHUNK, |rate| (rate as usize / 4).max(MIN_CHUNK));
+            self.backfill.chunk_size = FIRST_CHUNK.min(most);
+        }
+        let limit = self.backfill.chunk_size;
+        let nonce: u64 = rand::random();
+        let low = Marker {
+            id: progress.request.id.clone(),
+            nonce,
+            high: false,
+            cursor: progress.cursor.clone(),
+            limit,
+        };
+        let request = progress.request.clone();
+        let origin = self.backfill.origin.clone();
+        let (send, rows) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let result = async {
+                chunk::emit_marker(&client, &table, &low).await?;
+                let chunk = chunk::read(
+                    &client,
+                    &table,
+                    &request,
+                    origin.as_ref(),
+                    low.cursor.as_deref(),
+                    limit,
+                )
+                .await?;
+                Ok::<_, SourceError>(chunk)
+            }
+            .await;
+            let failed = result.is_err();
+            // The rows are handed over before the high watermark is written,
+            // so the engine has them when the stream reaches it.
+            let _ = send.send(result);
+            if !failed {
+                let high = Marker { high: true, ..low };
+                if let Err(error) = chunk::emit_marker(&client, &table, &high).await {
+                    tracing::warn!(error = %error, "failed to write a backfill's high watermark; the chunk is read again");
+                }
+            }
+        });
+        self.backfill.inflight = Some(InFlight {
+            nonce,
+            rows,
+            ready: None,
+            task,
+        });
+        Ok(())
+    }
+
+    /// A chunk task that failed before its high watermark: its error.
+    pub(super) fn backfill_failed(&mut self) -> Result<(), JobError> {
+        let Some(inflight) = &mut self.backfill.inflight else {
+            return Ok(());
+        };
+        if inflight.ready.is_some() {
+            return Ok(());
+        }
+        match inflight.rows.try_recv() {
+            Ok(Ok(chunk)) => inflight.ready = Some(chunk),
+            Ok(Err(error)) => {
+                self.backfill.inflight = None;
+                self.backfill.window = None;
+                return Err(error.into());
+            }
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Keys of the backfilled table that the stream changes while a chunk's window is open.
+    pub(super) fn backfill_saw(
+        &mut self,
+        source: usize,
+        batch: &RecordBatch,
+    ) -> Result<(), JobError> {
+        let (Some(window), Some(table)) = (&mut self.backfill.window, &self.backfill.table) else {
+            return Ok(());
+        };
+        if source != table.source || batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let keys = chunk::key_texts(batch, &table.key).map_err(JobError::Arrow)?;
+        for key in keys.iter().flatten() {
+            if !window.keys.contains(key) {
+                window.keys.insert(key.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// A watermark reached by the stream, at `position`.
+    pub(super) async fn backfill_marker(
+        &mut self,
+        content: &[u8],
+        position: Position,
+    ) -> Result<(), JobError> {
+        let Some(marker) = Marker::decode(content) else {
+            tracing::warn!("an `engage.backfill` message engage cannot read; ignored");
+            return Ok(());
+        };
+        let Some(progress) = &self.backfill.progress else {
+            return Ok(());
+        };
+        let current = progress.request.id == marker.id
+            && progress.cursor == marker.cursor
+            && progress.phase == Phase::Snapshot;
+        if !marker.high {
+            if current {
+                self.backfill_table()?;
+                self.backfill.window = Some(Window {
+                    nonce: marker.nonce,
+                    cursor: marker.cursor,
+                    limit: marker.limit,
+                    keys: HashSet::new(),
+                });
+            }
+            return Ok(());
+        }
+        let ours = self
+            .backfill
+            .inflight
+            .as_ref()
+            .is_some_and(|i| i.nonce == marker.nonce);
+        let open = self
+            .backfill
+            .window
+            .as_ref()
+            .is_some_and(|w| w.nonce == marker.nonce);
+        if !open {
+            if ours {
+                // Its low watermark came before a checkpoint this run
+                // restored from, or was superseded: read the chunk again.
+                self.backfill.inflight = None;
+            }
+            return Ok(());
+        }
+        let window = self.backfill.window.take().expect("open");
+        let chunk = match self.backfill.inflight.take() {
+            Some(inflight) if inflight.nonce == marker.nonce => inflight.chunk().await?,
+            other => {
+                // A watermark written before a restart, streamed again: the
+                // rows it covered are read now, at its place in the stream
+                // (a sink that held them drops them by position).
+                self.backfill.inflight = other;
+                let table = self.backfill_table()?;
+                let client = self.backfill_client(&table).await?;
+                let request = self
+                    .backfill
+                    .progress
+                    .as_ref()
+                    .expect("active")
+                    .request
+                    .clone();
+                chunk::read(
+                    &client,
+                    &table,
+                    &request,
+                    self.backfill.origin.as_ref(),
+                    window.cursor.as_deref(),
+                    window.limit,
+                )
+                .await?
+            }
+        };
+        self.emit_chunk(chunk, &window, position).await
+    }
+
+    /// Emits a chunk's rows that the stream neither changed in its window
+    /// nor delivered already, at `position`, and moves the cursor on.
+    async fn emit_chunk(
+        &mut self,
+        chunk: Chunk,
+        window: &Window,
+        position: Position,
+    ) -> Result<(), JobError> {
+        let table = self.backfill_table()?;
+        let rows = &chunk.rows;
+        let keys = chunk::key_texts(rows, &table.key).map_err(JobError::Arrow)?;
+        let (mut superseded, mut streamed) = (0u64, 0u64);
+        let keep: BooleanArray = (0..rows.num_rows())
+            .map(|i| {
+                if window.keys.contains(keys.value(i)) {
+                    superseded += 1;
+                    Some(false)
+                } else if !chunk.unstreamed.value(i) {
+                    streamed += 1;
+                    Some(false)
+                } else {
+                    Some(true)
+                }
+            })
+            .collect();
+        let kept = filter_record_batch(rows, &keep).map_err(JobError::Arrow)?;
+        let kept = at_position(&kept, position).map_err(JobError::Arrow)?;
+        let emitted = kept.num_rows() as u64;
+        let mut rejected = chunk.rejected;
+        for (i, change) in rejected.iter_mut().enumerate() {
+            change.position = Position::new(position.lsn, position.seq + emitted + i as u64);
+        }
+        let written = self.written_so_far();
+        self.divert_rejected(table.source, &rejected).await?;
+        if emitted > 0 {
+            let capture_error = |e| JobError::State {
+                what: format!("failed to capture backfilled rows of `{}`", table.name),
+                source: e,
+            };
+            self.capture
+                .append(&table.name, &kept)
+                .await
+                .map_err(capture_error)?;
+            self.process(table.source, kept, None).await?;
+        }
+        self.dirty = true;
+        self.count_written(written);
+        // Adapt the chunk size to keep each SELECT near the target.
+        let elapsed = chunk.elapsed.max(Duration::from_millis(1));
+        self.stats
+            .backfill
+            .chunk_micros
+            .store(chunk.elapsed.as_micros() as u64, Ordering::Relaxed);
+        let scaled = (window.limit as f64 * CHUNK_TARGET.as_secs_f64() / elapsed.as_secs_f64())
+            .clamp(window.limit as f64 / 2.0, window.limit as f64 * 2.0);
+        let progress = self.backfill.progress.as_mut().expect("active");
+        // Under --max-rate, a chunk is at most a quarter second of it, so
+        // the rate holds from one chunk to the next.
+        let most = progress
+            .request
+            .max_rate
+            .map_or(MAX_CHUNK, |rate| (rate as usize / 4).max(MIN_CHUNK));
+        self.backfill.chunk_size = (scaled as usize).clamp(MIN_CHUNK, MAX_CHUNK).min(most);
+        let read = rows.num_rows() as u64 + rejected.len() as u64;
+        progress.counts.read += read;
+        progress.counts.emitted += emitted;
+        progress.counts.superseded += superseded;
+        progress.counts.streamed += streamed;
+        progress.counts.chunks += 1;
+        if let Some(rate) = progress.request.max_rate.filter(|r| *r > 0) {
+            self.backfill.next_chunk =
+                Some(Instant::now() + Duration::from_secs_f64(read as f64 / rate as f64));
+        }
+        if chunk.last_key.is_some() {
+            progress.cursor = chunk.last_key;
+        }
+        if chunk.last {
+            progress.phase = Phase::Windows;
+            tracing::info!("{}", describe(progress));
+        }
+        self.update_backfill_stats();
+        Ok(())
+    }
+
+    /// Phase `windows`: reads the whole range once more, in key order,
+    /// into fresh window state, then writes its closed windows.
+    async fn read_history(&mut self) -> Result<(), JobError> {
+        if self.backfill.history.is_none() {
+            let windows = super::windowed::WindowStates::new(&self.plan)?;
+            self.backfill.history = Some(History {
+                windows,
+                cursor: None,
+                reading: None,
+                done: false,
+            });
+        }
+        let history = self.backfill.history.as_mut().expect("set above");
+        if !history.done && history.reading.is_none() {
+            let table = self.backfill_table()?;
+            let client = self.backfill_client(&table).await?;
+            let request = self
+                .backfill
+                .progress
+                .as_ref()
+                .expect("active")
+                .request
+                .clone();
+            let history = self.backfill.history.as_mut().expect("set above");
+            let cursor = history.cursor.clone();
+            history.reading = Some(tokio::spawn(async move {
+                chunk::read(
+                    &client,
+                    &table,
+                    &request,
+                    None,
+                    cursor.as_deref(),
+                    MAX_CHUNK / 5,
+                )
+                .await
+            }));
+            return Ok(());
+        }
+        if let Some(reading) = &history.reading {
+            if !reading.is_finished() {
+                return Ok(());
+            }
+            let reading = history.reading.take().expect("finished");
+            let chunk = reading
+                .await
+                .map_err(|e| JobError::Restore(format!("backfill window read failed: {e}")))??;
+            let history = self.backfill.history.as_mut().expect("set above");
+            if chunk.last_key.is_some() {
+                history.cursor = chunk.last_key.clone();
+            }
+            history.done = chunk.last;
+            self.feed_history(chunk.rows).await?;
+            return Ok(());
+        }
+        // Every row is in: write the historical windows, then finish.
+        let before = self.written_so_far();
+        let windows = self.write_history().await?;
+        self.count_written(before);
+        let progress = self.backfill.progress.as_mut().expect("active");
+        progress.counts.windows += windows;
+        self.finish_backfill(Outcome::Completed);
+        Ok(())
+    }
+
+    /// Feeds rows of the range to the historical window state. Only rows
+    /// before the stream began: later windows are the live path's.
+    async fn feed_history(&mut self, rows: RecordBatch) -> Result<(), JobError> {
+        let Some(table) = self.backfill.table.clone() else {
+            return Ok(());
+        };
+        let cutoff = self.backfill.origin.as_ref().map(|o| o.at_micros);
+        let rows = match cutoff {
+            Some(cutoff) => before_time(&rows, &table.time, cutoff).map_err(JobError::Arrow)?,
+            None => rows,
+        };
+        if rows.num_rows() == 0 {
+            return Ok(());
+        }
+        let mut history = self.backfill.history.take().expect("history is being read");
+        let result = self
+            .feed_windows_apart(&mut history.windows, table.source, &rows)
+            .await;
+        self.backfill.history = Some(history);
+        result
+    }
+
+    async fn write_history(&mut self) -> Result<u64, JobError> {
+        let mut history = self.backfill.history.take().expect("history is being read");
+        let progress = self.backfill.progress.as_ref().expect("active");
+        let since = progress.request.since;
+        let until = progress.request.until.unwrap_or(i64::MAX);
+        let cutoff = self
+            .backfill
+            .origin
+            .as_ref()
+            .map_or(i64::MAX, |o| o.at_micros);
+        let result = self
+            .write_windows_apart(&mut history.windows, since, until.min(cutoff))
+            .await;
+        self.backfill.history = None;
+        result
+    }
+
+    /// Ends the backfill under way: it moves to the finished list, and its
+    /// request file is deleted once a checkpoint records that.
+    fn finish_backfill(&mut self, outcome: Outcome) {
+        let Some(progress) = self.backfill.progress.take() else {
+            return;
+        };
+        let seconds = self.backfill_seconds(&progress);
+        if let Some(inflight) = self.backfill.inflight.take() {
+            inflight.task.abort();
+        }
+        self.backfill.window = None;
+        self.backfill.history = None;
+        self.backfill.resumed = None;
+        self.backfill.chunk_size = 0;
+        let mut done = progress.clone();
+        done.seconds = seconds;
+        tracing::info!(outcome = ?outcome, "{}", describe(&done));
+        self.backfill.finished.push(Finished {
+            request: progress.request,
+            outcome,
+            counts: progress.counts,
+            seconds,
+            finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        });
+        let excess = self.backfill.finished.len().saturating_sub(HISTORY);
+        self.backfill.finished.drain(..excess);
+        let id = self.backfill.finished.last().map(|f| f.request.id.clone());
+        self.backfill.cleanup.push((REQUEST_FILE, id));
+        self.update_backfill_stats();
+        self.dirty = true;
+    }
+
+    /// Rows written so far per sink, and dead-lettered (see [`Self::count_written`]).
+    fn written_so_far(&self) -> (Vec<u64>, u64) {
+        (
+            self.stats
+                .sink_rows
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed))
+                .collect(),
+            self.stats.dead_lettered.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Adds what was written since `before` to the backfill's counts.
+    fn count_written(&mut self, before: (Vec<u64>, u64)) {
+        let (rows, dead) = self.written_so_far();
+        let Some(progress) = self.backfill.progress.as_mut() else {
+            return;
+        };
+        for (i, (now, then)) in rows.iter().zip(&before.0).enumerate() {
+            if now > then {
+                *progress
+                    .counts
+                    .sinks
+                    .entry(self.stats.sink_names[i].clone())
+                    .or_default() += now - then;
+            }
+        }
+        progress.counts.dead_lettered += dead.saturating_sub(before.1);
+    }
+
+    fn backfill_seconds(&self, progress: &Progress) -> f64 {
+        match self.backfill.resumed {
+            Some((since, before)) => before + since.elapsed().as_secs_f64(),
+            None => progress.seconds,
+        }
+    }
+
+    /// The progress as the next checkpoint records it.
+    pub(super) fn backfill_for_checkpoint(&self) -> Option<Progress> {
+        self.backfill.progress.as_ref().map(|p| {
+            let mut p = p.clone();
+            p.seconds = self.backfill_seconds(&p);
+            p
+        })
+    }
+
+    fn update_backfill_stats(&self) {
+        let stats = &self.stats.backfill;
+        match &self.backfill.progress {
+            Some(p) => {
+                stats.active.store(true, Ordering::Relaxed);
+                stats.read.store(p.counts.read, Ordering::Relaxed);
+                stats.emitted.store(p.counts.emitted, Ordering::Relaxed);
+                stats
+                    .superseded
+                    .store(p.counts.superseded, Ordering::Relaxed);
+                stats.streamed.store(p.counts.streamed, Ordering::Relaxed);
+                stats.estimate.store(p.estimate, Ordering::Relaxed);
+                stats
+                    .windows_phase
+                    .store(p.phase == Phase::Windows, Ordering::Relaxed);
+            }
+            None => stats.active.store(false, Ordering::Relaxed),
+        }
+        if let Some(last) = self.backfill.finished.last() {
+            *stats.last_finished.lock().expect("not poisoned") = Some(last.clone());
+        }
+    }
+}
+
+/// `batch` with every row at `position`'s LSN, numbered from its seq, and
+/// committed now.
+fn at_position(
+    batch: &RecordBatch,
+    position: Position,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let rows = batch.num_rows();
+    let schema = batch.schema();
+    let now = chrono::Utc::now().timestamp_micros();
+    let columns: Vec<ArrayRef> = schema
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .map(|(field, column)| -> ArrayRef {
+            match field.name().as_str() {
+                LSN_COLUMN => Arc::new(Int64Array::from(vec![position.lsn as i64; rows])),
+                SEQ_COLUMN => Arc::new(Int64Array::from_iter_values(
+                    (0..rows as i64).map(|i| position.seq as i64 + i),
+                )),
+                COMMIT_TS_COLUMN => {
+                    Arc::new(TimestampMicrosecondArray::from(vec![now; rows]).with_timezone("UTC"))
+                }
+                _ => column.clone(),
+            }
+        })
+        .collect();
+    RecordBatch::try_new(schema, columns)
+}
+
+/// The rows of `batch` whose `column` is before `cutoff` (Unix µs).
+fn before_time(
+    batch: &RecordBatch,
+    column: &str,
+    cutoff: i64,
+) -> Result<RecordBatch, arrow::error::ArrowError> {
+    let times = batch.column_by_name(column).ok_or_else(|| {
+        arrow::error::ArrowError::SchemaError(format!("backfilled rows without `{column}`"))
+    })?;
+    let times = arrow::compute::cast(
+        times,
+        &arrow::datatypes::DataType::Timestamp(
+            arrow::datatypes::TimeUnit::Microsecond,
+            Some("UTC".into()),
+        ),
+    )?;
+    let times = times
+        .as_any()
+        .downcast_ref::<TimestampMicrosecondArray>()
+        .expect("cast to timestamps");
+    let keep: BooleanArray = times
+        .iter()
+        .map(|t| Some(t.is_some_and(|t| t < cutoff)))
+        .collect();
+    filter_record_batch(batch, &keep)
+}

@@ -1,0 +1,549 @@
+//! `engage backfill` against real Postgres, Redis and a Kafka-protocol
+//! broker: three days of history written before the job's slot existed,
+//! a range backfilled while a live workload inserts, updates and deletes
+//! rows inside it and the job is killed -9 twice; every output is then
+//! compared with what Postgres holds.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const DAY: i64 = 86_400_000_000;
+const MINUTE: i64 = 60_000_000;
+/// History rows, one every 43.2 s over three days.
+const HISTORY: i64 = 6_000;
+
+/// The event-time range: [since, until).
+struct Range {
+    since: i64,
+    until: i64,
+}
+
+fn rfc3339(micros: i64) -> String {
+    engage::backfill::rfc3339(micros)
+}
+
+/// Seeds content and three days of events ending yesterday at midnight; a
+/// few have a bad duration (dead_letter), two sit exactly on the bounds.
+async fn seed_history(world: &World) -> Range {
+    let client = world.sql().await;
+    engage::generate::ensure_schema(&client).await.unwrap();
+    engage::generate::seed_content(&client, 50, 7)
+        .await
+        .unwrap();
+    let today = chrono::Utc::now().timestamp_micros() / DAY * DAY;
+    let start = today - 3 * DAY;
+    let range = Range {
+        since: start + 6 * 60 * MINUTE,
+        until: start + 2 * DAY,
+    };
+    client
+        .execute(
+            "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+             SELECT (SELECT id FROM content ORDER BY slug OFFSET (i % 50) LIMIT 1), \
+                    md5(i::text)::uuid, \
+                    (ARRAY['play','pause','finish','click'])[1 + i % 4], \
+                    to_timestamp($1::bigint / 1e6) + make_interval(secs => i * 43.2), \
+                    CASE WHEN i % 97 = 0 THEN -5 ELSE 1000 + i % 5000 END, \
+                    (ARRAY['ios','android','web-chrome','roku'])[1 + i % 4] \
+             FROM generate_series(0, $2::bigint - 1) AS i",
+            &[&start, &HISTORY],
+        )
+        .await
+        .unwrap();
+    // Exactly on the bounds: `since` is in, `until` is out.
+    for at in [range.since, range.until] {
+        client
+            .execute(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+                 SELECT id, gen_random_uuid(), 'play', to_timestamp($1::bigint / 1e6), 4242, 'ios' \
+                 FROM content ORDER BY slug LIMIT 1",
+                &[&at],
+            )
+            .await
+            .unwrap();
+    }
+    range
+}
+
+/// Live changes while the backfill runs: new events now, and for the first
+/// `mutate_for`, updates and deletes of history rows inside the range and
+/// new events back-dated into it.
+async fn live_workload(
+    world: &World,
+    range: &Range,
+    mutate_for: Duration,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let client = world.sql().await;
+    let started = Instant::now();
+    let mut changes = 0u64;
+    let mut tick = 0u64;
+    while !*stop.borrow() {
+        tick += 1;
+        client
+            .execute(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+                 SELECT id, gen_random_uuid(), 'play', now(), 3000, 'web-chrome' FROM content ORDER BY slug \
+                 OFFSET ($1::bigint % 50) LIMIT 1",
+                &[&(tick as i64)],
+            )
+            .await
+            .unwrap();
+        if started.elapsed() < mutate_for {
+            let in_range = "event_ts >= to_timestamp($1::bigint / 1e6) AND event_ts < to_timestamp($2::bigint / 1e6) \
+                            AND duration_ms >= 0 AND duration_ms <> 4242";
+            client
+                .execute(
+                    &format!(
+                        "UPDATE engagement_events SET duration_ms = duration_ms + 1000 WHERE id = \
+                         (SELECT id FROM engagement_events WHERE {in_range} ORDER BY md5(id::text || $3) LIMIT 1)"
+                    ),
+                    &[&range.since, &range.until, &tick.to_string()],
+                )
+                .await
+                .unwrap();
+            if tick.is_multiple_of(3) {
+                client
+                    .execute(
+                        &format!(
+                            "DELETE FROM engagement_events WHERE id = \
+                             (SELECT id FROM engagement_events WHERE {in_range} ORDER BY md5($3 || id::text) LIMIT 1)"
+                        ),
+                        &[&range.since, &range.until, &tick.to_string()],
+                    )
+                    .await
+                    .unwrap();
+                client
+                    .execute(
+                        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+                         SELECT id, gen_random_uuid(), 'finish', \
+                                to_timestamp(($1::bigint + ($3::bigint * 7919 * 1000000) % ($2::bigint - $1::bigint)) / 1e6), \
+                                2500, 'android' \
+                         FROM content ORDER BY slug LIMIT 1",
+                        &[&range.since, &range.until, &(tick as i64)],
+                    )
+                    .await
+                    .unwrap();
+                changes += 2;
+            }
+            changes += 1;
+        }
+        changes += 1;
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    changes
+}
+
+fn backfill_command(world: &World, args: &[&str]) -> Child {
+    let log = std::fs::File::create(world.root.path().join("backfill.log")).unwrap();
+    let mut command = world.engage(&["backfill", MISSION_SQL]);
+    command
+        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    command.spawn().unwrap()
+}
+
+/// Every change of `enriched_events` (Parquet): (id, op, duration, lsn, seq).
+async fn enriched_changes(world: &World) -> Vec<(i64, String, Option<i64>, i64, i64)> {
+    let mut out = Vec::new();
+    for batch in world
+        .query("SELECT id, _op, duration_ms, _lsn, _seq FROM enriched_events")
+        .await
+    {
+        let ints = |i: usize| {
+            let c =
+                arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Int64).unwrap();
+            c.as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let ops = arrow::compute::cast(batch.column(1), &arrow::datatypes::DataType::Utf8).unwrap();
+        let ops = ops
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone();
+        let (id, duration, lsn, seq) = (ints(0), ints(2), ints(3), ints(4));
+        for row in 0..batch.num_rows() {
+            use arrow::array::Array;
+            out.push((
+                id.value(row),
+                ops.value(row).to_string(),
+                duration.is_valid(row).then(|| duration.value(row)),
+                lsn.value(row),
+                seq.value(row),
+            ));
+        }
+    }
+    out
+}
+
+/// Checks a change log against Postgres: replayed in position order, it
+/// leaves exactly the rows of the range that Postgres holds, with their
+/// values; no row is read twice, nor read after the stream delivered it.
+fn check_change_log(
+    sink: &str,
+    mut changes: Vec<(i64, String, Option<i64>, i64, i64)>,
+    in_range: &HashMap<i64, Option<i64>>,
+    outside: &HashSet<i64>,
+) -> usize {
+    changes.sort_by_key(|c| (c.3, c.4));
+    let mut state: HashMap<i64, Option<i64>> = HashMap::new();
+    let mut reads: HashMap<i64, usize> = HashMap::new();
+    let mut created: HashSet<i64> = HashSet::new();
+    for (id, op, duration, _, _) in &changes {
+        match op.as_str() {
+            "r" => {
+                *reads.entry(*id).or_default() += 1;
+                assert!(
+                    !created.contains(id),
+                    "{sink}: event {id} was read after the stream inserted it"
+                );
+                assert!(
+                    !outside.contains(id),
+                    "{sink}: event {id} is outside the range but was read"
+                );
+                state.insert(*id, *duration);
+            }
+            "c" => {
+                created.insert(*id);
+                state.insert(*id, *duration);
+            }
+            "u" => {
+                state.insert(*id, *duration);
+            }
+            "d" => {
+                state.remove(id);
+            }
+            other => panic!("{sink}: unknown op {other}"),
+        }
+    }
+    for (id, count) in &reads {
+        assert_eq!(*count, 1, "{sink}: event {id} was read {count} times");
+    }
+    for (id, duration) in in_range {
+        assert_eq!(
+            state.get(id),
+            Some(duration),
+            "{sink}: event {id} should be there with duration {duration:?}"
+        );
+    }
+    let wrong: Vec<_> = state
+        .keys()
+        .filter(|id| !in_range.contains_key(id) && !outside.contains(id))
+        .take(5)
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{sink}: events no longer in Postgres: {wrong:?}"
+    );
+    reads.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
+    let world = World::start().await;
+    let range = seed_history(&world).await;
+    let mut job = world.start_job_with_interval(&["run"], "0.5");
+    wait_started(&world, &mut job).await;
+
+    // Bad input is refused before anything runs.
+    for (args, expected) in [
+        (
+            vec!["--since", "2026-11-02", "--until", "2026-11-01"],
+            "is not before --until",
+        ),
+        (
+            vec!["--since", "2026-11-01", "--table", "nope"],
+            "is not a source of this job",
+        ),
+        (
+            vec!["--since", "2026-11-01", "--table", "content"],
+            "read as a dimension",
+        ),
+        (
+            vec!["--since", "2026-11-01", "--where", "device = = 'ios'"],
+            "--where",
+        ),
+        (vec!["--since", "yesterday"], "now-24h"),
+    ] {
+        let output = world
+            .engage(&["backfill", MISSION_SQL])
+            .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let workload = live_workload(&world, &range, Duration::from_secs(6), stopped);
+    let since = rfc3339(range.since);
+    let until = rfc3339(range.until);
+    let mut command = backfill_command(
+        &world,
+        &[
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--max-rate",
+            "400",
+            "--progress",
+            "plain",
+        ],
+    );
+    let started = Instant::now();
+    let drive = async {
+        // Two kill -9 of the job while the backfill runs; restarted each time.
+        for after in [Duration::from_millis(2500), Duration::from_millis(5500)] {
+            tokio::time::sleep(after.saturating_sub(started.elapsed())).await;
+            job.assert_running();
+            let old = std::mem::replace(&mut job, world.start_job_with_interval(&["run"], "0.5"));
+            old.kill_9();
+        }
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if let Some(status) = command.try_wait().unwrap() {
+                let log = std::fs::read_to_string(world.root.path().join("backfill.log")).unwrap();
+                assert!(
+                    status.success(),
+                    "engage backfill failed\n{log}\njob:\n{}",
+                    job.log_tail()
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the backfill did not end\n{}",
+                job.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.send(true).unwrap();
+    };
+    let (changes, ()) = tokio::join!(workload, drive);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(command.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert!(stdout.contains("completed"), "{stdout}");
+    eprintln!("backfill: {stdout} ({changes} live changes, {seconds:.1} s with two kill -9)");
+
+    wait_caught_up(&world, &mut job).await;
+    let status = world
+        .engage(&["backfill", MISSION_SQL, "--status"])
+        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status.contains("no backfill under way") && status.contains("completed"),
+        "{status}"
+    );
+    // The same range again is refused: its rows are in the sinks already.
+    let again = world
+        .engage(&[
+            "backfill",
+            MISSION_SQL,
+            "--since",
+            &since,
+            "--until",
+            &until,
+        ])
+        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
+    job.stop();
+
+    // The oracle: Postgres now.
+    let client = world.sql().await;
+    let mut in_range = HashMap::new();
+    let mut outside = HashSet::new();
+    let mut bad = HashSet::new();
+    for row in client
+        .query(
+            "SELECT id, duration_ms, event_ts >= to_timestamp($1::bigint / 1e6) AND event_ts < to_timestamp($2::bigint / 1e6) \
+             FROM engagement_events",
+            &[&range.since, &range.until],
+        )
+        .await
+        .unwrap()
+    {
+        let (id, duration, inside): (i64, Option<i32>, bool) = (row.get(0), row.get(1), row.get(2));
+        if duration.is_some_and(|d| d < 0) {
+            bad.insert(id);
+        } else if inside {
+            in_range.insert(id, duration.map(i64::from));
+        } else {
+            outside.insert(id);
+        }
+    }
+    let bound = |at: i64| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT id FROM engagement_events WHERE event_ts = to_timestamp($1::bigint / 1e6) AND duration_ms = 4242",
+                    &[&at],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let (at_since, at_until) = (bound(range.since).await, bound(range.until).await);
+    // Live rows outside the range that the stream delivered are expected too.
+    let parquet = enriched_changes(&world).await;
+    let reads = check_change_log("enriched_events", parquet.clone(), &in_range, &outside);
+    assert!(
+        parquet.iter().any(|c| c.0 == at_since && c.1 == "r"),
+        "the row at --since was not read"
+    );
+    assert!(
+        !parquet.iter().any(|c| c.0 == at_until && c.1 == "r"),
+        "the row at --until was read"
+    );
+    assert!(reads > 2_500, "only {reads} rows were read");
+
+    // The topic holds the same change log.
+    let brokers = world.kafka.bootstrap();
+    let messages = tokio::task::spawn_blocking(move || {
+        engage::tail::read_all(&brokers, "engage.enriched_events")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let topic: Vec<_> = messages
+        .iter()
+        .map(|m| {
+            let row: serde_json::Value = serde_json::from_str(m.value.as_deref().unwrap()).unwrap();
+            (
+                row["id"].as_i64().unwrap(),
+                row["_op"].as_str().unwrap().to_string(),
+                row["duration_ms"].as_i64(),
+                row["_lsn"].as_i64().unwrap(),
+                row["_seq"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        check_change_log("enriched_events_topic", topic, &in_range, &outside),
+        reads
+    );
+
+    // Bad rows of the range went to dead_letter once each.
+    let dead = dead_letters(std::path::Path::new(MISSION_SQL)).await;
+    let mut dead_ids: BTreeMap<i64, usize> = BTreeMap::new();
+    for (reason, row) in &dead {
+        if reason == "bad_duration" {
+            *dead_ids
+                .entry(
+                    row["id"]
+                        .as_str()
+                        .and_then(|s| s.parse().ok())
+                        .or(row["id"].as_i64())
+                        .unwrap(),
+                )
+                .or_default() += 1;
+        }
+    }
+    let bad_in_range = client
+        .query_one(
+            "SELECT count(*) FROM engagement_events WHERE duration_ms < 0 AND event_ts >= to_timestamp($1::bigint / 1e6) \
+             AND event_ts < to_timestamp($2::bigint / 1e6)",
+            &[&range.since, &range.until],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(dead_ids.len() as i64, bad_in_range, "{dead_ids:?}");
+    assert!(dead_ids.values().all(|n| *n == 1), "{dead_ids:?}");
+
+    // Historical KPI windows: each once, equal to Postgres.
+    let expected = client
+        .query(
+            "SELECT tf, start, count(*), count(*) FILTER (WHERE event_type = 'play') FROM ( \
+               SELECT e.event_type, x.tf, \
+                      (extract(epoch FROM e.event_ts)::bigint / x.secs * x.secs) * 1000000 AS start, x.secs \
+               FROM engagement_events e JOIN content c ON c.id = e.content_id, \
+                    (VALUES ('1m', 60::bigint), ('15m', 900), ('1h', 3600), ('24h', 86400)) AS x(tf, secs) \
+               WHERE e.duration_ms BETWEEN 0 AND 86400000) w \
+             WHERE start >= $1 AND start + secs * 1000000 <= $2 \
+             GROUP BY tf, start",
+            &[&range.since, &range.until],
+        )
+        .await
+        .unwrap();
+    let expected: BTreeMap<(String, i64), (i64, i64)> = expected
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
+        .collect();
+    let mut found: BTreeMap<(String, i64), Vec<(i64, i64)>> = BTreeMap::new();
+    for batch in world
+        .query(&format!(
+            "SELECT timeframe, CAST(window_start AS BIGINT), events, plays FROM kpi \
+             WHERE CAST(window_start AS BIGINT) < {}",
+            range.until
+        ))
+        .await
+    {
+        let tf = arrow::compute::cast(batch.column(0), &arrow::datatypes::DataType::Utf8).unwrap();
+        let tf = tf
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap()
+            .clone();
+        let int = |i: usize| {
+            let c =
+                arrow::compute::cast(batch.column(i), &arrow::datatypes::DataType::Int64).unwrap();
+            c.as_any()
+                .downcast_ref::<arrow::array::Int64Array>()
+                .unwrap()
+                .clone()
+        };
+        let (start, events, plays) = (int(1), int(2), int(3));
+        for row in 0..batch.num_rows() {
+            found
+                .entry((tf.value(row).to_string(), start.value(row)))
+                .or_default()
+                .push((events.value(row), plays.value(row)));
+        }
+    }
+    let repeated: Vec<_> = found.iter().filter(|(_, v)| v.len() > 1).take(3).collect();
+    assert!(
+        repeated.is_empty(),
+        "historical windows written more than once: {repeated:?}"
+    );
+    let found: BTreeMap<(String, i64), (i64, i64)> =
+        found.into_iter().map(|(k, v)| (k, v[0])).collect();
+    let differ: Vec<_> = expected
+        .iter()
+        .filter(|(k, v)| found.get(*k) != Some(v))
+        .take(5)
+        .map(|(k, v)| (k.clone(), *v, found.get(k).copied()))
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{} KPI windows differ from Postgres, e.g. {differ:?}",
+        expected.len()
+    );
+    assert_eq!(
+        found.len(),
+        expected.len(),
+        "windows outside the range were written"
+    );
+    assert!(expected.len() > 2_000, "{}", expected.len());
+    assert!(expected.keys().any(|(tf, _)| tf == "24h"));
+}

@@ -86,6 +86,7 @@ use crate::embedded::{
 };
 use crate::generate::{self, GenerateError, GenerateOptions, GenerateProgress};
 
+mod backfill;
 mod markers;
 mod process;
 mod report;
@@ -226,6 +227,12 @@ pub struct BenchOptions {
     /// blackhole drain, TLS' cost in the same run.
     #[arg(long)]
     pub postgres_tls: bool,
+    /// Instead of the figures above: seed this many events of history (over
+    /// the last 7 days), then backfill them while the first `--rates` rate
+    /// runs for `--phase-secs` [default 60], beside a COPY of the same range
+    /// (see job/src/bench/backfill.rs).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub backfill_rows: Option<u64>,
 }
 
 impl BenchOptions {
@@ -249,7 +256,7 @@ impl BenchOptions {
 pub async fn run(
     options: BenchOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<BenchReport, BenchError> {
+) -> Result<(), BenchError> {
     let options = options.resolved();
     let root = tempfile::Builder::new().prefix("engage-bench-").tempdir();
     let root = root.map_err(context("failed to create a temporary directory"))?;
@@ -261,12 +268,25 @@ pub async fn run(
         error: Box::new(error),
         dir: root.keep(),
     })?;
-    let json = serde_json::to_string_pretty(&report).expect("report serialises") + "\n";
+    let json = match &report {
+        Reports::Full(report) => serde_json::to_string_pretty(report),
+        Reports::Backfill(report) => serde_json::to_string_pretty(report),
+    };
+    let json = json.expect("report serialises") + "\n";
     let path = &options.report;
     std::fs::write(path, json).map_err(context(format!("failed to write {}", path.display())))?;
-    report::print_figures(&report);
+    match &report {
+        Reports::Full(report) => report::print_figures(report),
+        Reports::Backfill(report) => backfill::print(report),
+    }
     println!("report: {}", path.display());
-    Ok(report)
+    Ok(())
+}
+
+/// What a run measured: the default figures, or `--backfill-rows`'.
+enum Reports {
+    Full(Box<BenchReport>),
+    Backfill(Box<backfill::BackfillReport>),
 }
 
 /// Makes a self-signed certificate for `localhost` in `dir` (with the
@@ -362,7 +382,7 @@ fn blackhole_sql(sql: &str) -> String {
     out
 }
 
-async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, BenchError> {
+async fn measure(options: &BenchOptions, root: &Path) -> Result<Reports, BenchError> {
     step("starting postgres, redis and a kafka broker");
     // Walsenders send only flushed WAL: with `synchronous_commit = off` (what
     // `fsync: false` implies) a commit would wait up to `wal_writer_delay`
@@ -434,7 +454,16 @@ async fn measure(options: &BenchOptions, root: &Path) -> Result<BenchReport, Ben
         blackhole,
         tls,
     };
-    let report = world.measure(options).await;
+    let report = match options.backfill_rows {
+        Some(rows) => world
+            .measure_backfill(options, rows)
+            .await
+            .map(|r| Reports::Backfill(Box::new(r))),
+        None => world
+            .measure(options)
+            .await
+            .map(|r| Reports::Full(Box::new(r))),
+    };
     postgres.stop()?;
     redis.stop()?;
     kafka.stop();

@@ -337,7 +337,22 @@ async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
     let mut stdout = String::new();
     std::io::Read::read_to_string(command.stdout.as_mut().unwrap(), &mut stdout).unwrap();
     assert!(stdout.contains("completed"), "{stdout}");
-    eprintln!("backfill: {stdout} ({changes} live changes, {seconds:.1} s with two kill -9)");
+    // How often a chunk emitted before a kill was emitted again as saved.
+    let again: usize = std::fs::read_dir(world.root.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("job-"))
+        .map(|e| {
+            std::fs::read_to_string(e.path())
+                .unwrap_or_default()
+                .matches("emitted again, as it was")
+                .count()
+        })
+        .sum();
+    eprintln!(
+        "backfill: {stdout} ({changes} live changes, {seconds:.1} s with two kill -9; {again} chunks emitted \
+         again from their saved rows)"
+    );
 
     wait_caught_up(&world, &mut job).await;
     let status = world
@@ -546,4 +561,77 @@ async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
     );
     assert!(expected.len() > 2_000, "{}", expected.len());
     assert!(expected.keys().any(|(tf, _)| tf == "24h"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_history_backfills_so_the_kpis_are_full_from_the_start() {
+    let root = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args(["demo", "--rate", "200", "--duration", "45"])
+        .args(["--content-items", "50", "--history", "2h", "--http", "off"])
+        .args(["--checkpoint-dir", "checkpoints", "--data-dir", "data"])
+        .env_remove("ENGAGE_POSTGRES_URL")
+        .env_remove("ENGAGE_REDIS_URL")
+        .env_remove("ENGAGE_KAFKA_BROKERS")
+        .env_remove("ENGAGE_DATA_DIR")
+        .current_dir(root.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("seeding 20000 events of history over the last 2h"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("handed to the job"), "{stderr}");
+    // The KPI table holds the 2 hours before the demo: each window once.
+    let query = world_free_query(
+        root.path(),
+        "SELECT timeframe, count(*) AS windows, count(DISTINCT window_start) AS distinct_windows, \
+         sum(events) AS events FROM kpi WHERE window_end <= now() - INTERVAL '1 minute' \
+         GROUP BY timeframe ORDER BY timeframe",
+    );
+    let by_timeframe: HashMap<String, (i64, i64, i64)> = query
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            (
+                f[0].to_string(),
+                (
+                    f[1].parse().unwrap(),
+                    f[2].parse().unwrap(),
+                    f[3].parse().unwrap(),
+                ),
+            )
+        })
+        .collect();
+    let (windows, distinct, events) = by_timeframe.get("1m").copied().unwrap_or_default();
+    assert!(windows >= 115, "{query}");
+    assert_eq!(windows, distinct, "{query}");
+    assert!(events >= 19_000, "{query}");
+    assert!(
+        by_timeframe
+            .get("15m")
+            .is_some_and(|t| t.0 >= 7 && t.0 == t.1),
+        "{query}"
+    );
+}
+
+/// `engage query` over the outputs under `dir/data`, as CSV.
+fn world_free_query(dir: &std::path::Path, sql: &str) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_engage"))
+        .args(["query", sql, "--format", "csv", "--sql", MISSION_SQL])
+        .env("ENGAGE_DATA_DIR", dir.join("data"))
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).to_string()
 }

@@ -43,16 +43,21 @@
 //! stream carries it, in its place), counted as *superseded*.
 //!
 //! The cursor, the counts and the phase are part of the job's checkpoint
-//! (`Manifest::backfill`), written atomically with the stream position. A
-//! crash re-reads at most the chunks after the newest checkpoint: their high
-//! watermarks, streamed again after the restart, belong to no open window
-//! (every chunk carries a random nonce) and are ignored, and the chunks are
-//! read again under new watermarks. Their rows get new positions, so a sink
-//! that held the first emission would hold them twice, but a sink only
-//! holds rows of a checkpointed epoch (Parquet commits with the manifest,
-//! Kafka and Redis drop what their position says they hold, see
-//! `sink/mod.rs`): rows emitted after the newest checkpoint are either
-//! discarded or recognised.
+//! (`Manifest::backfill`), written atomically with the stream position, and
+//! no checkpoint is taken while a chunk's window is open (between its low
+//! watermark and the processing of its high one). So a crash loses at most
+//! the chunks emitted since the newest checkpoint, and the restarted job
+//! streams their watermarks again, in place. A watermark names its chunk
+//! (backfill id, cursor, limit, a random nonce), and a chunk's rows are
+//! saved beside the checkpoints before they are emitted
+//! (`engine/backfill/saved.rs`): a high watermark streamed again emits
+//! exactly the rows it did the first time, at the same positions, and each
+//! sink drops those it holds (Parquet never held them: its files commit with
+//! the checkpoint; Kafka and Redis keep positions, `sink/mod.rs`). A chunk
+//! that was never emitted is read again, at its watermark. Reading it again
+//! would not do for one that was: a row updated since counts as streamed
+//! now, so the sinks that held the first emission would disagree with those
+//! that did not.
 //!
 //! # Windows
 //!

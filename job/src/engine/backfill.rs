@@ -24,13 +24,22 @@ use crate::change::{Position, COMMIT_TS_COLUMN, LSN_COLUMN, SEQ_COLUMN};
 use crate::checkpoint::{Manifest, StreamOrigin};
 use crate::source::replication::SourceError;
 
+mod saved;
+
 /// Chunk sizes: the first, and the bounds the adaptation keeps to.
 const FIRST_CHUNK: usize = 2_000;
 const MIN_CHUNK: usize = 100;
 const MAX_CHUNK: usize = 50_000;
 /// What a chunk's `SELECT` should take: short, so the window in which live
-/// changes supersede rows stays small and the stream is never held long.
+/// changes supersede rows stays small.
 const CHUNK_TARGET: Duration = Duration::from_millis(250);
+/// Rows per read of the historical-windows phase (fed to window state
+/// between live batches).
+const HISTORY_CHUNK: usize = 5_000;
+/// What pushing a chunk's rows through the job should take: the live
+/// stream waits meanwhile, so this bounds what a backfill adds to its
+/// freshness.
+const EMIT_TARGET: Duration = Duration::from_millis(80);
 
 /// A backfill's state in the engine.
 #[derive(Default)]
@@ -53,6 +62,9 @@ pub(super) struct Backfill {
     next_chunk: Option<Instant>,
     /// When this run took the backfill up, and its seconds before.
     resumed: Option<(Instant, f64)>,
+    /// Chunks saved since the last checkpoint (`saved.rs`), deleted once
+    /// one covers them.
+    saved: Vec<u64>,
     /// Request files to delete once a checkpoint records why, with the
     /// backfill id they must still name (`None`: whatever they hold).
     cleanup: Vec<(&'static str, Option<String>)>,
@@ -199,6 +211,9 @@ impl Engine {
 
     /// Deletes the request files whose outcome the checkpoint just written records.
     pub(super) async fn backfill_checkpointed(&mut self) -> Result<(), JobError> {
+        for nonce in std::mem::take(&mut self.backfill.saved) {
+            self.forget_chunk(nonce).await?;
+        }
         for (file, id) in std::mem::take(&mut self.backfill.cleanup) {
             // A request for the next backfill may have replaced the one
             // that just ended: that one stays.
@@ -422,9 +437,13 @@ impl Engine {
             Some(inflight) if inflight.nonce == marker.nonce => inflight.chunk().await?,
             other => {
                 // A watermark written before a restart, streamed again: the
-                // rows it covered are read now, at its place in the stream
-                // (a sink that held them drops them by position).
+                // rows it covered, as saved when they were first emitted
+                // (sinks drop what they hold by position); if they never
+                // were, read now, at its place in the stream.
                 self.backfill.inflight = other;
+                if let Some(prepared) = self.load_chunk(marker.nonce).await? {
+                    return self.emit_prepared(prepared).await;
+                }
                 let table = self.backfill_table()?;
                 let client = self.backfill_client(&table).await?;
                 let request = self
@@ -449,13 +468,16 @@ impl Engine {
     }
 
     /// Emits a chunk's rows that the stream neither changed in its window
-    /// nor delivered already, at `position`, and moves the cursor on.
+    /// nor delivered already, at `position`, and moves the cursor on. The
+    /// rows are saved beside the checkpoints first (`saved.rs`), so the
+    /// same high watermark streamed again after a crash emits the same rows.
     async fn emit_chunk(
         &mut self,
         chunk: Chunk,
         window: &Window,
         position: Position,
     ) -> Result<(), JobError> {
+        let emitting = Instant::now();
         let table = self.backfill_table()?;
         let rows = &chunk.rows;
         let keys = chunk::key_texts(rows, &table.key).map_err(JobError::Arrow)?;
@@ -480,30 +502,33 @@ impl Engine {
         for (i, change) in rejected.iter_mut().enumerate() {
             change.position = Position::new(position.lsn, position.seq + emitted + i as u64);
         }
-        let written = self.written_so_far();
-        self.divert_rejected(table.source, &rejected).await?;
-        if emitted > 0 {
-            let capture_error = |e| JobError::State {
-                what: format!("failed to capture backfilled rows of `{}`", table.name),
-                source: e,
-            };
-            self.capture
-                .append(&table.name, &kept)
-                .await
-                .map_err(capture_error)?;
-            self.process(table.source, kept, None).await?;
-        }
-        self.dirty = true;
-        self.count_written(written);
-        // Adapt the chunk size to keep each SELECT near the target.
+        let prepared = saved::Prepared {
+            rows: kept,
+            summary: saved::Summary {
+                read: rows.num_rows() as u64 + rejected.len() as u64,
+                superseded,
+                streamed,
+                last_key: chunk.last_key,
+                last: chunk.last,
+                rejected,
+            },
+        };
+        self.save_chunk(window.nonce, &prepared).await?;
+        self.emit_prepared(prepared).await?;
+        // Adapt the chunk size to keep each SELECT, and the rows' trip
+        // through the job, near their targets.
         let elapsed = chunk.elapsed.max(Duration::from_millis(1));
         self.stats
             .backfill
             .chunk_micros
             .store(chunk.elapsed.as_micros() as u64, Ordering::Relaxed);
-        let scaled = (window.limit as f64 * CHUNK_TARGET.as_secs_f64() / elapsed.as_secs_f64())
+        let emitted_in = emitting.elapsed().max(Duration::from_millis(1));
+        let by_select = window.limit as f64 * CHUNK_TARGET.as_secs_f64() / elapsed.as_secs_f64();
+        let by_emit = window.limit as f64 * EMIT_TARGET.as_secs_f64() / emitted_in.as_secs_f64();
+        let scaled = by_select
+            .min(by_emit)
             .clamp(window.limit as f64 / 2.0, window.limit as f64 * 2.0);
-        let progress = self.backfill.progress.as_mut().expect("active");
+        let progress = self.backfill.progress.as_ref().expect("active");
         // Under --max-rate, a chunk is at most a quarter second of it, so
         // the rate holds from one chunk to the next.
         let most = progress
@@ -511,20 +536,45 @@ impl Engine {
             .max_rate
             .map_or(MAX_CHUNK, |rate| (rate as usize / 4).max(MIN_CHUNK));
         self.backfill.chunk_size = (scaled as usize).clamp(MIN_CHUNK, MAX_CHUNK).min(most);
-        let read = rows.num_rows() as u64 + rejected.len() as u64;
-        progress.counts.read += read;
+        Ok(())
+    }
+
+    /// Pushes a prepared chunk through the job and records it in the
+    /// backfill's progress.
+    async fn emit_prepared(&mut self, prepared: saved::Prepared) -> Result<(), JobError> {
+        let table = self.backfill_table()?;
+        let saved::Prepared { rows, summary } = prepared;
+        let emitted = rows.num_rows() as u64;
+        let written = self.written_so_far();
+        self.divert_rejected(table.source, &summary.rejected)
+            .await?;
+        if emitted > 0 {
+            let capture_error = |e| JobError::State {
+                what: format!("failed to capture backfilled rows of `{}`", table.name),
+                source: e,
+            };
+            self.capture
+                .append(&table.name, &rows)
+                .await
+                .map_err(capture_error)?;
+            self.process(table.source, rows, None).await?;
+        }
+        self.dirty = true;
+        self.count_written(written);
+        let progress = self.backfill.progress.as_mut().expect("active");
+        progress.counts.read += summary.read;
         progress.counts.emitted += emitted;
-        progress.counts.superseded += superseded;
-        progress.counts.streamed += streamed;
+        progress.counts.superseded += summary.superseded;
+        progress.counts.streamed += summary.streamed;
         progress.counts.chunks += 1;
         if let Some(rate) = progress.request.max_rate.filter(|r| *r > 0) {
             self.backfill.next_chunk =
-                Some(Instant::now() + Duration::from_secs_f64(read as f64 / rate as f64));
+                Some(Instant::now() + Duration::from_secs_f64(summary.read as f64 / rate as f64));
         }
-        if chunk.last_key.is_some() {
-            progress.cursor = chunk.last_key;
+        if summary.last_key.is_some() {
+            progress.cursor = summary.last_key;
         }
-        if chunk.last {
+        if summary.last {
             progress.phase = Phase::Windows;
             tracing::info!("{}", describe(progress));
         }
@@ -564,7 +614,7 @@ impl Engine {
                     &request,
                     None,
                     cursor.as_deref(),
-                    MAX_CHUNK / 5,
+                    HISTORY_CHUNK,
                 )
                 .await
             }));

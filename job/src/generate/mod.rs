@@ -243,10 +243,10 @@ pub async fn seed_history(
         .execute(
             "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
              SELECT c.ids[1 + (i * 7919) % c.n], md5((i % 50000)::text)::uuid, \
-                    $3::text[][1 + (i * 31) % cardinality($3::text[])], \
+                    ($3::text[])[1 + (i * 31) % cardinality($3::text[])], \
                     now() - make_interval(secs => $1::float8 * random()), \
                     (random() * 600000)::int, \
-                    $4::text[][1 + (i * 17) % cardinality($4::text[])] \
+                    ($4::text[])[1 + (i * 17) % cardinality($4::text[])] \
              FROM generate_series(1, $2::bigint) AS i, \
                   (SELECT array_agg(id ORDER BY slug) AS ids, count(*) AS n FROM content) AS c",
             &[&span.as_secs_f64(), &(rows as i64), &types, &devices],

@@ -33,7 +33,7 @@ use crate::change::Position;
 /// date before the common era, a number out of the declared range, text that
 /// is not UTF-8): it goes to the dead-letter output instead of the batch, and
 /// the rest of its transaction flows.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RejectedChange {
     /// `decode_error:<column>`.
     pub reason: String,

@@ -189,12 +189,11 @@ pub async fn run(options: DemoOptions, shutdown: impl Future<Output = ()>) -> an
         )
         .await
         .map_err(anyhow::Error::msg)?;
-        crate::backfill::command::submit(&store, &request, false)
+        let id = crate::backfill::command::submit(&store, &request, false)
             .await
             .map_err(anyhow::Error::msg)?;
         eprintln!(
-            "backfill {} of the history handed to the job (engage backfill --status, or the status line)",
-            request.id
+            "backfill {id} of the history handed to the job (engage backfill --status, or the status line)"
         );
     }
 

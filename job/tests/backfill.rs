@@ -635,3 +635,111 @@ fn world_free_query(dir: &std::path::Path, sql: &str) -> String {
     );
     String::from_utf8_lossy(&output.stdout).to_string()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
+    let world = World::start().await;
+    let range = seed_history(&world).await;
+    let mut job = world.start_job_with_interval(&["run"], "0.5");
+    wait_started(&world, &mut job).await;
+    let (since, until) = (rfc3339(range.since), rfc3339(range.until));
+    let mut command = backfill_command(
+        &world,
+        &[
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--max-rate",
+            "300",
+            "--progress",
+            "plain",
+        ],
+    );
+    let status = || {
+        let output = world
+            .engage(&["backfill", MISSION_SQL, "--status"])
+            .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !status().contains("under way (as of checkpoint") {
+        assert!(
+            Instant::now() < deadline,
+            "the backfill did not start\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let cancel = world
+        .engage(&["backfill", MISSION_SQL, "--cancel"])
+        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+        .output()
+        .unwrap();
+    assert!(cancel.status.success());
+    assert!(String::from_utf8_lossy(&cancel.stdout).contains("asked the job to cancel"));
+    let exit = tokio::task::spawn_blocking(move || command.wait().unwrap())
+        .await
+        .unwrap();
+    let log = std::fs::read_to_string(world.root.path().join("backfill.log")).unwrap();
+    assert!(!exit.success() && log.contains("was cancelled"), "{log}");
+    let cancelled = status();
+    assert!(
+        cancelled.contains("Cancelled") || cancelled.contains("cancelled:"),
+        "{cancelled}"
+    );
+
+    // Asked again, it resumes from its cursor: no row is read twice.
+    let again = world
+        .engage(&[
+            "backfill",
+            MISSION_SQL,
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--progress",
+            "plain",
+        ])
+        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&again.stdout);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(stdout.contains("completed:"), "{stdout}");
+    wait_caught_up(&world, &mut job).await;
+    job.stop();
+
+    let client = world.sql().await;
+    let mut in_range = HashMap::new();
+    let mut outside = HashSet::new();
+    for row in client
+        .query(
+            "SELECT id, duration_ms, event_ts >= to_timestamp($1::bigint / 1e6) AND event_ts < to_timestamp($2::bigint / 1e6) \
+             FROM engagement_events WHERE duration_ms >= 0",
+            &[&range.since, &range.until],
+        )
+        .await
+        .unwrap()
+    {
+        let (id, duration, inside): (i64, Option<i32>, bool) = (row.get(0), row.get(1), row.get(2));
+        match inside {
+            true => in_range.insert(id, duration.map(i64::from)),
+            false => outside.insert(id).then_some(None).flatten(),
+        };
+    }
+    let reads = check_change_log(
+        "enriched_events",
+        enriched_changes(&world).await,
+        &in_range,
+        &outside,
+    );
+    assert_eq!(reads, in_range.len());
+}

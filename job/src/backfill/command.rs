@@ -151,13 +151,14 @@ pub async fn request(spec: &JobSpec, options: &Options) -> Result<Request, Strin
 
 /// Writes `request` beside the job's checkpoints, unless another backfill
 /// is under way or a completed one covers part of its range (without
-/// `force`). Returns `true` when the same backfill is already under way
-/// (the command then follows it).
+/// `force`). Returns the id to follow: `request`'s, or that of the same
+/// backfill already under way (run again after an interruption; a forced
+/// one has a new id each time, and resumes the forced one under way).
 pub async fn submit(
     store: &CheckpointStore,
     request: &Request,
     force: bool,
-) -> Result<bool, String> {
+) -> Result<String, String> {
     let latest = store.latest().await.map_err(|e| e.to_string())?;
     let pending: Option<Request> = store
         .get_control(REQUEST_FILE)
@@ -171,8 +172,26 @@ pub async fn submit(
         .or(pending.as_ref())
         .filter(|r| !finished.iter().any(|f| f.request.id == r.id));
     if let Some(other) = under_way {
-        if other.id == request.id {
-            return Ok(true);
+        let base = Request::id_for(
+            &request.table,
+            request.since,
+            request.until,
+            request.filter.as_deref(),
+        );
+        let forced_again = force && other.id.starts_with(&format!("{base}_"));
+        if other.id == request.id || forced_again {
+            // Asking again withdraws a cancel no job has taken up yet.
+            let cancel = store
+                .get_control(CANCEL_FILE)
+                .await
+                .map_err(|e| e.to_string())?;
+            if cancel.is_some_and(|bytes| String::from_utf8_lossy(&bytes).trim() == other.id) {
+                store
+                    .delete_control(CANCEL_FILE)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(other.id.clone());
         }
         return Err(format!(
             "backfill {} of {} {} is under way: wait for it (engage backfill --status), or end it with \
@@ -210,7 +229,7 @@ pub async fn submit(
         .put_control(REQUEST_FILE, json)
         .await
         .map_err(|e| e.to_string())?;
-    Ok(false)
+    Ok(request.id.clone())
 }
 
 /// Whether the job is running: its replication slot is in use.
@@ -364,6 +383,8 @@ pub async fn follow(
     stats: Option<Arc<JobStats>>,
     style: ProgressStyle,
 ) -> Result<Finished, String> {
+    let since = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let since = since.as_str();
     let bar = (style == ProgressStyle::Bar).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -378,10 +399,13 @@ pub async fn follow(
     let mut last_line = Instant::now();
     loop {
         let latest = store.latest().await.map_err(|e| e.to_string())?;
-        if let Some(done) = latest
-            .as_ref()
-            .and_then(|m| m.backfills.iter().find(|f| f.request.id == id))
-        {
+        // An earlier end of the same backfill (cancelled, then asked again)
+        // is not this one's.
+        if let Some(done) = latest.as_ref().and_then(|m| {
+            m.backfills
+                .iter()
+                .find(|f| f.request.id == id && f.finished_at.as_str() >= since)
+        }) {
             if let Some(bar) = &bar {
                 bar.finish_and_clear();
             }
@@ -453,10 +477,11 @@ pub async fn run(
     let (force, style) = (*force, *style);
     let store =
         CheckpointStore::open(&run.checkpoint_dir, &spec.name).map_err(|e| e.to_string())?;
-    let following = submit(&store, request, force).await?;
+    let id = submit(&store, request, force).await?;
+    let following = id != request.id || store_has_progress(&store, &id).await;
     eprintln!(
         "backfill {} of {} {}{}{}",
-        request.id,
+        id,
         request.table,
         request.range(),
         request
@@ -473,10 +498,9 @@ pub async fn run(
     if job_running(spec).await? {
         eprintln!("the job is running: it takes the backfill up at its next checkpoint");
         return tokio::select! {
-            finished = follow(&store, &request.id, None, style) => finished,
+            finished = follow(&store, &id, None, style) => finished,
             _ = shutdown => Err(format!(
-                "stopped following; the job goes on with backfill {} (engage backfill --status)",
-                request.id
+                "stopped following; the job goes on with backfill {id} (engage backfill --status)"
             )),
         };
     }
@@ -489,15 +513,14 @@ pub async fn run(
         }
     };
     let job = crate::engine::run(spec, script, run, stats.clone(), stop_job);
-    let followed = follow(&store, &request.id, Some(stats), style);
+    let followed = follow(&store, &id, Some(stats), style);
     tokio::pin!(job);
     tokio::pin!(followed);
     tokio::select! {
         result = &mut job => {
             result.map_err(|e| e.to_string())?;
             Err(format!(
-                "the job stopped before backfill {} ended; run the same command again to resume it",
-                request.id
+                "the job stopped before backfill {id} ended; run the same command again to resume it"
             ))
         }
         finished = &mut followed => {
@@ -506,6 +529,14 @@ pub async fn run(
             finished
         }
     }
+}
+
+/// Whether the newest checkpoint has backfill `id` under way.
+async fn store_has_progress(store: &CheckpointStore, id: &str) -> bool {
+    matches!(
+        store.latest().await,
+        Ok(Some(m)) if m.backfill.as_ref().is_some_and(|p| p.request.id == id)
+    )
 }
 
 fn progress_figures(progress: &Progress) -> (u64, u64, &'static str) {

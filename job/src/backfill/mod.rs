@@ -221,6 +221,10 @@ pub struct Finished {
     pub seconds: f64,
     /// RFC 3339.
     pub finished_at: String,
+    /// Where a cancelled backfill stopped: the same backfill asked again
+    /// resumes there, so the rows it emitted are not emitted twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
 }
 
 /// The content of a watermark message: which chunk it bounds. A chunk is
@@ -228,6 +232,8 @@ pub struct Finished {
 /// watermark streamed again after a restart says which rows it covered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Marker {
+    /// The job writing it: jobs reading the same database see each other's.
+    pub job: String,
     /// The backfill's id.
     pub id: String,
     /// Random per chunk attempt: pairs a high watermark with its low one.
@@ -321,6 +327,7 @@ mod tests {
     #[test]
     fn markers_round_trip() {
         let marker = Marker {
+            job: "engagement".into(),
             id: "bf_1".into(),
             nonce: 42,
             high: true,

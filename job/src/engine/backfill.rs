@@ -66,8 +66,8 @@ pub(super) struct Backfill {
     /// one covers them.
     saved: Vec<u64>,
     /// Request files to delete once a checkpoint records why, with the
-    /// backfill id they must still name (`None`: whatever they hold).
-    cleanup: Vec<(&'static str, Option<String>)>,
+    /// request they must still hold (`None`: whatever they hold).
+    cleanup: Vec<(&'static str, Option<Request>)>,
 }
 
 struct Window {
@@ -170,20 +170,20 @@ impl Engine {
                 return Ok(());
             }
         };
-        if self
-            .backfill
-            .finished
-            .iter()
-            .any(|f| f.request.id == request.id)
-        {
-            self.backfill.cleanup.push((REQUEST_FILE, Some(request.id)));
+        if self.backfill.finished.iter().any(|f| {
+            // Done, or cancelled after this request was made (a request
+            // made after the cancel asks for it again: it resumes).
+            f.request.id == request.id
+                && (f.outcome == Outcome::Completed || request.requested_at <= f.finished_at)
+        }) {
+            self.backfill.cleanup.push((REQUEST_FILE, Some(request)));
             return Ok(());
         }
         let table = match chunk::table_for(&self.plan.sources, Some(&request.table)) {
             Ok(table) => table,
             Err(message) => {
                 tracing::error!(backfill = %request.id, "{message}; request ignored");
-                self.backfill.cleanup.push((REQUEST_FILE, Some(request.id)));
+                self.backfill.cleanup.push((REQUEST_FILE, Some(request)));
                 return Ok(());
             }
         };
@@ -196,14 +196,28 @@ impl Engine {
             );
         }
         tracing::info!(backfill = %request.id, table = %request.table, range = %request.range(), estimate, "backfill starts");
+        // The same backfill, cancelled before: it resumes where it stopped.
+        let cancelled = self
+            .backfill
+            .finished
+            .iter()
+            .position(|f| f.request.id == request.id);
+        let (cursor, counts, seconds) = match cancelled {
+            Some(i) => {
+                let before = self.backfill.finished.remove(i);
+                tracing::info!(backfill = %request.id, cursor = ?before.cursor, "the cancelled backfill resumes where it stopped");
+                (before.cursor, before.counts, before.seconds)
+            }
+            None => (None, Counts::default(), 0.0),
+        };
         self.backfill.progress = Some(Progress {
             request,
             phase: Phase::Snapshot,
-            cursor: None,
+            cursor,
             estimate,
-            counts: Counts::default(),
+            counts,
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            seconds: 0.0,
+            seconds,
         });
         self.dirty = true;
         Ok(())
@@ -214,15 +228,15 @@ impl Engine {
         for nonce in std::mem::take(&mut self.backfill.saved) {
             self.forget_chunk(nonce).await?;
         }
-        for (file, id) in std::mem::take(&mut self.backfill.cleanup) {
-            // A request for the next backfill may have replaced the one
-            // that just ended: that one stays.
-            if let Some(id) = id {
+        for (file, expected) in std::mem::take(&mut self.backfill.cleanup) {
+            // A request for the next backfill (or the same one, asked again)
+            // may have replaced the one that just ended: that one stays.
+            if let Some(expected) = expected {
                 let current = self.store.get_control(file).await?;
-                let names = current
+                let same = current
                     .and_then(|bytes| serde_json::from_slice::<Request>(&bytes).ok())
-                    .is_some_and(|request| request.id == id);
-                if !names {
+                    .is_some_and(|request| request == expected);
+                if !same {
                     continue;
                 }
             }
@@ -301,6 +315,7 @@ impl Engine {
         let limit = self.backfill.chunk_size;
         let nonce: u64 = rand::random();
         let low = Marker {
+            job: self.job.clone(),
             id: progress.request.id.clone(),
             nonce,
             high: false,
@@ -399,7 +414,8 @@ impl Engine {
         let Some(progress) = &self.backfill.progress else {
             return Ok(());
         };
-        let current = progress.request.id == marker.id
+        let current = marker.job == self.job
+            && progress.request.id == marker.id
             && progress.cursor == marker.cursor
             && progress.phase == Phase::Snapshot;
         if !marker.high {
@@ -708,11 +724,12 @@ impl Engine {
             counts: progress.counts,
             seconds,
             finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            cursor: progress.cursor,
         });
         let excess = self.backfill.finished.len().saturating_sub(HISTORY);
         self.backfill.finished.drain(..excess);
-        let id = self.backfill.finished.last().map(|f| f.request.id.clone());
-        self.backfill.cleanup.push((REQUEST_FILE, id));
+        let request = self.backfill.finished.last().map(|f| f.request.clone());
+        self.backfill.cleanup.push((REQUEST_FILE, request));
         self.update_backfill_stats();
         self.dirty = true;
     }

@@ -262,8 +262,7 @@ impl Engine {
     /// A backfilled row (`r`) is added only to windows the live state still
     /// holds open and that end after the stream began: the others are
     /// historical, computed apart when the backfill has read its range
-    /// (`windowed/history.rs`). It is never late, and never moves the
-    /// watermark, which the live stream drives.
+    /// (`windowed/history.rs`). Rows left out so are not late events.
     async fn feed_windows(
         &mut self,
         queries: &[usize],
@@ -271,7 +270,10 @@ impl Engine {
     ) -> Result<(), JobError> {
         let [inserts, updates, retractions, reads] = parts;
         let origin = self.backfill.origin.as_ref().map(|o| o.at_micros);
-        for &q in queries {
+        // The watermarks before this batch: its own inserts, fed first,
+        // must not make its updates look old.
+        let watermarks: Vec<Option<i64>> = queries.iter().map(|&q| self.watermark(q)).collect();
+        for (&q, &watermark) in queries.iter().zip(&watermarks) {
             let query = &self.plan.queries[q];
             let dimensions = self.dimension_contents(&query.dimensions);
             for w in 0..query.windows.len() {
@@ -292,13 +294,12 @@ impl Engine {
                     let kind = self.windows.states[s].kind();
                     // A state that has emitted nothing has no closed windows
                     // yet: updates and retractions more than a window behind
-                    // the watermark (or the wall clock, before the first
-                    // event) count as closed instead of opening buckets long
-                    // past, which days of windows would then be emitted from.
+                    // the watermark (the wall clock before the first event)
+                    // count as closed instead of opening buckets long past,
+                    // which days of windows would then be emitted from.
                     let fresh = match (floored, self.windows.states[s].last_end()) {
                         (true, None) => Some(
-                            self.watermark(q)
-                                .unwrap_or_else(|| chrono::Utc::now().timestamp_micros())
+                            watermark.unwrap_or_else(|| chrono::Utc::now().timestamp_micros())
                                 - kind.width(),
                         ),
                         _ => None,

@@ -12,10 +12,10 @@ use futures::StreamExt;
 use super::{Marker, Request, MARKER_PREFIX};
 use crate::change::{Op, Position};
 use crate::checkpoint::StreamOrigin;
-use crate::source::pgoutput::{self, Message, Relation, RelationColumn, TableDecoder};
+use crate::source::pgoutput::{self, Message};
 use crate::source::replication::SourceError;
 use crate::source::setup::{cdc_options, quoted, PgTarget};
-use crate::source::snapshot::reframe_as_insert;
+use crate::source::snapshot::{reframe_as_insert, text_decoder};
 use crate::source::RejectedChange;
 use crate::sql::plan::SourceTable;
 
@@ -315,34 +315,7 @@ pub async fn read(
         table.condition(request, cursor),
         table.quoted
     );
-    let mut decoder = TableDecoder::new(&table.name, table.declared.clone()).map_err(|e| {
-        SourceError::Decode {
-            table: table.name.clone(),
-            message: e.to_string(),
-        }
-    })?;
-    decoder
-        .set_relation(&Relation {
-            id: 0,
-            namespace: String::new(),
-            name: table.name.clone(),
-            replica_identity: b'f',
-            columns: table
-                .declared
-                .fields()
-                .iter()
-                .map(|f| RelationColumn {
-                    is_key: false,
-                    name: f.name().clone(),
-                    type_oid: 25,
-                    type_modifier: -1,
-                })
-                .collect(),
-        })
-        .map_err(|e| SourceError::Decode {
-            table: table.name.clone(),
-            message: e.to_string(),
-        })?;
+    let mut decoder = text_decoder(&table.name, &table.declared)?;
     let stream = client
         .copy_out(&copy)
         .await

@@ -259,6 +259,21 @@ impl Engine {
         Ok(client)
     }
 
+    /// What reading the active backfill's rows takes: its table, a
+    /// connection, its request.
+    async fn backfill_reader(
+        &mut self,
+    ) -> Result<(Table, Arc<tokio_postgres::Client>, Request), JobError> {
+        let table = self.backfill_table()?;
+        let client = self.backfill_client(&table).await?;
+        let progress = self
+            .backfill
+            .progress
+            .as_ref()
+            .expect("a backfill is active");
+        Ok((table, client, progress.request.clone()))
+    }
+
     fn backfill_table(&mut self) -> Result<Table, JobError> {
         if let Some(table) = &self.backfill.table {
             return Ok(table.clone());
@@ -460,15 +475,7 @@ impl Engine {
                 if let Some(prepared) = self.load_chunk(marker.nonce).await? {
                     return self.emit_prepared(prepared).await;
                 }
-                let table = self.backfill_table()?;
-                let client = self.backfill_client(&table).await?;
-                let request = self
-                    .backfill
-                    .progress
-                    .as_ref()
-                    .expect("active")
-                    .request
-                    .clone();
+                let (table, client, request) = self.backfill_reader().await?;
                 chunk::read(
                     &client,
                     &table,
@@ -612,15 +619,7 @@ impl Engine {
         }
         let history = self.backfill.history.as_mut().expect("set above");
         if !history.done && history.reading.is_none() {
-            let table = self.backfill_table()?;
-            let client = self.backfill_client(&table).await?;
-            let request = self
-                .backfill
-                .progress
-                .as_ref()
-                .expect("active")
-                .request
-                .clone();
+            let (table, client, request) = self.backfill_reader().await?;
             let history = self.backfill.history.as_mut().expect("set above");
             let cursor = history.cursor.clone();
             history.reading = Some(tokio::spawn(async move {

@@ -15,7 +15,7 @@ use arrow::record_batch::RecordBatch;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::pgoutput::{self, Message, Relation, RelationColumn, TableDecoder};
+use super::pgoutput::{self, DecodeError, Message, Relation, RelationColumn, TableDecoder};
 use super::replication::SourceError;
 use super::setup::{cdc_options, PgTarget};
 use super::{Position, RejectedChange};
@@ -51,47 +51,9 @@ pub async fn load_table(
         options.schema.replace('"', "\"\""),
         options.table.replace('"', "\"\"")
     );
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(|e| check(format!("failed to begin the snapshot transaction: {e}")))?;
-    client
-        .batch_execute(&format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        ))
-        .await
-        .map_err(|e| check(format!("failed to use the slot's snapshot {snapshot}: {e}")))?;
+    begin_in_snapshot(client, snapshot, check).await?;
 
-    let mut decoder =
-        TableDecoder::new(&source.def.name, source.declared.clone()).map_err(|e| {
-            SourceError::Decode {
-                table: source.def.name.clone(),
-                message: e.to_string(),
-            }
-        })?;
-    decoder
-        .set_relation(&Relation {
-            id: 0,
-            namespace: options.schema.clone(),
-            name: options.table.clone(),
-            replica_identity: b'f',
-            columns: source
-                .declared
-                .fields()
-                .iter()
-                .map(|f| RelationColumn {
-                    is_key: false,
-                    name: f.name().clone(),
-                    type_oid: 25,
-                    type_modifier: -1,
-                })
-                .collect(),
-        })
-        .map_err(|e| SourceError::Decode {
-            table: source.def.name.clone(),
-            message: e.to_string(),
-        })?;
+    let mut decoder = text_decoder(&source.def.name, &source.declared)?;
 
     let stream = client.copy_out(&copy).await.map_err(|e| {
         check(format!(
@@ -162,17 +124,7 @@ pub async fn origin(
         target: target.to_string(),
         message,
     };
-    client
-        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        .await
-        .map_err(|e| check(format!("failed to begin the snapshot transaction: {e}")))?;
-    client
-        .batch_execute(&format!(
-            "SET TRANSACTION SNAPSHOT '{}'",
-            snapshot.replace('\'', "''")
-        ))
-        .await
-        .map_err(|e| check(format!("failed to use the slot's snapshot {snapshot}: {e}")))?;
+    begin_in_snapshot(client, snapshot, check).await?;
     let row = client
         .query_one(
             "SELECT pg_current_snapshot()::text, \
@@ -189,6 +141,57 @@ pub async fn origin(
         snapshot: row.get(0),
         at_micros: row.get(1),
     })
+}
+
+/// Begins a read-only transaction in `snapshot` (a slot's exported one).
+async fn begin_in_snapshot(
+    client: &tokio_postgres::Client,
+    snapshot: &str,
+    check: impl Fn(String) -> SourceError,
+) -> Result<(), SourceError> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| check(format!("failed to begin the snapshot transaction: {e}")))?;
+    client
+        .batch_execute(&format!(
+            "SET TRANSACTION SNAPSHOT '{}'",
+            snapshot.replace('\'', "''")
+        ))
+        .await
+        .map_err(|e| check(format!("failed to use the slot's snapshot {snapshot}: {e}")))
+}
+
+/// A decoder for COPY text rows of a table with `declared` columns, each
+/// re-framed as a pgoutput insert (see [`reframe_as_insert`]).
+pub(crate) fn text_decoder(
+    name: &str,
+    declared: &arrow::datatypes::SchemaRef,
+) -> Result<TableDecoder, SourceError> {
+    let error = |e: DecodeError| SourceError::Decode {
+        table: name.to_string(),
+        message: e.to_string(),
+    };
+    let mut decoder = TableDecoder::new(name, declared.clone()).map_err(error)?;
+    decoder
+        .set_relation(&Relation {
+            id: 0,
+            namespace: String::new(),
+            name: name.to_string(),
+            replica_identity: b'f',
+            columns: declared
+                .fields()
+                .iter()
+                .map(|f| RelationColumn {
+                    is_key: false,
+                    name: f.name().clone(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+        .map_err(error)?;
+    Ok(decoder)
 }
 
 /// Turns one COPY text line into a pgoutput Insert message (relation 0).

@@ -182,10 +182,11 @@ impl WindowState {
     }
 
     /// [`WindowState::accumulate`], where rows of either sign before `floor`
-    /// count as closed (late, or expired retractions): for a state that has
-    /// emitted nothing yet, which has no closed windows to tell it so. An
-    /// update of a days-old row would otherwise open buckets that days of
-    /// windows would then be emitted from.
+    /// that would open a bucket count as closed (late, or expired
+    /// retractions): for a state that has emitted nothing yet, which has no
+    /// closed windows to tell it so. An update of a days-old row would
+    /// otherwise open buckets that days of windows would then be emitted
+    /// from; a retraction of a row the state holds still takes it back.
     pub fn accumulate_above(
         &mut self,
         batch: &RecordBatch,
@@ -291,7 +292,7 @@ impl WindowState {
             let bucket = time.div_euclid(slide) * slide;
             // A bucket whose every window has been emitted is gone.
             if self.last_end.is_some_and(|end| bucket + width <= end)
-                || floor.is_some_and(|floor| time < floor)
+                || floor.is_some_and(|floor| time < floor && !self.buckets.contains_key(&bucket))
             {
                 if sign < 0 {
                     done.expired += 1;

@@ -107,6 +107,8 @@ struct History {
     cursor: Option<String>,
     reading: Option<JoinHandle<Result<Chunk, SourceError>>>,
     done: bool,
+    /// Once every row is read: the windows still to write.
+    closed: Option<std::collections::VecDeque<super::windowed::ClosedWindow>>,
 }
 
 impl Drop for Backfill {
@@ -123,9 +125,11 @@ impl Drop for Backfill {
 impl Backfill {
     /// Whether a checkpoint may be taken now: not while a chunk's window is
     /// open (a checkpoint between its watermarks would let a restart lose
-    /// the window, then emit the chunk a second time under a new one).
+    /// the window, then emit the chunk a second time under a new one), nor
+    /// while historical windows are being written (a restart computes them
+    /// again, and would write those the checkpoint committed twice).
     pub(super) fn allows_checkpoint(&self) -> bool {
-        self.window.is_none()
+        self.window.is_none() && self.history.as_ref().is_none_or(|h| h.closed.is_none())
     }
 
     /// Whether a backfill is under way.
@@ -615,6 +619,7 @@ impl Engine {
                 cursor: None,
                 reading: None,
                 done: false,
+                closed: None,
             });
         }
         let history = self.backfill.history.as_mut().expect("set above");
@@ -651,13 +656,16 @@ impl Engine {
             self.feed_history(chunk.rows).await?;
             return Ok(());
         }
-        // Every row is in: write the historical windows, then finish.
+        // Every row is in: write the historical windows, a slice at a
+        // time between live batches, then finish.
         let before = self.written_so_far();
-        let windows = self.write_history().await?;
+        let (written, left) = self.write_history().await?;
         self.count_written(before);
         let progress = self.backfill.progress.as_mut().expect("active");
-        progress.counts.windows += windows;
-        self.finish_backfill(Outcome::Completed);
+        progress.counts.windows += written;
+        if left == 0 {
+            self.finish_backfill(Outcome::Completed);
+        }
         Ok(())
     }
 
@@ -683,20 +691,46 @@ impl Engine {
         result
     }
 
-    async fn write_history(&mut self) -> Result<u64, JobError> {
-        let mut history = self.backfill.history.take().expect("history is being read");
-        let progress = self.backfill.progress.as_ref().expect("active");
-        let since = progress.request.since;
-        let until = progress.request.until.unwrap_or(i64::MAX);
-        let cutoff = self
+    /// Writes every historical window left to write, if the backfill is
+    /// writing them, and finishes it (before a final checkpoint).
+    pub(super) async fn finish_history_writes(&mut self) -> Result<(), JobError> {
+        while self
             .backfill
-            .origin
+            .history
             .as_ref()
-            .map_or(i64::MAX, |o| o.at_micros);
-        let result = self
-            .write_windows_apart(&mut history.windows, since, until.min(cutoff))
-            .await;
-        self.backfill.history = None;
+            .is_some_and(|h| h.closed.is_some())
+        {
+            self.read_history().await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the next slice of historical windows (closing them all
+    /// first); returns how many it wrote and how many are left.
+    async fn write_history(&mut self) -> Result<(u64, usize), JobError> {
+        let mut history = self.backfill.history.take().expect("history is being read");
+        let result = async {
+            if history.closed.is_none() {
+                let progress = self.backfill.progress.as_ref().expect("active");
+                let since = progress.request.since;
+                let until = progress.request.until.unwrap_or(i64::MAX);
+                let cutoff = self
+                    .backfill
+                    .origin
+                    .as_ref()
+                    .map_or(i64::MAX, |o| o.at_micros);
+                history.closed = Some(self.close_windows_apart(
+                    &mut history.windows,
+                    since,
+                    until.min(cutoff),
+                )?);
+            }
+            let closed = history.closed.as_mut().expect("closed above");
+            let written = self.write_windows_apart(closed, EMIT_TARGET).await?;
+            Ok((written, closed.len()))
+        }
+        .await;
+        self.backfill.history = Some(history);
         result
     }
 

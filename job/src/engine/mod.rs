@@ -647,6 +647,9 @@ impl Engine {
                 Err(_) => continue,
             }
         }
+        // Historical windows half written would be written again, whole,
+        // after a restart: finish writing them first.
+        self.finish_history_writes().await?;
         if self.at_boundary {
             if self.dirty {
                 self.checkpoint().await?;

@@ -46,6 +46,7 @@ use crate::checkpoint::{EpochFile, Manifest, StateFile, WindowCheckpoint, Window
 use crate::sql::plan::JobPlan;
 
 mod history;
+pub(super) use history::ClosedWindow;
 
 /// The window state of a job: one [`WindowState`] per distinct windowed
 /// aggregate. Aggregates of different queries that read the same input and

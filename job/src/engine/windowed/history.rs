@@ -2,11 +2,17 @@
 //! one, fed with every row of the backfilled range, and written once, whole,
 //! to the windowed sinks that append (see `crate::backfill`, "Windows").
 
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
 use arrow::array::BooleanArray;
 use arrow::compute::filter_record_batch;
 use arrow::record_batch::RecordBatch;
 
 use super::WindowStates;
+
+/// A closed historical window: query, aggregate, end (Unix µs), its rows.
+pub(in crate::engine) type ClosedWindow = (usize, usize, i64, RecordBatch);
 use crate::engine::udf_errors::Step;
 use crate::engine::{Engine, JobError};
 
@@ -66,46 +72,63 @@ impl Engine {
         Ok(())
     }
 
-    /// Closes every window of `history` and writes those inside
-    /// `[since, until)` to the windowed sinks that append; returns how many
-    /// windows were written.
-    pub(in crate::engine) async fn write_windows_apart(
+    /// Closes every window of `history`; returns those inside
+    /// `[since, until)` that go to the windowed sinks that append, as
+    /// (query, aggregate, end, rows), oldest first per query.
+    pub(in crate::engine) fn close_windows_apart(
         &mut self,
         history: &mut WindowStates,
         since: i64,
         until: i64,
-    ) -> Result<u64, JobError> {
-        let mut written = 0;
+    ) -> Result<VecDeque<ClosedWindow>, JobError> {
+        let mut closed = VecDeque::new();
         for q in 0..self.plan.queries.len() {
             let query = &self.plan.queries[q];
             if !query.is_windowed() || self.sinks[q].is_redis() {
                 continue;
             }
-            let mut closed = Vec::new();
+            let mut windows = Vec::new();
             for w in 0..history.slots[q].len() {
                 let width = query.windows[w].kind.width();
                 for (end, rows) in history.emit(q, w, i64::MAX)? {
                     if end - width >= since && end <= until {
-                        closed.push((end, w, rows));
+                        windows.push((q, w, end, rows));
                     }
                 }
             }
-            closed.sort_by_key(|(end, w, _)| (*end, *w));
-            for (end, w, rows) in closed {
-                let output = self
-                    .plan
-                    .execute_post(q, w, rows)
-                    .await
-                    .map_err(|e| self.query_error(q, e))?;
-                let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-                let position = self.position;
-                self.sinks[q]
-                    .write_window(output, end, position, None)
-                    .await?;
-                self.stats
-                    .record_write(q, count, position.lsn, self.sinks[q].detached());
-                written += 1;
-            }
+            windows.sort_by_key(|(_, w, end, _)| (*end, *w));
+            closed.extend(windows);
+        }
+        Ok(closed)
+    }
+
+    /// Writes closed historical windows from the front of `closed` until
+    /// `budget` has passed (the live stream waits meanwhile); returns how
+    /// many were written.
+    pub(in crate::engine) async fn write_windows_apart(
+        &mut self,
+        closed: &mut VecDeque<ClosedWindow>,
+        budget: Duration,
+    ) -> Result<u64, JobError> {
+        let started = Instant::now();
+        let mut written = 0;
+        while started.elapsed() < budget {
+            let Some((q, w, end, rows)) = closed.pop_front() else {
+                break;
+            };
+            let output = self
+                .plan
+                .execute_post(q, w, rows)
+                .await
+                .map_err(|e| self.query_error(q, e))?;
+            let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+            let position = self.position;
+            self.sinks[q]
+                .write_window(output, end, position, None)
+                .await?;
+            self.stats
+                .record_write(q, count, position.lsn, self.sinks[q].detached());
+            written += 1;
         }
         self.dirty = true;
         Ok(written)

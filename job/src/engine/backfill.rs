@@ -763,6 +763,7 @@ impl Engine {
         self.backfill.finished.drain(..excess);
         let request = self.backfill.finished.last().map(|f| f.request.clone());
         self.backfill.cleanup.push((REQUEST_FILE, request));
+        self.backfill.table = None;
         self.update_backfill_stats();
         self.dirty = true;
     }
@@ -830,9 +831,6 @@ impl Engine {
                     .store(p.phase == Phase::Windows, Ordering::Relaxed);
             }
             None => stats.active.store(false, Ordering::Relaxed),
-        }
-        if let Some(last) = self.backfill.finished.last() {
-            *stats.last_finished.lock().expect("not poisoned") = Some(last.clone());
         }
     }
 }

@@ -329,6 +329,4 @@ pub struct BackfillStats {
     pub estimate: AtomicU64,
     /// The last chunk's SELECT (µs).
     pub chunk_micros: AtomicU64,
-    /// The last backfill that ended in this process.
-    pub last_finished: std::sync::Mutex<Option<crate::backfill::Finished>>,
 }

@@ -85,6 +85,7 @@ use crate::embedded::{
     EmbeddedError, EmbeddedKafka, EmbeddedPostgres, EmbeddedRedis, PostgresOptions,
 };
 use crate::generate::{self, GenerateError, GenerateOptions, GenerateProgress};
+use crate::harness;
 
 mod backfill;
 mod markers;
@@ -354,6 +355,28 @@ struct World {
     blackhole: Option<Box<World>>,
     /// The blackhole twin over TLS to Postgres (`--postgres-tls`), likewise.
     tls: Option<Box<World>>,
+}
+
+impl World {
+    /// `engage <subcommand> <sql> --checkpoint-dir <root>/checkpoints` (this
+    /// binary), with the world's services in its environment.
+    fn command(&self, subcommand: &[&str]) -> Result<std::process::Command, BenchError> {
+        let exe = std::env::current_exe().map_err(context("failed to locate this binary"))?;
+        let services = harness::Services {
+            postgres_url: self.postgres_url.clone(),
+            redis_url: self.redis_url.clone(),
+            kafka_brokers: self.kafka_brokers.clone(),
+            data_dir: self.root.join("data"),
+        };
+        let checkpoints = self.root.join("checkpoints");
+        Ok(harness::job_command(
+            &exe,
+            subcommand,
+            &self.sql,
+            &checkpoints,
+            &services,
+        ))
+    }
 }
 
 /// `sql` with every table an INSERT writes to declared as a blackhole sink

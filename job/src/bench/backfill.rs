@@ -13,7 +13,6 @@
 //!    while it ran (commit to visible, p50/p99), the job's resident memory
 //!    at its highest while it ran, and the WAL the slot retained at most.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +29,6 @@ use super::{
 };
 use crate::checkpoint::CheckpointStore;
 use crate::generate::{self, GenerateOptions, GenerateProgress};
-use crate::harness;
 
 /// How far back the history goes, and the range backfilled (a day more).
 const HISTORY: Duration = Duration::from_secs(7 * 86_400);
@@ -175,23 +173,9 @@ impl World {
         job: &mut JobProcess,
     ) -> Result<BackfillRun, BenchError> {
         tokio::time::sleep(LEAD).await;
-        let exe = std::env::current_exe().map_err(context("failed to locate this binary"))?;
-        let services = harness::Services {
-            postgres_url: self.postgres_url.clone(),
-            redis_url: self.redis_url.clone(),
-            kafka_brokers: self.kafka_brokers.clone(),
-            data_dir: self.root.join("data"),
-        };
-        let checkpoints = self.root.join("checkpoints");
         let log = self.root.join("backfill.log");
         let file = std::fs::File::create(&log).map_err(context("failed to create backfill.log"))?;
-        let mut command = Command::from(harness::job_command(
-            &exe,
-            &["backfill"],
-            &self.sql,
-            &checkpoints,
-            &services,
-        ));
+        let mut command = Command::from(self.command(&["backfill"])?);
         let mut child = command
             .args(["--since", SINCE, "--progress", "plain", "--http", "off"])
             .stdin(std::process::Stdio::null())
@@ -234,7 +218,6 @@ impl World {
             ended: Instant::now(),
             peak_rss_kb,
             peak_wal_bytes,
-            log,
         })
     }
 }
@@ -244,8 +227,6 @@ struct BackfillRun {
     ended: Instant,
     peak_rss_kb: u64,
     peak_wal_bytes: i64,
-    #[allow(dead_code)]
-    log: PathBuf,
 }
 
 /// `COPY` of the backfilled range's rows, the columns the job declares, to

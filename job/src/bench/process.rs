@@ -48,15 +48,7 @@ impl JobProcess {
         end_lsn: Option<&str>,
         log_name: &str,
     ) -> Result<JobProcess, BenchError> {
-        let exe = std::env::current_exe().map_err(context("failed to locate this binary"))?;
-        let services = harness::Services {
-            postgres_url: world.postgres_url.clone(),
-            redis_url: world.redis_url.clone(),
-            kafka_brokers: world.kafka_brokers.clone(),
-            data_dir: world.root.join("data"),
-        };
-        let checkpoints = world.root.join("checkpoints");
-        let mut command = harness::job_command(&exe, &["run"], &world.sql, &checkpoints, &services);
+        let mut command = world.command(&["run"])?;
         command.arg("--progress");
         if let Some(lsn) = end_lsn {
             command.args(["--end-lsn", lsn]);

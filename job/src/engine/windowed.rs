@@ -523,31 +523,43 @@ impl Engine {
             if self.window_guards[q][w].is_some_and(|guard| end <= guard) {
                 continue; // the sink already holds this window (replay)
             }
-            let output = self
-                .plan
-                .execute_post(q, w, rows)
-                .await
-                .map_err(|e| self.query_error(q, e))?;
-            let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-            let position = self.position;
-            self.sinks[q]
-                .write_window(
-                    output.clone(),
-                    end,
-                    position,
-                    self.window_commits[q].take_before(end),
-                )
-                .await?;
+            let commits = self.window_commits[q].take_before(end);
+            let output = self.write_closed_window(q, w, end, rows, commits).await?;
             let query = &self.plan.queries[q];
             let start = end - query.windows[w].kind.width();
             let sink = &self.plan.sinks[query.sink].def.name;
             self.stats.windows.record(sink, start, end, &output);
             self.last_windows[q] = Some((end, output));
-            self.stats
-                .record_write(q, count, position.lsn, self.sinks[q].detached());
-            self.dirty = true;
         }
         Ok(())
+    }
+
+    /// Runs query `q`'s post-plan over the rows of its closed window
+    /// (aggregate `w`, ending at `end`) and writes the result to its sink;
+    /// returns what was written. `commits`: the changes it is the first
+    /// window to reflect (for commit → visible).
+    pub(super) async fn write_closed_window(
+        &mut self,
+        q: usize,
+        w: usize,
+        end: i64,
+        rows: RecordBatch,
+        commits: Option<std::sync::Arc<crate::engine::latency::CommitTimes>>,
+    ) -> Result<Vec<RecordBatch>, JobError> {
+        let output = self
+            .plan
+            .execute_post(q, w, rows)
+            .await
+            .map_err(|e| self.query_error(q, e))?;
+        let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
+        let position = self.position;
+        self.sinks[q]
+            .write_window(output.clone(), end, position, commits)
+            .await?;
+        self.stats
+            .record_write(q, count, position.lsn, self.sinks[q].detached());
+        self.dirty = true;
+        Ok(output)
     }
 
     /// Closes windows of every windowed query (called on a timer).

@@ -116,21 +116,9 @@ impl Engine {
             let Some((q, w, end, rows)) = closed.pop_front() else {
                 break;
             };
-            let output = self
-                .plan
-                .execute_post(q, w, rows)
-                .await
-                .map_err(|e| self.query_error(q, e))?;
-            let count: u64 = output.iter().map(|b| b.num_rows() as u64).sum();
-            let position = self.position;
-            self.sinks[q]
-                .write_window(output, end, position, None)
-                .await?;
-            self.stats
-                .record_write(q, count, position.lsn, self.sinks[q].detached());
+            self.write_closed_window(q, w, end, rows, None).await?;
             written += 1;
         }
-        self.dirty = true;
         Ok(written)
     }
 

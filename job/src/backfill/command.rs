@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{chunk, describe, Finished, Outcome, Progress, Request, CANCEL_FILE, REQUEST_FILE};
+use super::{chunk, describe, Finished, Outcome, Phase, Request, CANCEL_FILE, REQUEST_FILE};
 use crate::checkpoint::CheckpointStore;
 use crate::engine::stats::JobStats;
 use crate::source::setup::SlotNames;
@@ -341,9 +341,9 @@ pub fn summary(done: &Finished) -> String {
     let c = &done.counts;
     let sinks: Vec<String> = c.sinks.iter().map(|(s, n)| format!("{s} {n}")).collect();
     format!(
-        "{:?} {} of {} {} at {}: {} rows read, {} emitted ({} superseded by the live stream, {} already \
+        "{}: {} of {} {} at {}: {} rows read, {} emitted ({} superseded by the live stream, {} already \
          streamed), {} dead-lettered, {} historical windows, {:.1} s; rows per sink: {}",
-        done.outcome,
+        done.outcome.label(),
         done.request.id,
         done.request.table,
         done.request.range(),
@@ -361,8 +361,6 @@ pub fn summary(done: &Finished) -> String {
             sinks.join(", ")
         }
     )
-    .replacen("Completed", "completed:", 1)
-    .replacen("Cancelled", "cancelled:", 1)
 }
 
 /// How progress is shown.
@@ -422,13 +420,13 @@ pub async fn follow(
                     b.read.load(Ordering::Relaxed),
                     b.estimate.load(Ordering::Relaxed),
                     if b.windows_phase.load(Ordering::Relaxed) {
-                        "windows"
+                        Phase::Windows.label()
                     } else {
-                        "snapshot"
+                        Phase::Snapshot.label()
                     },
                 )
             }
-            (_, Some(progress)) => progress_figures(progress),
+            (_, Some(p)) => (p.counts.read, p.estimate, p.phase.label()),
             _ => (0, 0, "waiting for the job to take it up"),
         };
         match &bar {
@@ -537,14 +535,6 @@ async fn store_has_progress(store: &CheckpointStore, id: &str) -> bool {
         store.latest().await,
         Ok(Some(m)) if m.backfill.as_ref().is_some_and(|p| p.request.id == id)
     )
-}
-
-fn progress_figures(progress: &Progress) -> (u64, u64, &'static str) {
-    let phase = match progress.phase {
-        super::Phase::Snapshot => "snapshot",
-        super::Phase::Windows => "windows",
-    };
-    (progress.counts.read, progress.estimate, phase)
 }
 
 #[cfg(test)]

@@ -163,6 +163,16 @@ pub enum Phase {
     Windows,
 }
 
+impl Phase {
+    /// As `--status`, the progress and `engage_backfill_phase{phase}` say it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Snapshot => "snapshot",
+            Phase::Windows => "windows",
+        }
+    }
+}
+
 /// What a backfill has done so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
@@ -210,6 +220,15 @@ pub struct Progress {
 pub enum Outcome {
     Completed,
     Cancelled,
+}
+
+impl Outcome {
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Completed => "completed",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// A backfill that ended, as checkpoints remember it.
@@ -267,12 +286,12 @@ pub fn describe(progress: &Progress) -> String {
         String::new()
     };
     format!(
-        "backfill {} of {} {}: {:?}, {done} of ~{} rows read{ratio}; {} emitted, {} superseded by the live \
+        "backfill {} of {} {}: {}, {done} of ~{} rows read{ratio}; {} emitted, {} superseded by the live \
          stream, {} already streamed; {} chunks, {} historical windows; {:.1} s",
         progress.request.id,
         progress.request.table,
         progress.request.range(),
-        progress.phase,
+        progress.phase.label(),
         progress.estimate,
         c.emitted,
         c.superseded,
@@ -281,8 +300,6 @@ pub fn describe(progress: &Progress) -> String {
         c.windows,
         progress.seconds,
     )
-    .replace("Snapshot", "snapshot")
-    .replace("Windows", "windows")
 }
 
 #[cfg(test)]

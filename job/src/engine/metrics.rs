@@ -11,6 +11,8 @@
 
 use std::fmt::Error;
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::backfill::Phase;
 use std::sync::Arc;
 
 use prometheus_client::collector::Collector;
@@ -166,7 +168,10 @@ impl Collector for StatsCollector {
             "engage_backfill_phase",
             "The phase of the backfill under way: snapshot (reading chunks) or windows (historical windows).",
             MetricType::Gauge,
-            [("snapshot", active && !windows), ("windows", active && windows)]
+            [
+                (Phase::Snapshot.label(), active && !windows),
+                (Phase::Windows.label(), active && windows),
+            ]
                 .into_iter()
                 .map(|(phase, on)| (vec![("phase", phase)], ConstGauge::new(on as i64))),
         )?;

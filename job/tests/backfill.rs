@@ -139,15 +139,33 @@ async fn live_workload(
     changes
 }
 
-fn backfill_command(world: &World, args: &[&str]) -> Child {
-    let log = std::fs::File::create(world.root.path().join("backfill.log")).unwrap();
+/// `engage backfill <mission SQL> --checkpoint-dir <world's> <args>`.
+fn engage_backfill(world: &World, args: &[&str]) -> std::process::Command {
     let mut command = world.engage(&["backfill", MISSION_SQL]);
     command
         .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-        .args(args)
+        .args(args);
+    command
+}
+
+/// Runs `engage backfill <args>` to its exit.
+fn run_backfill(world: &World, args: &[&str]) -> std::process::Output {
+    engage_backfill(world, args).output().unwrap()
+}
+
+/// `engage backfill --status`'s output.
+fn backfill_status(world: &World) -> String {
+    String::from_utf8_lossy(&run_backfill(world, &["--status"]).stdout).to_string()
+}
+
+/// Starts `engage backfill <args>` in the background, its stderr in `backfill.log`.
+fn backfill_command(world: &World, args: &[&str]) -> Child {
+    let log = std::fs::File::create(world.root.path().join("backfill.log")).unwrap();
+    engage_backfill(world, args)
         .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    command.spawn().unwrap()
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap()
 }
 
 /// Every change of `enriched_events` (Parquet): (id, op, duration, lsn, seq).
@@ -227,7 +245,11 @@ fn check_change_log(
         }
     }
     for (id, count) in &reads {
-        assert_eq!(*count, 1, "{sink}: event {id} was read {count} times");
+        let mine: Vec<_> = changes.iter().filter(|c| c.0 == *id).collect();
+        assert_eq!(
+            *count, 1,
+            "{sink}: event {id} was read {count} times: {mine:?}"
+        );
     }
     for (id, duration) in in_range {
         assert_eq!(
@@ -275,12 +297,7 @@ async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
         ),
         (vec!["--since", "yesterday"], "now-24h"),
     ] {
-        let output = world
-            .engage(&["backfill", MISSION_SQL])
-            .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-            .args(&args)
-            .output()
-            .unwrap();
+        let output = run_backfill(&world, &args);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
@@ -355,29 +372,13 @@ async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
     );
 
     wait_caught_up(&world, &mut job).await;
-    let status = world
-        .engage(&["backfill", MISSION_SQL, "--status"])
-        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    let status = backfill_status(&world);
     assert!(
         status.contains("no backfill under way") && status.contains("completed"),
         "{status}"
     );
     // The same range again is refused: its rows are in the sinks already.
-    let again = world
-        .engage(&[
-            "backfill",
-            MISSION_SQL,
-            "--since",
-            &since,
-            "--until",
-            &until,
-        ])
-        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-        .output()
-        .unwrap();
+    let again = run_backfill(&world, &["--since", &since, "--until", &until]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("--force"));
     job.stop();
@@ -656,16 +657,8 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
             "plain",
         ],
     );
-    let status = || {
-        let output = world
-            .engage(&["backfill", MISSION_SQL, "--status"])
-            .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&output.stdout).to_string()
-    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !status().contains("under way (as of checkpoint") {
+    while !backfill_status(&world).contains("under way (as of checkpoint") {
         assert!(
             Instant::now() < deadline,
             "the backfill did not start\n{}",
@@ -674,11 +667,7 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let cancel = world
-        .engage(&["backfill", MISSION_SQL, "--cancel"])
-        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-        .output()
-        .unwrap();
+    let cancel = run_backfill(&world, &["--cancel"]);
     assert!(cancel.status.success());
     assert!(String::from_utf8_lossy(&cancel.stdout).contains("asked the job to cancel"));
     let exit = tokio::task::spawn_blocking(move || command.wait().unwrap())
@@ -686,27 +675,17 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
         .unwrap();
     let log = std::fs::read_to_string(world.root.path().join("backfill.log")).unwrap();
     assert!(!exit.success() && log.contains("was cancelled"), "{log}");
-    let cancelled = status();
+    let cancelled = backfill_status(&world);
     assert!(
         cancelled.contains("Cancelled") || cancelled.contains("cancelled:"),
         "{cancelled}"
     );
 
     // Asked again, it resumes from its cursor: no row is read twice.
-    let again = world
-        .engage(&[
-            "backfill",
-            MISSION_SQL,
-            "--since",
-            &since,
-            "--until",
-            &until,
-            "--progress",
-            "plain",
-        ])
-        .args(["--checkpoint-dir", path_str(&world.checkpoint_dir())])
-        .output()
-        .unwrap();
+    let again = run_backfill(
+        &world,
+        &["--since", &since, "--until", &until, "--progress", "plain"],
+    );
     let stdout = String::from_utf8_lossy(&again.stdout);
     assert!(
         again.status.success(),

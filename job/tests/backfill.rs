@@ -326,8 +326,12 @@ async fn a_backfill_under_live_changes_and_kill_9_gives_every_row_once() {
         for after in [Duration::from_millis(2500), Duration::from_millis(5500)] {
             tokio::time::sleep(after.saturating_sub(started.elapsed())).await;
             job.assert_running();
-            let old = std::mem::replace(&mut job, world.start_job_with_interval(&["run"], "0.5"));
-            old.kill_9();
+            // Killed before the next starts: two instances at once would
+            // both hold the topic's producer for a moment (see the note on
+            // issue 12), which is not the fault under test.
+            let _ = job.child.kill();
+            let _ = job.child.wait();
+            job = world.start_job_with_interval(&["run"], "0.5");
         }
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {

@@ -234,6 +234,11 @@ pub struct BenchOptions {
     /// (see job/src/bench/backfill.rs).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub backfill_rows: Option<u64>,
+    /// Keep the run's directory (the job's logs, checkpoints, data and the
+    /// servers' files) after a successful run too, and print where it is; a
+    /// failed run always keeps it.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 impl BenchOptions {
@@ -265,10 +270,18 @@ pub async fn run(
         outcome = measure(&options, root.path()) => outcome,
         () = shutdown => Err(BenchError::Interrupted),
     };
-    let report = outcome.map_err(|error| BenchError::Kept {
-        error: Box::new(error),
-        dir: root.keep(),
-    })?;
+    let report = match outcome {
+        Ok(report) => report,
+        Err(error) => {
+            return Err(BenchError::Kept {
+                error: Box::new(error),
+                dir: root.keep(),
+            })
+        }
+    };
+    if options.keep {
+        println!("kept: {}", root.keep().display());
+    }
     let json = match &report {
         Reports::Full(report) => serde_json::to_string_pretty(report),
         Reports::Backfill(report) => serde_json::to_string_pretty(report),

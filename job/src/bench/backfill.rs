@@ -127,6 +127,7 @@ impl World {
             .iter()
             .filter(|s| s.committed >= backfill.started && s.committed <= backfill.ended)
             .collect();
+        write_timeline(&self.root.join("freshness.csv"), &samples)?;
         job.terminate(STOP_TIMEOUT).await?;
 
         let store =
@@ -289,4 +290,27 @@ pub(super) fn print(report: &BackfillReport) {
         report.job_peak_rss_kb as f64 / 1024.0,
         report.peak_wal_retained_bytes as f64 / 1_048_576.0
     );
+}
+
+/// Writes every marker's commit time (Unix ms) and how long each output
+/// took to show it, one line each, to set beside the job's log (kept with
+/// `--keep`).
+fn write_timeline(
+    path: &std::path::Path,
+    samples: &[super::markers::Sample],
+) -> Result<(), BenchError> {
+    let now = Instant::now();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let ms = |d: Option<Duration>| d.map_or(String::new(), |d| d.as_millis().to_string());
+    let mut text = String::from("committed_unix_ms,top_content_ms,recent_ms,kafka_ms\n");
+    for sample in samples {
+        let committed = now_ms - now.duration_since(sample.committed).as_millis() as i64;
+        text += &format!(
+            "{committed},{},{},{}\n",
+            ms(sample.top),
+            ms(sample.recent),
+            ms(sample.kafka)
+        );
+    }
+    std::fs::write(path, text).map_err(context(format!("failed to write {}", path.display())))
 }

@@ -28,6 +28,7 @@ impl Engine {
             all.into_iter().map(|sink| sink.prepare_checkpoint(epoch)),
         )
         .await?;
+        let barrier_ms = started.elapsed().as_millis() as u64;
         let sinks: BTreeMap<String, SinkState> = names.into_iter().zip(prepared).collect();
         let now_ms = crate::engine::latency::unix_ms() as u64;
         for (index, name) in self.stats.sink_names.iter().enumerate() {
@@ -91,6 +92,7 @@ impl Engine {
             backfills: self.backfill.finished.clone(),
         };
         let bytes: usize = files.iter().map(|(_, bytes)| bytes.len()).sum();
+        let state_ms = started.elapsed().as_millis() as u64 - barrier_ms;
         self.store.write(&manifest, files).await?;
         crate::failpoint::hit("before_sink_commit");
         futures::future::try_join_all(self.all_sinks().into_iter().map(|sink| {
@@ -120,7 +122,15 @@ impl Engine {
         self.stats
             .confirmed_lsn
             .fetch_max(self.confirm_lsn(), Ordering::Relaxed);
-        tracing::debug!(epoch, resume_lsn = %format_lsn(self.resume_lsn), elapsed_ms = started.elapsed().as_millis() as u64, "checkpoint written");
+        tracing::debug!(
+            epoch,
+            resume_lsn = %format_lsn(self.resume_lsn),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            barrier_ms,
+            state_ms,
+            bytes,
+            "checkpoint written"
+        );
         self.store
             .prune(
                 self.retention,

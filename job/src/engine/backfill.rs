@@ -40,6 +40,11 @@ const HISTORY_CHUNK: usize = 5_000;
 /// stream waits meanwhile, so this bounds what a backfill adds to its
 /// freshness.
 const EMIT_TARGET: Duration = Duration::from_millis(80);
+/// What a chunk should take from its emission until every sink has taken
+/// up its rows: they queue in the sinks ahead of the live changes that
+/// follow them, so this, not the emission alone, is what a chunk adds to
+/// live freshness.
+const ROUND_TARGET: Duration = Duration::from_millis(300);
 
 /// A backfill's state in the engine.
 #[derive(Default)]
@@ -56,6 +61,10 @@ pub(super) struct Backfill {
     window: Option<Window>,
     /// The chunk being read by this run.
     inflight: Option<InFlight>,
+    /// The last chunk emitted, until the sinks have taken up its rows.
+    emitted: Option<Emitted>,
+    /// Where the WAL ended when this run began streaming.
+    run_start_wal: Option<u64>,
     /// The historical windows being computed (phase `windows`).
     history: Option<History>,
     chunk_size: usize,
@@ -70,8 +79,19 @@ pub(super) struct Backfill {
     cleanup: Vec<(&'static str, Option<Request>)>,
 }
 
+/// A chunk on its way through the sinks.
+struct Emitted {
+    /// When its emission began.
+    at: Instant,
+    limit: usize,
+}
+
 struct Window {
     nonce: u64,
+    /// Its low watermark was written by an earlier run (streamed again
+    /// after a restart): its high watermark, if that run wrote one, comes
+    /// before this run's start in the stream, or never.
+    earlier_run: bool,
     cursor: Option<String>,
     limit: usize,
     /// Keys of the table changed by the stream since the low watermark.
@@ -83,6 +103,8 @@ struct InFlight {
     /// The chunk, once the task has read it (`ready` then holds it).
     rows: oneshot::Receiver<Result<Chunk, SourceError>>,
     ready: Option<Chunk>,
+    /// Set by the task if it could not write the high watermark.
+    high_failed: Arc<std::sync::Mutex<Option<SourceError>>>,
     task: JoinHandle<()>,
 }
 
@@ -107,8 +129,10 @@ struct History {
     cursor: Option<String>,
     reading: Option<JoinHandle<Result<Chunk, SourceError>>>,
     done: bool,
-    /// Once every row is read: the windows still to write.
+    /// Once every row is read: the windows closed and still to write.
     closed: Option<std::collections::VecDeque<super::windowed::ClosedWindow>>,
+    /// The next query whose windows to close (one per step).
+    closing: usize,
 }
 
 impl Drop for Backfill {
@@ -306,7 +330,7 @@ impl Engine {
         self.update_backfill_stats();
         match phase {
             Phase::Snapshot => self.start_chunk().await,
-            Phase::Windows => self.read_history().await,
+            Phase::Windows => self.read_history(true).await,
         }
     }
 
@@ -321,6 +345,10 @@ impl Engine {
         {
             return Ok(());
         }
+        if !self.sinks_caught_up() {
+            return Ok(());
+        }
+        self.adapt_to_sinks();
         let table = self.backfill_table()?;
         let client = self.backfill_client(&table).await?;
         let progress = self.backfill.progress.as_ref().expect("active");
@@ -344,6 +372,8 @@ impl Engine {
         let request = progress.request.clone();
         let origin = self.backfill.origin.clone();
         let (send, rows) = oneshot::channel();
+        let high_failed = Arc::new(std::sync::Mutex::new(None));
+        let high_failed_by_task = high_failed.clone();
         let task = tokio::spawn(async move {
             let result = async {
                 chunk::emit_marker(&client, &table, &low).await?;
@@ -366,7 +396,7 @@ impl Engine {
             if !failed {
                 let high = Marker { high: true, ..low };
                 if let Err(error) = chunk::emit_marker(&client, &table, &high).await {
-                    tracing::warn!(error = %error, "failed to write a backfill's high watermark; the chunk is read again");
+                    *high_failed_by_task.lock().expect("not poisoned") = Some(error);
                 }
             }
         });
@@ -374,9 +404,37 @@ impl Engine {
             nonce,
             rows,
             ready: None,
+            high_failed,
             task,
         });
         Ok(())
+    }
+
+    /// Whether every sink that is not detached has taken up what it was
+    /// sent. The backfill reads its next chunk (or writes its next slice of
+    /// historical windows) only then: what it sends queues in the sinks
+    /// ahead of live changes, so it must not pile up there.
+    fn sinks_caught_up(&self) -> bool {
+        self.sinks
+            .iter()
+            .chain(self.late_sink.as_ref())
+            .chain(self.dead_letter_sink.as_ref())
+            .all(|sink| sink.detached() || sink.queued() == 0)
+    }
+
+    /// Shrinks the chunk size when the last chunk took longer than
+    /// [`ROUND_TARGET`] from its emission until the sinks took it up.
+    fn adapt_to_sinks(&mut self) {
+        let Some(emitted) = self.backfill.emitted.take() else {
+            return;
+        };
+        let round = emitted.at.elapsed().max(Duration::from_millis(1));
+        if round <= ROUND_TARGET {
+            return;
+        }
+        let by_round = emitted.limit as f64 * ROUND_TARGET.as_secs_f64() / round.as_secs_f64();
+        let by_round = (by_round.max(emitted.limit as f64 / 2.0) as usize).max(MIN_CHUNK);
+        self.backfill.chunk_size = self.backfill.chunk_size.min(by_round);
     }
 
     /// A chunk task that failed before its high watermark: its error.
@@ -384,6 +442,14 @@ impl Engine {
         let Some(inflight) = &mut self.backfill.inflight else {
             return Ok(());
         };
+        // Without its high watermark the chunk's window would stay open:
+        // the run restarts, and the next one reads the chunk again.
+        let high_failed = inflight.high_failed.lock().expect("not poisoned").take();
+        if let Some(error) = high_failed {
+            self.backfill.inflight = None;
+            self.backfill.window = None;
+            return Err(error.into());
+        }
         if inflight.ready.is_some() {
             return Ok(());
         }
@@ -397,6 +463,43 @@ impl Engine {
             Err(_) => {}
         }
         Ok(())
+    }
+
+    /// Notes where the WAL ends as this run starts streaming: a chunk
+    /// window an earlier run opened and never closed is given up once the
+    /// stream has delivered everything before it (see [`Self::backfill_idle`]).
+    pub(super) async fn backfill_run_starts(
+        &mut self,
+        control: &tokio_postgres::Client,
+    ) -> Result<(), JobError> {
+        let row = control
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| JobError::Restore(format!("failed to read the WAL's end: {e}")))?;
+        let text: String = row.get(0);
+        self.backfill.run_start_wal = crate::change::parse_lsn(&text);
+        Ok(())
+    }
+
+    /// The stream has delivered every commit before `lsn`. A chunk window
+    /// opened by an earlier run's low watermark whose high watermark has
+    /// not come by this run's start never closes (that run stopped between
+    /// the two): it is given up, and the chunk is read again under a new
+    /// one. No row of it was emitted, and the cursor has not moved.
+    pub(super) fn backfill_idle(&mut self, lsn: u64) {
+        let stale = self.backfill.window.as_ref().is_some_and(|w| w.earlier_run)
+            && self
+                .backfill
+                .run_start_wal
+                .is_some_and(|start| lsn >= start);
+        if stale {
+            let window = self.backfill.window.take().expect("checked above");
+            tracing::info!(
+                nonce = window.nonce,
+                "a backfill chunk's high watermark never came (an earlier run stopped between its \
+                 watermarks): the chunk is read again"
+            );
+        }
     }
 
     /// Keys of the backfilled table that the stream changes while a chunk's window is open.
@@ -440,8 +543,14 @@ impl Engine {
         if !marker.high {
             if current {
                 self.backfill_table()?;
+                let earlier_run = self
+                    .backfill
+                    .inflight
+                    .as_ref()
+                    .is_none_or(|i| i.nonce != marker.nonce);
                 self.backfill.window = Some(Window {
                     nonce: marker.nonce,
+                    earlier_run,
                     cursor: marker.cursor,
                     limit: marker.limit,
                     keys: HashSet::new(),
@@ -542,6 +651,10 @@ impl Engine {
         };
         self.save_chunk(window.nonce, &prepared).await?;
         self.emit_prepared(prepared).await?;
+        self.backfill.emitted = Some(Emitted {
+            at: emitting,
+            limit: window.limit,
+        });
         // Adapt the chunk size to keep each SELECT, and the rows' trip
         // through the job, near their targets.
         let elapsed = chunk.elapsed.max(Duration::from_millis(1));
@@ -611,7 +724,9 @@ impl Engine {
 
     /// Phase `windows`: reads the whole range once more, in key order,
     /// into fresh window state, then writes its closed windows.
-    async fn read_history(&mut self) -> Result<(), JobError> {
+    /// `paced`: wait for the sinks between slices of historical windows
+    /// (not when the job is stopping and writes what is left at once).
+    async fn read_history(&mut self, paced: bool) -> Result<(), JobError> {
         if self.backfill.history.is_none() {
             let windows = super::windowed::WindowStates::new(&self.plan)?;
             self.backfill.history = Some(History {
@@ -620,6 +735,7 @@ impl Engine {
                 reading: None,
                 done: false,
                 closed: None,
+                closing: 0,
             });
         }
         let history = self.backfill.history.as_mut().expect("set above");
@@ -657,13 +773,17 @@ impl Engine {
             return Ok(());
         }
         // Every row is in: write the historical windows, a slice at a
-        // time between live batches, then finish.
+        // time between live batches once the sinks took up the last one,
+        // then finish.
+        if paced && !self.sinks_caught_up() {
+            return Ok(());
+        }
         let before = self.written_so_far();
         let (written, left) = self.write_history().await?;
         self.count_written(before);
         let progress = self.backfill.progress.as_mut().expect("active");
         progress.counts.windows += written;
-        if left == 0 {
+        if !left {
             self.finish_backfill(Outcome::Completed);
         }
         Ok(())
@@ -700,17 +820,23 @@ impl Engine {
             .as_ref()
             .is_some_and(|h| h.closed.is_some())
         {
-            self.read_history().await?;
+            self.read_history(false).await?;
         }
         Ok(())
     }
 
-    /// Writes the next slice of historical windows (closing them all
-    /// first); returns how many it wrote and how many are left.
-    async fn write_history(&mut self) -> Result<(u64, usize), JobError> {
+    /// Closes the next query's historical windows, or writes the next
+    /// slice of those closed (once every query's are); returns how many it
+    /// wrote and whether any are left.
+    async fn write_history(&mut self) -> Result<(u64, bool), JobError> {
         let mut history = self.backfill.history.take().expect("history is being read");
         let result = async {
-            if history.closed.is_none() {
+            let closed = history.closed.get_or_insert_with(Default::default);
+            if history.closing < self.plan.queries.len() {
+                // One query's windows per step: closing them all at once
+                // held the live stream for a quarter of a second.
+                let q = history.closing;
+                history.closing += 1;
                 let progress = self.backfill.progress.as_ref().expect("active");
                 let since = progress.request.since;
                 let until = progress.request.until.unwrap_or(i64::MAX);
@@ -719,15 +845,13 @@ impl Engine {
                     .origin
                     .as_ref()
                     .map_or(i64::MAX, |o| o.at_micros);
-                history.closed = Some(self.close_windows_apart(
-                    &mut history.windows,
-                    since,
-                    until.min(cutoff),
-                )?);
+                let windows =
+                    self.close_windows_apart(&mut history.windows, q, since, until.min(cutoff))?;
+                closed.extend(windows);
+                return Ok((0, true));
             }
-            let closed = history.closed.as_mut().expect("closed above");
             let written = self.write_windows_apart(closed, EMIT_TARGET).await?;
-            Ok((written, closed.len()))
+            Ok((written, !closed.is_empty()))
         }
         .await;
         self.backfill.history = Some(history);

@@ -559,7 +559,12 @@ impl Engine {
         // Backfill requests are looked for after each checkpoint, and on
         // this clock while the job is idle (no checkpoint is then due).
         let mut next_request_poll = Instant::now() + interval;
+        self.backfill_run_starts(control).await?;
         self.poll_backfill_requests().await?;
+        // When the backfill may work next: after a step of d, the live
+        // stream has the loop to itself for d, so a backfill takes at most
+        // half of it.
+        let mut backfill_due = Instant::now();
         loop {
             tokio::select! {
                 biased;
@@ -573,15 +578,26 @@ impl Engine {
                         tracing::info!(lsn = %format_lsn(lsn), "reached the end LSN");
                         break;
                     }
+                    let started = Instant::now();
                     self.handle(event).await?;
+                    slow_step("source event", started);
                 }
                 _ = ticker.tick() => {}
-                _ = window_ticker.tick(), if has_windows => self.tick_windows().await?,
+                // After the source, never before: events already received
+                // must be seen before the clock may close their windows.
+                _ = window_ticker.tick(), if has_windows => {
+                    let started = Instant::now();
+                    self.tick_windows().await?;
+                    slow_step("window tick", started);
+                }
                 _ = backfill_ticker.tick(), if self.backfill.active() => {}
             }
-            if self.backfill.active() {
+            if self.backfill.active() && Instant::now() >= backfill_due {
+                let started = Instant::now();
                 self.backfill_failed()?;
                 self.backfill_tick().await?;
+                backfill_due = Instant::now() + started.elapsed();
+                slow_step("backfill", started);
             }
             if Instant::now() >= next_request_poll {
                 next_request_poll = Instant::now() + interval;
@@ -597,7 +613,9 @@ impl Engine {
                 && due
                 && self.backfill.allows_checkpoint()
             {
+                let started = Instant::now();
                 self.checkpoint().await?;
+                slow_step("checkpoint", started);
                 crate::failpoint::hit("before_slot_confirm");
                 source.confirm(self.confirm_lsn());
                 next_checkpoint = Instant::now() + interval;
@@ -714,6 +732,7 @@ impl Engine {
                     tracing::trace!(lsn = %format_lsn(lsn), at_boundary = self.at_boundary, "idle");
                     // Nothing pending at the server: only now may the clock drive watermarks.
                     self.caught_up = true;
+                    self.backfill_idle(lsn);
                     if self.at_boundary && lsn > self.resume_lsn {
                         self.resume_lsn = lsn;
                         self.dirty = true;
@@ -763,4 +782,17 @@ fn sql_hash(script: &str) -> String {
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     format!("{hash:016x}")
+}
+
+/// Logs (at debug) a step of the engine's loop that held it long enough to
+/// be seen in freshness: nothing else runs on the loop meanwhile.
+fn slow_step(what: &str, started: Instant) {
+    let elapsed = started.elapsed();
+    if elapsed >= Duration::from_millis(150) {
+        tracing::debug!(
+            step = what,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "slow engine step"
+        );
+    }
 }

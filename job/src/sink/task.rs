@@ -234,6 +234,13 @@ impl SinkTask {
         self.lost
     }
 
+    /// Commands waiting in the channel, not yet taken up by the task (the
+    /// one it is applying is not counted): 0 when the sink has caught up
+    /// with what it was sent, or nearly.
+    pub fn queued(&self) -> usize {
+        QUEUE - self.commands.capacity()
+    }
+
     /// Input at or below this position is in the sink, or on its way there.
     pub fn position(&self) -> Position {
         self.position

@@ -72,34 +72,31 @@ impl Engine {
         Ok(())
     }
 
-    /// Closes every window of `history`; returns those inside
-    /// `[since, until)` that go to the windowed sinks that append, as
-    /// (query, aggregate, end, rows), oldest first per query.
+    /// Closes every window of query `q` in `history`; returns those inside
+    /// `[since, until)` if the query's sink appends, as (query, aggregate,
+    /// end, rows), oldest first.
     pub(in crate::engine) fn close_windows_apart(
         &mut self,
         history: &mut WindowStates,
+        q: usize,
         since: i64,
         until: i64,
-    ) -> Result<VecDeque<ClosedWindow>, JobError> {
-        let mut closed = VecDeque::new();
-        for q in 0..self.plan.queries.len() {
-            let query = &self.plan.queries[q];
-            if !query.is_windowed() || self.sinks[q].is_redis() {
-                continue;
-            }
-            let mut windows = Vec::new();
-            for w in 0..history.slots[q].len() {
-                let width = query.windows[w].kind.width();
-                for (end, rows) in history.emit(q, w, i64::MAX)? {
-                    if end - width >= since && end <= until {
-                        windows.push((q, w, end, rows));
-                    }
+    ) -> Result<Vec<ClosedWindow>, JobError> {
+        let query = &self.plan.queries[q];
+        let mut windows = Vec::new();
+        if !query.is_windowed() || self.sinks[q].is_redis() {
+            return Ok(windows);
+        }
+        for w in 0..history.slots[q].len() {
+            let width = query.windows[w].kind.width();
+            for (end, rows) in history.emit(q, w, i64::MAX)? {
+                if end - width >= since && end <= until {
+                    windows.push((q, w, end, rows));
                 }
             }
-            windows.sort_by_key(|(_, w, end, _)| (*end, *w));
-            closed.extend(windows);
         }
-        Ok(closed)
+        windows.sort_by_key(|(_, w, end, _)| (*end, *w));
+        Ok(windows)
     }
 
     /// Writes closed historical windows from the front of `closed` until

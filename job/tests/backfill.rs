@@ -158,6 +158,18 @@ fn backfill_status(world: &World) -> String {
     String::from_utf8_lossy(&run_backfill(world, &["--status"]).stdout).to_string()
 }
 
+/// Rows read by the backfill under way, as of the newest checkpoint
+/// (`engage backfill --status`); 0 when none is under way.
+fn backfill_read(world: &World) -> u64 {
+    let status = backfill_status(world);
+    // "under way (as of checkpoint N): backfill ... : snapshot, 1200 of ~5000 rows read ..."
+    status
+        .lines()
+        .filter(|line| line.starts_with("under way"))
+        .find_map(|line| line.split(" of ~").next()?.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Starts `engage backfill <args>` in the background, its stderr in `backfill.log`.
 fn backfill_command(world: &World, args: &[&str]) -> Child {
     let log = std::fs::File::create(world.root.path().join("backfill.log")).unwrap();
@@ -643,7 +655,7 @@ fn world_free_query(dir: &std::path::Path, sql: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
-    let world = World::start().await;
+    let mut world = World::start().await;
     let range = seed_history(&world).await;
     let mut job = world.start_job_with_interval(&["run"], "0.5");
     wait_started(&world, &mut job).await;
@@ -686,17 +698,80 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     );
 
     // Asked again, it resumes from its cursor: no row is read twice.
-    let again = run_backfill(
+    // Postgres crashes and restarts under it (the job rides through and
+    // resumes), then the job it follows is killed -9 and not restarted:
+    // the command notices its slot stays free and runs the job itself to
+    // the backfill's end.
+    let mut again = backfill_command(
         &world,
-        &["--since", &since, "--until", &until, "--progress", "plain"],
+        &[
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--max-rate",
+            "150",
+            "--progress",
+            "plain",
+        ],
     );
-    let stdout = String::from_utf8_lossy(&again.stdout);
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !backfill_status(&world).contains("under way (as of checkpoint") {
+        assert!(
+            Instant::now() < deadline,
+            "the backfill did not resume\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before_restart = backfill_read(&world);
+    tokio::task::block_in_place(|| world.postgres.restart_immediate()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while backfill_read(&world) <= before_restart {
+        assert!(
+            Instant::now() < deadline,
+            "the backfill made no progress after Postgres restarted\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    job.assert_running();
+    let _ = job.child.kill();
+    let _ = job.child.wait();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(status) = again.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = again.kill();
+            let log = std::fs::read_to_string(world.root.path().join("backfill.log")).unwrap();
+            panic!("the backfill command did not take over from the killed job\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(again.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let log = std::fs::read_to_string(world.root.path().join("backfill.log")).unwrap();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("running it here"), "{log}");
     assert!(stdout.contains("completed:"), "{stdout}");
+    let mut job = world.start_job_with_interval(&["run"], "0.5");
+    // Streaming (its slot in use), so past start-up and its signal handlers.
+    let client = &world.sql().await;
+    wait_for(
+        "the job to stream again",
+        Duration::from_secs(60),
+        || async move {
+            client
+                .query_one("SELECT bool_or(active) FROM pg_replication_slots", &[])
+                .await
+                .unwrap()
+                .get::<_, Option<bool>>(0)
+                == Some(true)
+        },
+    )
+    .await;
     wait_caught_up(&world, &mut job).await;
     job.stop();
 

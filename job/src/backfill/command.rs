@@ -232,25 +232,89 @@ pub async fn submit(
     Ok(request.id.clone())
 }
 
-/// Whether the job is running: its replication slot is in use.
-pub async fn job_running(spec: &JobSpec) -> Result<bool, String> {
-    let plan = JobPlan::new(spec).await.map_err(|e| e.to_string())?;
-    let table = chunk::table_for(&plan.sources, None).or_else(|_| {
-        plan.sources
-            .iter()
-            .find_map(|s| chunk::table_for(&plan.sources, Some(&s.def.name)).ok())
-            .ok_or_else(|| "this job has no table a backfill can read".to_string())
-    })?;
-    let client = table.connect().await.map_err(|e| e.to_string())?;
-    let slot = SlotNames::for_job(&spec.name, &plan.sources).slot;
-    let row = client
-        .query_opt(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|e| format!("failed to look up replication slot {slot}: {e}"))?;
-    Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+/// How long a job followed elsewhere may leave its slot unused before the
+/// command runs it itself: longer than the job's own restart delays (see
+/// `engine::supervise`), so a job retrying a failed run is not raced.
+const TAKE_OVER_AFTER: Duration = Duration::from_secs(30);
+
+/// How long Postgres may not answer while the command follows a job before
+/// it gives up (as the job itself does, see `engine::supervise`).
+const UNANSWERED_FOR: Duration = crate::engine::supervise::GIVE_UP_AFTER;
+
+/// The job's replication slot, which is in use while the job runs.
+struct JobSlot {
+    table: chunk::Table,
+    /// Connected again after an error (Postgres restarted).
+    client: Option<tokio_postgres::Client>,
+    slot: String,
+}
+
+impl JobSlot {
+    async fn open(spec: &JobSpec) -> Result<JobSlot, String> {
+        let plan = JobPlan::new(spec).await.map_err(|e| e.to_string())?;
+        let table = chunk::table_for(&plan.sources, None).or_else(|_| {
+            plan.sources
+                .iter()
+                .find_map(|s| chunk::table_for(&plan.sources, Some(&s.def.name)).ok())
+                .ok_or_else(|| "this job has no table a backfill can read".to_string())
+        })?;
+        let slot = SlotNames::for_job(&spec.name, &plan.sources).slot;
+        Ok(JobSlot {
+            table,
+            client: None,
+            slot,
+        })
+    }
+
+    /// Whether the job runs: its slot is in use.
+    async fn in_use(&mut self) -> Result<bool, String> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(self.table.connect().await.map_err(|e| e.to_string())?);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        let row = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.slot],
+            )
+            .await
+            .map_err(|e| format!("failed to look up replication slot {}: {e}", self.slot))?;
+        Ok(row.is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    /// Returns once the slot has been out of use for [`TAKE_OVER_AFTER`]:
+    /// the job stopped and nothing restarted it. While Postgres does not
+    /// answer (it restarts), the job is taken to run, for at most
+    /// [`UNANSWERED_FOR`].
+    async fn released(&mut self) -> Result<(), String> {
+        let mut free_since: Option<Instant> = None;
+        let mut answered = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let in_use = match self.in_use().await {
+                Ok(in_use) => {
+                    answered = Instant::now();
+                    in_use
+                }
+                Err(error) if answered.elapsed() >= UNANSWERED_FOR => {
+                    return Err(format!(
+                        "{error} (for {} s); the job goes on with the backfill when it runs again \
+                         (engage backfill --status)",
+                        UNANSWERED_FOR.as_secs()
+                    ))
+                }
+                Err(_) => {
+                    self.client = None;
+                    true
+                }
+            };
+            if in_use {
+                free_since = None;
+            } else if free_since.get_or_insert_with(Instant::now).elapsed() >= TAKE_OVER_AFTER {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// `engage backfill --status`: the backfill under way, one waiting to be
@@ -493,16 +557,27 @@ pub async fn run(
             ""
         }
     );
-    if job_running(spec).await? {
+    tokio::pin!(shutdown);
+    let mut slot = JobSlot::open(spec).await?;
+    if slot.in_use().await? {
         eprintln!("the job is running: it takes the backfill up at its next checkpoint");
-        return tokio::select! {
-            finished = follow(&store, &id, None, style) => finished,
-            _ = shutdown => Err(format!(
+        tokio::select! {
+            finished = follow(&store, &id, None, style) => return finished,
+            released = slot.released() => {
+                released?;
+                eprintln!(
+                    "the job stopped ({} s without it) before backfill {id} ended: running it here",
+                    TAKE_OVER_AFTER.as_secs()
+                );
+            }
+            _ = &mut shutdown => return Err(format!(
                 "stopped following; the job goes on with backfill {id} (engage backfill --status)"
             )),
-        };
+        }
+    } else {
+        eprintln!("the job is not running: running it here until the backfill is checkpointed");
     }
-    eprintln!("the job is not running: running it here until the backfill is checkpointed");
+    drop(slot);
     let (done, stop) = tokio::sync::oneshot::channel::<()>();
     let stop_job = async move {
         tokio::select! {

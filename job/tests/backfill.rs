@@ -170,6 +170,38 @@ fn backfill_read(world: &World) -> u64 {
         .unwrap_or(0)
 }
 
+/// Starts `engage backfill --since .. --until .. --max-rate <rate>` in the
+/// background and waits until a checkpoint of `job` has it under way.
+async fn throttled_backfill(
+    world: &World,
+    job: &mut Job,
+    since: &str,
+    until: &str,
+    rate: &str,
+) -> Child {
+    let args = [
+        "--since",
+        since,
+        "--until",
+        until,
+        "--max-rate",
+        rate,
+        "--progress",
+        "plain",
+    ];
+    let command = backfill_command(world, &args);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !backfill_status(world).contains("under way (as of checkpoint") {
+        assert!(
+            Instant::now() < deadline,
+            "the backfill did not get under way\n{}",
+            job.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    command
+}
+
 /// Starts `engage backfill <args>` in the background, its stderr in `backfill.log`.
 fn backfill_command(world: &World, args: &[&str]) -> Child {
     let log = std::fs::File::create(world.root.path().join("backfill.log")).unwrap();
@@ -660,28 +692,7 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     let mut job = world.start_job_with_interval(&["run"], "0.5");
     wait_started(&world, &mut job).await;
     let (since, until) = (rfc3339(range.since), rfc3339(range.until));
-    let mut command = backfill_command(
-        &world,
-        &[
-            "--since",
-            &since,
-            "--until",
-            &until,
-            "--max-rate",
-            "300",
-            "--progress",
-            "plain",
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !backfill_status(&world).contains("under way (as of checkpoint") {
-        assert!(
-            Instant::now() < deadline,
-            "the backfill did not start\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut command = throttled_backfill(&world, &mut job, &since, &until, "300").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cancel = run_backfill(&world, &["--cancel"]);
     assert!(cancel.status.success());
@@ -702,28 +713,7 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     // resumes), then the job it follows is killed -9 and not restarted:
     // the command notices its slot stays free and runs the job itself to
     // the backfill's end.
-    let mut again = backfill_command(
-        &world,
-        &[
-            "--since",
-            &since,
-            "--until",
-            &until,
-            "--max-rate",
-            "150",
-            "--progress",
-            "plain",
-        ],
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !backfill_status(&world).contains("under way (as of checkpoint") {
-        assert!(
-            Instant::now() < deadline,
-            "the backfill did not resume\n{}",
-            job.log_tail()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let mut again = throttled_backfill(&world, &mut job, &since, &until, "150").await;
     let before_restart = backfill_read(&world);
     tokio::task::block_in_place(|| world.postgres.restart_immediate()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -756,6 +746,27 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     assert!(status.success(), "{log}");
     assert!(log.contains("running it here"), "{log}");
     assert!(stdout.contains("completed:"), "{stdout}");
+    // A chunk's files that a run left behind (it stopped after the
+    // checkpoint that covered the chunk, before deleting them) go once the
+    // next run has streamed past its start.
+    let job_dir = world.checkpoint_dir().join("engagement");
+    for name in [
+        "backfill-chunk-00000000deadbeef.json",
+        "backfill-chunk-00000000deadbeef.arrows",
+    ] {
+        std::fs::write(job_dir.join(name), b"left behind").unwrap();
+    }
+    let chunk_files = || {
+        std::fs::read_dir(&job_dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("backfill-chunk-")
+            })
+            .count()
+    };
     let mut job = world.start_job_with_interval(&["run"], "0.5");
     // Streaming (its slot in use), so past start-up and its signal handlers.
     let client = &world.sql().await;
@@ -773,6 +784,13 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     )
     .await;
     wait_caught_up(&world, &mut job).await;
+    let chunk_files = &chunk_files;
+    wait_for(
+        "the left-behind chunk files to go",
+        Duration::from_secs(30),
+        || async move { chunk_files() == 0 },
+    )
+    .await;
     job.stop();
 
     let client = world.sql().await;

@@ -484,6 +484,27 @@ impl CheckpointStore {
         Ok(())
     }
 
+    /// The names of the control files beside the checkpoints that start
+    /// with `prefix`.
+    pub async fn control_files(&self, prefix: &str) -> Result<Vec<String>, CheckpointError> {
+        let listing = self
+            .location
+            .store
+            .list_with_delimiter(Some(&self.location.prefix))
+            .await;
+        let listing = match listing {
+            Ok(listing) => listing,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(self.storage_error(format!("failed to list control files: {e}"))),
+        };
+        Ok(listing
+            .objects
+            .into_iter()
+            .filter_map(|object| object.location.filename().map(str::to_string))
+            .filter(|name| name.starts_with(prefix))
+            .collect())
+    }
+
     /// Deletes a control file (already gone is fine).
     pub async fn delete_control(&self, name: &str) -> Result<(), CheckpointError> {
         let path = self.location.child(name);

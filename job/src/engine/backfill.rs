@@ -63,8 +63,12 @@ pub(super) struct Backfill {
     inflight: Option<InFlight>,
     /// The last chunk emitted, until the sinks have taken up its rows.
     emitted: Option<Emitted>,
-    /// Where the WAL ended when this run began streaming.
+    /// Where the WAL ended when this run began streaming, until the
+    /// stream has delivered everything before it.
     run_start_wal: Option<u64>,
+    /// Chunk files of earlier runs not brought back by then are to go at
+    /// the next checkpoint (`saved.rs`).
+    sweep_due: bool,
     /// The historical windows being computed (phase `windows`).
     history: Option<History>,
     chunk_size: usize,
@@ -253,6 +257,15 @@ impl Engine {
 
     /// Deletes the request files whose outcome the checkpoint just written records.
     pub(super) async fn backfill_checkpointed(&mut self) -> Result<(), JobError> {
+        if std::mem::take(&mut self.backfill.sweep_due) {
+            let swept = self.sweep_chunks().await?;
+            if swept > 0 {
+                tracing::info!(
+                    files = swept,
+                    "deleted backfill chunk files an earlier run left behind"
+                );
+            }
+        }
         for nonce in std::mem::take(&mut self.backfill.saved) {
             self.forget_chunk(nonce).await?;
         }
@@ -475,7 +488,10 @@ impl Engine {
         let row = control
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await
-            .map_err(|e| JobError::Restore(format!("failed to read the WAL's end: {e}")))?;
+            .map_err(|e| SourceError::Stream {
+                target: "postgres".into(),
+                message: format!("failed to read where the WAL ends (pg_current_wal_lsn()): {e}"),
+            })?;
         let text: String = row.get(0);
         self.backfill.run_start_wal = crate::change::parse_lsn(&text);
         Ok(())
@@ -485,14 +501,15 @@ impl Engine {
     /// opened by an earlier run's low watermark whose high watermark has
     /// not come by this run's start never closes (that run stopped between
     /// the two): it is given up, and the chunk is read again under a new
-    /// one. No row of it was emitted, and the cursor has not moved.
+    /// one. No row of it was emitted, and the cursor has not moved. Chunk
+    /// files no watermark brought back by then go at the next checkpoint.
     pub(super) fn backfill_idle(&mut self, lsn: u64) {
-        let stale = self.backfill.window.as_ref().is_some_and(|w| w.earlier_run)
-            && self
-                .backfill
-                .run_start_wal
-                .is_some_and(|start| lsn >= start);
-        if stale {
+        if self.backfill.run_start_wal.is_none_or(|start| lsn < start) {
+            return;
+        }
+        self.backfill.run_start_wal = None;
+        self.backfill.sweep_due = true;
+        if self.backfill.window.as_ref().is_some_and(|w| w.earlier_run) {
             let window = self.backfill.window.take().expect("checked above");
             tracing::info!(
                 nonce = window.nonce,
@@ -540,6 +557,16 @@ impl Engine {
             && progress.request.id == marker.id
             && progress.cursor == marker.cursor
             && progress.phase == Phase::Snapshot;
+        tracing::debug!(
+            nonce = %format!("{:016x}", marker.nonce),
+            high = marker.high,
+            %position,
+            current,
+            cursor = ?marker.cursor,
+            window = ?self.backfill.window.as_ref().map(|w| format!("{:016x}", w.nonce)),
+            inflight = ?self.backfill.inflight.as_ref().map(|i| format!("{:016x}", i.nonce)),
+            "backfill watermark"
+        );
         if !marker.high {
             if current {
                 self.backfill_table()?;

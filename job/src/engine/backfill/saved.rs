@@ -36,12 +36,15 @@ pub(super) struct Summary {
     pub(super) rejected: Vec<RejectedChange>,
 }
 
+/// What every saved chunk's files are named with first.
+const PREFIX: &str = "backfill-chunk-";
+
 fn rows_file(nonce: u64) -> String {
-    format!("backfill-chunk-{nonce:016x}.arrows")
+    format!("{PREFIX}{nonce:016x}.arrows")
 }
 
 fn summary_file(nonce: u64) -> String {
-    format!("backfill-chunk-{nonce:016x}.json")
+    format!("{PREFIX}{nonce:016x}.json")
 }
 
 impl Engine {
@@ -92,6 +95,27 @@ impl Engine {
         self.backfill.saved.push(nonce);
         tracing::info!(chunk = %format!("{nonce:016x}"), rows = rows.num_rows(), "a backfill chunk emitted before a restart is emitted again, as it was");
         Ok(Some(Prepared { rows, summary }))
+    }
+
+    /// Deletes the files of chunks saved by earlier runs that no watermark
+    /// will bring back: called once the stream has delivered everything
+    /// before this run's start, so each earlier chunk whose high watermark
+    /// the checkpoint did not cover has been loaded again (and is in
+    /// `saved`). What is left was covered by a checkpoint whose run
+    /// stopped before it deleted the files. Returns how many went.
+    pub(super) async fn sweep_chunks(&mut self) -> Result<usize, JobError> {
+        let mut swept = 0;
+        for name in self.store.control_files(PREFIX).await? {
+            let nonce = name
+                .strip_prefix(PREFIX)
+                .and_then(|rest| rest.split('.').next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            if nonce.is_some_and(|nonce| !self.backfill.saved.contains(&nonce)) {
+                self.store.delete_control(&name).await?;
+                swept += 1;
+            }
+        }
+        Ok(swept)
     }
 
     /// Deletes the files of a chunk a checkpoint covers.

@@ -601,6 +601,17 @@ impl Engine {
                 // restored from, or was superseded: read the chunk again.
                 self.backfill.inflight = None;
             }
+            // A chunk an earlier run emitted here (its rows are saved),
+            // whose low watermark this run did not see: the same rows
+            // again, at the same positions, so the sinks that hold them
+            // drop them and the cursor moves past them. Reading the range
+            // again under a new chunk would put its rows at new positions,
+            // which no sink could tell from new rows.
+            if current && !ours {
+                if let Some(prepared) = self.load_chunk(marker.nonce).await? {
+                    return self.emit_prepared(prepared).await;
+                }
+            }
             return Ok(());
         }
         let window = self.backfill.window.take().expect("open");

@@ -319,16 +319,7 @@ impl CheckpointStore {
     /// without reading their manifests.
     pub async fn epochs(&self) -> Result<Vec<u64>, CheckpointError> {
         let mut epochs = Vec::new();
-        let listing = self
-            .location
-            .store
-            .list_with_delimiter(Some(&self.location.prefix))
-            .await;
-        let listing = match listing {
-            Ok(listing) => listing,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(self.storage_error(format!("failed to list checkpoints: {e}"))),
-        };
+        let listing = self.list_job_dir("checkpoints").await?;
         for dir in listing.common_prefixes {
             if let Some(epoch) = dir
                 .filename()
@@ -484,20 +475,31 @@ impl CheckpointStore {
         Ok(())
     }
 
-    /// The names of the control files beside the checkpoints that start
-    /// with `prefix`.
-    pub async fn control_files(&self, prefix: &str) -> Result<Vec<String>, CheckpointError> {
-        let listing = self
+    /// What the job's directory holds directly: epoch directories as
+    /// common prefixes, control files as objects; nothing if it does not
+    /// exist yet. `what`: what the listing is for, in the error.
+    async fn list_job_dir(&self, what: &str) -> Result<object_store::ListResult, CheckpointError> {
+        match self
             .location
             .store
             .list_with_delimiter(Some(&self.location.prefix))
-            .await;
-        let listing = match listing {
-            Ok(listing) => listing,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => return Err(self.storage_error(format!("failed to list control files: {e}"))),
-        };
-        Ok(listing
+            .await
+        {
+            Ok(listing) => Ok(listing),
+            Err(object_store::Error::NotFound { .. }) => Ok(object_store::ListResult {
+                common_prefixes: Vec::new(),
+                objects: Vec::new(),
+            }),
+            Err(e) => Err(self.storage_error(format!("failed to list {what}: {e}"))),
+        }
+    }
+
+    /// The names of the control files beside the checkpoints that start
+    /// with `prefix`.
+    pub async fn control_files(&self, prefix: &str) -> Result<Vec<String>, CheckpointError> {
+        Ok(self
+            .list_job_dir("control files")
+            .await?
             .objects
             .into_iter()
             .filter_map(|object| object.location.filename().map(str::to_string))

@@ -428,10 +428,7 @@ impl Engine {
     /// historical windows) only then: what it sends queues in the sinks
     /// ahead of live changes, so it must not pile up there.
     fn sinks_caught_up(&self) -> bool {
-        self.sinks
-            .iter()
-            .chain(self.late_sink.as_ref())
-            .chain(self.dead_letter_sink.as_ref())
+        self.each_sink()
             .all(|sink| sink.detached() || sink.queued() == 0)
     }
 
@@ -595,22 +592,27 @@ impl Engine {
             .window
             .as_ref()
             .is_some_and(|w| w.nonce == marker.nonce);
+        // A watermark an earlier run wrote and emitted (its rows are
+        // saved), streamed again: the same rows, at the same positions, so
+        // the sinks that hold them drop them and the cursor moves past
+        // them. Also when this run did not see its low watermark (it came
+        // before the checkpoint this run resumed from), as long as the
+        // cursor is still the chunk's: reading the range again under a new
+        // chunk would put its rows at new positions, which no sink could
+        // tell from new rows.
+        if !ours && (open || current) {
+            if let Some(prepared) = self.load_chunk(marker.nonce).await? {
+                if open {
+                    self.backfill.window = None;
+                }
+                return self.emit_prepared(prepared).await;
+            }
+        }
         if !open {
             if ours {
                 // Its low watermark came before a checkpoint this run
                 // restored from, or was superseded: read the chunk again.
                 self.backfill.inflight = None;
-            }
-            // A chunk an earlier run emitted here (its rows are saved),
-            // whose low watermark this run did not see: the same rows
-            // again, at the same positions, so the sinks that hold them
-            // drop them and the cursor moves past them. Reading the range
-            // again under a new chunk would put its rows at new positions,
-            // which no sink could tell from new rows.
-            if current && !ours {
-                if let Some(prepared) = self.load_chunk(marker.nonce).await? {
-                    return self.emit_prepared(prepared).await;
-                }
             }
             return Ok(());
         }
@@ -618,14 +620,9 @@ impl Engine {
         let chunk = match self.backfill.inflight.take() {
             Some(inflight) if inflight.nonce == marker.nonce => inflight.chunk().await?,
             other => {
-                // A watermark written before a restart, streamed again: the
-                // rows it covered, as saved when they were first emitted
-                // (sinks drop what they hold by position); if they never
-                // were, read now, at its place in the stream.
+                // Written before a restart and never emitted: read now, at
+                // its place in the stream.
                 self.backfill.inflight = other;
-                if let Some(prepared) = self.load_chunk(marker.nonce).await? {
-                    return self.emit_prepared(prepared).await;
-                }
                 let (table, client, request) = self.backfill_reader().await?;
                 chunk::read(
                     &client,

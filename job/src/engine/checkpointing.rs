@@ -150,6 +150,14 @@ impl Engine {
         }
     }
 
+    /// Every sink, read only: the queries', then the side outputs.
+    pub(super) fn each_sink(&self) -> impl Iterator<Item = &SinkTask> {
+        self.sinks
+            .iter()
+            .chain(self.late_sink.as_ref())
+            .chain(self.dead_letter_sink.as_ref())
+    }
+
     /// Every sink: the queries', then the side outputs.
     pub(super) fn all_sinks(&mut self) -> Vec<&mut SinkTask> {
         self.sinks

@@ -819,3 +819,100 @@ async fn a_cancelled_backfill_asked_again_resumes_where_it_stopped() {
     );
     assert_eq!(reads, in_range.len());
 }
+
+/// A watermark's commit is a boundary only once the watermark itself is
+/// delivered. The changes before it (in its own transaction, or in one just
+/// before, still pending in the reader) come first, and must not carry its
+/// commit: the engine may checkpoint after any batch that ends at a commit,
+/// and a checkpoint there resumes past a watermark it never handled. Lost
+/// so, a low watermark made the restart read its chunk again at new
+/// positions, and the Kafka topic held those rows twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_boundary_before_a_watermark_passes_its_commit() {
+    use engage::change::format_lsn;
+    use engage::source::postgres::{open, Start};
+    use engage::source::replication::{BatchOptions, SourceEvent};
+
+    let world = World::start().await;
+    let client = world.sql().await;
+    engage::generate::ensure_schema(&client).await.unwrap();
+    engage::generate::seed_content(&client, 5, 7).await.unwrap();
+    let script = format!(
+        "CREATE TABLE engagement_events (id BIGINT, content_id TEXT, PRIMARY KEY (id)) \
+         WITH (connector = 'postgres-cdc', connection = '{}', table = 'public.engagement_events'); \
+         CREATE TABLE out WITH (connector = 'filesystem', path = '{}/out', format = 'parquet'); \
+         INSERT INTO out SELECT id, content_id, _op, _lsn, _seq FROM engagement_events;",
+        world.postgres_url,
+        world.data_dir().display()
+    );
+    let spec = engage::sql::parse_job("watermarks", &script, &|_| None).unwrap();
+    let plan = engage::sql::plan::JobPlan::new(&spec).await.unwrap();
+    let windowed = vec![Vec::new(); plan.sources.len()];
+    let (mut pg, start) = open("watermarks", &plan.sources, &windowed, None, "(none)")
+        .await
+        .unwrap();
+    let Start::Fresh { lsn, .. } = start else {
+        panic!("a new job starts fresh")
+    };
+    // Nothing is cut by size or time: only commits and markers cut batches.
+    let batching = BatchOptions {
+        max_batch_rows: 1_000_000,
+        linger: Duration::from_secs(600),
+    };
+    let mut source = pg.stream(&plan.sources, lsn, None, batching).await.unwrap();
+
+    let insert = "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+                  SELECT id, gen_random_uuid(), 'play', now(), 1000, 'ios' FROM content LIMIT 2";
+    // Rows and a watermark in one transaction; then rows, and a watermark
+    // in the next transaction, in one round trip (no keepalive between).
+    client
+        .batch_execute(&format!(
+            "BEGIN; {insert}; SELECT pg_logical_emit_message(true, 'engage.backfill', 'same'); COMMIT; \
+             BEGIN; {insert}; COMMIT; \
+             BEGIN; SELECT pg_logical_emit_message(true, 'engage.backfill', 'next'); COMMIT;"
+        ))
+        .await
+        .unwrap();
+
+    // The furthest LSN at which the engine could have checkpointed so far.
+    let mut boundary = 0u64;
+    let (mut markers, mut rows) = (Vec::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while markers.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, source.events.recv())
+            .await
+            .expect("both markers within a minute")
+            .expect("the reader runs")
+            .unwrap();
+        match event {
+            SourceEvent::Changes {
+                batch, commit_end, ..
+            } => {
+                rows += batch.num_rows();
+                boundary = boundary.max(commit_end.unwrap_or(0));
+            }
+            SourceEvent::Idle { lsn } => boundary = boundary.max(lsn),
+            SourceEvent::Marker {
+                content,
+                commit_end,
+                ..
+            } => {
+                let name = String::from_utf8_lossy(&content).to_string();
+                assert!(
+                    boundary < commit_end,
+                    "a boundary at {} was delivered before marker `{name}`, whose commit ends at {}: a \
+                     checkpoint there would resume past the marker",
+                    format_lsn(boundary),
+                    format_lsn(commit_end)
+                );
+                boundary = commit_end;
+                markers.push(name);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(markers, ["same", "next"]);
+    assert_eq!(rows, 4, "the four rows inserted");
+    source.stop();
+}

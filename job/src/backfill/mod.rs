@@ -45,7 +45,11 @@
 //! The cursor, the counts and the phase are part of the job's checkpoint
 //! (`Manifest::backfill`), written atomically with the stream position, and
 //! no checkpoint is taken while a chunk's window is open (between its low
-//! watermark and the processing of its high one). So a crash loses at most
+//! watermark and the processing of its high one), nor just before a low
+//! one: the replication reader hands a watermark's commit to the engine
+//! only with the watermark itself, never with the changes sent ahead of it
+//! (a checkpoint there would resume past a low watermark the engine never
+//! saw). So a crash loses at most
 //! the chunks emitted since the newest checkpoint, and the restarted job
 //! streams their watermarks again, in place. A watermark names its chunk
 //! (backfill id, cursor, limit, a random nonce), and a chunk's rows are

@@ -595,11 +595,12 @@ impl Engine {
         // A watermark an earlier run wrote and emitted (its rows are
         // saved), streamed again: the same rows, at the same positions, so
         // the sinks that hold them drop them and the cursor moves past
-        // them. Also when this run did not see its low watermark (it came
-        // before the checkpoint this run resumed from), as long as the
-        // cursor is still the chunk's: reading the range again under a new
-        // chunk would put its rows at new positions, which no sink could
-        // tell from new rows.
+        // them. Also when this run did not see its low watermark, as long
+        // as the cursor is still the chunk's: reading the range again under
+        // a new chunk would put its rows at new positions, which no sink
+        // could tell from new rows. (No checkpoint falls between a chunk's
+        // watermarks, so the low one is not expected to be missed: the
+        // reader once let one, and this kept the Kafka topic right then.)
         if !ours && (open || current) {
             if let Some(prepared) = self.load_chunk(marker.nonce).await? {
                 if open {

@@ -56,7 +56,9 @@ pub enum SourceError {
 #[derive(Debug)]
 pub enum SourceEvent {
     /// Changes of one source table (index into the plan's sources).
-    /// `commit_end` is set when the batch ends exactly at a commit.
+    /// `commit_end` is set when the batch ends exactly at a commit (the
+    /// engine may checkpoint there), and never when a [`Self::Marker`] of
+    /// that commit follows: the marker carries it.
     Changes {
         source: usize,
         batch: RecordBatch,
@@ -341,6 +343,13 @@ impl Reader {
                 }
                 if !self.markers.is_empty() {
                     // The changes before a marker go first, then the marker.
+                    // They must not end at this commit: the engine could
+                    // checkpoint between them and the marker, at a resume
+                    // LSN past a marker it never handled, which a restart
+                    // then never sees (a backfill's low watermark lost so
+                    // made the restart read its chunk again at new
+                    // positions). The marker's event carries the commit.
+                    self.pending_complete = false;
                     self.flush().await?;
                     for (content, position) in std::mem::take(&mut self.markers) {
                         self.sent_since_idle = true;

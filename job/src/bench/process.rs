@@ -52,6 +52,11 @@ impl JobProcess {
         command.arg("--progress");
         if let Some(lsn) = end_lsn {
             command.args(["--end-lsn", lsn]);
+            if let Ok(wrapper) = std::env::var(DRAIN_WRAPPER) {
+                if !wrapper.trim().is_empty() {
+                    command = wrapped(&wrapper, &command);
+                }
+            }
         }
         let mut child = Command::from(command)
             .stdin(Stdio::null())
@@ -192,6 +197,28 @@ async fn read_log(stderr: ChildStderr, path: PathBuf, log: Arc<Mutex<JobLog>>) {
 fn progress_total(line: &str) -> Option<u64> {
     let total = line.split(" | ").nth(1)?.strip_suffix(" total")?;
     total.trim().parse().ok()
+}
+
+/// A command the drains (`engage run --end-lsn`, which end by themselves)
+/// run under, as `heaptrack -o /tmp/drain` or `perf record -g -o
+/// /tmp/perf.data`: the drain runs as its last arguments. For profiling
+/// only: the bench then samples the wrapper's memory and CPU, not the job's.
+const DRAIN_WRAPPER: &str = "ENGAGE_BENCH_DRAIN_WRAPPER";
+
+/// `command` run by `wrapper` (words split at spaces), with its environment.
+fn wrapped(wrapper: &str, command: &std::process::Command) -> std::process::Command {
+    let mut words = wrapper.split_whitespace();
+    let mut outer = std::process::Command::new(words.next().expect("not empty"));
+    outer
+        .args(words)
+        .arg(command.get_program())
+        .args(command.get_args());
+    for (name, value) in command.get_envs() {
+        if let Some(value) = value {
+            outer.env(name, value);
+        }
+    }
+    outer
 }
 
 #[cfg(test)]

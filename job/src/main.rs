@@ -290,6 +290,11 @@ struct RunArgs {
     /// Seconds between checkpoints.
     #[arg(long, default_value_t = 10.0)]
     checkpoint_interval: f64,
+    /// Take a checkpoint early once this many changes arrived since the last one
+    /// (0: never). An epoch's capture log and Parquet rows stay in memory until its
+    /// checkpoint; under a backlog this bounds them.
+    #[arg(long, default_value_t = engage::engine::DEFAULT_CHECKPOINT_MAX_CHANGES)]
+    checkpoint_max_changes: u64,
     /// Checkpoints to keep whole (state, windows and capture). Older ones are
     /// thinned to the changes they captured, kept for --capture-retention.
     #[arg(long, default_value_t = engage::checkpoint::DEFAULT_KEEP)]
@@ -733,6 +738,7 @@ async fn run_job(job: JobArgs, running: RunArgs, replay_from: Option<u64>) -> an
     let options = RunOptions {
         checkpoint_dir: job.checkpoint_dir.clone(),
         checkpoint_interval: Duration::from_secs_f64(running.checkpoint_interval),
+        checkpoint_max_changes: running.checkpoint_max_changes,
         keep_checkpoints: running.keep_checkpoints.max(1),
         capture_retention: running.capture_retention,
         replay_from,

@@ -484,6 +484,46 @@ fn kept(manifests: &[engage::checkpoint::Manifest]) -> Vec<(u64, Kept)> {
     manifests.iter().map(|m| (m.epoch, m.kept)).collect()
 }
 
+/// Under a backlog an epoch is cut by its size, not only by the interval
+/// (what an epoch holds stays in memory until its checkpoint): with a 60 s
+/// interval and `--checkpoint-max-changes 500`, 30 transactions of 100
+/// changes (the reader may merge a few into one batch, so an epoch can hold
+/// a little more) and a last one of 500 are checkpointed at least four
+/// times, every row committed to Parquet, long before the interval ends.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_epoch_is_checkpointed_once_it_holds_checkpoint_max_changes() {
+    let world = World::start().await;
+    let client = schema_with_two_items(&world).await;
+    let mut job = world.start_job_sql(
+        &["run", "--checkpoint-max-changes", "500"],
+        support::MISSION_SQL,
+        "60",
+    );
+    wait_started(&world, &mut job).await;
+    let first = world.latest_checkpoint();
+    let insert = "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device)
+                  SELECT $1::text::uuid, gen_random_uuid(), 'play', now(), 1000, 'ios' FROM generate_series(1, $2)";
+    for rows in [100i32; 30].into_iter().chain([500]) {
+        client.execute(insert, &[&A, &rows]).await.unwrap();
+        // Apart, so that the reader's batches do not merge them all.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let committed = || async {
+        let rows = world
+            .query_i64("SELECT count(*) FROM enriched_events")
+            .await;
+        rows.first().and_then(|row| row[0]).unwrap_or(0)
+    };
+    wait_for(
+        "checkpoints cut by size",
+        Duration::from_secs(30),
+        || async { world.latest_checkpoint() >= first + 4 && committed().await == 3_500 },
+    )
+    .await;
+    job.stop();
+    assert_eq!(committed().await, 3_500);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn checkpoints_command_lists_epochs_with_positions() {
     let world = World::start().await;

@@ -41,6 +41,8 @@ pub struct CaptureLog {
     encoder: Option<mpsc::Sender<Work>>,
     /// (table, rows) of each batch appended this epoch, in order.
     order: Vec<(String, u64)>,
+    /// Rows appended this epoch, over every table.
+    rows: u64,
 }
 
 impl CaptureLog {
@@ -52,7 +54,13 @@ impl CaptureLog {
         sent.map_err(|_| gone())?;
         self.order
             .push((table.to_string(), batch.num_rows() as u64));
+        self.rows += batch.num_rows() as u64;
         Ok(())
+    }
+
+    /// Rows appended since the last [`Self::finish`].
+    pub fn rows(&self) -> u64 {
+        self.rows
     }
 
     /// Closes the epoch's capture: files to write, their references and the batch order.
@@ -67,6 +75,7 @@ impl CaptureLog {
             .map_err(|_| gone())?;
         let streams = files.await.map_err(|_| gone())??;
         let order = std::mem::take(&mut self.order);
+        self.rows = 0;
         let mut refs = BTreeMap::new();
         let mut files = Vec::with_capacity(streams.len());
         for (table, bytes) in streams {

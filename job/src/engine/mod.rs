@@ -93,12 +93,22 @@ use crate::sql::{JobSpec, SqlError};
 use dimension::Dimension;
 use stats::JobStats;
 
+/// See [`RunOptions::checkpoint_max_changes`]: at about 50 bytes of
+/// compressed capture per change, an epoch's capture stays near 10 MiB.
+pub const DEFAULT_CHECKPOINT_MAX_CHANGES: u64 = 200_000;
+
 /// How a job runs.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     /// Directory or URL holding `<job>/epoch-*/` checkpoints.
     pub checkpoint_dir: String,
     pub checkpoint_interval: Duration,
+    /// A checkpoint is taken early once an epoch holds this many changes (0:
+    /// never). What an epoch holds in memory until its checkpoint (its
+    /// capture log, the Parquet sinks' encoded rows) grows with it: under a
+    /// backlog, where the interval alone would let an epoch hold a million
+    /// changes, this bounds it.
+    pub checkpoint_max_changes: u64,
     /// Checkpoints kept whole; older ones are thinned to their capture.
     pub keep_checkpoints: usize,
     /// How long thinned checkpoints keep their capture; `None`: the job's
@@ -118,6 +128,7 @@ impl Default for RunOptions {
         RunOptions {
             checkpoint_dir: "checkpoints".into(),
             checkpoint_interval: Duration::from_secs(10),
+            checkpoint_max_changes: DEFAULT_CHECKPOINT_MAX_CHANGES,
             keep_checkpoints: checkpoint::DEFAULT_KEEP,
             capture_retention: None,
             replay_from: None,
@@ -292,6 +303,7 @@ async fn run_once(
         late_sink: None,
         dead_letter_sink: None,
         warn_retained_wal_bytes: options.warn_retained_wal_bytes,
+        max_changes: options.checkpoint_max_changes,
         applied_upto: Position::ZERO,
         rebuilding: None,
         held_by: None,
@@ -470,6 +482,8 @@ struct Engine {
     dead_letter_sink: Option<SinkTask>,
     /// Warn when the slot retains more WAL than this.
     warn_retained_wal_bytes: u64,
+    /// [`RunOptions::checkpoint_max_changes`].
+    max_changes: u64,
     /// The highest position any sink held at start: re-sent changes up to it
     /// are counted in [`JobStats::resent_suppressed`].
     applied_upto: Position,
@@ -608,7 +622,9 @@ impl Engine {
             // A detached sink is asked at every checkpoint whether its store
             // answers again, so checkpoints go on while it is detached.
             let due = self.dirty || self.held_by.is_some();
-            if Instant::now() >= next_checkpoint
+            // Under a backlog an epoch fills long before the interval ends.
+            let full = self.max_changes > 0 && self.capture.rows() >= self.max_changes;
+            if (Instant::now() >= next_checkpoint || full)
                 && self.at_boundary
                 && due
                 && self.backfill.allows_checkpoint()

@@ -293,7 +293,7 @@ struct RunArgs {
     /// Take a checkpoint early once this many changes arrived since the last one
     /// (0: never). An epoch's capture log and Parquet rows stay in memory until its
     /// checkpoint; under a backlog this bounds them.
-    #[arg(long, default_value_t = engage::engine::DEFAULT_CHECKPOINT_MAX_CHANGES)]
+    #[arg(long, env = "ENGAGE_CHECKPOINT_MAX_CHANGES", default_value_t = engage::engine::DEFAULT_CHECKPOINT_MAX_CHANGES)]
     checkpoint_max_changes: u64,
     /// Checkpoints to keep whole (state, windows and capture). Older ones are
     /// thinned to the changes they captured, kept for --capture-retention.

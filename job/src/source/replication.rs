@@ -210,6 +210,7 @@ pub async fn start(
         pending: None,
         pending_since: None,
         pending_complete: false,
+        cut_inside: false,
         in_transaction: false,
         commit_lsn: 0,
         commit_time: 0,
@@ -253,6 +254,10 @@ struct Reader {
     pending_since: Option<Instant>,
     /// The pending rows all belong to committed transactions.
     pending_complete: bool,
+    /// A batch went out inside a transaction since the last one that ended
+    /// at a commit: the next commit is cut at, so that back-to-back large
+    /// transactions still give the engine boundaries to checkpoint at.
+    cut_inside: bool,
     in_transaction: bool,
     commit_lsn: u64,
     commit_time: i64,
@@ -366,7 +371,7 @@ impl Reader {
                     }
                     return Ok(Next::Continue);
                 }
-                if self.pending.is_some() && (due || full) {
+                if self.pending.is_some() && (due || full || self.cut_inside) {
                     return self.flush().await;
                 }
             }
@@ -553,6 +558,7 @@ impl Reader {
         self.pending_since = None;
         let commit_end = self.pending_complete.then_some(self.last_commit_end);
         self.pending_complete = false;
+        self.cut_inside = commit_end.is_none();
         let batch = self.decoders[source].finish();
         let before = (!self.before_decoders[source].is_empty())
             .then(|| self.before_decoders[source].finish());

@@ -230,10 +230,46 @@ impl StateFile {
         batches: &[RecordBatch],
         files: &mut Vec<(String, Bytes)>,
     ) -> Result<StateFile, arrow::error::ArrowError> {
-        let bytes = encode_ipc(schema, batches)?;
+        let mut writer = StateWriter::new(schema)?;
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        writer.finish(file, files)
+    }
+}
+
+/// A checkpoint file written a batch at a time (see [`StateFile::encode`]),
+/// so that the batches need not all be in memory at once.
+pub struct StateWriter {
+    writer: StreamWriter<Vec<u8>>,
+    rows: u64,
+}
+
+impl StateWriter {
+    pub fn new(schema: &SchemaRef) -> Result<StateWriter, arrow::error::ArrowError> {
+        Ok(StateWriter {
+            writer: StreamWriter::try_new_with_options(Vec::new(), schema, ipc_options()?)?,
+            rows: 0,
+        })
+    }
+
+    pub fn write(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
+        self.rows += batch.num_rows() as u64;
+        self.writer.write(batch)
+    }
+
+    /// Ends the file as `file`, added to `files` (what the checkpoint
+    /// writes), and describes it.
+    pub fn finish(
+        mut self,
+        file: String,
+        files: &mut Vec<(String, Bytes)>,
+    ) -> Result<StateFile, arrow::error::ArrowError> {
+        self.writer.finish()?;
+        let bytes = Bytes::from(self.writer.into_inner()?);
         let state = StateFile {
             file: file.clone(),
-            rows: batches.iter().map(|b| b.num_rows() as u64).sum(),
+            rows: self.rows,
             bytes: bytes.len() as u64,
         };
         files.push((file, bytes));

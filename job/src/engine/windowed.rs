@@ -42,7 +42,9 @@ use super::checkpointing::read_state;
 use super::window::{DistinctValues, WindowState};
 use super::{clock, Engine, JobError};
 use crate::change::{Op, LSN_COLUMN, OP_COLUMN, SEQ_COLUMN};
-use crate::checkpoint::{EpochFile, Manifest, StateFile, WindowCheckpoint, WindowOutput};
+use crate::checkpoint::{
+    EpochFile, Manifest, StateFile, StateWriter, WindowCheckpoint, WindowOutput,
+};
 use crate::sql::plan::JobPlan;
 
 mod history;
@@ -612,16 +614,16 @@ impl Engine {
                             epoch.is_multiple_of(WHOLE_EVERY) || changes > first.file.bytes
                         }
                     };
-                    let (batch, meta) = self.windows.states[s]
-                        .snapshot_changes(whole)
+                    // Each batch of the snapshot is encoded as it is built.
+                    let state = &mut self.windows.states[s];
+                    let mut writer =
+                        StateWriter::new(&state.snapshot_schema()).map_err(JobError::Arrow)?;
+                    let meta = state
+                        .snapshot_changes_into(whole, &mut |batch| writer.write(&batch))
                         .map_err(JobError::Arrow)?;
-                    let state = StateFile::encode(
-                        format!("window-{sink}-{w}.arrows"),
-                        &batch.schema(),
-                        std::slice::from_ref(&batch),
-                        files,
-                    )
-                    .map_err(JobError::Arrow)?;
+                    let state = writer
+                        .finish(format!("window-{sink}-{w}.arrows"), files)
+                        .map_err(JobError::Arrow)?;
                     if whole {
                         layers.clear();
                     }

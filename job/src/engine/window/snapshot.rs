@@ -18,10 +18,24 @@ use super::WindowState;
 use crate::checkpoint::WindowMeta;
 use crate::sql::window::WindowKind;
 
+/// Rows per batch of a snapshot at most. A checkpoint encodes each batch
+/// as it is built, so a large state is never held twice over (once as
+/// partials, once as one batch of all its rows) while its file is written.
+const SNAPSHOT_ROWS: usize = 16 * 1024;
+/// Bytes of keys and encoded accumulators per batch of a snapshot at most
+/// (a `count(DISTINCT ..)` of a popular key holds every value it counts).
+const SNAPSHOT_BYTES: usize = 4 << 20;
+
 impl WindowState {
     /// The state as a batch (bucket, key, rows, then accumulators), for checkpoints.
     pub fn snapshot(&self) -> Result<(RecordBatch, WindowMeta), ArrowError> {
-        self.snapshot_of(self.buckets.iter())
+        let mut batches = Vec::new();
+        let meta = self.snapshot_of(self.buckets.iter(), &mut |batch| {
+            batches.push(batch);
+            Ok(())
+        })?;
+        let batch = arrow::compute::concat_batches(&self.snapshot_schema(), &batches)?;
+        Ok((batch, meta))
     }
 
     /// For a checkpoint: the whole state, or only the buckets changed since
@@ -31,24 +45,39 @@ impl WindowState {
         &mut self,
         whole: bool,
     ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
-        let snapshot = if whole {
-            self.snapshot()
+        let mut batches = Vec::new();
+        let meta = self.snapshot_changes_into(whole, &mut |batch| {
+            batches.push(batch);
+            Ok(())
+        })?;
+        let batch = arrow::compute::concat_batches(&self.snapshot_schema(), &batches)?;
+        Ok((batch, meta))
+    }
+
+    /// [`Self::snapshot_changes`], handing `write` batches of at most
+    /// [`SNAPSHOT_ROWS`] rows (of [`Self::snapshot_schema`]) as they are built.
+    pub fn snapshot_changes_into(
+        &mut self,
+        whole: bool,
+        write: &mut dyn FnMut(RecordBatch) -> Result<(), ArrowError>,
+    ) -> Result<WindowMeta, ArrowError> {
+        let meta = if whole {
+            self.snapshot_of(self.buckets.iter(), write)
         } else {
             let changed = self
                 .changed
                 .iter()
                 .filter_map(|b| self.buckets.get_key_value(b));
-            self.snapshot_of(changed)
+            self.snapshot_of(changed, write)
         };
         self.changed.clear();
         self.last_changed = None;
-        snapshot
+        meta
     }
 
-    fn snapshot_of<'a>(
-        &self,
-        selected: impl Iterator<Item = (&'a i64, &'a Partials)>,
-    ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+    /// The columns of a snapshot: bucket, key, rows, then (value, count,
+    /// bytes) per accumulator.
+    pub fn snapshot_schema(&self) -> arrow::datatypes::SchemaRef {
         let mut fields = vec![
             Field::new("bucket", DataType::Int64, false),
             Field::new("key", DataType::Binary, false),
@@ -59,51 +88,66 @@ impl WindowState {
             fields.push(Field::new(format!("n{a}"), DataType::Int64, false));
             fields.push(Field::new(format!("d{a}"), DataType::Binary, false));
         }
-        let mut buckets = Vec::new();
-        let mut keys = BinaryBuilder::new();
-        let mut rows = Vec::new();
+        Arc::new(Schema::new(fields))
+    }
+
+    fn snapshot_of<'a>(
+        &self,
+        selected: impl Iterator<Item = (&'a i64, &'a Partials)>,
+        write: &mut dyn FnMut(RecordBatch) -> Result<(), ArrowError>,
+    ) -> Result<WindowMeta, ArrowError> {
+        let schema = self.snapshot_schema();
         let dictionary = self.distinct.lock();
-        let mut accumulators: Vec<(Vec<f64>, Vec<i64>, BinaryBuilder)> = self
-            .aggregates
-            .iter()
-            .map(|_| (Vec::new(), Vec::new(), BinaryBuilder::new()))
-            .collect();
+        let mut chunk = SnapshotChunk::new(self.aggregates.len());
+        let mut scratch = Vec::new();
         for (bucket, partials) in selected {
             for i in 0..partials.len() {
-                buckets.push(*bucket);
-                keys.append_value(&self.keys.bytes[partials.keys[i] as usize]);
-                rows.push(partials.rows[i]);
-                for (column, (v, n, d)) in partials.columns.iter().zip(&mut accumulators) {
-                    let (value, count, distinct) = match column {
-                        Column::Count(c) => (0.0, c[i], Vec::new()),
-                        Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i], Vec::new()),
-                        Column::DecimalSum(s, c) => (0.0, c[i], s[i].to_le_bytes().to_vec()),
-                        Column::Distinct(maps) => (0.0, 0, encode_distinct(&maps[i], &dictionary)),
-                        Column::Values(maps, nulls) => (0.0, nulls[i], encode_values(&maps[i])),
+                chunk.buckets.push(*bucket);
+                chunk
+                    .keys
+                    .append_value(&self.keys.bytes[partials.keys[i] as usize]);
+                chunk.rows.push(partials.rows[i]);
+                for (column, (v, n, d)) in partials.columns.iter().zip(&mut chunk.accumulators) {
+                    scratch.clear();
+                    let (value, count) = match column {
+                        Column::Count(c) => (0.0, c[i]),
+                        Column::Sum(s, c) | Column::Extreme(s, c) => (s[i], c[i]),
+                        Column::DecimalSum(s, c) => {
+                            scratch.extend_from_slice(&s[i].to_le_bytes());
+                            (0.0, c[i])
+                        }
+                        Column::Distinct(maps) => {
+                            encode_distinct(&maps[i], &dictionary, &mut scratch);
+                            (0.0, 0)
+                        }
+                        Column::Values(maps, nulls) => {
+                            encode_values(&maps[i], &mut scratch);
+                            (0.0, nulls[i])
+                        }
                     };
                     v.push(value);
                     n.push(count);
-                    d.append_value(distinct);
+                    d.append_value(&scratch);
+                    if scratch.capacity() > SNAPSHOT_BYTES {
+                        // A global count(DISTINCT ..) holds every value of
+                        // its window: not kept a third time while the
+                        // batch holding it is compressed.
+                        scratch = Vec::new();
+                    }
+                }
+                if chunk.buckets.len() == SNAPSHOT_ROWS || chunk.bytes() >= SNAPSHOT_BYTES {
+                    write(chunk.finish(&schema)?)?;
                 }
             }
         }
-        let mut columns: Vec<ArrayRef> = vec![
-            Arc::new(Int64Array::from(buckets)),
-            Arc::new(keys.finish()),
-            Arc::new(Int64Array::from(rows)),
-        ];
-        for (v, n, mut d) in accumulators {
-            columns.push(Arc::new(Float64Array::from(v)));
-            columns.push(Arc::new(Int64Array::from(n)));
-            columns.push(Arc::new(d.finish()));
+        if !chunk.buckets.is_empty() {
+            write(chunk.finish(&schema)?)?;
         }
-        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-        let meta = WindowMeta {
+        Ok(WindowMeta {
             last_end: self.last_end,
             last_emission_empty: self.last_emission_empty,
             max_event_time: self.max_event_time,
-        };
-        Ok((batch, meta))
+        })
     }
 
     /// Restores what [`WindowState::snapshot`] (the first layer) and
@@ -230,15 +274,70 @@ impl WindowState {
 
 /// `len:u32 bytes count:i64` repeated: the values' row encodings, so a
 /// checkpoint does not depend on one process's ids.
-fn encode_distinct(map: &HashMap<u32, i64>, dictionary: &Dictionary) -> Vec<u8> {
-    let mut out = Vec::new();
+/// The columns of one snapshot batch, being built.
+struct SnapshotChunk {
+    buckets: Vec<i64>,
+    keys: BinaryBuilder,
+    rows: Vec<i64>,
+    /// Per accumulator: values, counts, bytes.
+    accumulators: Vec<(Vec<f64>, Vec<i64>, BinaryBuilder)>,
+}
+
+impl SnapshotChunk {
+    fn new(aggregates: usize) -> Self {
+        SnapshotChunk {
+            buckets: Vec::with_capacity(SNAPSHOT_ROWS),
+            keys: BinaryBuilder::new(),
+            rows: Vec::with_capacity(SNAPSHOT_ROWS),
+            accumulators: (0..aggregates)
+                .map(|_| {
+                    (
+                        Vec::with_capacity(SNAPSHOT_ROWS),
+                        Vec::with_capacity(SNAPSHOT_ROWS),
+                        BinaryBuilder::new(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Bytes of the binary columns so far.
+    fn bytes(&self) -> usize {
+        self.keys.values_slice().len()
+            + self
+                .accumulators
+                .iter()
+                .map(|(_, _, d)| d.values_slice().len())
+                .sum::<usize>()
+    }
+
+    /// The batch of the rows so far; the chunk is empty after.
+    fn finish(&mut self, schema: &arrow::datatypes::SchemaRef) -> Result<RecordBatch, ArrowError> {
+        fn take<T>(v: &mut Vec<T>) -> Vec<T> {
+            std::mem::replace(v, Vec::with_capacity(SNAPSHOT_ROWS))
+        }
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(Int64Array::from(take(&mut self.buckets))),
+            Arc::new(self.keys.finish()),
+            Arc::new(Int64Array::from(take(&mut self.rows))),
+        ];
+        for (v, n, d) in &mut self.accumulators {
+            columns.push(Arc::new(Float64Array::from(take(v))));
+            columns.push(Arc::new(Int64Array::from(take(n))));
+            columns.push(Arc::new(d.finish()));
+        }
+        RecordBatch::try_new(schema.clone(), columns)
+    }
+}
+
+/// Appends `map`'s distinct values (as bytes, with their counts) to `out`.
+fn encode_distinct(map: &HashMap<u32, i64>, dictionary: &Dictionary, out: &mut Vec<u8>) {
     for (id, count) in map {
         let value = dictionary.value(*id);
         out.extend_from_slice(&(value.len() as u32).to_le_bytes());
         out.extend_from_slice(value);
         out.extend_from_slice(&count.to_le_bytes());
     }
-    out
 }
 
 fn decode_distinct(mut bytes: &[u8], dictionary: &mut Dictionary) -> HashMap<u32, i64> {
@@ -257,13 +356,13 @@ fn decode_distinct(mut bytes: &[u8], dictionary: &mut Dictionary) -> HashMap<u32
 }
 
 /// `bits:u64 count:i64` repeated.
-fn encode_values(map: &HashMap<u64, i64>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(map.len() * 16);
+/// Appends `map`'s values and counts to `out`.
+fn encode_values(map: &HashMap<u64, i64>, out: &mut Vec<u8>) {
+    out.reserve(map.len() * 16);
     for (value, count) in map {
         out.extend_from_slice(&value.to_le_bytes());
         out.extend_from_slice(&count.to_le_bytes());
     }
-    out
 }
 
 fn decode_values(bytes: &[u8]) -> HashMap<u64, i64> {

@@ -24,8 +24,9 @@
 //!
 //! # Epochs and checkpoints
 //!
-//! Every `checkpoint_interval`, at a transaction boundary, the engine takes a
-//! checkpoint (see [`crate::checkpoint`] for what it holds, and
+//! Every `checkpoint_interval`, or sooner once the epoch holds
+//! `checkpoint_max_changes` changes, at a transaction boundary, the engine
+//! takes a checkpoint (see [`crate::checkpoint`] for what it holds, and
 //! `checkpointing.rs`): the barrier goes to every sink, each prepares once it
 //! has applied what came before it (Parquet stages its files), the manifest
 //! is written, sinks commit, and only then is the replication slot confirmed

@@ -261,19 +261,25 @@ impl StateWriter {
     /// Ends the file as `file`, added to `files` (what the checkpoint
     /// writes), and describes it.
     pub fn finish(
-        mut self,
+        self,
         file: String,
         files: &mut Vec<(String, Bytes)>,
     ) -> Result<StateFile, arrow::error::ArrowError> {
-        self.writer.finish()?;
-        let bytes = Bytes::from(self.writer.into_inner()?);
+        let rows = self.rows;
+        let bytes = self.into_bytes()?;
         let state = StateFile {
             file: file.clone(),
-            rows: self.rows,
+            rows,
             bytes: bytes.len() as u64,
         };
         files.push((file, bytes));
         Ok(state)
+    }
+
+    /// Ends the stream: its bytes.
+    pub fn into_bytes(mut self) -> Result<Bytes, arrow::error::ArrowError> {
+        self.writer.finish()?;
+        Ok(Bytes::from(self.writer.into_inner()?))
     }
 }
 
@@ -587,13 +593,11 @@ pub fn encode_ipc(
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<Bytes, arrow::error::ArrowError> {
-    let options = ipc_options()?;
-    let mut writer = StreamWriter::try_new_with_options(Vec::new(), schema, options)?;
+    let mut writer = StateWriter::new(schema)?;
     for batch in batches {
         writer.write(batch)?;
     }
-    writer.finish()?;
-    Ok(Bytes::from(writer.into_inner()?))
+    writer.into_bytes()
 }
 
 /// Decodes an Arrow IPC stream.

@@ -272,8 +272,6 @@ impl WindowState {
     }
 }
 
-/// `len:u32 bytes count:i64` repeated: the values' row encodings, so a
-/// checkpoint does not depend on one process's ids.
 /// The columns of one snapshot batch, being built.
 struct SnapshotChunk {
     buckets: Vec<i64>,
@@ -330,7 +328,9 @@ impl SnapshotChunk {
     }
 }
 
-/// Appends `map`'s distinct values (as bytes, with their counts) to `out`.
+/// Appends `map`'s distinct values to `out` as `len:u32 bytes count:i64`
+/// repeated: the values' row encodings, so a checkpoint does not depend on
+/// one process's ids.
 fn encode_distinct(map: &HashMap<u32, i64>, dictionary: &Dictionary, out: &mut Vec<u8>) {
     for (id, count) in map {
         let value = dictionary.value(*id);

@@ -230,11 +230,7 @@ impl StateFile {
         batches: &[RecordBatch],
         files: &mut Vec<(String, Bytes)>,
     ) -> Result<StateFile, arrow::error::ArrowError> {
-        let mut writer = StateWriter::new(schema)?;
-        for batch in batches {
-            writer.write(batch)?;
-        }
-        writer.finish(file, files)
+        StateWriter::holding(schema, batches)?.finish(file, files)
     }
 }
 
@@ -251,6 +247,18 @@ impl StateWriter {
             writer: StreamWriter::try_new_with_options(Vec::new(), schema, ipc_options()?)?,
             rows: 0,
         })
+    }
+
+    /// A writer that has written `batches`.
+    fn holding(
+        schema: &SchemaRef,
+        batches: &[RecordBatch],
+    ) -> Result<StateWriter, arrow::error::ArrowError> {
+        let mut writer = StateWriter::new(schema)?;
+        for batch in batches {
+            writer.write(batch)?;
+        }
+        Ok(writer)
     }
 
     pub fn write(&mut self, batch: &RecordBatch) -> Result<(), arrow::error::ArrowError> {
@@ -593,11 +601,7 @@ pub fn encode_ipc(
     schema: &SchemaRef,
     batches: &[RecordBatch],
 ) -> Result<Bytes, arrow::error::ArrowError> {
-    let mut writer = StateWriter::new(schema)?;
-    for batch in batches {
-        writer.write(batch)?;
-    }
-    writer.into_bytes()
+    StateWriter::holding(schema, batches)?.into_bytes()
 }
 
 /// Decodes an Arrow IPC stream.

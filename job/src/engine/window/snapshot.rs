@@ -27,35 +27,28 @@ const SNAPSHOT_ROWS: usize = 16 * 1024;
 const SNAPSHOT_BYTES: usize = 4 << 20;
 
 impl WindowState {
-    /// The state as a batch (bucket, key, rows, then accumulators), for checkpoints.
+    /// The whole state in one batch (bucket, key, rows, then accumulators).
     pub fn snapshot(&self) -> Result<(RecordBatch, WindowMeta), ArrowError> {
-        let mut batches = Vec::new();
-        let meta = self.snapshot_of(self.buckets.iter(), &mut |batch| {
-            batches.push(batch);
-            Ok(())
-        })?;
-        let batch = arrow::compute::concat_batches(&self.snapshot_schema(), &batches)?;
-        Ok((batch, meta))
+        in_one_batch(self.snapshot_schema(), |write| {
+            self.snapshot_of(self.buckets.iter(), write)
+        })
     }
 
-    /// For a checkpoint: the whole state, or only the buckets changed since
-    /// the last call (a layer over the snapshots before it; see the module
-    /// docs). Either way, changes are counted afresh from here.
+    /// The whole state, or only the buckets changed since the last call (a
+    /// layer over the snapshots before it; see the module docs), in one
+    /// batch. Either way, changes are counted afresh from here.
     pub fn snapshot_changes(
         &mut self,
         whole: bool,
     ) -> Result<(RecordBatch, WindowMeta), ArrowError> {
-        let mut batches = Vec::new();
-        let meta = self.snapshot_changes_into(whole, &mut |batch| {
-            batches.push(batch);
-            Ok(())
-        })?;
-        let batch = arrow::compute::concat_batches(&self.snapshot_schema(), &batches)?;
-        Ok((batch, meta))
+        in_one_batch(self.snapshot_schema(), |write| {
+            self.snapshot_changes_into(whole, write)
+        })
     }
 
-    /// [`Self::snapshot_changes`], handing `write` batches of at most
-    /// [`SNAPSHOT_ROWS`] rows (of [`Self::snapshot_schema`]) as they are built.
+    /// [`Self::snapshot_changes`] for a checkpoint: `write` gets batches (of
+    /// [`Self::snapshot_schema`]) of at most [`SNAPSHOT_ROWS`] rows or about
+    /// [`SNAPSHOT_BYTES`], as they are built.
     pub fn snapshot_changes_into(
         &mut self,
         whole: bool,
@@ -270,6 +263,21 @@ impl WindowState {
         }
         Ok(())
     }
+}
+
+/// What `snapshot` hands its `write` callback, as one batch of `schema`.
+fn in_one_batch(
+    schema: arrow::datatypes::SchemaRef,
+    snapshot: impl FnOnce(
+        &mut dyn FnMut(RecordBatch) -> Result<(), ArrowError>,
+    ) -> Result<WindowMeta, ArrowError>,
+) -> Result<(RecordBatch, WindowMeta), ArrowError> {
+    let mut batches = Vec::new();
+    let meta = snapshot(&mut |batch| {
+        batches.push(batch);
+        Ok(())
+    })?;
+    Ok((arrow::compute::concat_batches(&schema, &batches)?, meta))
 }
 
 /// The columns of one snapshot batch, being built.

@@ -92,10 +92,6 @@ struct Emitted {
 
 struct Window {
     nonce: u64,
-    /// Its low watermark was written by an earlier run (streamed again
-    /// after a restart): its high watermark, if that run wrote one, comes
-    /// before this run's start in the stream, or never.
-    earlier_run: bool,
     cursor: Option<String>,
     limit: usize,
     /// Keys of the table changed by the stream since the low watermark.
@@ -506,7 +502,16 @@ impl Engine {
         }
         self.backfill.run_start_wal = None;
         self.backfill.sweep_due = true;
-        if self.backfill.window.as_ref().is_some_and(|w| w.earlier_run) {
+        // A window that is not this run's chunk's: its low watermark was
+        // written by an earlier run and streamed again after a restart, and
+        // its high one, if that run wrote it, came before this run's start.
+        let inflight = self.backfill.inflight.as_ref();
+        let earlier_run = self
+            .backfill
+            .window
+            .as_ref()
+            .is_some_and(|window| inflight.is_none_or(|i| i.nonce != window.nonce));
+        if earlier_run {
             let window = self.backfill.window.take().expect("checked above");
             tracing::info!(
                 nonce = window.nonce,
@@ -567,14 +572,8 @@ impl Engine {
         if !marker.high {
             if current {
                 self.backfill_table()?;
-                let earlier_run = self
-                    .backfill
-                    .inflight
-                    .as_ref()
-                    .is_none_or(|i| i.nonce != marker.nonce);
                 self.backfill.window = Some(Window {
                     nonce: marker.nonce,
-                    earlier_run,
                     cursor: marker.cursor,
                     limit: marker.limit,
                     keys: HashSet::new(),

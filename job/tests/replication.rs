@@ -38,10 +38,14 @@ async fn reader(world: &World, batching: BatchOptions) -> (SourceHandle, tokio_p
     (source, client)
 }
 
-/// `INSERT`s `$1` events (an `i32`), all of one content item.
-const INSERT: &str = "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
-                      SELECT (SELECT id FROM content LIMIT 1), gen_random_uuid(), 'play', now(), 1000, 'ios' \
-                      FROM generate_series(1, $1)";
+/// An `INSERT` of `events` events, all of one content item.
+fn insert(events: u32) -> String {
+    format!(
+        "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device) \
+         SELECT (SELECT id FROM content LIMIT 1), gen_random_uuid(), 'play', now(), 1000, 'ios' \
+         FROM generate_series(1, {events})"
+    )
+}
 
 /// The next event, failing the test after a minute without one.
 async fn next(source: &mut SourceHandle) -> SourceEvent {
@@ -70,7 +74,7 @@ async fn no_boundary_before_a_watermark_passes_its_commit() {
     let (mut source, client) = reader(&world, batching).await;
     // Rows and a watermark in one transaction; then rows, and a watermark
     // in the next transaction, in one round trip (no keepalive between).
-    let insert = INSERT.replace("$1", "2");
+    let insert = insert(2);
     client
         .batch_execute(&format!(
             "BEGIN; {insert}; SELECT pg_logical_emit_message(true, 'engage.backfill', 'same'); COMMIT; \
@@ -132,7 +136,7 @@ async fn each_large_transaction_ends_at_a_boundary() {
     let (mut source, client) = reader(&world, batching).await;
     // Three transactions of 230 rows, back to back: 30 rows are pending at
     // each commit, fewer than the 50 that cut a batch at a commit.
-    let insert = INSERT.replace("$1", "230");
+    let insert = insert(230);
     client
         .batch_execute(&format!(
             "BEGIN; {insert}; COMMIT; BEGIN; {insert}; COMMIT; BEGIN; {insert}; COMMIT;"
